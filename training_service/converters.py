@@ -1,0 +1,137 @@
+"""StartTrainingRequest validation and TrainingJob messages."""
+
+from __future__ import annotations
+
+import math
+
+from mlsignal.v1 import common_pb2, training_pb2
+from shared.converters import CLASS_WEIGHT_TO_PROTO, ts
+from shared.errors import InvalidArgument
+from shared.labels import LabelSpec
+from shared.marketdata import validate_symbol
+from shared.params import (
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MIN_SAMPLES_LEAF,
+    DEFAULT_N_ESTIMATORS,
+    DEFAULT_RANDOM_STATE,
+    MAX_DEPTH_LIMIT,
+    MAX_N_ESTIMATORS,
+    ForestParams,
+)
+from shared.timeframes import timeframe_ms
+from training_service.jobs import Job, TrainingRequest
+
+MAX_HORIZON_BARS = 10_000
+MAX_RANGE_MS = 50 * 366 * 86_400_000  # fifty years
+
+STATE_TO_PROTO = {
+    "QUEUED": training_pb2.JOB_STATE_QUEUED,
+    "RUNNING": training_pb2.JOB_STATE_RUNNING,
+    "SUCCEEDED": training_pb2.JOB_STATE_SUCCEEDED,
+    "FAILED": training_pb2.JOB_STATE_FAILED,
+    "CANCELLED": training_pb2.JOB_STATE_CANCELLED,
+}
+PROTO_TO_STATE = {v: k for k, v in STATE_TO_PROTO.items()}
+
+
+def _bad(field: str, message: str) -> InvalidArgument:
+    return InvalidArgument(f"{field}: {message}", field=field)
+
+
+def training_request(msg: training_pb2.StartTrainingRequest) -> TrainingRequest:
+    """Validate a StartTrainingRequest and fill in the documented defaults; InvalidArgument names the field."""
+    try:
+        symbol = validate_symbol(msg.symbol)
+    except InvalidArgument as exc:
+        raise _bad("symbol", str(exc)) from None
+    try:
+        timeframe_ms(msg.timeframe)
+    except ValueError as exc:
+        raise _bad("timeframe", str(exc)) from None
+    start_ms = msg.start_time.ToMilliseconds() if msg.HasField("start_time") else None
+    end_ms = msg.end_time.ToMilliseconds() if msg.HasField("end_time") else None
+    if start_ms is not None and end_ms is not None:
+        if start_ms >= end_ms:
+            raise _bad("start_time", f"must be before end_time ({msg.start_time.ToJsonString()} is not before "
+                                     f"{msg.end_time.ToJsonString()})")
+        if end_ms - start_ms > MAX_RANGE_MS:
+            raise _bad("end_time", "the range from start_time to end_time may span at most 50 years")
+
+    horizon = msg.label.horizon_bars or 24
+    if not 1 <= horizon <= MAX_HORIZON_BARS:
+        raise _bad("label.horizon_bars", f"must be between 1 and {MAX_HORIZON_BARS} (0 means 24), got {horizon}")
+    threshold = msg.label.threshold or 0.02
+    if not (math.isfinite(threshold) and 0 < threshold < 1):
+        raise _bad("label.threshold", f"must be a fraction in (0, 1), e.g. 0.02 for 2 % (0 means 0.02), got {threshold}")
+
+    p = msg.params
+    n_estimators = p.n_estimators or DEFAULT_N_ESTIMATORS
+    if not 1 <= n_estimators <= MAX_N_ESTIMATORS:
+        raise _bad("params.n_estimators", f"must be between 1 and {MAX_N_ESTIMATORS} (0 means {DEFAULT_N_ESTIMATORS}), "
+                                          f"got {n_estimators}")
+    if p.max_depth == 0:
+        max_depth = DEFAULT_MAX_DEPTH
+    elif p.max_depth == -1:
+        max_depth = None
+    elif 1 <= p.max_depth <= MAX_DEPTH_LIMIT:
+        max_depth = p.max_depth
+    else:
+        raise _bad("params.max_depth", f"must be between 1 and {MAX_DEPTH_LIMIT}, -1 for unlimited or 0 for the default "
+                                       f"({DEFAULT_MAX_DEPTH}), got {p.max_depth}")
+    leaf = p.min_samples_leaf or DEFAULT_MIN_SAMPLES_LEAF
+    if not 1 <= leaf <= 1_000_000:
+        raise _bad("params.min_samples_leaf", f"must be between 1 and 1000000 (0 means {DEFAULT_MIN_SAMPLES_LEAF}), got {leaf}")
+    weights = {v: k for k, v in CLASS_WEIGHT_TO_PROTO.items()}
+    if p.class_weight == common_pb2.CLASS_WEIGHT_UNSPECIFIED:
+        class_weight = "none"
+    elif p.class_weight in weights:
+        class_weight = weights[p.class_weight]
+    else:
+        raise _bad("params.class_weight", f"unknown value {p.class_weight}")
+    seed = p.random_state if p.HasField("random_state") else DEFAULT_RANDOM_STATE
+    if not 0 <= seed < 2**32:
+        raise _bad("params.random_state", f"must be between 0 and 2**32-1, got {seed}")
+
+    return TrainingRequest(
+        symbol=symbol,
+        timeframe=msg.timeframe,
+        start_ms=start_ms,
+        end_ms=end_ms,
+        label=LabelSpec(horizon_bars=horizon, threshold=threshold),
+        params=ForestParams(n_estimators=n_estimators, max_depth=max_depth, min_samples_leaf=leaf,
+                            class_weight=class_weight, random_state=seed),
+    )
+
+
+def request_message(req: TrainingRequest) -> training_pb2.StartTrainingRequest:
+    p = req.params
+    return training_pb2.StartTrainingRequest(
+        symbol=req.symbol,
+        timeframe=req.timeframe,
+        start_time=ts(req.start_ms),
+        end_time=ts(req.end_ms),
+        label=common_pb2.LabelSpec(horizon_bars=req.label.horizon_bars, threshold=req.label.threshold),
+        params=common_pb2.ModelParams(
+            n_estimators=p.n_estimators,
+            max_depth=-1 if p.max_depth is None else p.max_depth,
+            min_samples_leaf=p.min_samples_leaf,
+            class_weight=CLASS_WEIGHT_TO_PROTO[p.class_weight],
+            random_state=p.random_state,
+        ),
+    )
+
+
+def job_message(job: Job) -> training_pb2.TrainingJob:
+    return training_pb2.TrainingJob(
+        job_id=job.job_id,
+        state=STATE_TO_PROTO[job.state],
+        progress=job.progress,
+        stage=job.stage,
+        error=job.error,
+        model_id=job.model_id,
+        request=request_message(job.request),
+        created_at=ts(job.created_at_ms),
+        started_at=ts(job.started_at_ms),
+        finished_at=ts(job.finished_at_ms),
+        metrics={k: float(v) for k, v in job.metrics.items()},
+    )

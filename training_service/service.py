@@ -1,0 +1,69 @@
+"""The training service's logic behind the gRPC layer: validation against stored data, jobs and the registry."""
+
+from __future__ import annotations
+
+from shared import registry
+from shared.errors import FailedPrecondition, NotFound
+from shared.features import FeatureSpec
+from shared.marketdata import count_candles
+from shared.timeframes import ms_to_iso
+from training_service.jobs import Job, JobStore, TrainingRequest
+from training_service.pipeline import min_candles_needed
+from training_service.scheduler import Scheduler
+
+
+class TrainingService:
+    def __init__(self, store: JobStore, scheduler: Scheduler):
+        self.store = store
+        self.scheduler = scheduler
+        self.engine = store.engine
+
+    def start(self, req: TrainingRequest) -> Job:
+        """Check the stored candles can support the request, then queue it."""
+        n = count_candles(self.engine, req.symbol, req.timeframe, req.start_ms, req.end_ms)
+        span = (
+            f"[{ms_to_iso(req.start_ms) if req.start_ms is not None else 'first candle'}, "
+            f"{ms_to_iso(req.end_ms) if req.end_ms is not None else 'last candle'})"
+        )
+        if n == 0:
+            raise FailedPrecondition(
+                f"no candles stored for {req.symbol} {req.timeframe} in {span}; import data first "
+                "(mlsignal data import) or check symbol, timeframe, start_time and end_time",
+                field="start_time",
+            )
+        needed = min_candles_needed(FeatureSpec(), req.label)
+        if n < needed:
+            raise FailedPrecondition(
+                f"{n} candles stored for {req.symbol} {req.timeframe} in {span}, but training with "
+                f"label.horizon_bars={req.label.horizon_bars} needs at least {needed}",
+                field="start_time",
+            )
+        return self.scheduler.submit(req)
+
+    def get(self, job_id: str) -> Job:
+        job = self.store.get(job_id) if job_id else None
+        if job is None:
+            raise NotFound(f"no training job with job_id {job_id!r}", field="job_id")
+        return job
+
+    def watch(self, job_id: str, is_active=lambda: True):
+        """Yield the job each time it changes, ending after a final state."""
+        last = None
+        while is_active():
+            job = self.get(job_id)
+            key = (job.state, job.stage, round(job.progress, 4), job.error, job.model_id)
+            if key != last:
+                last = key
+                yield job
+            if job.final:
+                return
+            self.store.wait_for_change(0.5)
+
+    def cancel(self, job_id: str) -> Job:
+        return self.scheduler.cancel(job_id)
+
+    def list_jobs(self, symbol: str, timeframe: str, states: tuple[str, ...], limit: int) -> list[Job]:
+        return self.store.list(symbol, timeframe, states, limit)
+
+    def list_models(self, symbol: str, timeframe: str) -> list[registry.ModelRecord]:
+        return registry.list_models(self.engine, symbol, timeframe)
