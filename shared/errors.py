@@ -29,3 +29,7 @@ class ResourceExhausted(MlsignalError):
 
 class Unavailable(MlsignalError):
     """A dependency such as the database cannot be reached (UNAVAILABLE)."""
+
+
+class DataLoss(MlsignalError):
+    """A stored artifact is corrupt or does not match its recorded checksum (DATA_LOSS)."""
