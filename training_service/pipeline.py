@@ -165,6 +165,7 @@ def export_onnx(forest, n_features: int) -> bytes:
         options={id(forest): {"zipmap": False}},
         target_opset={"": 17, "ai.onnx.ml": 3},
     )
+    onx.graph.name = "mlsignal_forest"  # skl2onnx picks a random name; the same forest must give the same bytes
     return onx.SerializeToString()
 
 

@@ -158,12 +158,13 @@ class Scheduler:
         q = self._ctx.Queue()
         proc = self._ctx.Process(
             target=run_job,
-            args=(job_id, job.request.to_json(), self.database_url, str(self.model_dir), self.fit_jobs, q),
+            args=(job_id, job.request.to_json(), self.database_url, str(self.model_dir), self.fit_jobs, q, os.getpid()),
             name=f"mlsignal-train-{job_id[:8]}",
             daemon=True,
         )
         with self._lock:
             if job_id in self._cancel or self._stopping:
+                self._cancel.discard(job_id)
                 return
             if not self.store.update(job_id, only_from=(QUEUED,), state=RUNNING, stage="starting",
                                      progress=0.0, started_at=now_ms()):

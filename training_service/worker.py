@@ -23,8 +23,24 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def run_job(job_id: str, request_json: str, database_url: str, model_dir: str, n_jobs: int, queue) -> None:
+def _exit_with_parent(parent_pid: int) -> None:
+    """If the service dies (even by SIGKILL), nobody can register this job's result: stop at once."""
+    import threading
+    import time
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(0.2)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def run_job(job_id: str, request_json: str, database_url: str, model_dir: str, n_jobs: int, queue,
+            parent_pid: int | None = None) -> None:
     """Process entry point. Sends ("progress", stage, frac), then ("result", dict) or ("error", message)."""
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid)
     try:
         from shared.artifacts import sha256_bytes
         from shared.db import make_engine

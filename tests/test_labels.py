@@ -1,0 +1,155 @@
+"""Labels: exact threshold semantics, unlabelled tail, validation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.labels import CLASSES, LabelSpec, class_balance, future_return, make_labels
+
+DOWN, RANGE, UP, NONE = 0, 1, 2, -1
+
+
+def test_class_order_matches_probability_columns():
+    assert CLASSES == ("down", "range", "up")
+
+
+def test_label_spec_defaults():
+    spec = LabelSpec()
+    assert (spec.horizon_bars, spec.threshold) == (24, 0.02)
+    assert hash(spec) == hash(LabelSpec(24, 0.02))
+
+
+@pytest.mark.parametrize("horizon", [0, -1, 10_001, 1.5, True, None, "24"])
+def test_label_spec_rejects_bad_horizon(horizon):
+    with pytest.raises(ValueError, match="horizon_bars"):
+        LabelSpec(horizon_bars=horizon)
+
+
+@pytest.mark.parametrize("threshold", [0, 0.0, -0.01, 1, 1.5, math.nan, math.inf, -math.inf, True, None, "0.02"])
+def test_label_spec_rejects_bad_threshold(threshold):
+    with pytest.raises(ValueError, match="threshold"):
+        LabelSpec(threshold=threshold)
+
+
+def test_label_spec_accepts_limits():
+    assert LabelSpec(horizon_bars=1).horizon_bars == 1
+    assert LabelSpec(horizon_bars=10_000).horizon_bars == 10_000
+    assert LabelSpec(threshold=1e-6).threshold == 1e-6
+    assert isinstance(LabelSpec(threshold=np.float32(0.5)).threshold, float)
+    assert LabelSpec(horizon_bars=np.int64(3)).horizon_bars == 3
+
+
+def test_future_return():
+    close = np.array([100.0, 102.0, 101.0, 98.0])
+    r = future_return(close, 1)
+    np.testing.assert_allclose(r[:3], [0.02, 101 / 102 - 1, 98 / 101 - 1], rtol=1e-15)
+    assert np.isnan(r[3])
+    r2 = future_return(close, 2)
+    np.testing.assert_allclose(r2[:2], [0.01, 98 / 102 - 1], rtol=1e-15)
+    assert np.isnan(r2[2:]).all()
+    assert np.isnan(future_return(close, 4)).all()
+    assert np.isnan(future_return(close, 50)).all()
+    assert future_return(np.array([]), 1).shape == (0,)
+
+
+@pytest.mark.parametrize("h", [0, -3, 1.0, True])
+def test_future_return_rejects_bad_horizon(h):
+    with pytest.raises(ValueError, match="horizon_bars"):
+        future_return(np.array([1.0, 2.0]), h)
+
+
+@pytest.mark.parametrize(
+    ("end", "expected"),
+    [
+        (102.0, RANGE),  # exactly +2 %: 102/100-1 is 0.020000000000000018 in binary, still at-threshold
+        (102.01, UP),
+        (98.0, RANGE),  # exactly -2 %
+        (97.99, DOWN),
+        (100.0, RANGE),
+        (101.99, RANGE),
+        (98.01, RANGE),
+    ],
+)
+def test_threshold_edges(end, expected):
+    labels = make_labels(np.array([100.0, end]), LabelSpec(horizon_bars=1, threshold=0.02))
+    assert labels.dtype == np.int8
+    assert labels.tolist() == [expected, NONE]
+
+
+def test_hand_made_series():
+    close = np.array([100.0, 102.0, 104.04, 101.0, 98.98, 99.0])
+    spec = LabelSpec(horizon_bars=1, threshold=0.02)
+    # 100->102 +2 % range; 102->104.04 exactly +2 % range; 104.04->101 -2.9 % down;
+    # 101->98.98 exactly -2 % range; 98.98->99 range; last unlabelled.
+    assert make_labels(close, spec).tolist() == [RANGE, RANGE, DOWN, RANGE, RANGE, NONE]
+    spec2 = LabelSpec(horizon_bars=2, threshold=0.02)
+    # 100->104.04 up; 102->101 range; 104.04->98.98 down; 101->99 range (-1.98 %); last two unlabelled.
+    assert make_labels(close, spec2).tolist() == [UP, RANGE, DOWN, RANGE, NONE, NONE]
+
+
+def test_last_h_rows_unlabelled():
+    close = np.linspace(100, 200, 50)
+    for h in (1, 7, 49, 50, 60):
+        labels = make_labels(close, LabelSpec(horizon_bars=h, threshold=0.01))
+        assert len(labels) == 50
+        assert (labels[max(0, 50 - h) :] == NONE).all()
+        assert (labels[: max(0, 50 - h)] >= 0).all()
+
+
+def test_missing_close_is_unlabelled():
+    close = np.array([100.0, np.nan, 103.0, 104.0])
+    assert make_labels(close, LabelSpec(horizon_bars=1, threshold=0.02)).tolist() == [NONE, NONE, RANGE, NONE]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    cents=st.lists(st.integers(1, 10**6), min_size=2, max_size=40),
+    bp=st.integers(1, 9_999),
+    h=st.integers(1, 5),
+)
+def test_labels_match_exact_decimal_arithmetic(cents, bp, h):
+    """Prices with two decimals and a threshold in basis points, judged in exact integers."""
+    close = np.array(cents, dtype=np.float64) / 100.0
+    labels = make_labels(close, LabelSpec(horizon_bars=h, threshold=bp / 10_000))
+    for t, code in enumerate(labels.tolist()):
+        if t + h >= len(cents):
+            assert code == NONE
+            continue
+        p0, p1 = cents[t], cents[t + h]
+        move = (p1 - p0) * 10_000  # compared with bp * p0: the return in basis points times p0
+        expected = UP if move > bp * p0 else DOWN if move < -bp * p0 else RANGE
+        assert code == expected, (t, p0, p1, bp)
+
+
+def test_class_balance():
+    balance = class_balance(np.array([0, 1, 1, 2, -1, -1], dtype=np.int8))
+    assert balance == {"down": 0.25, "range": 0.5, "up": 0.25}
+    assert list(balance) == list(CLASSES)
+    assert class_balance(np.array([1, 1, -1])) == {"down": 0.0, "range": 1.0, "up": 0.0}
+    assert class_balance([2]) == {"down": 0.0, "range": 0.0, "up": 1.0}
+
+
+def test_class_balance_rejects_empty_and_bad_codes():
+    with pytest.raises(ValueError, match="no labelled rows"):
+        class_balance(np.array([-1, -1], dtype=np.int8))
+    with pytest.raises(ValueError, match="no labelled rows"):
+        class_balance(np.array([], dtype=np.int8))
+    with pytest.raises(ValueError, match="class codes"):
+        class_balance(np.array([0, 3]))
+    with pytest.raises(ValueError, match="class codes"):
+        class_balance(np.array([0, -2]))
+    with pytest.raises(ValueError, match="integer"):
+        class_balance(np.array([0.0, 1.5]))
+
+
+def test_class_balance_of_make_labels_sums_to_one():
+    rng = np.random.default_rng(7)
+    close = 100 * np.cumprod(1 + rng.normal(0, 0.01, 500))
+    balance = class_balance(make_labels(close, LabelSpec(horizon_bars=10, threshold=0.02)))
+    assert math.isclose(sum(balance.values()), 1.0)
+    assert all(v > 0 for v in balance.values())
