@@ -248,3 +248,28 @@ def test_kill9_mid_job_then_restart(tmp_path, sample_frame):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+def test_default_parameters_beat_the_prior_out_of_sample(services, sample_frame):
+    """Train on 2017-07..2018-12 with default parameters; the served 2019 probabilities are no worse than the prior."""
+    from mlsignal.v1 import inference_pb2
+    from shared.calibration import log_loss
+    from shared.labels import LabelSpec, make_labels
+    from shared.registry import get_model
+    from test_inference_service import candles_of, probs
+
+    job = train(services.train_stub, start="2017-07-01", end="2019-01-01", params=common_pb2.ModelParams())
+    assert job.request.params.n_estimators == 200
+    engine = make_engine(services.url)
+    rec = get_model(engine, job.model_id)
+    engine.dispose()
+    frame = sample_frame[sample_frame.open_time_ms >= ts("2018-12-01").ToMilliseconds()].reset_index(drop=True)
+    resp = services.infer_stub.Predict(inference_pb2.PredictRequest(
+        symbol="BTC/USD", timeframe="1h", model_id=job.model_id, candles=candles_of(frame)), timeout=60)
+    P = probs(resp)
+    y = make_labels(frame.close.to_numpy(), LabelSpec(24, 0.02))
+    test = (frame.open_time_ms >= ts("2019-01-01").ToMilliseconds()).to_numpy() & (y >= 0)
+    assert not np.array([p.in_sample for p in resp.predictions])[test].any()
+    served = log_loss(P[test], y[test].astype(int))
+    prior = log_loss(np.tile(rec.prior, (test.sum(), 1)), y[test].astype(int))
+    assert served <= 1.01 * prior, (served, prior)

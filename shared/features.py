@@ -1,0 +1,405 @@
+"""Feature engineering shared by training and inference: one definition, computed in one place.
+
+Every feature of row ``t`` is a pure function of the candles ``t - warmup_bars + 1 .. t`` and is
+bit-identical however much history precedes that window. Training computes features over years of
+history, Predict over one request and StreamPredict over a rolling buffer, and all three must agree
+exactly (they are compared with ``==``). That rules out anything whose floating-point result depends
+on where the series starts or on how many rows are processed together:
+
+* no cumulative sums over the series, no ``pandas.rolling`` (its add/remove updates carry rounding
+  from the rows before the window), no ``ewm`` and no recursion such as Wilder smoothing;
+* no ``np.sum``/``np.mean``/``np.std`` over a window axis: numpy's pairwise/unrolled reduction
+  chooses its summation order from the array's shape, so one row alone and the same row inside a
+  batch could be summed in a different order.
+
+Instead every window is laid out as a 2-D strided view ``V[k, i] = x[t_i - k]`` (``k = 0`` is the
+newest value) and summed strictly sequentially, ``((x[t] + x[t-1]) + x[t-2]) + ...``, either by an
+accumulate along the window axis or by the same additions as whole-row vector adds; the prefixes
+give the sums of all nested windows (SMA 10, 20, 50, 100) in one pass. Apart from that only
+correctly rounded operations are used (``+ - * / sqrt abs maximum minimum``), so SIMD and scalar
+code paths cannot differ.
+
+All features are scale-free (ratios, returns, oscillators), so a model trained at one price level
+applies at another.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+FEATURE_SET_NAME = "ohlcv"
+FEATURE_SET_VERSION = 1
+
+OHLCV_COLUMNS = ("open", "high", "low", "close", "volume")
+FUNDING_COLUMN = "funding_rate"
+OPEN_INTEREST_COLUMN = "open_interest"
+
+# Upper bound on any window or lag. It keeps a spec read from a stored model from asking for
+# absurd allocations, and is far beyond any useful look-back.
+MAX_WINDOW = 10_000
+
+# Output rows per block: a block's window matrices stay cache-sized, and memory stays bounded on
+# long histories. Rows are independent, so the block size cannot change any value.
+_BLOCK_ELEMENTS = 1 << 18
+# From this many output rows on, window sums use row-wise vector adds instead of np.cumsum.
+_VECTOR_ADD_MIN_COLUMNS = 128
+_accumulate = np.add.accumulate  # np.cumsum without the Python wrapper
+
+_WINDOW_FIELDS = ("rsi_period", "bb_window", "volume_window", "volatility_window", "atr_window", "funding_window")
+_LAG_FIELDS = ("sma_windows", "return_lags", "oi_lags")
+_BOOL_FIELDS = ("use_funding_rate", "use_open_interest")
+# Windows that need at least two values to mean anything (a standard deviation).
+_MIN_WINDOW = {"bb_window": 2, "volatility_window": 2}
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if not minimum <= value <= MAX_WINDOW:
+        raise ValueError(f"{name} must be between {minimum} and {MAX_WINDOW}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """The feature set's name, version and parameters: stored with every model, so inference
+    computes exactly the features the model was trained on. Hashable and JSON round-trippable."""
+
+    name: str = field(default=FEATURE_SET_NAME, init=False)
+    version: int = field(default=FEATURE_SET_VERSION, init=False)
+    sma_windows: tuple[int, ...] = (10, 20, 50, 100)
+    rsi_period: int = 14
+    bb_window: int = 20
+    bb_k: float = 2.0
+    return_lags: tuple[int, ...] = (1, 2, 4, 8, 24, 48)
+    volume_window: int = 20
+    volatility_window: int = 24
+    atr_window: int = 14
+    use_funding_rate: bool = False
+    funding_window: int = 24
+    use_open_interest: bool = False
+    oi_lags: tuple[int, ...] = (1, 24)
+
+    def __post_init__(self) -> None:
+        for name in _LAG_FIELDS:
+            raw = getattr(self, name)
+            if isinstance(raw, (str, bytes)) or not hasattr(raw, "__iter__"):
+                raise ValueError(f"{name} must be a sequence of integers, got {raw!r}")
+            values = tuple(_check_int(name, v, 1) for v in raw)
+            if not values:
+                raise ValueError(f"{name} must not be empty")
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} must not repeat a value, got {values}")
+            object.__setattr__(self, name, values)
+        for name in _WINDOW_FIELDS:
+            object.__setattr__(self, name, _check_int(name, getattr(self, name), _MIN_WINDOW.get(name, 1)))
+        k = self.bb_k
+        if isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(k) or k <= 0:
+            raise ValueError(f"bb_k must be a finite number > 0, got {k!r}")
+        object.__setattr__(self, "bb_k", float(k))
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    @property
+    def key(self) -> str:
+        """Short identifier of the feature-set definition, e.g. ``ohlcv-v1``."""
+        return f"{self.name}-v{self.version}"
+
+    @cached_property
+    def warmup_bars(self) -> int:
+        """Candles a feature row needs, counting its own candle: a return over lag L needs L + 1,
+        anything built on 1-bar changes (RSI, volatility, true range) needs its window + 1."""
+        needs = [
+            max(self.sma_windows),
+            self.rsi_period + 1,
+            self.bb_window,
+            max(self.return_lags) + 1,
+            self.volume_window,
+            self.volatility_window + 1,
+            self.atr_window + 1,
+        ]
+        if self.use_funding_rate:
+            needs.append(self.funding_window)
+        if self.use_open_interest:
+            needs.append(max(self.oi_lags) + 1)
+        return max(needs)
+
+    @cached_property
+    def feature_names(self) -> tuple[str, ...]:
+        """Column names in the fixed order of ``feature_matrix``'s columns."""
+        names = [f"sma_ratio_{w}" for w in self.sma_windows]
+        names += [f"rsi_{self.rsi_period}", f"bb_pctb_{self.bb_window}", f"bb_width_{self.bb_window}"]
+        names += [f"ret_{lag}" for lag in self.return_lags]
+        names += [
+            f"volume_ratio_{self.volume_window}",
+            f"volatility_{self.volatility_window}",
+            f"natr_{self.atr_window}",
+            "candle_body",
+            "candle_range",
+        ]
+        if self.use_funding_rate:
+            names += ["funding_rate", f"funding_mean_{self.funding_window}"]
+        if self.use_open_interest:
+            names += [f"oi_change_{lag}" for lag in self.oi_lags]
+        return tuple(names)
+
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        """Input columns this spec reads."""
+        cols = OHLCV_COLUMNS
+        if self.use_funding_rate:
+            cols += (FUNDING_COLUMN,)
+        if self.use_open_interest:
+            cols += (OPEN_INTEREST_COLUMN,)
+        return cols
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form (tuples become lists)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FeatureSpec:
+        """Inverse of ``to_dict``. Rejects another feature set's name or version and unknown keys,
+        because computing a different feature set than the model was trained on would give
+        plausible-looking garbage."""
+        data = dict(d)
+        name = data.pop("name", None)
+        version = data.pop("version", None)
+        if name != FEATURE_SET_NAME:
+            raise ValueError(f"feature spec name must be {FEATURE_SET_NAME!r}, got {name!r}")
+        if isinstance(version, bool) or version != FEATURE_SET_VERSION:
+            raise ValueError(f"feature spec version {version!r} of {name!r} is not supported; expected {FEATURE_SET_VERSION}")
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"feature spec has unknown parameters: {', '.join(map(str, unknown))}")
+        return cls(**data)
+
+
+def _windows(x: np.ndarray, start: int, stop: int, width: int) -> np.ndarray:
+    """Read-only view ``V`` of shape (width, stop - start) with ``V[k, i] = x[start + i - k]``.
+
+    ``x`` must be C-contiguous float64 and ``start - width + 1 >= 0``. Built directly on the
+    buffer because it is called many times per request and stride_tricks helpers cost microseconds.
+    """
+    view = np.ndarray((width, stop - start), np.float64, x, start * 8, (-8, 8))
+    view.flags.writeable = False
+    return view
+
+
+def _prefix_sums(v: np.ndarray, ends: tuple[int, ...]) -> np.ndarray:
+    """Sums of ``v[:e]`` over axis 0 for each e in ``ends``, always accumulated in the same
+    sequential order ``((v[0] + v[1]) + v[2]) + ...`` (see the module docstring).
+
+    Few columns: one ``np.cumsum`` call (low call overhead). Many columns: the same additions as
+    whole-row vector adds, which numpy runs several times faster than an accumulate along axis 0.
+    Each element sees the identical sequence of correctly rounded additions either way.
+    """
+    m = v.shape[1]
+    if m < _VECTOR_ADD_MIN_COLUMNS:
+        return _accumulate(v, 0)[[e - 1 for e in ends]]
+    res = np.empty((len(ends), m))
+    acc = v[0].copy()
+    for k in range(max(ends)):
+        if k:
+            acc += v[k]
+        for j, e in enumerate(ends):
+            if e == k + 1:
+                res[j] = acc
+    return res
+
+
+def _total(v: np.ndarray) -> np.ndarray:
+    """Sum over axis 0 in the fixed sequential order of ``_prefix_sums``."""
+    if v.shape[1] < _VECTOR_ADD_MIN_COLUMNS:
+        return _accumulate(v, 0)[-1]
+    return _prefix_sums(v, (v.shape[0],))[0]
+
+
+def _column(columns: Mapping[str, np.ndarray], name: str, n: int | None) -> np.ndarray:
+    if name not in columns:
+        raise ValueError(f"column {name!r} is required by the feature spec but missing")
+    arr = np.ascontiguousarray(columns[name], dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"column {name!r} must be one-dimensional, got shape {arr.shape}")
+    if n is not None and arr.shape[0] != n:
+        raise ValueError(f"column {name!r} has {arr.shape[0]} rows, expected {n} like 'close'")
+    return arr
+
+
+def feature_matrix(columns: Mapping[str, np.ndarray], spec: FeatureSpec, first_row: int = 0) -> np.ndarray:
+    """Features for rows ``first_row .. n-1`` as a float64 array (rows, len(spec.feature_names)).
+
+    ``columns`` maps "open", "high", "low", "close", "volume" (and "funding_rate" /
+    "open_interest" when the spec uses them) to 1-D arrays of equal length, oldest first. Rows with
+    fewer than ``spec.warmup_bars`` candles of history are all-NaN. A row's values are identical
+    whatever ``first_row`` is and however many older rows are passed, so a caller that only needs
+    the newest rows passes their window and a ``first_row``.
+    """
+    close = _column(columns, "close", None)
+    n = close.shape[0]
+    opn = _column(columns, "open", n)
+    high = _column(columns, "high", n)
+    low = _column(columns, "low", n)
+    volume = _column(columns, "volume", n)
+    funding = _column(columns, FUNDING_COLUMN, n) if spec.use_funding_rate else None
+    oi = _column(columns, OPEN_INTEREST_COLUMN, n) if spec.use_open_interest else None
+    if isinstance(first_row, bool) or not isinstance(first_row, numbers.Integral) or not 0 <= first_row <= n:
+        raise ValueError(f"first_row must be an integer between 0 and {n}, got {first_row!r}")
+    first_row = int(first_row)
+
+    out = np.full((n - first_row, len(spec.feature_names)), np.nan)
+    start = max(first_row, spec.warmup_bars - 1)
+    if start >= n:
+        return out
+    block = max(256, _BLOCK_ELEMENTS // spec.warmup_bars)
+    with np.errstate(all="ignore"):
+        for a in range(start, n, block):
+            b = min(a + block, n)
+            _fill_block(out[a - first_row : b - first_row], spec, a, b, opn, high, low, close, volume, funding, oi)
+    return out
+
+
+def _fill_block(
+    out: np.ndarray,
+    spec: FeatureSpec,
+    a: int,
+    b: int,
+    opn: np.ndarray,
+    high: np.ndarray,
+    low: np.ndarray,
+    close: np.ndarray,
+    volume: np.ndarray,
+    funding: np.ndarray | None,
+    oi: np.ndarray | None,
+) -> None:
+    """Fill ``out`` with the features of rows a..b-1 (all have a full warm-up window)."""
+    c = close[a:b]
+    col = 0
+
+    # Means of close, shifted by the row's own close: D[k] = close[t-k] - close[t]. A constant
+    # window then has a mean of exactly close[t] and a standard deviation of exactly 0 (a plain
+    # sum of w equal prices divided by w need not give the price back), and small SMA ratios
+    # carry no cancellation error. The cumulative sums give every nested window at once.
+    sma = spec.sma_windows
+    wb = spec.bb_window
+    width = max(max(sma), wb)
+    dev = _windows(close, a, b, width) - c
+    csum = _prefix_sums(dev, sma + (wb,))
+    ns = len(sma)
+    # close / SMA - 1 == -d / (close + d) with d = mean(D), the SMA's offset from close.
+    d = csum[:ns] / np.array(sma, dtype=np.float64)[:, None]
+    out[:, col : col + ns] = (-d / (c + d)).T
+    col += ns
+
+    # 1-bar changes of close over the rows that RSI, volatility and true range look at.
+    look = max(spec.rsi_period, spec.volatility_window, spec.atr_window)
+    lo = a - look + 1
+    prev = close[lo - 1 : b - 1]
+    diff = close[lo:b] - prev
+    ra, rb = a - lo, b - lo
+
+    # Cutler's RSI: the ratio of simple means of gains and losses (sums, as the 1/p cancels).
+    dv = _windows(diff, ra, rb, spec.rsi_period)
+    gains = np.maximum(dv, 0.0)
+    losses = gains - dv  # exactly max(-d, 0)
+    g = _total(gains)
+    total = g + _total(losses)
+    out[:, col] = np.where(total == 0, 50.0, (g / total) * 100.0)
+    col += 1
+
+    # Bollinger %b and bandwidth with the population standard deviation. With
+    # mean = close + d and s the std: %b = (close - lower) / (upper - lower) = 0.5 - d / (2 k s),
+    # bandwidth = (upper - lower) / middle = 2 k s / mean.
+    db = csum[ns] / wb
+    sq = dev[:wb] - db
+    np.multiply(sq, sq, out=sq)
+    spread = np.sqrt(_total(sq) / wb) * (2.0 * spec.bb_k)
+    out[:, col] = np.where(spread == 0, 0.5, 0.5 - db / spread)
+    out[:, col + 1] = spread / (c + db)
+    col += 2
+
+    # Simple returns close[t] / close[t-lag] - 1, written as a difference for accuracy.
+    lags = spec.return_lags
+    past = _windows(close, a, b, max(lags) + 1)[list(lags)]
+    out[:, col : col + len(lags)] = ((c - past) / past).T
+    col += len(lags)
+
+    # Volume relative to its mean, shifted like the close means so a constant volume gives 0.
+    v = volume[a:b]
+    wv = spec.volume_window
+    dvol = _total(_windows(volume, a, b, wv) - v) / wv
+    mean_v = v + dvol
+    out[:, col] = np.where(mean_v == 0, 0.0, -dvol / mean_v)
+    col += 1
+
+    # Volatility: population std of 1-bar simple returns.
+    ww = spec.volatility_window
+    rv = _windows(diff / prev, ra, rb, ww)
+    r_dev = rv - _total(rv) / ww
+    np.multiply(r_dev, r_dev, out=r_dev)
+    out[:, col] = np.sqrt(_total(r_dev) / ww)
+    col += 1
+
+    # Normalised ATR: mean true range / close; max(high, prev close) - min(low, prev close)
+    # equals max(high - low, |high - prev|, |low - prev|).
+    tr = np.maximum(high[lo:b], prev) - np.minimum(low[lo:b], prev)
+    wa = spec.atr_window
+    out[:, col] = (_total(_windows(tr, ra, rb, wa)) / wa) / c
+    col += 1
+
+    # Candle shape.
+    o = opn[a:b]
+    out[:, col] = (c - o) / o
+    out[:, col + 1] = (high[a:b] - low[a:b]) / c
+    col += 2
+
+    if funding is not None:
+        wf = spec.funding_window
+        out[:, col] = funding[a:b]
+        out[:, col + 1] = _total(_windows(funding, a, b, wf)) / wf
+        col += 2
+
+    if oi is not None:
+        olags = spec.oi_lags
+        past_oi = _windows(oi, a, b, max(olags) + 1)[list(olags)]
+        change = ((oi[a:b] - past_oi) / past_oi).T
+        # A zero earlier value has no defined change; NaN marks it as missing like a gap.
+        change[~np.isfinite(change)] = np.nan
+        out[:, col : col + len(olags)] = change
+        col += len(olags)
+
+
+def compute_features(frame: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
+    """``feature_matrix`` for a DataFrame of candles (oldest first); same index, one column per feature."""
+    columns = {
+        name: frame[name].to_numpy(dtype=np.float64, na_value=np.nan)
+        for name in spec.required_columns
+        if name in frame.columns
+    }
+    return pd.DataFrame(feature_matrix(columns, spec), index=frame.index, columns=list(spec.feature_names))
+
+
+def spec_for_frame(frame: pd.DataFrame, base: FeatureSpec = FeatureSpec()) -> FeatureSpec:
+    """``base`` with funding-rate / open-interest features turned on when the frame has any value
+    for them. A base that already asks for a column keeps asking, so a missing column is reported
+    by ``feature_matrix`` instead of silently dropping features."""
+    has = {
+        name: name in frame.columns and bool(frame[name].notna().any())
+        for name in (FUNDING_COLUMN, OPEN_INTEREST_COLUMN)
+    }
+    return replace(
+        base,
+        use_funding_rate=base.use_funding_rate or has[FUNDING_COLUMN],
+        use_open_interest=base.use_open_interest or has[OPEN_INTEREST_COLUMN],
+    )
