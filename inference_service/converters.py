@@ -1,14 +1,83 @@
-"""Prediction results to PredictResponse messages."""
+"""Prediction results to PredictResponse messages.
+
+Building one Prediction object per candle in Python costs about 4 µs each, more than the model itself on a large
+batch. `response` therefore writes the protobuf wire format of the repeated predictions with numpy and lets the C
+parser build the message; `response_slow` is the plain reference it is tested against.
+"""
 
 from __future__ import annotations
+
+import numpy as np
 
 from mlsignal.v1 import inference_pb2
 from inference_service.predictor import Result
 
 DOWN, RANGE, UP = 0, 1, 2
 
+# Wire tags: PredictResponse.predictions (field 2, length-delimited); Prediction fields 1..6.
+_PREDICTION_TAG = 0x12
+_T, _UP, _DOWN, _RANGE, _READY, _IN_SAMPLE = 0x08, 0x11, 0x19, 0x21, 0x28, 0x30
+
+
+def _varint_bytes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Varint encoding of int64 values: a (n, 10) uint8 matrix and each value's length in bytes."""
+    u = values.astype(np.int64).view(np.uint64)
+    groups = (u[:, None] >> (np.arange(10, dtype=np.uint64) * np.uint64(7))) & np.uint64(0x7F)
+    # Length: one byte per 7 significant bits, at least one.
+    length = np.ones(len(u), dtype=np.int64)
+    for k in range(1, 10):
+        length += (u >> np.uint64(7 * k)) > 0
+    more = np.arange(10)[None, :] < (length[:, None] - 1)
+    return (groups | (more.astype(np.uint64) << np.uint64(7))).astype(np.uint8), length
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_predictions(r: Result) -> bytes:
+    """The bytes of `repeated Prediction predictions = 2` for a result (every field written explicitly)."""
+    n = len(r.open_time_ms)
+    if n == 0:
+        return b""
+    tvar, tlen = _varint_bytes(r.open_time_ms)
+    doubles = np.ascontiguousarray(r.proba[:, [UP, DOWN, RANGE]], dtype="<f8").view(np.uint8).reshape(n, 24)
+    body = 1 + tlen + 27 + 4  # tag+varint time, three tagged doubles, two tagged bools
+    # Row layout: [0x12, len, 0x08, t(10, masked), 0x11, d(8), 0x19, d(8), 0x21, d(8), 0x28, b, 0x30, b]
+    width = 2 + 1 + 10 + 27 + 4
+    m = np.zeros((n, width), dtype=np.uint8)
+    keep = np.ones((n, width), dtype=bool)
+    m[:, 0] = _PREDICTION_TAG
+    m[:, 1] = body  # always < 128, so one length byte
+    m[:, 2] = _T
+    m[:, 3:13] = tvar
+    keep[:, 3:13] = np.arange(10)[None, :] < tlen[:, None]
+    for j, tag in enumerate((_UP, _DOWN, _RANGE)):
+        m[:, 13 + 9 * j] = tag
+        m[:, 14 + 9 * j: 22 + 9 * j] = doubles[:, 8 * j: 8 * j + 8]
+    m[:, 40] = _READY
+    m[:, 41] = r.ready
+    m[:, 42] = _IN_SAMPLE
+    m[:, 43] = r.in_sample
+    return m[keep].tobytes()
+
 
 def response(model_id: str, r: Result) -> inference_pb2.PredictResponse:
+    mid = model_id.encode()
+    head = b"\x0a" + _varint(len(mid)) + mid if mid else b""
+    return inference_pb2.PredictResponse.FromString(head + encode_predictions(r))
+
+
+def response_slow(model_id: str, r: Result) -> inference_pb2.PredictResponse:
+    """One Prediction object per candle: the reference `response` must equal."""
     P = inference_pb2.Prediction
     times = r.open_time_ms.tolist()
     up, down, rng = r.proba[:, UP].tolist(), r.proba[:, DOWN].tolist(), r.proba[:, RANGE].tolist()

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from mlsignal.v1 import inference_pb2, inference_pb2_grpc
 from shared.db import make_engine
-from shared.grpcserver import ServerHandle, configure_logging, run_until_signalled, start_server
+from shared.grpcserver import ServerHandle, observability, server_credentials, server_main, start_server
 from shared.settings import Settings
 from inference_service.models import ModelStore
 from inference_service.servicer import InferenceServicer
@@ -35,45 +35,66 @@ class RunningInference:
         self.engine.dispose()
 
 
+def loaded_models(store: ModelStore):
+    """(symbol, timeframe, model_id, role, created_at_ms) for every model in memory (for the metrics endpoint)."""
+    with store._lock:
+        serving = list(store._serving.values())
+        pinned = list(store._pinned.values())
+    for role, models in (("serving", serving), ("pinned", pinned)):
+        for m in models:
+            rec = m.record
+            yield rec.symbol, rec.timeframe, rec.model_id, role, rec.created_at_ms
+
+
 def start(settings: Settings, address: str | None = None) -> RunningInference:
-    """Connect to the registry, start polling for new models and serve. Used by main() and by tests."""
+    """Connect to the registry, start polling for new models and serve. Used by main() and by tests.
+
+    Also serves metrics on MLSIGNAL_METRICS_PORT, requires MLSIGNAL_AUTH_TOKEN and speaks TLS with
+    MLSIGNAL_TLS_CERT/KEY when those are set.
+    """
+    address = address or settings.inference_addr
+    credentials = server_credentials(settings.server_tls_pair())
     engine = make_engine(settings.database_url)
     with engine.connect() as conn:  # fail fast when the database is unreachable
         conn.execute(sa.text("SELECT 1"))
+    metrics, interceptors = observability(settings, "inference", address)
     store = ModelStore(engine, settings.model_dir, settings.model_cache_size, settings.model_poll_seconds)
+    on_predicted = None
+    if metrics is not None:
+        from shared.observability import inference_metrics
+
+        on_predicted = inference_metrics(metrics, lambda: loaded_models(store))
     store.start_polling()
     max_bytes = max(4 * 1024 * 1024, settings.max_batch * BYTES_PER_CANDLE + 1024 * 1024)
-    handle = start_server(
-        address or settings.inference_addr,
-        lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(store, settings.max_batch), server),
-        [SERVICE_NAME],
-        max_bytes,
-    )
+    try:
+        handle = start_server(
+            address,
+            lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+                InferenceServicer(store, settings.max_batch, on_predicted), server),
+            [SERVICE_NAME],
+            max_bytes,
+            interceptors=interceptors,
+            credentials=credentials,
+            metrics=metrics,
+        )
+    except BaseException:
+        store.stop()
+        if metrics is not None:
+            metrics.close()
+        raise
     handle.on_stop(lambda grace: store.stop())
+    if metrics is not None:
+        handle.on_stopped(metrics.close)
     return RunningInference(handle, store, engine)
 
 
+def _describe(settings: Settings, running: RunningInference) -> str:
+    return (f"inference service listening on port {running.port}{' (TLS)' if settings.tls else ''}, models in "
+            f"{settings.model_dir}{', bearer token required' if settings.auth_token else ''}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        settings = Settings.from_env()
-    except ValueError as exc:
-        print(f"mlsignal-inference: configuration error: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level, settings.log_format)
-    try:
-        running = start(settings)
-    except sa.exc.OperationalError as exc:
-        print(f"mlsignal-inference: cannot use the database: {exc.orig}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"mlsignal-inference: {exc}", file=sys.stderr)
-        return 1
-    log.info("inference service listening on port %d (models in %s)", running.port, settings.model_dir)
-    print(f"mlsignal-inference listening on port {running.port}", flush=True)
-    run_until_signalled(running.handle, settings.grace_seconds)
-    running.engine.dispose()
-    return 0
+    return server_main("mlsignal-inference", start, _describe)
 
 
 if __name__ == "__main__":

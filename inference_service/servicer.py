@@ -11,13 +11,16 @@ from inference_service.streams import StreamSession, predict_batch, resolve_key
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, store: ModelStore, max_batch: int):
+    def __init__(self, store: ModelStore, max_batch: int, on_predicted=None):
         self.store = store
         self.max_batch = max_batch
+        self.on_predicted = on_predicted  # metrics hook: on_predicted(model, n_candles)
 
     @maps_errors
     def Predict(self, request, context):
         model, result = predict_batch(self.store, request, self.max_batch)
+        if self.on_predicted is not None:
+            self.on_predicted(model, len(request.candles))
         return response(model.model_id, result)
 
     @maps_errors
@@ -25,6 +28,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         session = StreamSession(self.store, self.max_batch)
         for request in request_iterator:
             model, result = session.step(request)
+            if self.on_predicted is not None:
+                self.on_predicted(model, len(request.candles))
             yield response(model.model_id, result)
 
     @maps_errors

@@ -9,7 +9,7 @@ from inference_service.models import LoadedModel, ModelStore
 from inference_service.predictor import (
     Candles,
     Result,
-    candles_from_proto,
+    model_candles,
     empty_candles,
     predict_window,
     require_optional_columns,
@@ -38,9 +38,9 @@ def select_model(store: ModelStore, symbol: str, timeframe: str, model_id: str) 
 def predict_batch(store: ModelStore, request, max_batch: int) -> tuple[LoadedModel, Result]:
     """Stateless Predict: every candle's history is the candles before it in this request."""
     _, tf_ms = resolve_key(request.symbol, request.timeframe)
-    candles = candles_from_proto(request.candles)
-    validate(candles, tf_ms, max_batch)
     model = select_model(store, request.symbol, request.timeframe, request.model_id)
+    candles = model_candles(model, request.candles)
+    validate(candles, tf_ms, max_batch)
     require_optional_columns(model, candles)
     return model, predict_window(model, candles, 0)
 
@@ -75,10 +75,10 @@ class StreamSession:
                     f"{request.timeframe}", field="timeframe")
         if request.model_id:
             self.model_id = request.model_id
-        new = candles_from_proto(request.candles)
+        model = select_model(self.store, self.symbol, self.timeframe, self.model_id)
+        new = model_candles(model, request.candles)
         last = int(self.window.open_time_ms[-1]) if len(self.window) else None
         validate(new, self.tf_ms, self.max_batch, previous_ms=last)
-        model = select_model(self.store, self.symbol, self.timeframe, self.model_id)
         require_optional_columns(model, new)
         history = self.window
         if last is not None and int(new.open_time_ms[0]) == last:
