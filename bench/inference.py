@@ -1,0 +1,401 @@
+"""Inference latency and throughput against the DESIGN performance targets, in one run on this machine.
+
+    .venv/bin/python -m bench.inference [--quick] [--out bench/results/inference.json]     (or: make bench)
+
+What it does:
+
+1. imports the bundled BTC/USD 1h sample into a temporary SQLite database;
+2. starts the real training and inference services in this process on 127.0.0.1:0;
+3. trains a model with the default parameters on 2017-07-01 .. 2019-01-01 (200 trees; 40 with --quick) and reports
+   the training time from the job's started_at / finished_at;
+4. measures with `shared.loadtest`, closed loop, in a separate client process (a strategy engine is another process;
+   a client in the server's own process would share its GIL and disturb both sides), one worker for latency:
+   the floor (a grpc.health.v1 Check), StreamPredict with one new candle per message, and Predict with 1, 64 and
+   1,024 candles (each request also carries warmup_bars - 1 candles of history, so every counted candle is ready);
+   and the 1,024-candle Predict again with 4 workers for throughput;
+5. measures the naive baseline the original system used, in process and without gRPC: for every new candle, the
+   pandas features of the last warmup_bars + 1 candles (`shared.features.compute_features`) and the scikit-learn
+   forest's `predict_proba` (the model's joblib artifact, loaded only after its sha256 verifies);
+6. prints a table (p50 and p99 latency, requests/s, candles/s, p50 relative to the floor, candles/s relative to the
+   naive baseline) with PASS/FAIL against the DESIGN targets, and writes everything as JSON.
+
+Timings depend on the machine and on whatever else runs on it; the load average is recorded next to the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "btcusd_1h_coinbase_2017-2019.csv.gz"
+DEFAULT_OUT = REPO / "bench" / "results" / "inference.json"
+SYMBOL, TIMEFRAME = "BTC/USD", "1h"
+TRAIN_START, TRAIN_END = "2017-07-01", "2019-01-01"
+NAIVE_FROM = "2019-01-01"  # the naive baseline predicts candles after the training window
+
+STREAM_TARGET_RATIO = 1.5  # one-candle StreamPredict p50 <= 1.5 x the floor
+BATCH_TARGET_CPS = 100_000  # 1,024-candle Predict >= 100,000 candles/s
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    label: str
+    rpc: str
+    batch: int
+    concurrency: int
+
+
+CASES = (
+    Case("floor", "floor: grpc.health.v1 Check", "Health", 1, 1),
+    Case("stream_1", "StreamPredict, 1 candle per message", "StreamPredict", 1, 1),
+    Case("predict_1", "Predict, 1 candle", "Predict", 1, 1),
+    Case("predict_64", "Predict, 64 candles", "Predict", 64, 1),
+    Case("predict_1024", "Predict, 1,024 candles", "Predict", 1024, 1),
+    Case("predict_1024_c4", "Predict, 1,024 candles, 4 concurrent", "Predict", 1024, 4),
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    trees: int
+    warmup_s: float
+    duration_s: float
+    naive_candles: int
+
+
+FULL = Plan(trees=200, warmup_s=2.0, duration_s=10.0, naive_candles=1000)
+QUICK = Plan(trees=40, warmup_s=0.5, duration_s=2.0, naive_candles=200)
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine() -> dict:
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# set-up
+
+
+def prepare_database(url: str) -> pd.DataFrame:
+    from shared.db import make_engine
+    from shared.importers import read_candles
+    from shared.marketdata import insert_candles
+    from shared.migrate import upgrade
+
+    frame = read_candles(SAMPLE, TIMEFRAME)
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        insert_candles(engine, SYMBOL, TIMEFRAME, frame)
+    finally:
+        engine.dispose()
+    return frame
+
+
+def train_model(training_port: int, trees: int):
+    """Train through the service; returns the final TrainingJob and its wall time from started_at to finished_at."""
+    from shared.client import TrainingClient
+
+    with TrainingClient(f"127.0.0.1:{training_port}", timeout=60) as client:
+        job = client.train(SYMBOL, TIMEFRAME, TRAIN_START, TRAIN_END,
+                           n_estimators=0 if trees == 200 else trees).wait()
+    seconds = (job.finished_at.ToNanoseconds() - job.started_at.ToNanoseconds()) / 1e9
+    return job, seconds
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# measurements
+
+
+def naive_baseline(frame: pd.DataFrame, record, model_dir: Path, n: int) -> dict:
+    """Per-candle latency of pandas features over the history window plus sklearn predict_proba, in process."""
+    import joblib
+
+    from shared.artifacts import read_verified
+    from shared.features import compute_features
+
+    forest = joblib.load(io.BytesIO(read_verified(model_dir, record.sklearn_artifact, record.sklearn_sha256)))
+    spec = record.feature_spec
+    window = record.warmup_bars + 1
+    df = frame.set_index(pd.to_datetime(frame["open_time_ms"], unit="ms", utc=True))[
+        ["open", "high", "low", "close", "volume"]]
+    first = int(np.searchsorted(frame["open_time_ms"].to_numpy(),
+                                pd.Timestamp(NAIVE_FROM, tz="UTC").value // 1_000_000))
+    first = max(first, window)
+    warm = 20
+    lat = np.empty(n)
+    clock = time.perf_counter
+    for j in range(-warm, n):
+        i = first + warm + j
+        t0 = clock()
+        X = compute_features(df.iloc[i + 1 - window:i + 1], spec).to_numpy()[-1:]
+        proba = forest.predict_proba(X.astype(np.float32))
+        t1 = clock()
+        if j >= 0:
+            lat[j] = t1 - t0
+    assert proba.shape == (1, len(record.classes)) and np.isfinite(proba).all()
+    ms = lat * 1000
+    p50, p99 = np.percentile(ms, [50, 99])
+    cps = n / lat.sum()
+    return {
+        "label": "naive in process: pandas features + sklearn predict_proba",
+        "candles": n,
+        "window": window,
+        "trees": int(len(forest.estimators_)),
+        "n_jobs": forest.n_jobs,
+        "p50_ms": float(p50),
+        "p99_ms": float(p99),
+        "max_ms": float(ms.max()),
+        "mean_ms": float(ms.mean()),
+        "requests_per_s": float(cps),
+        "candles_per_s": float(cps),
+    }
+
+
+def run_cases(target: str, frame: pd.DataFrame, plan: Plan, in_process: bool, log) -> dict:
+    from shared.loadtest import LoadTestConfig, run_loadtest
+
+    results = {}
+    pool = None if in_process else ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        if pool is not None:
+            pool.submit(_client_ready).result()  # import everything in the client before the first case
+        for case in CASES:
+            cfg = LoadTestConfig(target, case.rpc, SYMBOL, TIMEFRAME, batch=case.batch, concurrency=case.concurrency,
+                                 duration=plan.duration_s, warmup=plan.warmup_s)
+            log(f"  {case.label} ...")
+            r = run_loadtest(cfg, frame) if pool is None else pool.submit(run_loadtest, cfg, frame).result()
+            if r.errors:
+                raise RuntimeError(f"{case.label}: requests failed: {r.errors} {r.error_examples}")
+            results[case.key] = r
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return results
+
+
+def _client_ready() -> bool:
+    import shared.loadtest  # noqa: F401
+
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# report
+
+
+def _num(v: float | None, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if v >= 1000:
+        return f"{v:,.0f}"
+    if v >= 100:
+        return f"{v:.1f}"
+    return f"{v:.{digits}f}"
+
+
+def build_report(results: dict, naive: dict, training: dict, plan: Plan, quick: bool, in_process: bool,
+                 load_before, load_after) -> tuple[dict, str]:
+    floor_p50 = results["floor"].latency_ms["p50"]
+    rows = []
+    for case in CASES:
+        r = results[case.key]
+        label = case.label if case.rpc != "Predict" else f"{case.label} (+{r.history} history)"
+        cps = r.candles_per_s if case.rpc != "Health" else None
+        rows.append({
+            "case": case.key,
+            "label": label,
+            "rpc": case.rpc,
+            "batch": case.batch,
+            "concurrency": case.concurrency,
+            "history": r.history,
+            "p50_ms": r.latency_ms["p50"],
+            "p99_ms": r.latency_ms["p99"],
+            "requests_per_s": r.requests_per_s,
+            "candles_per_s": cps,
+            "p50_to_floor": r.latency_ms["p50"] / floor_p50,
+            "speedup_vs_naive": cps / naive["candles_per_s"] if cps else None,
+            "result": r.to_dict(),
+        })
+    rows.append({
+        "case": "naive",
+        "label": naive["label"],
+        "rpc": None,
+        "batch": 1,
+        "concurrency": 1,
+        "history": naive["window"] - 1,
+        "p50_ms": naive["p50_ms"],
+        "p99_ms": naive["p99_ms"],
+        "requests_per_s": naive["requests_per_s"],
+        "candles_per_s": naive["candles_per_s"],
+        "p50_to_floor": naive["p50_ms"] / floor_p50,
+        "speedup_vs_naive": 1.0,
+        "result": naive,
+    })
+
+    stream_ratio = results["stream_1"].latency_ms["p50"] / floor_p50
+    best_1024 = max(("predict_1024", "predict_1024_c4"), key=lambda k: results[k].candles_per_s)
+    best_cps = results[best_1024].candles_per_s
+    targets = [
+        {
+            "target": f"one-candle StreamPredict p50 <= {STREAM_TARGET_RATIO}x floor",
+            "measured": f"{stream_ratio:.2f}x ({results['stream_1'].latency_ms['p50']:.3f} ms vs "
+                        f"{floor_p50:.3f} ms)",
+            "value": stream_ratio,
+            "pass": stream_ratio <= STREAM_TARGET_RATIO,
+        },
+        {
+            "target": f"1,024-candle Predict >= {BATCH_TARGET_CPS:,} candles/s",
+            "measured": f"{best_cps:,.0f} candles/s ({next(c.label for c in CASES if c.key == best_1024)})",
+            "value": best_cps,
+            "pass": best_cps >= BATCH_TARGET_CPS,
+        },
+    ]
+
+    head = (f"{'case':<60} {'p50 ms':>8} {'p99 ms':>8} {'requests/s':>11} {'candles/s':>11} {'p50/floor':>9} "
+            f"{'speedup':>8}")
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        cps = f"{row['candles_per_s']:,.0f}" if row["candles_per_s"] else "-"
+        speedup = f"{row['speedup_vs_naive']:,.1f}x" if row["speedup_vs_naive"] else "-"
+        lines.append(
+            f"{row['label']:<60} {_num(row['p50_ms']):>8} {_num(row['p99_ms']):>8} "
+            f"{row['requests_per_s']:>11,.0f} {cps:>11} {row['p50_to_floor']:>8.2f}x {speedup:>8}"
+        )
+    lines.append("")
+    lines.append("speedup: candles/s relative to the naive baseline; Predict rows also carry warmup_bars - 1 "
+                 "history candles per request, which are not counted")
+    lines.append("")
+    lines.append("DESIGN targets")
+    for t in targets:
+        lines.append(f"  [{'PASS' if t['pass'] else 'FAIL'}] {t['target']}: {t['measured']}")
+    lines.append("")
+    lines.append(f"training: {training['trees']} trees, {TRAIN_START} .. {TRAIN_END} "
+                 f"({training['candles']:,} candles), {training['seconds']:.1f} s from started_at to finished_at "
+                 "(DESIGN: two years of 1h candles with 200 trees well under a minute on 2 cores)")
+    m = machine()
+    lines.append(f"machine: {m['cores']} cores ({m['usable_cores']} usable), Python {m['python']}, "
+                 f"{m['platform']}; load average before {load_before}, after {load_after}")
+    lines.append(f"client: {'in the server process' if in_process else 'a separate process'}, closed loop, "
+                 f"{plan.warmup_s:g} s warm-up then {plan.duration_s:g} s per case"
+                 + (" (--quick)" if quick else ""))
+    report = {
+        "quick": quick,
+        "plan": plan.__dict__,
+        "client": "in-process" if in_process else "separate process",
+        "machine": {**m, "load_average_before": load_before, "load_average_after": load_after},
+        "training": training,
+        "floor_p50_ms": floor_p50,
+        "rows": rows,
+        "targets": targets,
+    }
+    return report, "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.inference",
+        description="Inference latency and throughput against the DESIGN targets, in one run.",
+    )
+    ap.add_argument("--quick", action="store_true", help="about 30 s: 40 trees, 2 s per case")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default: {DEFAULT_OUT})")
+    ap.add_argument("--client-in-process", action="store_true",
+                    help="run the load generator in the server's process (it then shares the GIL with it)")
+    args = ap.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+
+    from inference_service.server import start as start_inference
+    from shared.db import make_engine
+    from shared.registry import get_model
+    from shared.settings import Settings
+    from training_service.server import start as start_training
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    t_all = time.perf_counter()
+    load_before = _loadavg()
+    with tempfile.TemporaryDirectory(prefix="mlsignal-bench-") as tmp:
+        root = Path(tmp)
+        url = f"sqlite:///{root}/bench.db"
+        log(f"importing {SAMPLE.name} ...")
+        frame = prepare_database(url)
+        settings = Settings(database_url=url, model_dir=root / "models", log_level="WARNING")
+        training = start_training(settings, "127.0.0.1:0")
+        inference = None
+        try:
+            inference = start_inference(settings, "127.0.0.1:0")
+            log(f"training {plan.trees} trees on {TRAIN_START} .. {TRAIN_END} ...")
+            job, train_seconds = train_model(training.port, plan.trees)
+            engine = make_engine(url)
+            try:
+                record = get_model(engine, job.model_id)
+            finally:
+                engine.dispose()
+            times = frame["open_time_ms"].to_numpy()
+            in_window = int(((times >= pd.Timestamp(TRAIN_START, tz="UTC").value // 10**6)
+                             & (times < pd.Timestamp(TRAIN_END, tz="UTC").value // 10**6)).sum())
+            training_info = {
+                "job_id": job.job_id,
+                "model_id": job.model_id,
+                "trees": record.params.n_estimators,
+                "candles": in_window,
+                "seconds": train_seconds,
+                "metrics": dict(job.metrics),
+            }
+            log(f"  {train_seconds:.1f} s, model {job.model_id}")
+            log("measuring through gRPC ...")
+            results = run_cases(f"127.0.0.1:{inference.port}", frame, plan, args.client_in_process, log)
+            log(f"naive baseline, {plan.naive_candles} candles ...")
+            naive = naive_baseline(frame, record, settings.model_dir, plan.naive_candles)
+        finally:
+            if inference is not None:
+                inference.stop(0.5)
+            training.stop(0.5)
+    load_after = _loadavg()
+    report, table = build_report(results, naive, training_info, plan, args.quick, args.client_in_process,
+                                 load_before, load_after)
+    report["wall_seconds"] = time.perf_counter() - t_all
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    print(f"\nwrote {args.out} ({report['wall_seconds']:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
