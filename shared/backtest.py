@@ -64,23 +64,32 @@ YEAR_MS = 365 * 86_400_000
 
 @dataclass(frozen=True)
 class StrategyRule:
-    """Long when ML_UP_PROB > up_min and RSI < rsi_max (and ML_DOWN_PROB < down_max when set); flat otherwise.
+    """Long when ML_UP_PROB > up_min and RSI < rsi_max (and ML_DOWN_PROB < down_max, and
+    ML_UP_PROB - ML_DOWN_PROB > edge_min, when set); flat otherwise.
 
-    use_ml=False drops the ML conditions (RSI only). rsi_max=None drops the RSI condition. rsi_period is the RSI
-    window in candles. These are fixed parameters: set them before looking at the evaluation period, never fit them
-    to it.
+    use_ml=False drops the ML conditions (RSI only); up_min=None or rsi_max=None drop that condition. rsi_period is
+    the RSI window in candles. These are fixed parameters: set them before looking at the evaluation period, never
+    fit them to it.
+
+    Calibrated probabilities stay near the class prior (an up-move of 2 % in 24 h is roughly a 30 % event), so an
+    absolute threshold such as up_min=0.6 may never be reached. edge_min compares the two directions instead and
+    needs no knowledge of the probability scale: edge_min=0 means "the model thinks up is more likely than down".
     """
 
-    up_min: float = 0.6
+    up_min: float | None = 0.6
     rsi_max: float | None = 70.0
     down_max: float | None = None
     use_ml: bool = True
     rsi_period: int = 14
+    edge_min: float | None = None
 
     def describe(self) -> str:
         parts = []
         if self.use_ml:
-            parts.append(f"ML_UP_PROB > {self.up_min:g}")
+            if self.up_min is not None:
+                parts.append(f"ML_UP_PROB > {self.up_min:g}")
+            if self.edge_min is not None:
+                parts.append(f"ML_UP_PROB - ML_DOWN_PROB > {self.edge_min:g}")
             if self.down_max is not None:
                 parts.append(f"ML_DOWN_PROB < {self.down_max:g}")
         if self.rsi_max is not None:
@@ -285,7 +294,7 @@ def run_backtest(
     needed = ["close", "ML_READY"]
     if rule.use_ml:
         needed.append("ML_UP_PROB")
-        if rule.down_max is not None:
+        if rule.down_max is not None or rule.edge_min is not None:
             needed.append("ML_DOWN_PROB")
     missing = [c for c in needed if c not in signals.columns]
     if missing:
@@ -315,10 +324,15 @@ def run_backtest(
         with np.errstate(invalid="ignore"):
             if r.use_ml:
                 up = signals["ML_UP_PROB"].to_numpy(dtype=np.float64, na_value=np.nan)
-                want &= up > r.up_min
-                if r.down_max is not None:
+                want &= np.isfinite(up)
+                if r.up_min is not None:
+                    want &= up > r.up_min
+                if r.down_max is not None or r.edge_min is not None:
                     down = signals["ML_DOWN_PROB"].to_numpy(dtype=np.float64, na_value=np.nan)
-                    want &= down < r.down_max
+                    if r.down_max is not None:
+                        want &= down < r.down_max
+                    if r.edge_min is not None:
+                        want &= (up - down) > r.edge_min
             if r.rsi_max is not None:
                 want &= rsi_values < r.rsi_max
         return want.astype(np.float64)

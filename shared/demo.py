@@ -6,6 +6,7 @@ operator would run them. Any failed step stops the demo with a non-zero exit.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -86,10 +87,37 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+class _Progress:
+    """A tqdm bar on a terminal; on a pipe or log file, one line per stage instead of redrawn bars."""
+
+    def __init__(self, total: float, fmt: str):
+        from tqdm import tqdm
+
+        self.total = total
+        self.tty = sys.stdout.isatty()
+        self._desc = None
+        self.bar = tqdm(total=total, bar_format=fmt, file=sys.stdout) if self.tty else None
+
+    def update_to(self, n: float, desc: str) -> None:
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.n = n
+            self.bar.set_description_str(desc)
+            self.bar.refresh()
+        elif desc != self._desc:
+            _say(f"      {desc} ({n:.0f}/{self.total:.0f})")
+        self._desc = desc
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run_demo(opts: DemoOptions) -> dict:
     """Run every step; returns a summary (paths, model id, metrics). Raises DemoError on failure."""
-    from tqdm import tqdm
-
     from shared.client import InferenceClient, TrainingClient
     from shared.db import make_engine
     from shared.importers import read_candles
@@ -101,6 +129,8 @@ def run_demo(opts: DemoOptions) -> dict:
     url = os.environ.get("MLSIGNAL_DATABASE_URL") or f"sqlite:///{var / 'mlsignal.db'}"
     model_dir = Path(os.environ.get("MLSIGNAL_MODEL_DIR") or var / "models")
     split_ms, end_ms = parse_time(opts.split), parse_time(opts.end)
+    if not parse_time(opts.train_start) < split_ms < end_ms:
+        raise DemoError(f"expected train start < split < end, got {opts.train_start}, {opts.split}, {opts.end}")
 
     _say(f"[1/8] database: {url}")
     upgrade(url)
@@ -127,12 +157,8 @@ def run_demo(opts: DemoOptions) -> dict:
         with TrainingClient(training.target) as tc, InferenceClient(inference.target) as ic:
             _say(f"[4/8] training {SYMBOL} {TIMEFRAME} on {opts.train_start} .. {opts.split} ({opts.trees} trees)")
             handle = tc.train(SYMBOL, TIMEFRAME, opts.train_start, opts.split, n_estimators=opts.trees)
-            with tqdm(total=100, unit="%", bar_format="      {desc:<12} {bar} {n:.0f}%", file=sys.stdout) as bar:
-                def show(job):
-                    bar.set_description_str(job.stage)
-                    bar.n = round(job.progress * 100, 1)
-                    bar.refresh()
-                job = handle.wait(on_progress=show)
+            with _Progress(100, "      {desc:<12} {bar} {n:.0f}%") as bar:
+                job = handle.wait(on_progress=lambda j: bar.update_to(j.progress * 100, j.stage))
             m = job.metrics
             summary.update(model_id=job.model_id, metrics=dict(m))
             _say(f"      model {job.model_id}")
@@ -147,7 +173,7 @@ def run_demo(opts: DemoOptions) -> dict:
             t0 = time.perf_counter()
             rows = [p for p in ic.stream(live.itertuples(index=False), SYMBOL, TIMEFRAME)]
             secs = time.perf_counter() - t0
-            streamed = pd.DataFrame([p.__dict__ for p in rows])
+            streamed = pd.DataFrame([dataclasses.asdict(p) for p in rows])
             streamed = streamed[streamed.open_time_ms >= split_ms]
             if not streamed.ready.all():
                 raise DemoError("streamed predictions after the warm-up are not all ready")
@@ -177,29 +203,28 @@ def _print_table(streamed: pd.DataFrame, rows: int = 8) -> None:
 def _walk_forward_step(opts, tc, ic, candles, split_ms, end_ms) -> dict:
     """Walk-forward out-of-sample signals, the strategy report and the chart."""
     from shared.backtest import StrategyRule, format_report, run_backtest
-    from shared.walkforward import parse_duration, walk_forward, write_signals
-    from tqdm import tqdm
+    from shared.timeframes import parse_duration
+    from shared.walkforward import walk_forward, write_signals
 
     _say(f"[6/8] walk-forward over {opts.split} .. {opts.end}: train window {opts.train_window}, "
          f"step {opts.step}, {opts.walk_trees} trees per model")
-    bar = tqdm(total=1, unit="model", bar_format="      {desc:<10} {bar} {n_fmt}/{total_fmt} models", file=sys.stdout)
+    with _Progress(1, "      {desc:<10} {bar} {n:.0f}/{total:.0f} models") as bar:
+        def progress(done, total, message):
+            bar.total = total
+            bar.update_to(done, "training" if done < total else "done")
 
-    def progress(done, total, message):
-        bar.total = total
-        bar.n = done
-        bar.set_description_str("training" if done < total else "done")
-        bar.refresh()
-
-    signals = walk_forward(tc, ic, candles, SYMBOL, TIMEFRAME, split_ms, end_ms,
-                           parse_duration(opts.train_window), parse_duration(opts.step),
-                           n_estimators=opts.walk_trees, on_progress=progress)
-    bar.close()
+        signals = walk_forward(tc, ic, candles, SYMBOL, TIMEFRAME, split_ms, end_ms,
+                               parse_duration(opts.train_window), parse_duration(opts.step),
+                               n_estimators=opts.walk_trees, on_progress=progress)
     out = opts.var_dir / "walkforward_signals.csv"
     write_signals(signals, out)
     _say(f"      {len(signals)} out-of-sample rows from {signals.ML_MODEL_ID.nunique()} models -> {out}")
 
-    _say("[7/8] strategy: long when ML_UP_PROB > 0.6 and RSI < 70, fees 10 bps, one-candle delay")
-    results = run_backtest(signals, StrategyRule(), fee_bps=10.0, delay_bars=1)
+    rule = StrategyRule(up_min=None, edge_min=0.0, rsi_max=70.0)
+    _say(f"[7/8] strategy: long when {rule.describe()}; fees 10 bps per side, one-candle delay")
+    _say(f"      (thresholds fixed in advance; up to {signals.ML_UP_PROB.max():.2f} for ML_UP_PROB in this period, "
+         "so an absolute 0.6 rule would never trade)")
+    results = run_backtest(signals, rule, fee_bps=10.0, delay_bars=1)
     for line in format_report(results).splitlines():
         _say("      " + line)
     chart = opts.var_dir / "demo.png"
@@ -225,8 +250,8 @@ def write_chart(signals: pd.DataFrame, results, path: Path) -> None:
     axes[1].set_ylabel("probability")
     axes[1].set_ylim(0, 1)
     axes[1].legend(loc="upper left", ncol=3, fontsize=8)
-    for name, res in results.items():
-        axes[2].plot(t, res.equity.to_numpy(), lw=1, label=name)
+    for res in results.rows:
+        axes[2].plot(res.equity.index, res.equity.to_numpy(), lw=1, label=res.name)
     axes[2].set_ylabel("equity (start = 1)")
     axes[2].legend(loc="upper left", fontsize=8)
     fig.autofmt_xdate()

@@ -15,12 +15,17 @@
 | MLSIGNAL_GRACE_SECONDS | 5 | how long a stopping server lets calls finish |
 | MLSIGNAL_LOG_LEVEL | INFO | log level |
 | MLSIGNAL_LOG_FORMAT | text | `text` or `json` (one object per line) |
+| MLSIGNAL_METRICS_PORT | 0 | Prometheus metrics port of this server process (0: no metrics); served on the host of its gRPC address |
+| MLSIGNAL_AUTH_TOKEN | (none) | servers: every RPC except grpc.health.v1 needs `authorization: Bearer <token>`; clients: the token sent |
+| MLSIGNAL_TLS_CERT | (none) | server certificate chain (PEM file); with MLSIGNAL_TLS_KEY the server speaks TLS only |
+| MLSIGNAL_TLS_KEY | (none) | server private key (PEM file) |
+| MLSIGNAL_TLS_CA | (none) | clients: CA certificate (PEM file) that signed the server certificate; setting it turns TLS on |
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ENV_PREFIX = "MLSIGNAL_"
@@ -66,6 +71,11 @@ class Settings:
     grace_seconds: float = 5.0
     log_level: str = "INFO"
     log_format: str = "text"
+    metrics_port: int = 0
+    auth_token: str | None = field(default=None, repr=False)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -84,6 +94,11 @@ class Settings:
             grace_seconds=_float("MLSIGNAL_GRACE_SECONDS", d.grace_seconds),
             log_level=_str("MLSIGNAL_LOG_LEVEL", d.log_level).upper(),
             log_format=_str("MLSIGNAL_LOG_FORMAT", d.log_format).lower(),
+            metrics_port=_int("MLSIGNAL_METRICS_PORT", d.metrics_port),
+            auth_token=_optional("MLSIGNAL_AUTH_TOKEN"),
+            tls_cert=_path("MLSIGNAL_TLS_CERT"),
+            tls_key=_path("MLSIGNAL_TLS_KEY"),
+            tls_ca=_path("MLSIGNAL_TLS_CA"),
         )
         s.validate()
         return s
@@ -101,6 +116,75 @@ class Settings:
             raise ValueError("MLSIGNAL_MAX_BATCH must be between 1 and 1000000")
         if self.log_format not in ("text", "json"):
             raise ValueError("MLSIGNAL_LOG_FORMAT must be 'text' or 'json'")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError("MLSIGNAL_METRICS_PORT must be between 0 (no metrics) and 65535")
+        if self.auth_token is not None:
+            check_token(self.auth_token, "MLSIGNAL_AUTH_TOKEN")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("MLSIGNAL_TLS_CERT and MLSIGNAL_TLS_KEY must be set together")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the servers listen with TLS (a certificate and key are configured)."""
+        return self.tls_cert is not None
+
+    def server_tls_pair(self) -> tuple[bytes, bytes] | None:
+        """(certificate chain, private key) as PEM bytes, or None without TLS; ValueError names an unreadable file."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return _read_pem("MLSIGNAL_TLS_CERT", self.tls_cert), _read_pem("MLSIGNAL_TLS_KEY", self.tls_key)
+
+
+def _optional(name: str) -> str | None:
+    raw = os.environ.get(name)
+    return None if raw is None or raw == "" else raw
+
+
+def _path(name: str) -> Path | None:
+    raw = _optional(name)
+    return None if raw is None else Path(raw)
+
+
+def _read_pem(name: str, path: Path) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{name}={str(path)!r}: cannot read: {exc.strerror or exc}") from None
+    if b"-----BEGIN" not in data:
+        raise ValueError(f"{name}={str(path)!r}: not a PEM file")
+    return data
+
+
+def check_token(token: str, what: str = "token") -> str:
+    """A bearer token must be non-empty printable ASCII without spaces (it travels in a gRPC metadata value)."""
+    if not token or not all(33 <= ord(c) <= 126 for c in token):
+        raise ValueError(f"{what} must be non-empty printable ASCII without spaces")
+    return token
+
+
+def client_security(tls: bool | None = None, ca_cert: str | Path | None = None,
+                    token: str | None = None) -> dict:
+    """Keyword arguments for connect_channel / TrainingClient / InferenceClient from flags and the environment.
+
+    Explicit arguments win; otherwise MLSIGNAL_TLS_CA (a CA certificate PEM, which turns TLS on) and
+    MLSIGNAL_AUTH_TOKEN are read. `tls=True` without a CA uses the system roots. Returns
+    ``{"tls": bool, "root_certificates": bytes | None, "token": str | None}``; ValueError names a bad value.
+
+    Example::
+
+        >>> TrainingClient(target, **client_security(args.tls, args.ca_cert, args.token))   # doctest: +SKIP
+    """
+    ca = Path(ca_cert) if ca_cert else _path("MLSIGNAL_TLS_CA")
+    what = "--ca-cert" if ca_cert else "MLSIGNAL_TLS_CA"
+    root = _read_pem(what, ca) if ca is not None else None
+    use_tls = bool(tls) or root is not None
+    if token is not None:
+        check_token(token, "--token")
+    else:
+        token = _optional("MLSIGNAL_AUTH_TOKEN")
+        if token is not None:
+            check_token(token, "MLSIGNAL_AUTH_TOKEN")
+    return {"tls": use_tls, "root_certificates": root, "token": token}
 
 
 def known_variables() -> set[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 
 TIMEFRAME_MS: dict[str, int] = {
@@ -49,3 +50,16 @@ def parse_time(text: str) -> int:
     except ValueError:
         raise ValueError(f"{text!r} is not an ISO-8601 date or datetime") from None
     return datetime_to_ms(dt)
+
+
+_DURATION = re.compile(r"(\d+)\s*([mhdw])")
+_UNIT_MS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 7 * 86_400_000}
+
+
+def parse_duration(text: str) -> int:
+    """Milliseconds of a duration like 365d, 12h, 90m or 2w (m = minutes)."""
+    m = _DURATION.fullmatch(text.strip().lower())
+    if not m or int(m.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a positive duration; expected a number and a unit m, h, d or w, like 365d "
+                         "or 12h")
+    return int(m.group(1)) * _UNIT_MS[m.group(2)]

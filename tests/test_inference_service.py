@@ -49,9 +49,10 @@ def probs(resp) -> np.ndarray:
     return np.array([[p.ml_down_prob, p.ml_range_prob, p.ml_up_prob] for p in resp.predictions])
 
 
-def stream_all(stub, chunks, symbol=SYMBOL):
+def stream_all(stub, chunks, symbol=SYMBOL, model_id=""):
     reqs = [inference_pb2.PredictRequest(symbol=symbol if i == 0 else "", timeframe=TF if i == 0 else "",
-                                         candles=candles_of(c)) for i, c in enumerate(chunks)]
+                                         model_id=model_id if i == 0 else "", candles=candles_of(c))
+            for i, c in enumerate(chunks)]
     return list(stub.StreamPredict(iter(reqs), timeout=120))
 
 
@@ -231,11 +232,14 @@ def test_bad_stream_message_ends_only_that_stream(services, y2019):
 
 
 def test_sixteen_concurrent_streams_on_two_markets(services, sample_frame):
-    stub = services.infer_stub
-    inv_model = services.__dict__.get("inv_model") or train(services.train_stub, symbol="INV/USD").model_id
-    services.inv_model = inv_model
+    """16 streams at once over two different markets each get exactly their own market's predictions."""
     from service_fixtures import inverted
 
+    stub = services.infer_stub
+    models = {
+        "BTC/USD": stub.GetModel(inference_pb2.GetModelRequest(symbol="BTC/USD", timeframe=TF)).model_id,
+        "INV/USD": train(services.train_stub, symbol="INV/USD").model_id,
+    }
     base = sample_frame[sample_frame.open_time_ms >= ms("2019-02-01")].reset_index(drop=True)
     jobs = []
     for i in range(16):
@@ -244,21 +248,28 @@ def test_sixteen_concurrent_streams_on_two_markets(services, sample_frame):
         frame = inverted(frame) if symbol == "INV/USD" else frame
         jobs.append((symbol, frame.reset_index(drop=True)))
     results: dict[int, list] = {}
+    errors: list = []
 
     def run(i, symbol, frame):
-        results[i] = stream_all(stub, [frame.iloc[k:k + 25] for k in range(0, len(frame), 25)], symbol=symbol)
+        try:
+            results[i] = stream_all(stub, [frame.iloc[k:k + 25] for k in range(0, len(frame), 25)], symbol=symbol,
+                                    model_id=models[symbol])
+        except Exception as exc:  # surfaced below with the stream's index
+            errors.append((i, exc))
 
     threads = [threading.Thread(target=run, args=(i, s, f)) for i, (s, f) in enumerate(jobs)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
+    assert not errors, errors
     for i, (symbol, frame) in enumerate(jobs):
         got = np.vstack([probs(r) for r in results[i]])
-        want = probs(predict(stub, frame, symbol=symbol))
+        want = probs(predict(stub, frame, symbol=symbol, model_id=models[symbol]))
         assert np.array_equal(got, want, equal_nan=True), i
-        assert {r.model_id for r in results[i]} == {want_id := predict(stub, frame.iloc[:1], symbol=symbol).model_id}
-        assert (want_id == inv_model) == (symbol == "INV/USD")
+        assert {r.model_id for r in results[i]} == {models[symbol]}
+    # the two markets really differ: same times, different predictions
+    assert not np.array_equal(np.vstack([probs(r) for r in results[0]]), np.vstack([probs(r) for r in results[1]]))
 
 
 def test_funding_model_needs_funding_on_candles(tmp_path, sample_frame):

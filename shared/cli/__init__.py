@@ -8,7 +8,7 @@ import logging
 import sys
 
 # Modules under shared.cli that each define register(subparsers).
-COMMAND_MODULES = ("db", "data", "training", "inference", "demo")
+COMMAND_MODULES = ("db", "data", "training", "inference", "demo", "backtest", "health", "loadtest")
 
 
 def build_parser() -> argparse.ArgumentParser:

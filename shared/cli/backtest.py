@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 from shared.cli.training import client_errors
-from shared.timeframes import TIMEFRAME_MS, ms_to_iso, parse_time
-
-_DURATION = re.compile(r"(\d+)\s*([mhdw])")
-_UNIT_MS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 7 * 86_400_000}
-
-
-def parse_duration(text: str) -> int:
-    """Milliseconds of a duration like 365d, 12h, 90m or 2w (m = minutes)."""
-    m = _DURATION.fullmatch(text.strip().lower())
-    if not m or int(m.group(1)) <= 0:
-        raise ValueError(f"{text!r} is not a positive duration; expected a number and a unit m, h, d or w, like 365d "
-                         "or 12h")
-    return int(m.group(1)) * _UNIT_MS[m.group(2)]
-
+from shared.timeframes import TIMEFRAME_MS, ms_to_iso, parse_duration, parse_time
 
 def _duration_arg(text: str) -> int:
     try:
@@ -84,7 +70,10 @@ def register(sub) -> None:
         ),
     )
     bt.add_argument("--signals", required=True, metavar="FILE", help="signal file (.csv or .parquet)")
-    bt.add_argument("--up-min", type=float, default=0.6, help="long only when ML_UP_PROB is above this (default 0.6)")
+    bt.add_argument("--up-min", type=_optional_float, default=0.6,
+                    help="long only when ML_UP_PROB is above this; 'none' drops the condition (default 0.6)")
+    bt.add_argument("--edge-min", type=float, default=None,
+                    help="long only when ML_UP_PROB - ML_DOWN_PROB is above this (default: no such condition)")
     bt.add_argument("--rsi-max", type=float, default=70.0, help="long only when RSI is below this (default 70)")
     bt.add_argument("--down-max", type=float, help="long only when ML_DOWN_PROB is below this (default: no filter)")
     bt.add_argument("--rsi-period", type=int, default=14, metavar="N", help="RSI window in candles (default 14)")
@@ -153,6 +142,10 @@ def _signals(args) -> int:
     return 0
 
 
+def _optional_float(text: str) -> float | None:
+    return None if text.strip().lower() == "none" else float(text)
+
+
 @client_errors
 def _backtest(args) -> int:
     from shared.backtest import StrategyRule, format_report, run_backtest
@@ -160,7 +153,7 @@ def _backtest(args) -> int:
 
     signals = read_signals(args.signals)
     rule = StrategyRule(up_min=args.up_min, rsi_max=args.rsi_max, down_max=args.down_max,
-                        rsi_period=args.rsi_period)
+                        rsi_period=args.rsi_period, edge_min=args.edge_min)
     result = run_backtest(signals, rule, fee_bps=args.fee_bps, delay_bars=args.delay, timeframe=args.timeframe)
     print(format_report(result))
     return 0
