@@ -246,7 +246,6 @@ def write_chart(signals: pd.DataFrame, results, path: Path) -> None:
     axes[0].set_title("mlsignal walk-forward: out-of-sample ML probabilities and strategy equity")
     for col, colour in (("ML_UP_PROB", "tab:green"), ("ML_DOWN_PROB", "tab:red"), ("ML_RANGE_PROB", "tab:grey")):
         axes[1].plot(t, signals[col], color=colour, lw=0.6, label=col)
-    axes[1].axhline(0.6, color="tab:green", ls=":", lw=0.8)
     axes[1].set_ylabel("probability")
     axes[1].set_ylim(0, 1)
     axes[1].legend(loc="upper left", ncol=3, fontsize=8)
