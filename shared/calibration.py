@@ -46,10 +46,16 @@ def class_prior(y: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def fit_shrink_weight(proba: np.ndarray, y: np.ndarray, prior: np.ndarray) -> float:
-    """The weight in [0, 1] that minimises log loss on (proba, y): a grid of 0.001 steps, deterministic."""
+    """The weight in [0, 1] that minimises log loss on (proba, y): a grid of 0.001 steps, deterministic.
+
+    prior is one class distribution (k,) for every row, or one per row (n, k) when rows come from slices whose
+    models were fitted with different priors.
+    """
     grid = np.linspace(0.0, 1.0, 1001)
-    p_true = np.asarray(proba, dtype=np.float64)[np.arange(len(y)), y]
-    prior_true = prior[y]
+    rows = np.arange(len(y))
+    p_true = np.asarray(proba, dtype=np.float64)[rows, y]
+    prior = np.asarray(prior, dtype=np.float64)
+    prior_true = prior[rows, y] if prior.ndim == 2 else prior[y]
     # Rows sum to 1 before and after mixing, so the true-class probability is the mixture of the two.
     mixed = np.clip(grid[:, None] * p_true[None, :] + (1.0 - grid[:, None]) * prior_true[None, :], EPS, 1.0)
     losses = -np.mean(np.log(mixed), axis=1)

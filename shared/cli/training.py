@@ -174,6 +174,10 @@ def metrics_table(metrics) -> str:
     balance = " ".join(f"{name} {_pct(metrics.get(f'test_class_{name}'))}" for name in CLASS_NAMES)
     extra.append(("test classes", balance, "class balance of the test part"))
     lines.append(table(("", "value", "meaning"), extra))
+    if metrics.get("beats_prior") == 0.0:
+        lines.append("")
+        lines.append("warning: on its test part this model did not beat the class prior; its probabilities add no "
+                     "information there (see README, Probability quality)")
     return "\n".join(lines)
 
 
