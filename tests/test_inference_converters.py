@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from inference_service.converters import response, response_slow
+from inference_service.converters import response, response_slow, response_wire
 from inference_service.predictor import Result
 
 times = st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), min_size=0, max_size=40)
@@ -20,7 +20,8 @@ def test_fast_response_equals_reference(ts, data, model_id):
     ready = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=bool)
     ins = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=bool)
     r = Result(np.array(ts, dtype=np.int64), p, ready, ins)
-    fast, slow = response(model_id, r), response_slow(model_id, r)
+    fast, slow = response_wire(model_id, r), response_slow(model_id, r)
+    assert response(model_id, r) == slow
     assert fast.model_id == slow.model_id and len(fast.predictions) == n
     for a, b in zip(fast.predictions, slow.predictions):
         assert a.open_time_ms == b.open_time_ms and a.ready == b.ready and a.in_sample == b.in_sample
@@ -36,4 +37,4 @@ def test_realistic_batch():
     p = np.random.default_rng(0).dirichlet([1, 1, 1], size=1024)
     p[:99] = np.nan
     r = Result(t, p, np.arange(1024) >= 99, np.arange(1024) < 500)
-    assert response("BTC-USD_1h_x", r) == response_slow("BTC-USD_1h_x", r)
+    assert response_wire("BTC-USD_1h_x", r) == response_slow("BTC-USD_1h_x", r) == response("BTC-USD_1h_x", r)
