@@ -1,17 +1,20 @@
-"""The client SDK (shared.client) and the `mlsignal train|jobs|models|cancel|predict` commands.
+"""The client SDK (shared.client) against the real services.
 
-Everything goes over real gRPC on 127.0.0.1:0. The training client talks to the real training service. The inference
-client talks to `ReferenceInference` below, a small servicer that implements the inference contract (stateless
-Predict with a warmup, stateful StreamPredict, GetModel, NOT_FOUND), so batching and streaming can be checked
-independently of the real model server. `ScriptedTraining` replays fixed job histories (progress, failures, errors
-in the middle of a stream) that a real job cannot produce on demand in a unit test.
+Everything goes over real gRPC on 127.0.0.1:0. The inference client talks to the real inference service of the
+shared fixture `services` (a BTC/USD model trained on the bundled sample); the training client talks to the real
+training service. Small trainings here use SDK/USD, a market this module adds to the shared database, so no model it
+trains replaces one that another module is served.
+Where a test must see what arrives at the server (the bearer token, how a frame is split, whether a stream was
+closed), the real InferenceServicer over the same model store runs behind a recording interceptor. `ScriptedTraining`
+is the one stand-in left, for what no real job can be made to do on demand.
 """
 
 from __future__ import annotations
 
-import math
 import threading
+import time
 from concurrent import futures
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -19,12 +22,16 @@ import pandas as pd
 import pytest
 
 from mlsignal.v1 import common_pb2, inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
+from service_fixtures import inverted, ms
 from shared import client as mc
-from shared.cli import main as cli_main
-from shared.settings import Settings
 
 HOUR_MS = 3_600_000
 T0 = pd.Timestamp("2019-01-01", tz="UTC")
+TF = "1h"
+CANDLE_COLUMNS = ("open", "high", "low", "close", "volume")
+PROB_COLUMNS = ["ML_UP_PROB", "ML_DOWN_PROB", "ML_RANGE_PROB"]
+SMALL = dict(start="2018-03-01", end="2018-10-01", n_estimators=20)  # a training of a few seconds
+SDK = "SDK/USD"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -32,6 +39,7 @@ T0 = pd.Timestamp("2019-01-01", tz="UTC")
 
 
 def candle_frame(n: int, seed: int = 0, start: pd.Timestamp = T0) -> pd.DataFrame:
+    """Random-walk candles, for the conversion tests that never reach a server."""
     rng = np.random.default_rng(seed)
     close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, n)))
     open_ = np.concatenate([[100.0], close[:-1]])
@@ -48,8 +56,53 @@ def candle_frame(n: int, seed: int = 0, start: pd.Timestamp = T0) -> pd.DataFram
     )
 
 
-def serve(add) -> tuple[grpc.Server, str]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+def market(frame: pd.DataFrame, start: str, end: str) -> pd.DataFrame:
+    """The sample's candles in [start, end) the way a strategy engine holds them: a UTC DatetimeIndex."""
+    f = frame[(frame.open_time_ms >= ms(start)) & (frame.open_time_ms < ms(end))]
+    index = pd.DatetimeIndex(pd.to_datetime(f.open_time_ms.to_numpy(), unit="ms", utc=True), name="open_time")
+    return pd.DataFrame(f[list(CANDLE_COLUMNS)].to_numpy(), columns=list(CANDLE_COLUMNS), index=index)
+
+
+def raw_predict(stub, df: pd.DataFrame, symbol: str = "BTC/USD", model_id: str = "") -> inference_pb2.PredictResponse:
+    """One Predict through the plain generated stub, with candles built here rather than by the client."""
+    candles = [common_pb2.Candle(open_time_ms=int(t.value // 1_000_000), open=r.open, high=r.high, low=r.low,
+                                 close=r.close, volume=r.volume)
+               for t, r in zip(df.index, df.itertuples(index=False))]
+    return stub.Predict(inference_pb2.PredictRequest(symbol=symbol, timeframe=TF, model_id=model_id,
+                                                     candles=candles), timeout=60)
+
+
+def assert_same_as_raw(out: pd.DataFrame, resp: inference_pb2.PredictResponse) -> None:
+    """The client's ML_* columns hold exactly what the server answered, row by row."""
+    preds = resp.predictions
+    assert len(out) == len(preds)
+    assert [int(t.value // 1_000_000) for t in out.index] == [p.open_time_ms for p in preds]
+    for col, field in zip(PROB_COLUMNS, ("ml_up_prob", "ml_down_prob", "ml_range_prob")):
+        want = np.array([getattr(p, field) for p in preds])
+        assert np.array_equal(out[col].to_numpy(), want, equal_nan=True), col  # exact
+    assert out["ML_READY"].tolist() == [p.ready for p in preds]
+    assert out["ML_IN_SAMPLE"].tolist() == [p.in_sample for p in preds]
+    assert (out["ML_MODEL_ID"] == resp.model_id).all()
+
+
+def live_frame(live: list[mc.LivePrediction], index: pd.Index) -> pd.DataFrame:
+    return pd.DataFrame({"ML_UP_PROB": [p.up for p in live], "ML_DOWN_PROB": [p.down for p in live],
+                         "ML_RANGE_PROB": [p.range for p in live], "ML_READY": [p.ready for p in live],
+                         "ML_IN_SAMPLE": [p.in_sample for p in live]}, index=index)
+
+
+def training_target(services) -> str:
+    return f"127.0.0.1:{services.training.port}"
+
+
+def inference_target(services) -> str:
+    return f"127.0.0.1:{services.inference.port}"
+
+
+def serve(add, interceptors=()) -> tuple[grpc.Server, str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=list(interceptors),
+                         options=[("grpc.max_receive_message_length", mc.MAX_MESSAGE_BYTES),
+                                  ("grpc.max_send_message_length", mc.MAX_MESSAGE_BYTES)])
     add(server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -60,113 +113,88 @@ def metadata_of(context) -> dict[str, str]:
     return {k: v for k, v in context.invocation_metadata()}
 
 
+@pytest.fixture(scope="module")
+def btc(sample_frame) -> pd.DataFrame:
+    """BTC/USD from 2018-12-15 to 2019-01-15: the end of the model's training window and a month after it."""
+    return market(sample_frame, "2018-12-15", "2019-01-15")
+
+
+@pytest.fixture
+def inference(services):
+    with mc.InferenceClient(inference_target(services)) as c:
+        yield c
+
+
+@pytest.fixture
+def training(services):
+    with mc.TrainingClient(training_target(services), timeout=30) as c:
+        yield c
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# a reference inference servicer (the contract's semantics, with a simple deterministic "model")
-
-MODELS = {"m-new": 5, "m-old": 8}  # model id -> warmup_bars
-SERVING = "m-new"
-TRAIN_END_MS = int(T0.value // 1_000_000) + 10 * HOUR_MS
+# the real inference servicer behind a recording interceptor
 
 
-def reference_prediction(history: list[common_pb2.Candle], warmup: int) -> inference_pb2.Prediction:
-    """The prediction for the last candle of `history` from its last `warmup` candles only."""
-    last = history[-1]
-    if len(history) < warmup:
-        nan = math.nan
-        return inference_pb2.Prediction(open_time_ms=last.open_time_ms, ml_up_prob=nan, ml_down_prob=nan,
-                                        ml_range_prob=nan, ready=False, in_sample=last.open_time_ms <= TRAIN_END_MS)
-    window = np.array([c.close for c in history[-warmup:]])
-    r = window[-1] / window[0] - 1
-    vol = float(np.std(window) / np.mean(window))
-    rng_p = 0.2 + min(0.3, 10 * vol)
-    s = 1 / (1 + math.exp(-50 * r))
-    up, down = (1 - rng_p) * s, (1 - rng_p) * (1 - s)
-    return inference_pb2.Prediction(open_time_ms=last.open_time_ms, ml_up_prob=up, ml_down_prob=down,
-                                    ml_range_prob=rng_p, ready=True, in_sample=last.open_time_ms <= TRAIN_END_MS)
+class Recorder(grpc.ServerInterceptor):
+    """Records each call's method and metadata, the size of each Predict and how many StreamPredict calls are open."""
 
-
-class ReferenceInference(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self):
+        self.calls: list[tuple[str, dict[str, str]]] = []
         self.predict_sizes: list[int] = []
-        self.metadata: list[dict[str, str]] = []
-        self.stream_open = 0
+        self.open_streams = 0
         self.lock = threading.Lock()
 
-    def _model(self, model_id: str, context) -> tuple[str, int]:
-        model_id = model_id or SERVING
-        if model_id not in MODELS:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"model_id: no model {model_id!r}")
-        return model_id, MODELS[model_id]
-
-    def Predict(self, request, context):
-        self.metadata.append(metadata_of(context))
-        if request.symbol == "NONE/USD":
-            context.abort(grpc.StatusCode.NOT_FOUND, "no model for NONE/USD 1h")
-        if not request.candles:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "candles: the batch is empty")
-        model_id, warmup = self._model(request.model_id, context)
+    def intercept_service(self, continuation, details):
+        method = details.method.rsplit("/", 1)[-1]
         with self.lock:
-            self.predict_sizes.append(len(request.candles))
-        candles = list(request.candles)
-        for i in range(1, len(candles)):
-            if candles[i].open_time_ms <= candles[i - 1].open_time_ms:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"candles[{i}].open_time_ms: times must increase")
-        for i, c in enumerate(candles):
-            if not (math.isfinite(c.close) and c.close > 0):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"candles[{i}].close: must be finite and > 0")
-        preds = [reference_prediction(candles[: i + 1], warmup) for i in range(len(candles))]
-        return inference_pb2.PredictResponse(model_id=model_id, predictions=preds)
+            self.calls.append((method, dict(details.invocation_metadata)))
+        handler = continuation(details)
+        if handler is None:
+            return None
+        if method == "Predict":
+            inner = handler.unary_unary
 
-    def StreamPredict(self, request_iterator, context):
-        self.metadata.append(metadata_of(context))
-        with self.lock:
-            self.stream_open += 1
-        try:
-            history: list[common_pb2.Candle] = []
-            model_id = warmup = None
-            for request in request_iterator:
-                if model_id is None:
-                    model_id, warmup = self._model(request.model_id, context)
-                preds = []
-                for c in request.candles:
-                    if history and c.open_time_ms == history[-1].open_time_ms:
-                        history[-1] = c
-                    elif history and c.open_time_ms < history[-1].open_time_ms:
-                        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "candles[0].open_time_ms: times must increase")
-                    else:
-                        history.append(c)
-                    history = history[-warmup:]
-                    preds.append(reference_prediction(history, warmup))
-                yield inference_pb2.PredictResponse(model_id=model_id, predictions=preds)
-        finally:
-            with self.lock:
-                self.stream_open -= 1
+            def unary(request, context):
+                with self.lock:
+                    self.predict_sizes.append(len(request.candles))
+                return inner(request, context)
 
-    def GetModel(self, request, context):
-        if request.symbol == "SLOW/USD":
-            threading.Event().wait(2)
-        if request.symbol == "NONE/USD":
-            context.abort(grpc.StatusCode.NOT_FOUND, "no model for NONE/USD 1h")
-        return common_pb2.ModelInfo(model_id=SERVING, symbol=request.symbol, timeframe=request.timeframe,
-                                    warmup_bars=MODELS[SERVING])
+            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer,
+                                                       handler.response_serializer)
+        if method == "StreamPredict":
+            inner_stream = handler.stream_stream
+
+            def stream(request_iterator, context):
+                with self.lock:
+                    self.open_streams += 1
+                try:
+                    yield from inner_stream(request_iterator, context)
+                finally:
+                    with self.lock:
+                        self.open_streams -= 1
+
+            return grpc.stream_stream_rpc_method_handler(stream, handler.request_deserializer,
+                                                         handler.response_serializer)
+        return handler
 
 
 @pytest.fixture(scope="module")
-def reference():
-    servicer = ReferenceInference()
-    server, addr = serve(lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, s))
-    yield servicer, addr
+def observed(services):
+    """The real InferenceServicer over the shared model store, on its own port, with a Recorder in front."""
+    from inference_service.servicer import InferenceServicer
+
+    recorder = Recorder()
+    servicer = InferenceServicer(services.inference.store, services.settings.max_batch)
+    server, addr = serve(lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, s),
+                         [recorder])
+    yield recorder, addr
     server.stop(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# a scripted training servicer (job histories on demand)
+# a scripted training servicer
 
-METRICS = {
-    "log_loss": 0.96, "prior_log_loss": 0.994, "brier": 0.57, "prior_brier": 0.59, "balanced_accuracy": 0.41,
-    "prior_balanced_accuracy": 0.3333, "log_loss_ratio": 0.9658, "shrink_weight": 0.62, "test_class_down": 0.3,
-    "test_class_range": 0.45, "test_class_up": 0.25,
-}
+# Fake kept only where the real service can't: arbitrary status codes, DATA_LOSS/early end mid-watch, seen metadata.
 
 
 def _job(job_id, state, progress=0.0, stage="", **kw):
@@ -175,16 +203,9 @@ def _job(job_id, state, progress=0.0, stage="", **kw):
 
 SCRIPTS = {
     "ok": [
-        _job("ok", training_pb2.JOB_STATE_QUEUED, 0.0, "queued"),
         _job("ok", training_pb2.JOB_STATE_RUNNING, 0.1, "fitting"),
-        _job("ok", training_pb2.JOB_STATE_RUNNING, 0.6, "calibrating"),
-        _job("ok", training_pb2.JOB_STATE_SUCCEEDED, 1.0, "done", model_id="BTC-USD_1h_x", metrics=METRICS),
+        _job("ok", training_pb2.JOB_STATE_SUCCEEDED, 1.0, "done", model_id="BTC-USD_1h_x"),
     ],
-    "fail": [
-        _job("fail", training_pb2.JOB_STATE_RUNNING, 0.2, "features"),
-        _job("fail", training_pb2.JOB_STATE_FAILED, 0.2, "features", error="fitting: only two classes present"),
-    ],
-    "cancelled": [_job("cancelled", training_pb2.JOB_STATE_CANCELLED, 0.3, "fitting", error="cancelled by request")],
     "broken": [_job("broken", training_pb2.JOB_STATE_RUNNING, 0.3, "fitting")],  # then DATA_LOSS
     "truncated": [_job("truncated", training_pb2.JOB_STATE_RUNNING, 0.3, "fitting")],  # then ends
 }
@@ -193,16 +214,6 @@ SCRIPTS = {
 class ScriptedTraining(training_pb2_grpc.TrainingServiceServicer):
     def __init__(self):
         self.metadata: list[dict[str, str]] = []
-        self.requests: list[training_pb2.StartTrainingRequest] = []
-
-    def StartTraining(self, request, context):
-        self.metadata.append(metadata_of(context))
-        self.requests.append(request)
-        job_id = request.symbol.split("/")[0].lower()
-        if job_id not in SCRIPTS:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"no script {job_id}")
-        return training_pb2.TrainingJob(job_id=job_id, state=training_pb2.JOB_STATE_QUEUED, stage="queued",
-                                        request=request)
 
     def GetTrainingJob(self, request, context):
         self.metadata.append(metadata_of(context))
@@ -221,11 +232,6 @@ class ScriptedTraining(training_pb2_grpc.TrainingServiceServicer):
         if request.job_id == "broken":
             context.abort(grpc.StatusCode.DATA_LOSS, "job record is damaged")
 
-    def CancelTrainingJob(self, request, context):
-        if request.job_id == "ok":
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "job ok already finished (SUCCEEDED)")
-        return _job(request.job_id, training_pb2.JOB_STATE_CANCELLED, 0.3, "fitting", error="cancelled by request")
-
     def ListModels(self, request, context):
         self.metadata.append(metadata_of(context))
         return training_pb2.ListModelsResponse()
@@ -240,25 +246,40 @@ def scripted():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the real training service
+# real training runs shared by several tests
 
 
-@pytest.fixture
-def training_addr(sqlite_url, tmp_path):
-    """The real training service on a fresh, migrated (empty) SQLite database; stopped after the test."""
-    from training_service.server import start
+@pytest.fixture(scope="module")
+def sdk_market(services, sample_frame) -> pd.DataFrame:
+    """SDK/USD candles in the shared database: the sample's reciprocal (as INV/USD), 2018-01-01 .. 2019-03-01."""
+    from shared.db import make_engine
+    from shared.marketdata import insert_candles
 
-    running = start(Settings(database_url=sqlite_url, model_dir=tmp_path / "models"), "127.0.0.1:0")
+    frame = inverted(sample_frame[(sample_frame.open_time_ms >= ms("2018-01-01")) &
+                                  (sample_frame.open_time_ms < ms("2019-03-01"))].reset_index(drop=True))
+    engine = make_engine(services.url)
     try:
-        yield f"127.0.0.1:{running.port}"
+        insert_candles(engine, SDK, TF, frame)  # rows already stored are skipped
     finally:
-        running.stop(0.5)
+        engine.dispose()
+    return frame
 
 
-@pytest.fixture
-def training(training_addr):
-    with mc.TrainingClient(training_addr, timeout=30) as c:
-        yield c
+@pytest.fixture(scope="module")
+def sdk_models(services, sdk_market):
+    """Two SDK/USD models trained through the client, one after the other.
+
+    The first is followed with a progress callback; the second sets every training argument.
+    """
+    seen: list[training_pb2.TrainingJob] = []
+    with mc.TrainingClient(training_target(services), timeout=30) as c:
+        first = c.train(SDK, TF, SMALL["start"], SMALL["end"], n_estimators=SMALL["n_estimators"])
+        first_job = first.wait(on_progress=seen.append)
+        second = c.train(SDK, TF, pd.Timestamp(SMALL["start"], tz="UTC"), ms(SMALL["end"]), horizon_bars=12,
+                         threshold=0.01, n_estimators=20, max_depth=-1, min_samples_leaf=30, class_weight="balanced",
+                         random_state=0)
+        second_job = second.wait()
+    return SimpleNamespace(first=first, first_job=first_job, progress=seen, second=second, second_job=second_job)
 
 
 # ======================================================================================================================
@@ -316,12 +337,22 @@ def test_unreachable_service_is_unavailable():
     assert info.value.code is grpc.StatusCode.UNAVAILABLE
 
 
-def test_timeout_gives_deadline_exceeded(reference):
-    _, addr = reference
+def test_timeout_gives_deadline_exceeded(services, sample_frame):
+    df = market(sample_frame, "2018-06-01", "2019-01-01")  # 5,000+ candles cannot be answered within a millisecond
+    with mc.InferenceClient(inference_target(services), timeout=0.001) as c:
+        with pytest.raises(mc.DeadlineExceededError) as info:
+            c.predict(df, "BTC/USD", TF)
+    assert info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
 
-    with mc.InferenceClient(addr, timeout=0.2) as c:
-        with pytest.raises(mc.DeadlineExceededError):
-            c.get_model("SLOW/USD", "1h")
+
+def test_errors_survive_pickling():
+    import pickle
+
+    exc = pickle.loads(pickle.dumps(mc.NotFoundError(grpc.StatusCode.NOT_FOUND, "no model", note="rows 1..2")))
+    assert type(exc) is mc.NotFoundError and exc.code is grpc.StatusCode.NOT_FOUND and exc.details == "no model"
+    job = training_pb2.TrainingJob(job_id="j", state=training_pb2.JOB_STATE_FAILED, error="boom")
+    failed = pickle.loads(pickle.dumps(mc.TrainingFailedError(job)))
+    assert failed.job == job and failed.details == "boom"
 
 
 # ======================================================================================================================
@@ -347,20 +378,30 @@ def test_no_token_sends_no_authorization(scripted):
     assert "authorization" not in servicer.metadata[n]
 
 
-def test_token_on_client_streaming_calls(reference):
-    servicer, addr = reference
+def test_token_on_inference_calls_including_the_bidirectional_stream(observed, btc):
+    recorder, addr = observed
+    df = btc.iloc[:3]
     with mc.InferenceClient(addr, token="tok") as c:
-        n = len(servicer.metadata)
-        list(c.stream([{"open_time_ms": int(T0.value // 10**6), "open": 1, "high": 1, "low": 1, "close": 1,
-                        "volume": 0}], "BTC/USD", "1h"))
-    assert servicer.metadata[n]["authorization"] == "Bearer tok"
+        n = len(recorder.calls)
+        c.get_model("BTC/USD", TF)
+        c.predict(df, "BTC/USD", TF)
+        live = list(c.stream(mc.frame_to_candles(df), "BTC/USD", TF))
+    assert len(live) == 3
+    seen = recorder.calls[n:]
+    assert [m for m, _ in seen] == ["GetModel", "Predict", "StreamPredict"]
+    assert all(md.get("authorization") == "Bearer tok" for _, md in seen)
+    with mc.InferenceClient(addr) as c:
+        n = len(recorder.calls)
+        list(c.stream(mc.frame_to_candles(df), "BTC/USD", TF))
+    assert "authorization" not in recorder.calls[n][1]
 
 
 @pytest.mark.parametrize("target", ["dns:///127.0.0.1:{port}", "ipv4:127.0.0.1:{port}", "127.0.0.1:{port}"])
-def test_targets_are_accepted_unchanged(training_addr, target):
-    port = training_addr.rsplit(":", 1)[1]
-    with mc.TrainingClient(target.format(port=port), timeout=10) as c:
-        assert c.list_models() == []
+def test_targets_are_accepted_unchanged(services, target):
+    with mc.TrainingClient(target.format(port=services.training.port), timeout=10) as c:
+        assert services.btc_job.model_id in [m.model_id for m in c.list_models("BTC/USD", TF)]
+    with mc.InferenceClient(target.format(port=services.inference.port), timeout=10) as c:
+        assert c.get_model("BTC/USD", TF).model_id.startswith("BTC-USD_1h_")
 
 
 def test_channel_arguments_are_checked():
@@ -518,316 +559,305 @@ def test_batch_plan_refuses_an_overlap_that_fills_the_batch():
         mc.batch_plan(20, 5, 5)
 
 
-@pytest.mark.parametrize("max_batch", [6, 7, 10, 33, 64])
-def test_split_predict_equals_one_big_predict(reference, max_batch):
-    servicer, addr = reference
-    df = candle_frame(150, seed=1)
-    with mc.InferenceClient(addr) as c:
-        whole = c.predict(df, "BTC/USD", "1h")
-    with mc.InferenceClient(addr, max_batch=max_batch) as c:
-        n = len(servicer.predict_sizes)
-        split = c.predict(df, "BTC/USD", "1h")
-        sizes = servicer.predict_sizes[n:]
-    assert len(sizes) > 1 and max(sizes) <= max_batch
-    pd.testing.assert_frame_equal(split, whole)
-    assert whole["ML_READY"].sum() == len(df) - (MODELS[SERVING] - 1)
-    assert (whole["ML_MODEL_ID"] == SERVING).all()
-    ready = whole[whole.ML_READY]
-    np.testing.assert_allclose(ready[["ML_UP_PROB", "ML_DOWN_PROB", "ML_RANGE_PROB"]].sum(axis=1), 1.0)
-    assert whole["ML_IN_SAMPLE"].tolist() == [t.value // 10**6 <= TRAIN_END_MS for t in df.index]
+# ======================================================================================================================
+# predict against the real inference service
 
 
-def test_split_predict_with_a_pinned_model_that_is_not_serving(reference):
-    _, addr = reference
-    df = candle_frame(90, seed=2)
-    with mc.InferenceClient(addr) as c:
-        whole = c.predict(df, "BTC/USD", "1h", model_id="m-old")
-    with mc.InferenceClient(addr, max_batch=11) as c:
-        split = c.predict(df, "BTC/USD", "1h", model_id="m-old")
-    pd.testing.assert_frame_equal(split, whole)
-    assert (whole["ML_MODEL_ID"] == "m-old").all()
-    assert whole["ML_READY"].sum() == len(df) - (MODELS["m-old"] - 1)
+def test_predict_returns_exactly_what_predict_answers(inference, services, btc):
+    out = inference.predict(btc, "BTC/USD", TF)
+    resp = raw_predict(services.infer_stub, btc)
+    assert out.index.equals(btc.index)
+    assert list(out.columns) == [*btc.columns, *mc.ML_COLUMNS]
+    pd.testing.assert_frame_equal(out[btc.columns], btc)
+    assert_same_as_raw(out, resp)
+    warmup = inference.get_model("BTC/USD", TF).warmup_bars
+    assert not out["ML_READY"].iloc[: warmup - 1].any() and out["ML_READY"].iloc[warmup - 1:].all()
+    assert out.iloc[: warmup - 1][PROB_COLUMNS].isna().all().all()
+    ready = out[out.ML_READY]
+    np.testing.assert_allclose(ready[PROB_COLUMNS].sum(axis=1), 1.0, atol=1e-9)
+    assert ready["ML_UP_PROB"].nunique() > len(ready) // 2  # a per-candle signal
+    # the frame reaches past the 2018 training window of the serving model
+    assert out["ML_IN_SAMPLE"].any() and not out["ML_IN_SAMPLE"].all()
 
 
-def test_split_predict_needs_max_batch_above_the_warmup(reference):
-    _, addr = reference
-    with mc.InferenceClient(addr, max_batch=MODELS[SERVING]) as c:
+def test_split_predict_equals_one_predict_exactly(observed, services, btc):
+    recorder, addr = observed
+    warmup = services.infer_stub.GetModel(inference_pb2.GetModelRequest(symbol="BTC/USD", timeframe=TF)).warmup_bars
+    assert warmup == 100
+    whole = raw_predict(services.infer_stub, btc)
+    with mc.InferenceClient(addr, max_batch=150) as c:
+        n = len(recorder.predict_sizes)
+        split = c.predict(btc, "BTC/USD", TF)
+        sizes = recorder.predict_sizes[n:]
+    assert sizes == [stop - start for start, stop, _ in mc.batch_plan(len(btc), 150, warmup)]
+    assert len(sizes) > 5 and max(sizes) == 150
+    assert_same_as_raw(split, whole)
+    with mc.InferenceClient(inference_target(services), max_batch=150) as c:
+        pd.testing.assert_frame_equal(c.predict(btc, "BTC/USD", TF), split, check_exact=True)
+
+
+def test_split_predict_with_a_pinned_model_that_is_not_serving(observed, services, sdk_market, sdk_models):
+    recorder, addr = observed
+    older, newer = sdk_models.first_job.model_id, sdk_models.second_job.model_id
+    deadline = time.monotonic() + 10
+    with mc.InferenceClient(inference_target(services)) as c:
+        while c.get_model(SDK, TF).model_id != newer and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert c.get_model(SDK, TF).model_id == newer
+    df = market(sdk_market, "2019-01-01", "2019-02-01")
+    whole = raw_predict(services.infer_stub, df, SDK, model_id=older)
+    with mc.InferenceClient(addr, max_batch=150) as c:
+        n = len(recorder.predict_sizes)
+        split = c.predict(df, SDK, TF, model_id=older)
+        sizes = recorder.predict_sizes[n:]
+    assert len(sizes) > 5 and max(sizes) == 150
+    assert_same_as_raw(split, whole)
+    assert (split["ML_MODEL_ID"] == older).all()
+    assert split["ML_READY"].sum() == len(df) - 99
+    assert not split["ML_IN_SAMPLE"].any()
+
+
+def test_split_predict_needs_max_batch_above_the_warmup(services, btc):
+    with mc.InferenceClient(inference_target(services), max_batch=100) as c:
         with pytest.raises(ValueError, match="raise max_batch"):
-            c.predict(candle_frame(20), "BTC/USD", "1h")
+            c.predict(btc, "BTC/USD", TF)
 
 
-def test_predict_checks_input_before_sending(reference):
-    servicer, addr = reference
-    df = candle_frame(5)
-    n = len(servicer.predict_sizes)
+def test_predict_checks_input_before_sending(observed, btc):
+    recorder, addr = observed
+    df = btc.iloc[:5]
+    n = len(recorder.calls)
     with mc.InferenceClient(addr) as c:
         with pytest.raises(ValueError, match="strictly increasing: row 3"):
-            c.predict(df.iloc[[0, 1, 2, 2, 4]], "BTC/USD", "1h")
+            c.predict(df.iloc[[0, 1, 2, 2, 4]], "BTC/USD", TF)
         with pytest.raises(ValueError, match="no rows"):
-            c.predict(df.iloc[:0], "BTC/USD", "1h")
+            c.predict(df.iloc[:0], "BTC/USD", TF)
         with pytest.raises(ValueError, match="tz-naive"):
-            c.predict(df.tz_localize(None), "BTC/USD", "1h")
-    assert len(servicer.predict_sizes) == n
+            c.predict(df.tz_localize(None), "BTC/USD", TF)
+        with pytest.raises(ValueError, match="missing column"):
+            c.predict(df.drop(columns="volume"), "BTC/USD", TF)
+    assert len(recorder.calls) == n
 
 
-def test_predict_errors_are_typed_and_name_the_rows_of_a_split_request(reference):
-    _, addr = reference
-    with mc.InferenceClient(addr) as c:
-        with pytest.raises(mc.NotFoundError):
-            c.predict(candle_frame(5), "NONE/USD", "1h")
-        with pytest.raises(mc.NotFoundError, match="model_id"):
-            c.predict(candle_frame(5), "BTC/USD", "1h", model_id="nope")
-    bad = candle_frame(40)
-    bad.iloc[25, bad.columns.get_loc("close")] = -1.0
-    with mc.InferenceClient(addr, max_batch=20) as c:
+def test_predict_errors_are_typed(inference, btc):
+    with pytest.raises(mc.NotFoundError) as info:
+        inference.predict(btc, "ETH/USD", TF)
+    assert info.value.code is grpc.StatusCode.NOT_FOUND and "ETH/USD" in info.value.details
+    with pytest.raises(mc.NotFoundError, match="model_id"):
+        inference.predict(btc, "BTC/USD", TF, model_id="nope")
+    with pytest.raises(mc.InvalidArgumentError, match="timeframe"):
+        inference.predict(btc, "BTC/USD", "7m")
+    bad = btc.copy()
+    bad.iloc[40, bad.columns.get_loc("close")] = -1.0
+    with pytest.raises(mc.InvalidArgumentError) as info:
+        inference.predict(bad, "BTC/USD", TF)
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "candles[40].close" in info.value.details
+
+
+def test_an_error_in_a_split_request_names_its_rows(services, btc):
+    bad = btc.iloc[:400].copy()
+    bad.iloc[250, bad.columns.get_loc("close")] = -1.0
+    start, stop, _ = next(p for p in mc.batch_plan(400, 150, 100) if p[0] <= 250 < p[1])
+    with mc.InferenceClient(inference_target(services), max_batch=150) as c:
         with pytest.raises(mc.InvalidArgumentError) as info:
-            c.predict(bad, "BTC/USD", "1h")
-    assert "close" in info.value.details and "frame rows 15..34" in str(info.value)
+            c.predict(bad, "BTC/USD", TF)
+    assert f"candles[{250 - start}].close" in info.value.details
+    assert f"frame rows {start}..{stop - 1}" in str(info.value)
+
+
+def test_get_model(inference, services):
+    info = inference.get_model("BTC/USD", TF)
+    raw = services.infer_stub.GetModel(inference_pb2.GetModelRequest(symbol="BTC/USD", timeframe=TF))
+    assert info == raw and info.warmup_bars == 100 and info.symbol == "BTC/USD"
+    assert "log_loss" in info.metrics and "prior_log_loss" in info.metrics
+    with pytest.raises(mc.NotFoundError):
+        inference.get_model("ETH/USD", TF)
 
 
 # ======================================================================================================================
 # stream
 
 
-def test_stream_one_candle_at_a_time_equals_predict(reference):
-    _, addr = reference
-    df = candle_frame(30, seed=3)
-    with mc.InferenceClient(addr) as c:
-        whole = c.predict(df, "BTC/USD", "1h")
-        live = list(c.stream(mc.frame_to_candles(df), "BTC/USD", "1h"))
-    assert [p.open_time_ms for p in live] == [int(t.value // 10**6) for t in df.index]
+def test_stream_one_candle_at_a_time_equals_predict(inference, services, btc):
+    df = btc.iloc[:300]
+    live = list(inference.stream(mc.frame_to_candles(df), "BTC/USD", TF))
     assert all(isinstance(p, mc.LivePrediction) for p in live)
-    got = pd.DataFrame({"ML_UP_PROB": [p.up for p in live], "ML_DOWN_PROB": [p.down for p in live],
-                        "ML_RANGE_PROB": [p.range for p in live], "ML_READY": [p.ready for p in live],
-                        "ML_IN_SAMPLE": [p.in_sample for p in live]}, index=df.index)
-    pd.testing.assert_frame_equal(got, whole[got.columns])
-    assert {p.model_id for p in live} == {SERVING}
-    assert live[0].open_time == T0.to_pydatetime()
+    assert [p.open_time_ms for p in live] == [int(t.value // 1_000_000) for t in df.index]
+    resp = raw_predict(services.infer_stub, df)
+    assert_same_as_raw(live_frame(live, df.index).assign(ML_MODEL_ID=[p.model_id for p in live]), resp)
+    pd.testing.assert_frame_equal(live_frame(live, df.index), inference.predict(df, "BTC/USD", TF)[PROB_COLUMNS + [
+        "ML_READY", "ML_IN_SAMPLE"]], check_exact=True)
+    assert sum(p.ready for p in live) == 300 - 99
+    assert live[0].open_time == df.index[0].to_pydatetime()
     with pytest.raises(AttributeError):
         live[0].up = 1.0  # frozen
 
 
-def test_stream_accepts_dicts_series_rows_and_messages(reference):
-    _, addr = reference
-    df = candle_frame(6, seed=4)
-    df["funding_rate"] = [np.nan, 0.0001, np.nan, 0.0002, 0.0, np.nan]
+def test_stream_accepts_dicts_series_rows_and_messages(inference, btc):
+    df = btc.iloc[:110].copy()
+    df["funding_rate"] = np.nan
+    df.iloc[104:, df.columns.get_loc("funding_rate")] = [np.nan, 0.0001, np.nan, 0.0002, 0.0, np.nan]
     rows = list(df.iterrows())
     items = [
-        {"open_time_ms": int(df.index[0].value // 10**6), **df.iloc[0].to_dict()},  # dict with NaN funding: absent
-        rows[1],  # (index, Series) from iterrows
-        df.iloc[2],  # Series named by its open time
-        next(df.iloc[[3]].itertuples()),  # itertuples row
-        {"timestamp": df.index[4], **df.iloc[4].to_dict()},  # tz-aware Timestamp under 'timestamp'
-        mc.frame_to_candles(df.iloc[[5]])[0],  # a Candle message
+        *mc.frame_to_candles(df.iloc[:104]),  # Candle messages
+        {"open_time_ms": int(df.index[104].value // 10**6), **df.iloc[104].to_dict()},  # dict, NaN funding: absent
+        rows[105],  # (index, Series) from iterrows
+        df.iloc[106],  # Series named by its open time
+        next(df.iloc[[107]].itertuples()),  # itertuples row
+        {"timestamp": df.index[108], **df.iloc[108].to_dict()},  # tz-aware Timestamp under 'timestamp'
+        df.iloc[109].to_dict() | {"open_time": df.index[109]},  # open_time key
     ]
-    with mc.InferenceClient(addr) as c:
-        live = list(c.stream(iter(items), "BTC/USD", "1h"))
-        whole = c.predict(df, "BTC/USD", "1h")
+    live = list(inference.stream(iter(items), "BTC/USD", TF))
+    whole = inference.predict(df, "BTC/USD", TF)
     assert [p.open_time_ms for p in live] == [int(t.value // 10**6) for t in df.index]
     assert [p.ready for p in live] == whole["ML_READY"].tolist()
-    assert live[5].up == whole["ML_UP_PROB"].iat[5]
+    pd.testing.assert_frame_equal(live_frame(live, df.index), whole[live_frame(live, df.index).columns],
+                                  check_exact=True)
+    assert all(p.ready for p in live[104:])
 
 
-def test_stream_replaces_a_forming_candle(reference):
-    _, addr = reference
-    df = candle_frame(8, seed=5)
-    forming = df.iloc[7].copy()
-    forming["close"] = forming["close"] * 1.05
+def test_stream_replaces_a_forming_candle(inference, btc):
+    df = btc.iloc[:150]
+    forming = df.iloc[149].copy()
+    forming["close"] = forming["close"] * 1.03
     forming["high"] = max(forming["high"], forming["close"])
-    items = [*(df.iloc[i] for i in range(7)), forming, df.iloc[7]]  # the last candle twice: forming, then final
-    with mc.InferenceClient(addr) as c:
-        live = list(c.stream(items, "BTC/USD", "1h"))
-        final = c.predict(df, "BTC/USD", "1h")
-        early = c.predict(pd.concat([df.iloc[:7], forming.to_frame().T.astype(float)]), "BTC/USD", "1h")
-    assert len(live) == 9 and live[7].open_time_ms == live[8].open_time_ms
-    assert live[7].up == early["ML_UP_PROB"].iat[7]
-    assert live[8].up == final["ML_UP_PROB"].iat[7] != live[7].up
+    items = [*(df.iloc[i] for i in range(149)), forming, df.iloc[149]]  # the last candle twice: forming, then final
+    live = list(inference.stream(items, "BTC/USD", TF))
+    final = inference.predict(df, "BTC/USD", TF)
+    early = inference.predict(pd.concat([df.iloc[:149], forming.to_frame().T.astype(float)]), "BTC/USD", TF)
+    assert len(live) == 151 and live[149].open_time_ms == live[150].open_time_ms
+    assert live[149].ready and live[150].ready
+    assert live[149].up == early["ML_UP_PROB"].iat[149]
+    assert live[150].up == final["ML_UP_PROB"].iat[149] != live[149].up
 
 
-def test_stream_reports_a_bad_item_after_the_good_ones(reference):
-    _, addr = reference
-    df = candle_frame(4)
-    items = [df.iloc[0], df.iloc[1], {"open": 1.0}, df.iloc[3]]
+def test_stream_reports_a_bad_item_after_the_good_ones(inference, btc):
+    items = [btc.iloc[0], btc.iloc[1], {"open": 1.0}, btc.iloc[3]]
     got = []
-    with mc.InferenceClient(addr) as c:
-        with pytest.raises(ValueError, match="candle has no time"):
-            for p in c.stream(items, "BTC/USD", "1h"):
-                got.append(p)
+    with pytest.raises(ValueError, match="candle has no time"):
+        for p in inference.stream(items, "BTC/USD", TF):
+            got.append(p)
     assert len(got) == 2
 
 
-def test_stream_reraises_an_error_of_the_feed(reference):
-    _, addr = reference
-    df = candle_frame(3)
-
+def test_stream_reraises_an_error_of_the_feed(inference, btc):
     def feed():
-        yield df.iloc[0]
-        yield df.iloc[1]
+        yield btc.iloc[0]
+        yield btc.iloc[1]
         raise ConnectionError("exchange websocket closed")
 
     got = []
-    with mc.InferenceClient(addr) as c:
-        with pytest.raises(ConnectionError, match="websocket"):
-            for p in c.stream(feed(), "BTC/USD", "1h"):
-                got.append(p)
+    with pytest.raises(ConnectionError, match="websocket"):
+        for p in inference.stream(feed(), "BTC/USD", TF):
+            got.append(p)
     assert len(got) == 2
 
 
-def test_errors_survive_pickling():
-    import pickle
-
-    exc = pickle.loads(pickle.dumps(mc.NotFoundError(grpc.StatusCode.NOT_FOUND, "no model", note="rows 1..2")))
-    assert type(exc) is mc.NotFoundError and exc.code is grpc.StatusCode.NOT_FOUND and exc.details == "no model"
-    job = training_pb2.TrainingJob(job_id="j", state=training_pb2.JOB_STATE_FAILED, error="boom")
-    failed = pickle.loads(pickle.dumps(mc.TrainingFailedError(job)))
-    assert failed.job == job and failed.details == "boom"
-
-
-def test_stream_server_errors_are_typed(reference):
-    _, addr = reference
-    df = candle_frame(4)
+def test_stream_server_errors_are_typed(inference, btc):
     got = []
-    with mc.InferenceClient(addr) as c:
-        with pytest.raises(mc.InvalidArgumentError, match="times must increase"):
-            for p in c.stream([df.iloc[2], df.iloc[3], df.iloc[0]], "BTC/USD", "1h"):
-                got.append(p)
-        assert len(got) == 2
-        with pytest.raises(mc.NotFoundError):
-            list(c.stream([df.iloc[0]], "BTC/USD", "1h", model_id="nope"))
+    with pytest.raises(mc.InvalidArgumentError, match="open_time_ms") as info:
+        for p in inference.stream([btc.iloc[2], btc.iloc[3], btc.iloc[0]], "BTC/USD", TF):
+            got.append(p)
+    assert len(got) == 2 and info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(mc.NotFoundError):
+        list(inference.stream([btc.iloc[0]], "BTC/USD", TF, model_id="nope"))
+    with pytest.raises(mc.NotFoundError):
+        list(inference.stream([btc.iloc[0]], "ETH/USD", TF))
 
 
-def test_leaving_a_live_stream_cancels_it(reference):
-    servicer, addr = reference
+def test_leaving_a_live_stream_cancels_it(observed, btc):
+    recorder, addr = observed
     feed_done = threading.Event()
-    df = candle_frame(3)
 
     def feed():  # a live feed: blocks after three candles like an exchange waiting for the next close
-        yield from (df.iloc[i] for i in range(3))
+        yield from (btc.iloc[i] for i in range(3))
         feed_done.wait(30)
 
-    with mc.InferenceClient(addr) as c:
-        for i, _ in enumerate(c.stream(feed(), "BTC/USD", "1h")):
-            if i == 2:
-                break
     try:
+        with mc.InferenceClient(addr) as c:
+            for i, _ in enumerate(c.stream(feed(), "BTC/USD", TF)):
+                if i == 0:
+                    assert recorder.open_streams == 1
+                if i == 2:
+                    break
         for _ in range(100):
-            if servicer.stream_open == 0:
+            if recorder.open_streams == 0:
                 break
-            threading.Event().wait(0.05)
-        assert servicer.stream_open == 0
+            time.sleep(0.05)
+        assert recorder.open_streams == 0
     finally:
         feed_done.set()
-
-
-def test_get_model(reference):
-    _, addr = reference
-    with mc.InferenceClient(addr) as c:
-        assert c.get_model("BTC/USD", "1h").warmup_bars == MODELS[SERVING]
-        with pytest.raises(mc.NotFoundError):
-            c.get_model("NONE/USD", "1h")
 
 
 # ======================================================================================================================
 # training client against the real training service
 
 
-def test_unknown_timeframe_is_invalid_argument(training):
-    with pytest.raises(mc.InvalidArgumentError) as info:
-        training.train("BTC/USD", "2h")
-    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
-    assert "timeframe" in info.value.details
+def test_train_and_watch_with_progress(sdk_models, training):
+    job, seen = sdk_models.first_job, sdk_models.progress
+    assert job.state == training_pb2.JOB_STATE_SUCCEEDED and mc.is_final(job)
+    assert sdk_models.first.state is job and job.progress == 1.0 and job.model_id.startswith("SDK-USD_1h_")
+    assert len(seen) >= 3 and seen[-1] is job
+    progress = [j.progress for j in seen]
+    assert progress == sorted(progress) and len(set(progress)) >= 3
+    assert any(0 < p < 1 for p in progress)  # the watch coalesces quick changes, so stages may be skipped
+    assert all(not mc.is_final(j) for j in seen[:-1])
+    assert all(j.state == training_pb2.JOB_STATE_RUNNING for j in seen if 0 < j.progress < 1)
+    assert job.metrics["log_loss"] > 0 and job.metrics["prior_log_loss"] > 0
+    models = {m.model_id: m for m in training.list_models(SDK, TF)}
+    assert job.model_id in models and models[job.model_id].metrics["log_loss"] == job.metrics["log_loss"]
+    assert job.model_id not in [m.model_id for m in training.list_models("BTC/USD", TF)]
+    jobs = {j.job_id: j for j in training.list_jobs(SDK, TF)}
+    assert jobs[job.job_id].state == training_pb2.JOB_STATE_SUCCEEDED
+    assert training.job(job.job_id).state == job
 
 
-def test_start_not_before_end_is_invalid_argument(training):
-    with pytest.raises(mc.InvalidArgumentError, match="start_time"):
-        training.train("BTC/USD", "1h", "2019-01-01", pd.Timestamp("2018-01-01", tz="UTC"))
-
-
-def test_unknown_job_is_not_found(training):
-    with pytest.raises(mc.NotFoundError) as info:
-        training.get_job("no-such-job")
-    assert info.value.code is grpc.StatusCode.NOT_FOUND and "no-such-job" in info.value.details
-    with pytest.raises(mc.NotFoundError):
-        training.cancel("no-such-job")
-    with pytest.raises(mc.NotFoundError):
-        training.job("no-such-job")
-    handle = mc.TrainingJobHandle(training, training_pb2.TrainingJob(job_id="no-such-job"))
-    with pytest.raises(mc.NotFoundError):  # raised by the server inside the watch stream
-        handle.watch()
-
-
-def test_symbol_without_candles_is_failed_precondition(training):
-    with pytest.raises(mc.FailedPreconditionError) as info:
-        training.train("NONE/USD", "1h", "2018-01-01", "2019-01-01", n_estimators=10)
-    assert "no candles" in info.value.details
-
-
-def test_empty_database_lists_nothing(training):
-    assert training.list_jobs() == []
-    assert training.list_jobs("BTC/USD", "1h", limit=5) == []
-    assert training.list_models() == []
-    assert training.list_models("BTC/USD", "1h") == []
-
-
-def test_train_arguments_are_checked_before_sending(training):
-    from datetime import datetime
-
-    with pytest.raises(ValueError, match="class_weight"):
-        training.train("BTC/USD", "1h", class_weight="auto")
-    with pytest.raises(ValueError, match="no time zone"):
-        training.train("BTC/USD", "1h", datetime(2018, 1, 1))
-    with pytest.raises(ValueError, match="n_estimators"):
-        training.train("BTC/USD", "1h", n_estimators=10.5)
-
-
-# ======================================================================================================================
-# job handles (scripted histories)
-
-
-def test_train_request_carries_every_argument(scripted):
-    servicer, addr = scripted
-    with mc.TrainingClient(addr) as c:
-        handle = c.train("OK/USD", "1h", "2018-01-01", 1_546_300_800_000, horizon_bars=12, threshold=0.01,
-                         n_estimators=50, max_depth=-1, min_samples_leaf=30, class_weight="balanced", random_state=0)
-    req = servicer.requests[-1]
-    assert handle.job_id == "ok" and handle.state.state == training_pb2.JOB_STATE_QUEUED
-    assert req.start_time.ToJsonString() == "2018-01-01T00:00:00Z"
-    assert req.end_time.ToJsonString() == "2019-01-01T00:00:00Z"
+def test_train_request_carries_every_argument(sdk_models):
+    req = sdk_models.second_job.request  # the service echoes the request it runs
+    assert req.symbol == SDK and req.timeframe == TF
+    assert req.start_time.ToJsonString() == "2018-03-01T00:00:00Z"
+    assert req.end_time.ToJsonString() == "2018-10-01T00:00:00Z"
     assert (req.label.horizon_bars, req.label.threshold) == (12, 0.01)
     p = req.params
-    assert (p.n_estimators, p.max_depth, p.min_samples_leaf) == (50, -1, 30)
+    assert (p.n_estimators, p.max_depth, p.min_samples_leaf) == (20, -1, 30)
     assert p.class_weight == common_pb2.CLASS_WEIGHT_BALANCED
     assert p.HasField("random_state") and p.random_state == 0
-    with mc.TrainingClient(addr) as c:
-        c.train("OK/USD", "1h")
-    req = servicer.requests[-1]
-    assert not req.HasField("start_time") and not req.HasField("end_time")
-    assert not req.params.HasField("random_state") and req.params.class_weight == common_pb2.CLASS_WEIGHT_UNSPECIFIED
+    assert sdk_models.second_job.state == training_pb2.JOB_STATE_SUCCEEDED
 
 
-def test_wait_follows_progress_and_returns_the_succeeded_job(scripted):
-    _, addr = scripted
-    seen = []
-    with mc.TrainingClient(addr) as c:
-        handle = c.train("OK/USD", "1h")
-        job = handle.wait(on_progress=lambda j: seen.append((j.stage, j.progress)))
-    assert seen == [("queued", 0.0), ("fitting", 0.1), ("calibrating", 0.6), ("done", 1.0)]
-    assert job.state == training_pb2.JOB_STATE_SUCCEEDED and job.model_id == "BTC-USD_1h_x"
-    assert handle.state is job and mc.is_final(job)
-
-
-@pytest.mark.parametrize("symbol,state", [("FAIL/USD", "FAILED"), ("CANCELLED/USD", "CANCELLED")])
-def test_wait_raises_training_failed_with_the_job(scripted, symbol, state):
-    _, addr = scripted
-    with mc.TrainingClient(addr) as c:
-        handle = c.train(symbol, "1h")
-        final = handle.watch()  # watch returns the final job whatever it is
-        assert mc.job_state_name(final.state) == state
-        with pytest.raises(mc.TrainingFailedError) as info:
-            handle.wait()
-    assert mc.job_state_name(info.value.job.state) == state
+def test_cancel_ends_a_job_cancelled(training, sdk_market):
+    handle = training.train(SDK, TF, n_estimators=3000)
+    req = handle.state.request
+    assert handle.state.state in (training_pb2.JOB_STATE_QUEUED, training_pb2.JOB_STATE_RUNNING)
+    assert not req.HasField("start_time") and not req.HasField("end_time")  # the whole stored range
+    assert req.params.n_estimators == 3000 and req.params.random_state == 42  # the service's default seed
+    assert req.params.class_weight == common_pb2.CLASS_WEIGHT_NONE
+    assert handle.cancel().state == training_pb2.JOB_STATE_CANCELLED
+    final = handle.watch()  # watch returns the final job whatever it is
+    assert mc.job_state_name(final.state) == "CANCELLED" and not final.model_id
+    with pytest.raises(mc.TrainingFailedError) as info:
+        handle.wait()
+    assert mc.job_state_name(info.value.job.state) == "CANCELLED"
     assert info.value.details == info.value.job.error != ""
     assert isinstance(info.value, mc.MlsignalClientError) and info.value.code is None
+    assert handle.refresh().state == training_pb2.JOB_STATE_CANCELLED
+    with pytest.raises(mc.FailedPreconditionError, match="already finished"):
+        training.cancel(handle.job_id)
+    with pytest.raises(mc.FailedPreconditionError, match="already finished"):
+        handle.cancel()
+
+
+def test_a_failed_job_is_returned_by_watch_and_raised_by_wait(training, sdk_market):
+    # with a 90 % threshold no candle is labelled up or down, so the worker fails the job
+    handle = training.train(SDK, TF, SMALL["start"], SMALL["end"], threshold=0.9, n_estimators=20)
+    final = handle.watch()
+    assert mc.job_state_name(final.state) == "FAILED" and "label.threshold" in final.error
+    with pytest.raises(mc.TrainingFailedError) as info:
+        handle.wait()
+    assert info.value.job == final and info.value.details == final.error
+    assert isinstance(info.value, mc.MlsignalClientError) and info.value.code is None
+    assert f"job {handle.job_id} FAILED" in str(info.value)
 
 
 def test_error_in_the_middle_of_a_watch_is_typed(scripted):
@@ -846,122 +876,68 @@ def test_watch_that_ends_before_a_final_state_raises(scripted):
             c.job("truncated").watch()
 
 
-def test_handle_cancel_and_refresh(scripted):
-    _, addr = scripted
-    with mc.TrainingClient(addr) as c:
-        handle = c.train("FAIL/USD", "1h")
-        assert handle.cancel().state == training_pb2.JOB_STATE_CANCELLED
-        assert handle.refresh().state == training_pb2.JOB_STATE_FAILED
-        with pytest.raises(mc.FailedPreconditionError, match="already finished"):
-            c.cancel("ok")
+def test_unknown_timeframe_is_invalid_argument(training):
+    with pytest.raises(mc.InvalidArgumentError) as info:
+        training.train("BTC/USD", "2h")
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details.startswith("timeframe")
 
 
-# ======================================================================================================================
-# CLI
+def test_start_not_before_end_is_invalid_argument(training):
+    with pytest.raises(mc.InvalidArgumentError, match="start_time"):
+        training.train("BTC/USD", TF, "2019-01-01", pd.Timestamp("2018-01-01", tz="UTC"))
+    with pytest.raises(mc.InvalidArgumentError, match="label.threshold"):
+        training.train("BTC/USD", TF, threshold=1.5)
 
 
-def test_cli_train_shows_progress_and_metrics(scripted, capsys):
-    _, addr = scripted
-    rc = cli_main(["train", "--symbol", "OK/USD", "--timeframe", "1h", "--start", "2018-01-01", "--end", "2019-01-01",
-                   "--horizon", "24", "--threshold", "0.02", "--trees", "200", "--class-weight", "balanced",
-                   "--seed", "7", "--target", addr])
-    out, err = capsys.readouterr()
-    assert rc == 0
-    assert "job    ok" in out and "model  BTC-USD_1h_x" in out
-    for text in ("log_loss", "0.9600", "0.9940", "brier", "balanced_accuracy", "0.3333", "log_loss_ratio",
-                 "0.9658", "shrink_weight", "0.6200", "down 30.0% range 45.0% up 25.0%"):
-        assert text in out, text
-    assert "100%" in err  # the progress bar
+def test_unknown_job_is_not_found(training):
+    with pytest.raises(mc.NotFoundError) as info:
+        training.get_job("no-such-job")
+    assert info.value.code is grpc.StatusCode.NOT_FOUND and "no-such-job" in info.value.details
+    with pytest.raises(mc.NotFoundError):
+        training.cancel("no-such-job")
+    with pytest.raises(mc.NotFoundError):
+        training.job("no-such-job")
+    handle = mc.TrainingJobHandle(training, training_pb2.TrainingJob(job_id="no-such-job"))
+    with pytest.raises(mc.NotFoundError):  # raised by the server inside the watch stream
+        handle.watch()
 
 
-def test_cli_train_failed_job_exits_1(scripted, capsys):
-    _, addr = scripted
-    rc = cli_main(["train", "--symbol", "FAIL/USD", "--timeframe", "1h", "--target", addr])
-    _, err = capsys.readouterr()
-    assert rc == 1 and "job fail FAILED: fitting: only two classes present" in err
+def test_symbol_without_candles_is_failed_precondition(training, services):
+    with pytest.raises(mc.FailedPreconditionError) as info:
+        training.train("NONE/USD", TF, "2018-01-01", "2019-01-01", n_estimators=10)
+    assert info.value.code is grpc.StatusCode.FAILED_PRECONDITION and "no candles" in info.value.details
+    with pytest.raises(mc.FailedPreconditionError, match="already finished"):
+        training.cancel(services.btc_job.job_id)
 
 
-def test_cli_train_no_wait(scripted, capsys):
-    _, addr = scripted
-    assert cli_main(["train", "--symbol", "OK/USD", "--timeframe", "1h", "--no-wait", "--target", addr]) == 0
-    assert capsys.readouterr().out.strip() == "job ok queued"
+def test_train_arguments_are_checked_before_sending(training):
+    from datetime import datetime
+
+    with pytest.raises(ValueError, match="class_weight"):
+        training.train("BTC/USD", TF, class_weight="auto")
+    with pytest.raises(ValueError, match="no time zone"):
+        training.train("BTC/USD", TF, datetime(2018, 1, 1))
+    with pytest.raises(ValueError, match="n_estimators"):
+        training.train("BTC/USD", TF, n_estimators=10.5)
 
 
-def test_cli_refused_requests_exit_2_with_the_status(training_addr, capsys):
-    rc = cli_main(["train", "--symbol", "BTC/USD", "--timeframe", "2h", "--target", training_addr])
-    err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: INVALID_ARGUMENT: ") and "timeframe" in err
-    rc = cli_main(["cancel", "no-such-job", "--target", training_addr])
-    err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: NOT_FOUND: ")
-    rc = cli_main(["train", "--symbol", "NONE/USD", "--timeframe", "1h", "--target", training_addr])
-    assert rc == 2 and capsys.readouterr().err.startswith("error: FAILED_PRECONDITION: ")
+@pytest.fixture
+def empty_training(sqlite_url, tmp_path):
+    """The real training service on a fresh, migrated, empty SQLite database; stopped after the test."""
+    from shared.settings import Settings
+    from training_service.server import start
+
+    running = start(Settings(database_url=sqlite_url, model_dir=tmp_path / "models"), "127.0.0.1:0")
+    try:
+        yield f"127.0.0.1:{running.port}"
+    finally:
+        running.stop(0.5)
 
 
-def test_cli_bad_date_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit) as info:
-        cli_main(["train", "--symbol", "BTC/USD", "--timeframe", "1h", "--start", "soon"])
-    assert info.value.code == 2 and "ISO-8601" in capsys.readouterr().err
-
-
-def test_cli_lists_on_an_empty_database(training_addr, capsys):
-    assert cli_main(["jobs", "--target", training_addr]) == 0
-    assert capsys.readouterr().out.strip() == "no training jobs"
-    assert cli_main(["models", "--symbol", "BTC/USD", "--timeframe", "1h", "--target", training_addr]) == 0
-    assert capsys.readouterr().out.strip() == "no models"
-
-
-def test_cli_predict_writes_the_ml_columns(reference, tmp_path, capsys):
-    _, addr = reference
-    df = candle_frame(20, seed=6)
-    df["funding_rate"] = np.where(np.arange(20) % 3 == 0, np.nan, 0.0001)
-    csv = df.reset_index().rename(columns={"open_time": "timestamp"})
-    csv["timestamp"] = csv["timestamp"].dt.strftime("%Y-%m-%dT%H:%M:%SZ")
-    path = tmp_path / "candles.csv.gz"
-    csv.to_csv(path, index=False)
-    out_path = tmp_path / "out.csv"
-    rc = cli_main(["predict", "--symbol", "BTC/USD", "--timeframe", "1h", "--csv", str(path), "--out",
-                   str(out_path), "--target", addr])
-    err = capsys.readouterr().err
-    assert rc == 0, err
-    out = pd.read_csv(out_path)
-    assert list(out.columns) == [*csv.columns, *mc.ML_COLUMNS]
-    assert out["timestamp"].tolist() == csv["timestamp"].tolist()
-    with mc.InferenceClient(addr) as c:
-        expected = c.predict(df, "BTC/USD", "1h")
-    np.testing.assert_allclose(out["ML_UP_PROB"], expected["ML_UP_PROB"], rtol=1e-15, equal_nan=True)
-    assert out["ML_READY"].tolist() == expected["ML_READY"].tolist()
-    ready = int(expected["ML_READY"].sum())
-    in_sample = int(expected["ML_IN_SAMPLE"].sum())
-    assert f"20 rows, {ready} ready, model {SERVING}, {in_sample} in-sample" in err
-
-
-def test_cli_predict_epoch_ms_to_stdout(reference, tmp_path, capsys):
-    _, addr = reference
-    df = candle_frame(6)
-    csv = df.reset_index(drop=True)
-    csv.insert(0, "timestamp", [int(t.value // 10**6) for t in df.index])
-    path = tmp_path / "c.csv"
-    csv.to_csv(path, index=False)
-    assert cli_main(["predict", "--symbol", "BTC/USD", "--timeframe", "1h", "--csv", str(path), "--target", addr]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].endswith("ML_UP_PROB,ML_DOWN_PROB,ML_RANGE_PROB,ML_READY,ML_IN_SAMPLE,ML_MODEL_ID")
-    assert len(lines) == 7 and lines[1].startswith(str(csv["timestamp"].iat[0]))
-
-
-@pytest.mark.parametrize("content,message", [
-    ("timestamp,open,high,low,close\n2019-01-01T00:00:00Z,1,1,1,1\n", "header lacks volume"),
-    ("timestamp,open,high,low,close,volume\n2019-01-01T00:00:00Z,1,1,1,1,1\nnope,1,1,1,1,1\n",
-     "line 3: cannot parse timestamp 'nope'"),
-    ("timestamp,open,high,low,close,volume\n2019-01-01T01:00:00Z,1,1,1,1,1\n2019-01-01T00:00:00Z,1,1,1,1,1\n",
-     "line 3: timestamp 2019-01-01T00:00:00Z does not come after"),
-    ("timestamp,open,high,low,close,volume\n2019-01-01T00:00:00Z,1,1,1,x,1\n", "line 2: close 'x' is not a number"),
-    ("timestamp,open,high,low,close,volume\n1546300800,1,1,1,1,1\n", "epoch seconds"),
-])
-def test_cli_predict_rejects_bad_csv_naming_the_line(tmp_path, capsys, content, message):
-    path = tmp_path / "bad.csv"
-    path.write_text(content)
-    rc = cli_main(["predict", "--symbol", "BTC/USD", "--timeframe", "1h", "--csv", str(path), "--target",
-                   "127.0.0.1:1"])
-    assert rc == 2
-    assert message in capsys.readouterr().err
+def test_empty_database_lists_nothing(empty_training):
+    with mc.TrainingClient(empty_training, timeout=30) as c:
+        assert c.list_jobs() == []
+        assert c.list_jobs("BTC/USD", TF, limit=5) == []
+        assert c.list_models() == []
+        assert c.list_models("BTC/USD", TF) == []
