@@ -262,6 +262,13 @@ def feature_matrix(columns: Mapping[str, np.ndarray], spec: FeatureSpec, first_r
     start = max(first_row, spec.warmup_bars - 1)
     if start >= n:
         return out
+    if start == n - 1 and first_row == n - 1:
+        # One new row (the live-stream case): the same operations in plain floats, without ~50 numpy calls.
+        try:
+            out[0] = _single_row(spec, n - 1, opn, high, low, close, volume, funding, oi)
+            return out
+        except (ZeroDivisionError, OverflowError):
+            pass  # numpy's inf/NaN semantics decide: fall through to the array path
     block = max(256, _BLOCK_ELEMENTS // spec.warmup_bars)
     with np.errstate(all="ignore"):
         for a in range(start, n, block):
@@ -378,6 +385,103 @@ def _fill_block(
         change[~np.isfinite(change)] = np.nan
         out[:, col : col + len(olags)] = change
         col += len(olags)
+
+
+def _seq_sum(values) -> float:
+    """((v[0] + v[1]) + v[2]) + ...: the summation order of _prefix_sums/_total, in plain floats."""
+    acc = values[0]
+    for x in values[1:]:
+        acc += x
+    return acc
+
+
+def _single_row(spec, t, opn, high, low, close, volume, funding, oi) -> list[float]:
+    """The features of row t, operation for operation as _fill_block computes them (bit-identical).
+
+    Python floats are IEEE doubles with the same correctly rounded + - * / and sqrt as numpy, and every sum
+    below runs in _fill_block's order (k = 0 is the newest value). Division by zero raises here where numpy
+    would give inf/NaN; the caller then uses the array path, so both always agree.
+    """
+    feats: list[float] = []
+    width = max(max(spec.sma_windows), spec.bb_window)
+    look = max(spec.rsi_period, spec.volatility_window, spec.atr_window)
+    span = max(width, look + 1, max(spec.return_lags) + 1)
+    cl = close[t - span + 1: t + 1].tolist()[::-1]  # cl[k] = close[t - k]
+    c = cl[0]
+
+    # close / SMA - 1 == -d / (close + d), d = mean of (close[t-k] - close[t]); prefix sums give every window.
+    dev = [x - c for x in cl[:width]]
+    csum = {}
+    acc = dev[0]
+    ends = set(spec.sma_windows) | {spec.bb_window}
+    for k in range(width):
+        if k:
+            acc += dev[k]
+        if k + 1 in ends:
+            csum[k + 1] = acc
+    for w in spec.sma_windows:
+        d = csum[w] / float(w)
+        feats.append(-d / (c + d))
+
+    # Cutler's RSI over 1-bar changes.
+    diff = [cl[k] - cl[k + 1] for k in range(look)]  # diff[k] = close[t-k] - close[t-k-1]
+    gains = [x if x > 0.0 else 0.0 for x in diff[: spec.rsi_period]]
+    losses = [g - x for g, x in zip(gains, diff[: spec.rsi_period])]
+    g = _seq_sum(gains)
+    total = g + _seq_sum(losses)
+    feats.append(50.0 if total == 0 else (g / total) * 100.0)
+
+    # Bollinger %b and bandwidth.
+    wb = spec.bb_window
+    db = csum[wb] / wb
+    sq = [(x - db) * (x - db) for x in dev[:wb]]
+    spread = math.sqrt(_seq_sum(sq) / wb) * (2.0 * spec.bb_k)
+    feats.append(0.5 if spread == 0 else 0.5 - db / spread)
+    feats.append(spread / (c + db))
+
+    # Returns.
+    for lag in spec.return_lags:
+        past = cl[lag]
+        feats.append((c - past) / past)
+
+    # Volume relative to its mean.
+    wv = spec.volume_window
+    vol = volume[t - wv + 1: t + 1].tolist()[::-1]
+    v = vol[0]
+    dvol = _seq_sum([x - v for x in vol]) / wv
+    mean_v = v + dvol
+    feats.append(0.0 if mean_v == 0 else -dvol / mean_v)
+
+    # Volatility of 1-bar returns.
+    ww = spec.volatility_window
+    rv = [diff[k] / cl[k + 1] for k in range(ww)]
+    mean_r = _seq_sum(rv) / ww
+    feats.append(math.sqrt(_seq_sum([(x - mean_r) * (x - mean_r) for x in rv]) / ww))
+
+    # Normalised ATR.
+    wa = spec.atr_window
+    hi = high[t - wa + 1: t + 1].tolist()[::-1]
+    lw = low[t - wa + 1: t + 1].tolist()[::-1]
+    tr = [max(hi[k], cl[k + 1]) - min(lw[k], cl[k + 1]) for k in range(wa)]
+    feats.append((_seq_sum(tr) / wa) / c)
+
+    # Candle shape.
+    o = float(opn[t])
+    feats.append((c - o) / o)
+    feats.append((float(high[t]) - float(low[t])) / c)
+
+    if funding is not None:
+        wf = spec.funding_window
+        fw = funding[t - wf + 1: t + 1].tolist()[::-1]
+        feats.append(fw[0])
+        feats.append(_seq_sum(fw) / wf)
+    if oi is not None:
+        now = float(oi[t])
+        for lag in spec.oi_lags:
+            past = float(oi[t - lag])
+            change = (now - past) / past
+            feats.append(change if math.isfinite(change) else math.nan)
+    return feats
 
 
 def compute_features(frame: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:

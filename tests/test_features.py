@@ -674,3 +674,21 @@ def test_missing_optional_values_stay_missing(real):
     o1 = names.index("oi_change_1")
     assert np.isnan(x[201, o1]) and np.isfinite(x[200, o1]) and np.isfinite(x[202, o1])
     assert np.isfinite(x[99:, :18]).all()  # OHLCV features do not care
+
+
+@given(data=st.data(), spec=spec_choices)
+def test_single_row_path_equals_the_array_path(data, spec):
+    """feature_matrix computes one requested row in plain floats; it must equal the numpy block exactly."""
+    cols = data.draw(candles(min_rows=spec.warmup_bars + 1, max_rows=spec.warmup_bars + 40, extras=True))
+    n = len(cols["close"])
+    batch = feature_matrix(cols, spec)
+    for t in range(spec.warmup_bars - 1, n):
+        one = feature_matrix(_slice(cols, 0, t + 1), spec, t)
+        assert _same(one[0], batch[t]), (t, one[0], batch[t])
+
+
+def test_single_row_path_on_every_real_row(real, real_features):
+    w = DEFAULT.warmup_bars
+    for t in range(w - 1, len(real["close"]), 13):
+        one = feature_matrix(_slice(real, t - w + 1, t + 1), DEFAULT, w - 1)
+        assert _same(one[0], real_features[t]), t
