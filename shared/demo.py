@@ -15,11 +15,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from shared.timeframes import ms_to_iso, parse_time
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 REPO_DATA = Path(__file__).resolve().parents[1] / "data" / "btcusd_1h_coinbase_2017-2019.csv.gz"
 SYMBOL, TIMEFRAME = "BTC/USD", "1h"
@@ -118,6 +119,9 @@ class _Progress:
 
 def run_demo(opts: DemoOptions) -> dict:
     """Run every step; returns a summary (paths, model id, metrics). Raises DemoError on failure."""
+    import numpy as np
+    import pandas as pd
+
     from shared.client import InferenceClient, TrainingClient
     from shared.db import make_engine
     from shared.importers import read_candles
@@ -154,7 +158,10 @@ def run_demo(opts: DemoOptions) -> dict:
         services.append(inference)
         _say(f"      training on {training.target}, inference on {inference.target}")
 
-        with TrainingClient(training.target) as tc, InferenceClient(inference.target) as ic:
+        from shared.settings import client_security
+
+        security = client_security()
+        with TrainingClient(training.target, **security) as tc, InferenceClient(inference.target, **security) as ic:
             _say(f"[4/8] training {SYMBOL} {TIMEFRAME} on {opts.train_start} .. {opts.split} ({opts.trees} trees)")
             handle = tc.train(SYMBOL, TIMEFRAME, opts.train_start, opts.split, n_estimators=opts.trees)
             with _Progress(100, "      {desc:<12} {bar} {n:.0f}%") as bar:
@@ -193,7 +200,9 @@ def run_demo(opts: DemoOptions) -> dict:
     return summary
 
 
-def _print_table(streamed: pd.DataFrame, rows: int = 8) -> None:
+def _print_table(streamed: "pd.DataFrame", rows: int = 8) -> None:
+    import numpy as np
+
     pick = streamed.iloc[np.linspace(0, len(streamed) - 1, rows).astype(int)]
     _say(f"      {'open time (UTC)':<22}{'ML_UP_PROB':>11}{'ML_DOWN_PROB':>13}{'ML_RANGE_PROB':>14}")
     for r in pick.itertuples():
@@ -233,8 +242,9 @@ def _walk_forward_step(opts, tc, ic, candles, split_ms, end_ms) -> dict:
     return {"signals": signals, "backtest": results, "chart": chart}
 
 
-def write_chart(signals: pd.DataFrame, results, path: Path) -> None:
+def write_chart(signals: "pd.DataFrame", results, path: Path) -> None:
     import matplotlib
+    import pandas as pd
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

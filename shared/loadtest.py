@@ -99,6 +99,7 @@ class LoadTestConfig:
     history: int | None = None  # candles of history per Predict / stream warm-up; None: warmup_bars - 1
     timeout: float = 30.0  # deadline of one unary call, seconds
     connections: int = 1  # channels (TCP connections) the workers share, round robin
+    security: dict = field(default_factory=dict)  # tls / root_certificates / token for connect_channel
 
     def check(self) -> None:
         if self.rpc not in RPCS:
@@ -482,7 +483,7 @@ def _resolve_history(cfg: LoadTestConfig, channel, notes: list[str]) -> int:
 
 def _channels(cfg: LoadTestConfig) -> list[grpc.Channel]:
     options = [("grpc.use_local_subchannel_pool", 1)] if cfg.connections > 1 else []
-    channels = [connect_channel(cfg.target, options=options) for _ in range(cfg.connections)]
+    channels = [connect_channel(cfg.target, options=options, **cfg.security) for _ in range(cfg.connections)]
     for ch in channels:
         try:
             grpc.channel_ready_future(ch).result(timeout=CONNECT_TIMEOUT_S)

@@ -72,9 +72,11 @@ def test_health_and_reflection(services):
 
 
 def test_predictions_shape_warmup_sum_and_variation(services, y2019):
-    resp = predict(services.infer_stub, y2019)
-    info = services.infer_stub.GetModel(inference_pb2.GetModelRequest(symbol=SYMBOL, timeframe=TF))
-    assert resp.model_id == info.model_id == services.btc_job.model_id
+    mid = services.btc_job.model_id  # pinned: other tests register newer BTC/USD models
+    resp = predict(services.infer_stub, y2019, model_id=mid)
+    info = next(m for m in services.train_stub.ListModels(training_pb2.ListModelsRequest(symbol=SYMBOL)).models
+                if m.model_id == mid)
+    assert resp.model_id == mid
     assert [p.open_time_ms for p in resp.predictions] == y2019.open_time_ms.tolist()
     ready = np.array([p.ready for p in resp.predictions])
     w = info.warmup_bars
@@ -100,7 +102,7 @@ def test_served_probabilities_match_scikit_learn(services, y2019):
     X = compute_features(y2019, rec.feature_spec).to_numpy()
     ok = np.isfinite(X).all(axis=1)
     expected = shrink_to_prior(forest.predict_proba(X[ok].astype(np.float32)), np.array(rec.prior), rec.shrink_weight)
-    served = probs(predict(services.infer_stub, y2019))[ok]
+    served = probs(predict(services.infer_stub, y2019, model_id=rec.model_id))[ok]
     assert np.max(np.abs(served - expected)) <= TOLERANCE
 
 

@@ -61,6 +61,7 @@ class Scheduler:
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._ctx = mp.get_context("spawn")
+        self.on_job_finished = None  # metrics hook: on_job_finished(job) once a worker is done with a job
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -150,6 +151,17 @@ class Scheduler:
                 self._cleanup_partials(job_id)
                 self.store.update(job_id, only_from=(QUEUED, RUNNING), state=FAILED, stage="failed",
                                   error=f"{type(exc).__name__}: {exc}", finished_at=now_ms())
+            self._report_finished(job_id)
+
+    def _report_finished(self, job_id: str) -> None:
+        if self.on_job_finished is None:
+            return
+        try:
+            job = self.store.get(job_id)
+            if job is not None and job.state in FINAL_STATES:
+                self.on_job_finished(job)
+        except Exception:  # metrics must never disturb a job
+            log.debug("job %s: reporting metrics failed", job_id, exc_info=True)
 
     def _run(self, job_id: str) -> None:
         job = self.store.get(job_id)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from mlsignal.v1 import training_pb2, training_pb2_grpc
-from shared.db import make_engine
-from shared.grpcserver import ServerHandle, configure_logging, run_until_signalled, start_server
+from shared.db import make_engine, training_jobs
+from shared.grpcserver import ServerHandle, observability, server_credentials, server_main, start_server
 from shared.migrate import upgrade
 from shared.settings import Settings
 from training_service.jobs import JobStore
@@ -38,52 +38,72 @@ class RunningTraining:
         self.engine.dispose()
 
 
+def job_counts(engine: sa.Engine) -> dict[str, int]:
+    """Training jobs per state, read from the database (for the metrics endpoint)."""
+    query = sa.select(training_jobs.c.state, sa.func.count()).group_by(training_jobs.c.state)
+    with engine.connect() as conn:
+        return {state: int(n) for state, n in conn.execute(query)}
+
+
 def start(settings: Settings, address: str | None = None) -> RunningTraining:
-    """Migrate the database, recover jobs, start the workers and the server. Used by main() and by tests."""
-    upgrade(settings.database_url)
-    engine = make_engine(settings.database_url)
-    store = JobStore(engine)
-    scheduler = Scheduler(
-        store,
-        settings.database_url,
-        settings.model_dir,
-        workers=settings.training_workers,
-        queue_size=settings.training_queue_size,
-        fit_jobs=settings.training_fit_jobs,
-    )
-    scheduler.start()
-    service = TrainingService(store, scheduler)
-    handle = start_server(
-        address or settings.training_addr,
-        lambda server: training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(service), server),
-        [SERVICE_NAME],
-        MAX_MESSAGE_BYTES,
-    )
+    """Migrate the database, recover jobs, start the workers and the server. Used by main() and by tests.
+
+    Also serves metrics on MLSIGNAL_METRICS_PORT, requires MLSIGNAL_AUTH_TOKEN and speaks TLS with
+    MLSIGNAL_TLS_CERT/KEY when those are set.
+    """
+    address = address or settings.training_addr
+    credentials = server_credentials(settings.server_tls_pair())
+    metrics, interceptors = observability(settings, "training", address)
+    try:
+        upgrade(settings.database_url)
+        engine = make_engine(settings.database_url)
+        store = JobStore(engine)
+        scheduler = Scheduler(
+            store,
+            settings.database_url,
+            settings.model_dir,
+            workers=settings.training_workers,
+            queue_size=settings.training_queue_size,
+            fit_jobs=settings.training_fit_jobs,
+        )
+        if metrics is not None:
+            from shared.observability import training_metrics
+
+            scheduler.on_job_finished = training_metrics(metrics, lambda: job_counts(engine))
+        scheduler.start()
+        service = TrainingService(store, scheduler)
+        try:
+            handle = start_server(
+                address,
+                lambda server: training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(service),
+                                                                                       server),
+                [SERVICE_NAME],
+                MAX_MESSAGE_BYTES,
+                interceptors=interceptors,
+                credentials=credentials,
+                metrics=metrics,
+            )
+        except BaseException:
+            scheduler.stop(0)
+            raise
+    except BaseException:
+        if metrics is not None:
+            metrics.close()
+        raise
     handle.on_stop(scheduler.stop)
+    if metrics is not None:
+        handle.on_stopped(metrics.close)
     return RunningTraining(handle, scheduler, engine)
 
 
+def _describe(settings: Settings, running: RunningTraining) -> str:
+    return (f"training service listening on port {running.port}{' (TLS)' if settings.tls else ''}, database "
+            f"{sa.engine.make_url(settings.database_url).render_as_string(hide_password=True)}, models in "
+            f"{settings.model_dir}{', bearer token required' if settings.auth_token else ''}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        settings = Settings.from_env()
-    except ValueError as exc:
-        print(f"mlsignal-training: configuration error: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level, settings.log_format)
-    try:
-        running = start(settings)
-    except sa.exc.OperationalError as exc:
-        print(f"mlsignal-training: cannot use the database: {exc.orig}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"mlsignal-training: {exc}", file=sys.stderr)
-        return 1
-    log.info("training service listening on port %d (database %s, models in %s)", running.port,
-             sa.engine.make_url(settings.database_url).render_as_string(hide_password=True), settings.model_dir)
-    print(f"mlsignal-training listening on port {running.port}", flush=True)
-    run_until_signalled(running.handle, settings.grace_seconds)
-    running.engine.dispose()
-    return 0
+    return server_main("mlsignal-training", start, _describe)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ def _time_arg(text: str) -> int:
 
 
 def register(sub) -> None:
+    from shared.cli.security import add_security_arguments
+
     sig = sub.add_parser(
         "backtest-signals",
         help="walk-forward out-of-sample ML signals through the training and inference services",
@@ -56,6 +58,7 @@ def register(sub) -> None:
                      help="training service address (default: MLSIGNAL_TRAINING_ADDR, 127.0.0.1:50051)")
     sig.add_argument("--inference-target", metavar="ADDR",
                      help="inference service address (default: MLSIGNAL_INFERENCE_ADDR, 127.0.0.1:50052)")
+    add_security_arguments(sig)
     sig.set_defaults(func=_signals)
 
     bt = sub.add_parser(
@@ -89,6 +92,7 @@ def register(sub) -> None:
 def _signals(args) -> int:
     from tqdm import tqdm
 
+    from shared.cli.security import security_kwargs
     from shared.client import InferenceClient, TrainingClient, TrainingFailedError
     from shared.db import make_engine
     from shared.labels import LabelSpec
@@ -121,8 +125,9 @@ def _signals(args) -> int:
         bar.refresh()
 
     try:
-        with TrainingClient(args.training_target or settings.training_addr) as training, \
-                InferenceClient(args.inference_target or settings.inference_addr) as inference:
+        security = security_kwargs(args)
+        with TrainingClient(args.training_target or settings.training_addr, **security) as training, \
+                InferenceClient(args.inference_target or settings.inference_addr, **security) as inference:
             signals = walk_forward(
                 training, inference, candles, args.symbol, args.timeframe, args.start, args.end,
                 args.train_window, args.step, horizon_bars=horizon, threshold=args.threshold,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    from shared.demo import DemoOptions
+    from shared.demo import DemoOptions  # light: the demo imports numpy and pandas only when it runs
 
     d = DemoOptions()
     p = sub.add_parser("demo", help="run the end-to-end demo on the bundled BTC/USD sample")

@@ -15,6 +15,8 @@ _DIGITS = re.compile(r"-?\d+")
 
 
 def register(sub) -> None:
+    from shared.cli.security import add_security_arguments
+
     p = sub.add_parser(
         "predict",
         help="add the ML probability columns to a candle CSV",
@@ -33,6 +35,7 @@ def register(sub) -> None:
     p.add_argument("--target", metavar="ADDR",
                    help="inference service address (default: MLSIGNAL_INFERENCE_ADDR, 127.0.0.1:50052)")
     p.add_argument("--model-id", default="", metavar="ID", help="use this model instead of the one serving now")
+    add_security_arguments(p)
     p.set_defaults(func=_predict)
 
 
@@ -117,12 +120,13 @@ def _numbers(col, name: str, path: Path, line, allow_empty: bool):
 
 @client_errors
 def _predict(args) -> int:
+    from shared.cli.security import security_kwargs
     from shared.client import InferenceClient
     from shared.settings import Settings
 
     frame, raw = read_candle_csv(args.csv)
     target = args.target or Settings.from_env().inference_addr
-    with InferenceClient(target) as client:
+    with InferenceClient(target, **security_kwargs(args)) as client:
         out = client.predict(frame, args.symbol, args.timeframe, model_id=args.model_id)
     result = raw.copy()
     for col in ("ML_UP_PROB", "ML_DOWN_PROB", "ML_RANGE_PROB", "ML_READY", "ML_IN_SAMPLE", "ML_MODEL_ID"):

@@ -39,6 +39,8 @@ def _rpc_arg(text: str) -> str:
 
 
 def register(sub) -> None:
+    from shared.cli.security import add_security_arguments
+
     p = sub.add_parser(
         "loadtest",
         help="load-test the inference service: throughput and latency percentiles",
@@ -57,6 +59,7 @@ def register(sub) -> None:
     )
     p.add_argument("--target", metavar="ADDR",
                    help="inference service address (default: MLSIGNAL_INFERENCE_ADDR, 127.0.0.1:50052)")
+    add_security_arguments(p)
     p.add_argument("--rpc", type=_rpc_arg, default="Predict", metavar="RPC",
                    help=f"one of {', '.join(RPC_NAMES)} (default: Predict)")
     p.add_argument("--symbol", default="", help="market symbol, like BTC/USD (not needed for Health)")
@@ -117,6 +120,7 @@ def _candles(args):
 
 def _loadtest(args) -> int:
     from shared.loadtest import LoadTestConfig, LoadTestError, format_result, run_loadtest
+    from shared.cli.security import security_kwargs
     from shared.settings import Settings
 
     try:
@@ -126,6 +130,7 @@ def _loadtest(args) -> int:
             if args.timeframe not in TIMEFRAME_MS:
                 raise LoadTestError(f"--timeframe {args.timeframe!r} is not one of {' '.join(TIMEFRAME_MS)}")
         cfg = LoadTestConfig(
+            security=security_kwargs(args),
             target=args.target or Settings.from_env().inference_addr,
             rpc=args.rpc,
             symbol=args.symbol,

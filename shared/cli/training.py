@@ -66,8 +66,11 @@ def register(sub) -> None:
 
 
 def _target_arg(p: argparse.ArgumentParser) -> None:
+    from shared.cli.security import add_security_arguments
+
     p.add_argument("--target", metavar="ADDR",
                    help="training service address (default: MLSIGNAL_TRAINING_ADDR, 127.0.0.1:50051)")
+    add_security_arguments(p)
 
 
 def _time_arg(text: str) -> int:
@@ -102,8 +105,10 @@ def _training_client(args):
     from shared.client import TrainingClient
     from shared.settings import Settings
 
+    from shared.cli.security import security_kwargs
+
     target = args.target or Settings.from_env().training_addr
-    return TrainingClient(target)
+    return TrainingClient(target, **security_kwargs(args))
 
 
 @client_errors
