@@ -136,6 +136,11 @@ class ModelStore:
                 errors.append(str(exc))
         raise DataLoss(f"no verifiable model for {symbol} {timeframe}: " + "; ".join(errors[:3]))
 
+    def loaded(self) -> list[tuple[str, LoadedModel]]:
+        """("serving" or "pinned", model) for every model in memory."""
+        with self._lock:
+            return [("serving", m) for m in self._serving.values()] + [("pinned", m) for m in self._pinned.values()]
+
     # -- hot reload --------------------------------------------------------------------------------------
     def refresh(self) -> list[str]:
         """Swap in newer models for every key being served; returns the ids swapped in."""

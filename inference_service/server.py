@@ -37,13 +37,9 @@ class RunningInference:
 
 def loaded_models(store: ModelStore):
     """(symbol, timeframe, model_id, role, created_at_ms) for every model in memory (for the metrics endpoint)."""
-    with store._lock:
-        serving = list(store._serving.values())
-        pinned = list(store._pinned.values())
-    for role, models in (("serving", serving), ("pinned", pinned)):
-        for m in models:
-            rec = m.record
-            yield rec.symbol, rec.timeframe, rec.model_id, role, rec.created_at_ms
+    for role, m in store.loaded():
+        rec = m.record
+        yield rec.symbol, rec.timeframe, rec.model_id, role, rec.created_at_ms
 
 
 def start(settings: Settings, address: str | None = None) -> RunningInference:

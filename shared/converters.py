@@ -5,6 +5,7 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from mlsignal.v1 import common_pb2
+from shared.params import ForestParams
 from shared.registry import ModelRecord
 
 CLASS_WEIGHT_TO_PROTO = {"none": common_pb2.CLASS_WEIGHT_NONE, "balanced": common_pb2.CLASS_WEIGHT_BALANCED}
@@ -16,6 +17,17 @@ def ts(ms: int | None) -> Timestamp | None:
     t = Timestamp()
     t.FromMilliseconds(int(ms))
     return t
+
+
+def params_message(p: ForestParams) -> common_pb2.ModelParams:
+    """ModelParams with every default filled in (unlimited depth is -1, as in requests)."""
+    return common_pb2.ModelParams(
+        n_estimators=p.n_estimators,
+        max_depth=-1 if p.max_depth is None else p.max_depth,
+        min_samples_leaf=p.min_samples_leaf,
+        class_weight=CLASS_WEIGHT_TO_PROTO[p.class_weight],
+        random_state=p.random_state,
+    )
 
 
 def model_info(rec: ModelRecord) -> common_pb2.ModelInfo:
@@ -32,13 +44,7 @@ def model_info(rec: ModelRecord) -> common_pb2.ModelInfo:
         warmup_bars=rec.warmup_bars,
         metrics={k: float(v) for k, v in rec.metrics.items()},
         sha256=rec.sha256,
-        params=common_pb2.ModelParams(
-            n_estimators=p.n_estimators,
-            max_depth=-1 if p.max_depth is None else p.max_depth,
-            min_samples_leaf=p.min_samples_leaf,
-            class_weight=CLASS_WEIGHT_TO_PROTO[p.class_weight],
-            random_state=p.random_state,
-        ),
+        params=params_message(p),
         feature_set=rec.feature_spec.key,
         classes=list(rec.classes),
     )

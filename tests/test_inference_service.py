@@ -373,7 +373,8 @@ def test_corrupted_newer_model_is_refused_and_previous_keeps_serving(services, y
             resp = predict(stub, y2019.iloc[:200])
             assert resp.model_id == serving
         assert np.array_equal(probs(resp), before, equal_nan=True)
-        assert "corrupt-copy" in services.inference.store._refused
+        refusals = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert any("corrupt-copy refused" in m and "sha256" in m for m in refusals), refusals
     finally:
         from shared.db import models as models_table
 

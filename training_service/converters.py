@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from mlsignal.v1 import common_pb2, training_pb2
-from shared.converters import CLASS_WEIGHT_TO_PROTO, ts
+from shared.converters import CLASS_WEIGHT_TO_PROTO, params_message, ts
 from shared.errors import InvalidArgument
 from shared.labels import LabelSpec
 from shared.marketdata import validate_symbol
@@ -104,20 +104,13 @@ def training_request(msg: training_pb2.StartTrainingRequest) -> TrainingRequest:
 
 
 def request_message(req: TrainingRequest) -> training_pb2.StartTrainingRequest:
-    p = req.params
     return training_pb2.StartTrainingRequest(
         symbol=req.symbol,
         timeframe=req.timeframe,
         start_time=ts(req.start_ms),
         end_time=ts(req.end_ms),
         label=common_pb2.LabelSpec(horizon_bars=req.label.horizon_bars, threshold=req.label.threshold),
-        params=common_pb2.ModelParams(
-            n_estimators=p.n_estimators,
-            max_depth=-1 if p.max_depth is None else p.max_depth,
-            min_samples_leaf=p.min_samples_leaf,
-            class_weight=CLASS_WEIGHT_TO_PROTO[p.class_weight],
-            random_state=p.random_state,
-        ),
+        params=params_message(req.params),
     )
 
 
