@@ -6,6 +6,8 @@ Tests that must hold on both databases take `db_url`. PostgreSQL is skipped when
 
 from __future__ import annotations
 
+import contextlib
+
 import glob
 import os
 import shutil
@@ -114,23 +116,30 @@ def _admin_connect(base_url: str):
     return psycopg.connect(host=url.host, port=url.port, user=url.username, dbname="postgres", autocommit=True)
 
 
-@pytest.fixture
-def pg_url(pg_server):
-    """A fresh, migrated database on the session's PostgreSQL server; dropped afterwards."""
+@contextlib.contextmanager
+def fresh_pg_database(base_url: str):
+    """Create a uniquely named, migrated database on a PostgreSQL server; drop it on exit."""
     import sqlalchemy as sa
 
     from shared.migrate import upgrade
 
     name = f"t_{uuid.uuid4().hex[:16]}"
-    with _admin_connect(pg_server) as conn:
+    with _admin_connect(base_url) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    url = sa.engine.make_url(pg_server).set(database=name).render_as_string(hide_password=False)
+    url = sa.engine.make_url(base_url).set(database=name).render_as_string(hide_password=False)
     try:
         upgrade(url)
         yield url
     finally:
-        with _admin_connect(pg_server) as conn:
+        with _admin_connect(base_url) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh, migrated database on the session's PostgreSQL server; dropped afterwards."""
+    with fresh_pg_database(pg_server) as url:
+        yield url
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -126,13 +126,24 @@ def stop_services(s: Services) -> None:
     s.training.stop(0.5)
 
 
-@pytest.fixture(scope="session")
-def services(tmp_path_factory, sample_frame):
-    """Both services on one SQLite database holding BTC/USD and INV/USD, with one BTC/USD model trained on 2018."""
-    root = tmp_path_factory.mktemp("services")
-    url = f"sqlite:///{root}/mlsignal.db"
-    load_market(url, sample_frame, ("BTC/USD", "INV/USD"))
-    s = start_services(url, root / "models")
-    s.btc_job = train(s.train_stub)
-    yield s
-    stop_services(s)
+@pytest.fixture(scope="session", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def services(request, tmp_path_factory, sample_frame):
+    """Both services on one database holding BTC/USD and INV/USD, with one BTC/USD model trained on 2018.
+
+    Session-wide and run twice: every test that uses it runs on SQLite and on PostgreSQL.
+    """
+    import contextlib
+
+    from conftest import fresh_pg_database
+
+    root = tmp_path_factory.mktemp(f"services-{request.param}")
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite:///{root}/mlsignal.db"
+        else:
+            url = stack.enter_context(fresh_pg_database(request.getfixturevalue("pg_server")))
+        load_market(url, sample_frame, ("BTC/USD", "INV/USD"))
+        s = start_services(url, root / "models")
+        stack.callback(stop_services, s)
+        s.btc_job = train(s.train_stub)
+        yield s
