@@ -8,7 +8,9 @@
 | MLSIGNAL_INFERENCE_ADDR | 127.0.0.1:50052 | listen address of mlsignal-inference; target of the CLI |
 | MLSIGNAL_TRAINING_WORKERS | 1 | training jobs that run at once, each in its own process |
 | MLSIGNAL_TRAINING_QUEUE_SIZE | 16 | queued jobs accepted before StartTraining answers RESOURCE_EXHAUSTED |
-| MLSIGNAL_TRAINING_FIT_JOBS | -1 | cores one forest fit uses (-1: all) |
+| MLSIGNAL_TRAINING_FIT_JOBS | -1 | cores one forest fit uses (-1: all cores of the machine or Dask worker running the job) |
+| MLSIGNAL_DASK_SCHEDULER | (none) | `tcp://host:8786`: run each training job as one task on this Dask cluster instead of a local process |
+| MLSIGNAL_DASK_SPREAD_FIT | 0 | `1`: with Dask, grow each forest's trees as tasks across the whole cluster (joblib's dask backend) |
 | MLSIGNAL_MODEL_POLL_SECONDS | 2 | how often inference checks the registry for newer models |
 | MLSIGNAL_MODEL_CACHE_SIZE | 32 | models inference keeps in memory |
 | MLSIGNAL_MAX_BATCH | 10000 | most candles in one PredictRequest |
@@ -20,6 +22,16 @@
 | MLSIGNAL_TLS_CERT | (none) | server certificate chain (PEM file); with MLSIGNAL_TLS_KEY the server speaks TLS only |
 | MLSIGNAL_TLS_KEY | (none) | server private key (PEM file) |
 | MLSIGNAL_TLS_CA | (none) | clients: CA certificate (PEM file) that signed the server certificate; setting it turns TLS on |
+
+Training on Dask (MLSIGNAL_DASK_SCHEDULER set): the service keeps its queue, the jobs table and the registry, and
+submits at most MLSIGNAL_TRAINING_WORKERS jobs at once to the cluster (set it to at least the cluster's worker
+threads, or jobs wait in the service queue while workers idle). A job's whole pipeline is one task; it reads the
+candles from the database itself and returns the artifact bytes, which the service writes into MLSIGNAL_MODEL_DIR
+and registers. Workers therefore need the mlsignal package (the same versions as the service) and read access to
+the database, but no model volume. A worker uses its own MLSIGNAL_DATABASE_URL when set; otherwise the service's
+URL is sent with the task, except that a URL with a password is never sent (set it on the workers then).
+The forest fit uses MLSIGNAL_TRAINING_FIT_JOBS cores of the worker; when that asks for more cores than the worker
+machine has, or with MLSIGNAL_DASK_SPREAD_FIT=1, the trees are grown as tasks across the cluster instead.
 """
 
 from __future__ import annotations
@@ -51,6 +63,18 @@ def _float(name: str, default: float) -> float:
         raise ValueError(f"{name}={raw!r}: expected a number") from None
 
 
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={raw!r}: expected 1 or 0 (true/false, yes/no, on/off)")
+
+
 def _str(name: str, default: str) -> str:
     raw = os.environ.get(name)
     return default if raw is None or raw == "" else raw
@@ -65,6 +89,8 @@ class Settings:
     training_workers: int = 1
     training_queue_size: int = 16
     training_fit_jobs: int = -1
+    dask_scheduler: str | None = None
+    dask_spread_fit: bool = False
     model_poll_seconds: float = 2.0
     model_cache_size: int = 32
     max_batch: int = 10_000
@@ -88,6 +114,8 @@ class Settings:
             training_workers=_int("MLSIGNAL_TRAINING_WORKERS", d.training_workers),
             training_queue_size=_int("MLSIGNAL_TRAINING_QUEUE_SIZE", d.training_queue_size),
             training_fit_jobs=_int("MLSIGNAL_TRAINING_FIT_JOBS", d.training_fit_jobs),
+            dask_scheduler=_optional("MLSIGNAL_DASK_SCHEDULER"),
+            dask_spread_fit=_bool("MLSIGNAL_DASK_SPREAD_FIT", d.dask_spread_fit),
             model_poll_seconds=_float("MLSIGNAL_MODEL_POLL_SECONDS", d.model_poll_seconds),
             model_cache_size=_int("MLSIGNAL_MODEL_CACHE_SIZE", d.model_cache_size),
             max_batch=_int("MLSIGNAL_MAX_BATCH", d.max_batch),
@@ -108,6 +136,8 @@ class Settings:
             raise ValueError("MLSIGNAL_TRAINING_WORKERS must be >= 1")
         if self.training_queue_size < 1:
             raise ValueError("MLSIGNAL_TRAINING_QUEUE_SIZE must be >= 1")
+        if self.dask_scheduler is not None:
+            check_dask_address(self.dask_scheduler)
         if self.model_poll_seconds <= 0:
             raise ValueError("MLSIGNAL_MODEL_POLL_SECONDS must be > 0")
         if self.model_cache_size < 1:
@@ -153,6 +183,19 @@ def _read_pem(name: str, path: Path) -> bytes:
     if b"-----BEGIN" not in data:
         raise ValueError(f"{name}={str(path)!r}: not a PEM file")
     return data
+
+
+DASK_SCHEMES = ("tcp", "tls")
+
+
+def check_dask_address(address: str, what: str = "MLSIGNAL_DASK_SCHEDULER") -> str:
+    """A Dask scheduler address must look like ``tcp://host:port`` (or ``tls://`` with Dask's TLS configuration)."""
+    scheme, sep, rest = address.partition("://")
+    host, colon, port = rest.rpartition(":")
+    if not sep or scheme not in DASK_SCHEMES or not colon or not host or not port.isdigit() \
+            or not 0 < int(port) < 65536:
+        raise ValueError(f"{what}={address!r}: expected a Dask scheduler address like tcp://dask-scheduler:8786")
+    return address
 
 
 def check_token(token: str, what: str = "token") -> str:

@@ -25,6 +25,9 @@ from shared.settings import known_variables  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = "/var/lib/mlsignal/models"
 ADDR_VARIABLES = {"mlsignal-training": "MLSIGNAL_TRAINING_ADDR", "mlsignal-inference": "MLSIGNAL_INFERENCE_ADDR"}
+#: Commands of other packages that the image may run: the subcommands allowed, and the requirements (any one) that
+#: install them.
+FOREIGN_COMMANDS = {"dask": ({"scheduler", "worker"}, {"distributed", "dask[distributed]"})}
 VARIABLE = re.compile(r"\bMLSIGNAL_[A-Z0-9_]+")
 
 
@@ -41,6 +44,23 @@ def services(compose) -> dict:
 @pytest.fixture(scope="module")
 def scripts() -> set[str]:
     return set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"])
+
+
+@pytest.fixture(scope="module")
+def dependencies() -> set[str]:
+    """The runtime dependencies in pyproject.toml (what the image installs), lower case: `dask[distributed]>=2024.1`
+    gives dask and dask[distributed]."""
+    return requirement_names(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
+
+
+def requirement_names(requirements: list[str]) -> set[str]:
+    names = set()
+    for req in requirements:
+        m = re.match(r"\s*([A-Za-z0-9_.-]+)\s*(?:\[([^\]]*)\])?", req)
+        name = m.group(1).lower()
+        names.add(name)
+        names.update(f"{name}[{e.strip().lower()}]" for e in (m.group(2) or "").split(",") if e.strip())
+    return names
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +130,18 @@ def test_the_expected_services_exist(services):
     assert set(ours(services)) >= {"migrate", "training", "inference"}
 
 
-def test_every_command_is_a_console_script_or_an_mlsignal_subcommand(services, scripts):
+def test_every_command_is_a_console_script_or_an_mlsignal_subcommand(services, scripts, dependencies):
     parser = build_parser()
     checked = 0
     for name, service in ours(services).items():
         for cmd in commands(service):
+            if cmd and cmd[0] in FOREIGN_COMMANDS:
+                allowed, requirements = FOREIGN_COMMANDS[cmd[0]]
+                assert len(cmd) > 1 and cmd[1] in allowed, f"{name}: `{shlex.join(cmd)}`: expected {cmd[0]} {allowed}"
+                assert requirements & dependencies, (f"{name} runs `{cmd[0]} {cmd[1]}`, but pyproject.toml requires "
+                                                     f"none of {sorted(requirements)}, so the image lacks it")
+                checked += 1
+                continue
             assert cmd and cmd[0] in scripts, f"{name}: {cmd[0]!r} is not one of the console scripts {sorted(scripts)}"
             if cmd[0] == "mlsignal":
                 try:
@@ -146,6 +173,24 @@ def test_every_mlsignal_variable_is_known(compose, dockerfile):
     for name, service in ours(compose["services"]).items():
         for key in environment(service):
             assert key.startswith("MLSIGNAL_"), f"{name}: {key}: configure mlsignal only through MLSIGNAL_* variables"
+
+
+def test_the_dask_cluster_is_optional_and_wired_to_the_training_service(services):
+    scheduler, worker = services["dask-scheduler"], services["dask-worker"]
+    for name in ("dask-scheduler", "dask-worker"):
+        assert services[name].get("profiles") == ["dask"], f"{name}: the default compose must train locally"
+    sched_cmd = commands(scheduler)[0]
+    assert sched_cmd[:2] == ["dask", "scheduler"]
+    port = int(sched_cmd[sched_cmd.index("--port") + 1])
+    assert port in container_ports(scheduler)
+    work_cmd = commands(worker)[0]
+    assert work_cmd[:2] == ["dask", "worker"] and work_cmd[2] == f"tcp://dask-scheduler:{port}"
+    assert "container_name" not in worker and not worker.get("ports"), "dask-worker must scale"
+    # workers read the database and return the artifacts; they need no model volume
+    assert MODEL_DIR not in volume_mounts(worker) and "MLSIGNAL_MODEL_DIR" not in environment(worker)
+    assert environment(worker)["MLSIGNAL_DATABASE_URL"] == environment(services["training"])["MLSIGNAL_DATABASE_URL"]
+    training = environment(services["training"])
+    assert training["MLSIGNAL_DASK_SCHEDULER"] == "${MLSIGNAL_DASK_SCHEDULER:-}", "training stays local by default"
 
 
 def test_service_ports_match_the_listen_addresses(services):

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import io
 import platform
+import time
 from dataclasses import dataclass
+from contextlib import AbstractContextManager
 from typing import Callable
 
 import numpy as np
@@ -31,8 +33,15 @@ TEST_FRACTION = 0.2
 CALIBRATION_FRACTION = 0.2
 ONNX_TOLERANCE = 1e-5
 IMPORTANCE_REPEATS = 3
+STOP_CHECK_SECONDS = 0.5  # with should_stop: about this much tree growing between two checks
 
 Progress = Callable[[str, float], None]
+ShouldStop = Callable[[], bool]
+FitContext = Callable[[], AbstractContextManager]
+
+
+class TrainingStopped(Exception):
+    """Raised inside `train` when its `should_stop` callable answered True."""
 
 
 @dataclass(frozen=True)
@@ -107,23 +116,52 @@ def _require_all_classes(y: np.ndarray, where: str) -> None:
         )
 
 
-def fit_forest(X, y, params: ForestParams, n_jobs: int, on_progress: Callable[[float], None]):
+def fit_forest(X, y, params: ForestParams, n_jobs: int, on_progress: Callable[[float], None],
+               should_stop: ShouldStop | None = None, fit_context: FitContext | None = None):
     """Fit a RandomForest in chunks of trees (warm start), reporting the fraction of trees grown.
 
     Growing the same trees in chunks gives exactly the forest of one fit: scikit-learn draws each tree's seed
-    from random_state in order either way.
+    from random_state in order either way. Without `should_stop` the trees grow in 10 chunks. With it, chunks are
+    sized from the measured time per tree so that `should_stop()` is asked about every STOP_CHECK_SECONDS, and
+    TrainingStopped is raised when it answers True. `fit_context()`, when given, wraps every fit call (e.g. a joblib
+    backend that grows the trees elsewhere).
     """
+    from contextlib import nullcontext
+
     from sklearn.ensemble import RandomForestClassifier
 
+    context = fit_context or nullcontext
+
     total = params.n_estimators
-    steps = min(10, total)
     forest = RandomForestClassifier(n_jobs=n_jobs, warm_start=True, **{**params.sklearn_kwargs(), "n_estimators": 0})
-    for i in range(1, steps + 1):
-        forest.set_params(n_estimators=round(total * i / steps))
-        forest.fit(X, y)
-        on_progress(i / steps)
+    if should_stop is None:
+        steps = min(10, total)
+        for i in range(1, steps + 1):
+            forest.set_params(n_estimators=round(total * i / steps))
+            with context():
+                forest.fit(X, y)
+            on_progress(i / steps)
+    else:
+        grown, chunk, largest = 0, 1, max(1, total // 10)
+        while grown < total:
+            if should_stop():
+                raise TrainingStopped("stopped on request while growing trees")
+            target = min(total, grown + chunk)
+            t0 = time.perf_counter()
+            forest.set_params(n_estimators=target)
+            with context():
+                forest.fit(X, y)
+            per_tree = (time.perf_counter() - t0) / (target - grown)
+            grown = target
+            on_progress(grown / total)
+            chunk = max(1, min(largest, int(STOP_CHECK_SECONDS / max(per_tree, 1e-6))))
     forest.set_params(n_jobs=1)  # prediction and the stored model do not depend on the fitting machine
     return forest
+
+
+def _stop_check(should_stop: ShouldStop | None) -> None:
+    if should_stop is not None and should_stop():
+        raise TrainingStopped("stopped on request while scoring feature importance")
 
 
 def _proba(forest, X: np.ndarray) -> np.ndarray:
@@ -198,10 +236,25 @@ def train(
     progress: Progress = lambda stage, frac: None,
     n_jobs: int = -1,
     base_spec: FeatureSpec = FeatureSpec(),
+    should_stop: ShouldStop | None = None,
+    fit_context: FitContext | None = None,
 ) -> TrainedModel:
-    """Train, evaluate, calibrate and export one model from a candle frame (see the module docstring)."""
+    """Train, evaluate, calibrate and export one model from a candle frame (see the module docstring).
+
+    `should_stop`, when given, is asked between stages, between chunks of trees (about every STOP_CHECK_SECONDS)
+    and between permutation-importance rounds; when it answers True, TrainingStopped is raised. `fit_context()`,
+    when given, wraps every forest fit (and nothing else), e.g. ``lambda: joblib.parallel_config(backend="dask")``.
+    """
     import joblib
     from sklearn.inspection import permutation_importance
+
+    if should_stop is not None:
+        report = progress
+
+        def progress(stage: str, frac: float) -> None:
+            if should_stop():
+                raise TrainingStopped(f"stopped on request at stage {stage!r}")
+            report(stage, frac)
 
     progress("features", 0.05)
     data = build_dataset(frame, label, base_spec)
@@ -222,7 +275,8 @@ def train(
 
     # 1. Honest evaluation.
     progress("fitting", 0.10)
-    forest = fit_forest(X[fit], y[fit], params, n_jobs, stage("fitting", 0.10, 0.40))
+    forest = fit_forest(X[fit], y[fit], params, n_jobs, stage("fitting", 0.10, 0.40), should_stop,
+                        fit_context)
     progress("evaluating", 0.40)
     prior_fit = cal.class_prior(y[fit], len(CLASSES))
     raw_calib = _proba(forest, X[calib])
@@ -250,7 +304,7 @@ def train(
         _ShrunkForest(forest, prior_fit, w_eval),
         X[test],
         yt,
-        scoring=lambda est, Xs, ys: -cal.log_loss(est.predict_proba(Xs), ys),
+        scoring=lambda est, Xs, ys: _stop_check(should_stop) or -cal.log_loss(est.predict_proba(Xs), ys),
         n_repeats=IMPORTANCE_REPEATS,
         random_state=params.random_state,
         n_jobs=1,
@@ -264,7 +318,8 @@ def train(
     # which halves its variance compared with one slice; then the forest is refitted on everything.
     head = slice(0, test.start - label.horizon_bars)
     _require_all_classes(y[head], "calibration-fit")
-    forest_cal = fit_forest(X[head], y[head], params, n_jobs, stage("calibrating", 0.50, 0.70))
+    forest_cal = fit_forest(X[head], y[head], params, n_jobs, stage("calibrating", 0.50, 0.70), should_stop,
+                            fit_context)
     prior_head = cal.class_prior(y[head], len(CLASSES))
     weight = cal.fit_shrink_weight(
         np.vstack([raw_calib, _proba(forest_cal, X[test])]),
@@ -273,7 +328,7 @@ def train(
     )
     metrics["shrink_weight"] = weight
     del forest_cal
-    final = fit_forest(X, y, params, n_jobs, stage("refitting", 0.70, 0.92))
+    final = fit_forest(X, y, params, n_jobs, stage("refitting", 0.70, 0.92), should_stop, fit_context)
     prior_all = cal.class_prior(y, len(CLASSES))
 
     progress("saving", 0.92)

@@ -1,21 +1,24 @@
-"""Runs queued training jobs, each in its own worker process, so the gRPC threads stay free and cancel is real.
+"""Runs queued training jobs through an executor, so the gRPC threads stay free and cancel is real.
 
-`MLSIGNAL_TRAINING_WORKERS` jobs run at once; further jobs wait in a bounded queue. Cancelling a running job
-kills its process (it stops within milliseconds, whatever scikit-learn is doing) and removes its partial files.
+`MLSIGNAL_TRAINING_WORKERS` jobs run at once; further jobs wait in a bounded queue. Where a job runs is the
+executor's business (training_service/executors.py): a local spawned process by default, or one task on a Dask
+cluster with MLSIGNAL_DASK_SCHEDULER. The scheduler keeps the queue, the jobs table and the state transitions, and
+registers every model itself: the executor hands back the artifact bytes, which are written to partial files, renamed
+into place and recorded with their sha256 in one transaction. Cancelling a running job stops it through the executor;
+nothing of it is written.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
-import queue as queue_mod
 import re
 import threading
 import time
 import uuid
 from pathlib import Path
 
+from shared.artifacts import sha256_bytes
 from shared.errors import FailedPrecondition, NotFound, ResourceExhausted
 from shared.features import FeatureSpec
 from shared.labels import CLASSES
@@ -32,11 +35,16 @@ from training_service.jobs import (
     TrainingRequest,
     now_ms,
 )
-from training_service.worker import partial_paths, run_job
+from training_service.executors import CANCELLED as RUN_CANCELLED
+from training_service.executors import DIED, ERROR, RESULT, Executor, LocalProcessExecutor, Run
 
 log = logging.getLogger(__name__)
 
 PROGRESS_WRITE_INTERVAL = 0.2  # seconds between progress writes of the same stage
+
+
+def partial_paths(model_dir: Path, job_id: str) -> tuple[Path, Path]:
+    return model_dir / f".{job_id}.onnx.partial", model_dir / f".{job_id}.joblib.partial"
 
 
 def new_model_id(symbol: str, timeframe: str) -> str:
@@ -46,22 +54,27 @@ def new_model_id(symbol: str, timeframe: str) -> str:
 
 class Scheduler:
     def __init__(self, store: JobStore, database_url: str, model_dir: Path, workers: int = 1,
-                 queue_size: int = 16, fit_jobs: int = -1):
+                 queue_size: int = 16, fit_jobs: int = -1, executor: Executor | None = None):
         self.store = store
         self.database_url = database_url
         self.model_dir = Path(model_dir)
         self.workers = workers
         self.queue_size = queue_size
         self.fit_jobs = fit_jobs
+        self.executor = executor if executor is not None else LocalProcessExecutor(database_url, fit_jobs)
         self._lock = threading.Lock()
         self._pending: list[str] = []  # queued job ids, oldest first
         self._cancel: set[str] = set()
-        self._procs: dict[str, mp.Process] = {}
+        self._runs: dict[str, Run] = {}  # running job id -> its run in the executor
         self._wakeup = threading.Condition(self._lock)
         self._stopping = False
         self._threads: list[threading.Thread] = []
-        self._ctx = mp.get_context("spawn")
         self.on_job_finished = None  # metrics hook: on_job_finished(job) once a worker is done with a job
+
+    @property
+    def _procs(self) -> dict[str, Run]:
+        """The running jobs (job id -> Run); empty once every job's process or task is gone."""
+        return self._runs
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -74,6 +87,8 @@ class Scheduler:
             stale.unlink(missing_ok=True)
         with self._lock:
             self._pending = [j.job_id for j in self.store.queued_oldest_first()]
+        self.executor.start()
+        log.info("training jobs run on %s", self.executor.description)
         for i in range(self.workers):
             t = threading.Thread(target=self._worker_loop, name=f"training-worker-{i}", daemon=True)
             t.start()
@@ -88,15 +103,14 @@ class Scheduler:
         for t in self._threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         with self._lock:
-            procs = dict(self._procs)
-        for job_id, proc in procs.items():
-            proc.kill()
-            proc.join(5)
-            self._cleanup_partials(job_id)
+            runs = dict(self._runs)
+        for job_id, run in runs.items():
+            run.cancel()
             self.store.update(job_id, only_from=(RUNNING,), state=FAILED, stage="interrupted",
                               error="interrupted: the training service stopped", finished_at=now_ms())
         for t in self._threads:
             t.join(timeout=5)
+        self.executor.close()
 
     # -- API ---------------------------------------------------------------------------------------------
     def submit(self, request: TrainingRequest) -> Job:
@@ -123,11 +137,11 @@ class Scheduler:
             self._cancel.add(job_id)
             if job_id in self._pending:
                 self._pending.remove(job_id)
-            proc = self._procs.get(job_id)
+            run = self._runs.get(job_id)
             self.store.update(job_id, only_from=(QUEUED, RUNNING), state=CANCELLED, stage="cancelled",
                               error="cancelled on request", finished_at=now_ms())
-        if proc is not None:
-            proc.kill()  # the worker loop sees the dead process and cleans up
+        if run is not None:
+            run.cancel()  # returns at once; the worker loop sees the run end
         return self.store.get(job_id)
 
     # -- workers -----------------------------------------------------------------------------------------
@@ -167,13 +181,6 @@ class Scheduler:
         job = self.store.get(job_id)
         if job is None or job.state != QUEUED:
             return
-        q = self._ctx.Queue()
-        proc = self._ctx.Process(
-            target=run_job,
-            args=(job_id, job.request.to_json(), self.database_url, str(self.model_dir), self.fit_jobs, q, os.getpid()),
-            name=f"mlsignal-train-{job_id[:8]}",
-            daemon=True,
-        )
         with self._lock:
             if job_id in self._cancel or self._stopping:
                 self._cancel.discard(job_id)
@@ -181,67 +188,50 @@ class Scheduler:
             if not self.store.update(job_id, only_from=(QUEUED,), state=RUNNING, stage="starting",
                                      progress=0.0, started_at=now_ms()):
                 return
-            proc.start()
-            self._procs[job_id] = proc
-        log.info("job %s started in pid %s", job_id, proc.pid)
-        outcome = None
-        last_write = 0.0
-        last_stage = ""
+            run = self.executor.submit(job_id, job.request.to_json())
+            self._runs[job_id] = run
+        last = {"write": 0.0, "stage": ""}
+
+        def on_progress(stage: str, frac: float) -> None:
+            t = time.monotonic()
+            if stage != last["stage"] or t - last["write"] >= PROGRESS_WRITE_INTERVAL:
+                self.store.update(job_id, only_from=(RUNNING,), stage=stage, progress=float(frac))
+                last["write"], last["stage"] = t, stage
+
         try:
-            while outcome is None:
-                try:
-                    msg = q.get(timeout=0.1)
-                except queue_mod.Empty:
-                    if not proc.is_alive():
-                        # Drain what the process sent just before it exited.
-                        try:
-                            msg = q.get(timeout=0.5)
-                        except queue_mod.Empty:
-                            outcome = ("died", proc.exitcode)
-                            break
-                    else:
-                        continue
-                kind = msg[0]
-                if kind == "progress":
-                    _, stage, frac = msg
-                    t = time.monotonic()
-                    if stage != last_stage or t - last_write >= PROGRESS_WRITE_INTERVAL:
-                        self.store.update(job_id, only_from=(RUNNING,), stage=stage, progress=float(frac))
-                        last_write, last_stage = t, stage
-                else:
-                    outcome = msg
+            outcome = run.wait(on_progress)
         finally:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
             with self._lock:
-                self._procs.pop(job_id, None)
-            q.close()
+                self._runs.pop(job_id, None)
 
         with self._lock:
             cancelled = job_id in self._cancel
             self._cancel.discard(job_id)
-            if cancelled or outcome[0] != "result":
-                self._cleanup_partials(job_id)
             if cancelled:
                 return
-            if outcome[0] == "error":
-                self.store.update(job_id, only_from=(RUNNING,), state=FAILED, stage="failed",
-                                  error=outcome[1], finished_at=now_ms())
+            if outcome.kind == RESULT:
+                self._register(job, outcome.result)
                 return
-            if outcome[0] == "died":
-                self.store.update(job_id, only_from=(RUNNING,), state=FAILED, stage="failed",
-                                  error=f"the worker process exited with code {outcome[1]}", finished_at=now_ms())
-                return
-            self._register(job, outcome[1])
+            if outcome.kind == RUN_CANCELLED or (outcome.kind == DIED and self._stopping):
+                error, stage = "interrupted: the training service stopped", "interrupted"
+            elif outcome.kind in (ERROR, DIED):
+                error, stage = outcome.message, "failed"
+            else:
+                error, stage = f"unexpected outcome {outcome.kind!r}: {outcome.message}", "failed"
+            self.store.update(job_id, only_from=(RUNNING,), state=FAILED, stage=stage, error=error,
+                              finished_at=now_ms())
 
     def _register(self, job: Job, result: dict) -> None:
-        """Move the partial files into place and insert the model row and the job's success in one transaction."""
+        """Write the artifact bytes to partial files, rename them into place, and insert the model row and the job's
+        success in one transaction. On any failure nothing of the job stays behind."""
         req = job.request
         model_id = new_model_id(req.symbol, req.timeframe)
         onnx_tmp, skl_tmp = partial_paths(self.model_dir, job.job_id)
         onnx_name, skl_name = f"{model_id}.onnx", f"{model_id}.joblib"
+        onnx_bytes, skl_bytes = result["onnx_bytes"], result["sklearn_bytes"]
+        sha, skl_sha = sha256_bytes(onnx_bytes), sha256_bytes(skl_bytes)
+        if (result.get("sha256"), result.get("sklearn_sha256")) not in ((sha, skl_sha), (None, None)):
+            raise RuntimeError("the model artifacts were corrupted on their way from the worker (sha256 mismatch)")
         record = ModelRecord(
             model_id=model_id,
             symbol=req.symbol,
@@ -257,22 +247,25 @@ class Scheduler:
             shrink_weight=result["shrink_weight"],
             metrics=result["metrics"],
             artifact=onnx_name,
-            sha256=result["sha256"],
+            sha256=sha,
             sklearn_artifact=skl_name,
-            sklearn_sha256=result["sklearn_sha256"],
+            sklearn_sha256=skl_sha,
             job_id=job.job_id,
             versions=result["versions"],
         )
-        os.replace(onnx_tmp, self.model_dir / onnx_name)
-        os.replace(skl_tmp, self.model_dir / skl_name)
-        _fsync_dir(self.model_dir)
         try:
+            _write(onnx_tmp, onnx_bytes)
+            _write(skl_tmp, skl_bytes)
+            os.replace(onnx_tmp, self.model_dir / onnx_name)
+            os.replace(skl_tmp, self.model_dir / skl_name)
+            _fsync_dir(self.model_dir)
             with self.store.engine.begin() as conn:
                 insert_model(conn, record)
                 self.store.update(job.job_id, only_from=(RUNNING,), conn=conn, state=SUCCEEDED, stage="done",
                                   progress=1.0, model_id=model_id, metrics=result["metrics"],
                                   finished_at=now_ms())
         except BaseException:
+            self._cleanup_partials(job.job_id)
             (self.model_dir / onnx_name).unlink(missing_ok=True)
             (self.model_dir / skl_name).unlink(missing_ok=True)
             raise
@@ -282,6 +275,13 @@ class Scheduler:
     def _cleanup_partials(self, job_id: str) -> None:
         for p in partial_paths(self.model_dir, job_id):
             p.unlink(missing_ok=True)
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _fsync_dir(path: Path) -> None:

@@ -13,6 +13,7 @@ from shared.db import make_engine, training_jobs
 from shared.grpcserver import ServerHandle, observability, server_credentials, server_main, start_server
 from shared.migrate import upgrade
 from shared.settings import Settings
+from training_service.executors import DaskExecutor, Executor, LocalProcessExecutor
 from training_service.jobs import JobStore
 from training_service.scheduler import Scheduler
 from training_service.service import TrainingService
@@ -45,11 +46,19 @@ def job_counts(engine: sa.Engine) -> dict[str, int]:
         return {state: int(n) for state, n in conn.execute(query)}
 
 
+def make_executor(settings: Settings) -> Executor:
+    """Where jobs run: one task per job on the Dask cluster at MLSIGNAL_DASK_SCHEDULER, else local processes."""
+    if settings.dask_scheduler:
+        return DaskExecutor(settings.dask_scheduler, settings.database_url, settings.training_fit_jobs,
+                            settings.dask_spread_fit)
+    return LocalProcessExecutor(settings.database_url, settings.training_fit_jobs)
+
+
 def start(settings: Settings, address: str | None = None) -> RunningTraining:
     """Migrate the database, recover jobs, start the workers and the server. Used by main() and by tests.
 
     Also serves metrics on MLSIGNAL_METRICS_PORT, requires MLSIGNAL_AUTH_TOKEN and speaks TLS with
-    MLSIGNAL_TLS_CERT/KEY when those are set.
+    MLSIGNAL_TLS_CERT/KEY when those are set, and runs jobs on the Dask cluster at MLSIGNAL_DASK_SCHEDULER.
     """
     address = address or settings.training_addr
     credentials = server_credentials(settings.server_tls_pair())
@@ -65,6 +74,7 @@ def start(settings: Settings, address: str | None = None) -> RunningTraining:
             workers=settings.training_workers,
             queue_size=settings.training_queue_size,
             fit_jobs=settings.training_fit_jobs,
+            executor=make_executor(settings),
         )
         if metrics is not None:
             from shared.observability import training_metrics
@@ -99,7 +109,8 @@ def start(settings: Settings, address: str | None = None) -> RunningTraining:
 def _describe(settings: Settings, running: RunningTraining) -> str:
     return (f"training service listening on port {running.port}{' (TLS)' if settings.tls else ''}, database "
             f"{sa.engine.make_url(settings.database_url).render_as_string(hide_password=True)}, models in "
-            f"{settings.model_dir}{', bearer token required' if settings.auth_token else ''}")
+            f"{settings.model_dir}{', bearer token required' if settings.auth_token else ''}, jobs run on "
+            f"{running.scheduler.executor.description}")
 
 
 def main(argv: list[str] | None = None) -> int:

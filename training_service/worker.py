@@ -1,32 +1,103 @@
-"""What runs inside a training worker process: load candles, train, write the artifacts as partial files.
+"""What runs where a training job runs: load the candles, train, and hand the artifacts back as bytes.
 
-The process never touches the registry or the jobs table. It reports progress and its result over a queue, and
-the service registers the model. Killing this process therefore can never leave a half-registered model; the
-service removes the partial files of a job it cancelled or that died.
+Two entry points share `train_job`:
+
+- `run_job`: the entry point of a local worker process (LocalProcessExecutor). It reports progress and its result
+  over a multiprocessing queue.
+- `run_job_on_dask`: the one Dask task of a job (DaskExecutor). It reports progress over a `distributed.Queue`,
+  stops when the job's `distributed.Event` is set, and returns its result.
+
+Neither writes a file or touches the registry or the jobs table: the result carries the ONNX and joblib bytes, and
+the service writes them atomically into MLSIGNAL_MODEL_DIR and registers the model in one place. Killing a worker
+therefore can never leave a half-written file or a half-registered model behind.
 """
 
 from __future__ import annotations
 
 import os
+import time
 import traceback
-from pathlib import Path
+from collections.abc import Callable
+
+#: Messages a job sends while it runs (lists, because they may travel as msgpack):
+#:   ["started", worker address, pid]   (Dask only) the task began executing on this worker
+#:   ["progress", stage, fraction]
+#:   ["exit"]                           (Dask only) the task is leaving, whatever the reason
+#: and, for a local process only, finally ["result", dict] or ["error", message].
+PROGRESS_INTERVAL = 0.2  # seconds between two progress messages of the same stage (Dask)
+STOP_POLL_INTERVAL = 0.1  # seconds a should_stop answer is reused (Dask)
+RPC_TIMEOUT = 5.0  # seconds any one call to the Dask scheduler may take from inside a task
 
 
-def partial_paths(model_dir: Path, job_id: str) -> tuple[Path, Path]:
-    return model_dir / f".{job_id}.onnx.partial", model_dir / f".{job_id}.joblib.partial"
+def progress_queue_name(job_id: str) -> str:
+    return f"mlsignal-progress-{job_id}"
 
 
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+def cancel_event_name(job_id: str) -> str:
+    return f"mlsignal-cancel-{job_id}"
+
+
+def task_key(job_id: str) -> str:
+    return f"mlsignal-train-{job_id}"
+
+
+def train_job(request_json: str, database_url: str, n_jobs: int, progress: Callable[[str, float], None],
+              should_stop: Callable[[], bool] | None = None, fit_context=None) -> dict:
+    """Load the job's candles and train; the result dict holds the metadata and the artifact bytes.
+
+    Raises MlsignalError (or a subclass) for a request the data cannot satisfy, TrainingStopped when `should_stop`
+    answered True.
+    """
+    from shared.artifacts import sha256_bytes
+    from shared.db import make_engine
+    from shared.errors import MlsignalError
+    from shared.marketdata import load_candles
+    from training_service.jobs import TrainingRequest
+    from training_service.pipeline import train
+
+    req = TrainingRequest.from_json(request_json)
+    progress("loading", 0.01)
+    engine = make_engine(database_url)
+    try:
+        frame = load_candles(engine, req.symbol, req.timeframe, req.start_ms, req.end_ms)
+    finally:
+        engine.dispose()
+    if frame.empty:
+        raise MlsignalError(f"no candles for {req.symbol} {req.timeframe} in the requested range")
+    progress("loading", 0.05)
+    trained = train(frame, req.label, req.params, progress, n_jobs=n_jobs, should_stop=should_stop,
+                    fit_context=fit_context)
+    return {
+        "spec": trained.spec.to_dict(),
+        "prior": [float(p) for p in trained.prior],
+        "shrink_weight": trained.shrink_weight,
+        "metrics": trained.metrics,
+        "train_start_ms": trained.train_start_ms,
+        "train_end_ms": trained.train_end_ms,
+        "versions": trained.versions,
+        "onnx_bytes": trained.onnx_bytes,
+        "sklearn_bytes": trained.sklearn_bytes,
+        "sha256": sha256_bytes(trained.onnx_bytes),  # lets the service check the bytes arrived intact
+        "sklearn_sha256": sha256_bytes(trained.sklearn_bytes),
+    }
+
+
+def error_message(exc: BaseException) -> str:
+    """A domain error's own message; anything else with its type and a short traceback."""
+    from shared.errors import MlsignalError
+
+    if isinstance(exc, MlsignalError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# local worker process
 
 
 def _exit_with_parent(parent_pid: int) -> None:
     """If the service dies (even by SIGKILL), nobody can register this job's result: stop at once."""
     import threading
-    import time
 
     def watch():
         while os.getppid() == parent_pid:
@@ -36,54 +107,110 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def run_job(job_id: str, request_json: str, database_url: str, model_dir: str, n_jobs: int, queue,
+def run_job(job_id: str, request_json: str, database_url: str, n_jobs: int, queue,
             parent_pid: int | None = None) -> None:
-    """Process entry point. Sends ("progress", stage, frac), then ("result", dict) or ("error", message)."""
+    """Process entry point. Sends ["progress", stage, frac], then ["result", dict] or ["error", message]."""
     if parent_pid is not None:
         _exit_with_parent(parent_pid)
     try:
-        from shared.artifacts import sha256_bytes
-        from shared.db import make_engine
-        from shared.errors import MlsignalError
-        from shared.marketdata import load_candles
-        from training_service.jobs import TrainingRequest
-        from training_service.pipeline import train
+        result = train_job(request_json, database_url, n_jobs, lambda s, f: queue.put(["progress", s, f]))
+        queue.put(["result", result])
+    except BaseException as exc:  # report everything: the service turns it into a FAILED job
+        queue.put(["error", error_message(exc)])
 
-        req = TrainingRequest.from_json(request_json)
-        queue.put(("progress", "loading", 0.01))
-        engine = make_engine(database_url)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dask task
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def spreads_fit(n_jobs: int, spread_fit: bool, cores: int | None = None) -> bool:
+    """Whether a Dask task grows its trees across the cluster: on request, or when n_jobs exceeds the worker's cores."""
+    return spread_fit or n_jobs > (cores if cores is not None else _cores())
+
+
+def run_job_on_dask(job_id: str, request_json: str, database_url: str | None, n_jobs: int,
+                    spread_fit: bool = False) -> dict:
+    """The Dask task of one job. Returns {"result": dict} or {"error": message}; {"stopped": reason} on cancel.
+
+    The database URL is the worker's own MLSIGNAL_DATABASE_URL when set, else the one the service sent (it sends
+    none that carries a password). With `spreads_fit`, the forests are fitted inside joblib's dask backend, so
+    their trees run as tasks on all workers of the cluster. The task stops at its next check (about every half
+    second) when the job's cancel event is set or when the cluster dropped the task (its future was cancelled, or
+    the service that submitted it is gone).
+    """
+    from distributed import Queue, get_client, get_worker
+
+    from training_service.pipeline import TrainingStopped
+
+    worker = get_worker()
+    client = get_client()  # the worker's own client, connected to the scheduler
+    queue = Queue(progress_queue_name(job_id), client=client)
+    event = cancel_event_name(job_id)
+
+    def send(message: list) -> None:
         try:
-            frame = load_candles(engine, req.symbol, req.timeframe, req.start_ms, req.end_ms)
-        finally:
-            engine.dispose()
-        if frame.empty:
-            raise MlsignalError(f"no candles for {req.symbol} {req.timeframe} in the requested range")
-        queue.put(("progress", "loading", 0.05))
-        trained = train(frame, req.label, req.params, lambda s, f: queue.put(("progress", s, f)), n_jobs=n_jobs)
-        onnx_path, skl_path = partial_paths(Path(model_dir), job_id)
-        onnx_path.parent.mkdir(parents=True, exist_ok=True)
-        _write(onnx_path, trained.onnx_bytes)
-        _write(skl_path, trained.sklearn_bytes)
-        queue.put(
-            (
-                "result",
-                {
-                    "spec": trained.spec.to_dict(),
-                    "prior": [float(p) for p in trained.prior],
-                    "shrink_weight": trained.shrink_weight,
-                    "metrics": trained.metrics,
-                    "train_start_ms": trained.train_start_ms,
-                    "train_end_ms": trained.train_end_ms,
-                    "sha256": sha256_bytes(trained.onnx_bytes),
-                    "sklearn_sha256": sha256_bytes(trained.sklearn_bytes),
-                    "versions": trained.versions,
-                },
-            )
-        )
-    except BaseException as exc:  # report everything: the parent turns it into a FAILED job
-        from shared.errors import MlsignalError
+            queue.put(message, callback_timeout=RPC_TIMEOUT)
+        except Exception:  # progress is best effort; the result does not depend on it
+            pass
 
-        if isinstance(exc, MlsignalError):
-            queue.put(("error", str(exc)))
-        else:
-            queue.put(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"))
+    last = {"stage": "", "sent": 0.0, "checked": 0.0, "stop": False}
+
+    def progress(stage: str, frac: float) -> None:
+        now = time.monotonic()
+        if stage != last["stage"] or now - last["sent"] >= PROGRESS_INTERVAL:
+            last["stage"], last["sent"] = stage, now
+            send(["progress", stage, float(frac)])
+
+    key = worker.get_current_task()
+
+    def abandoned() -> bool:
+        """Whether the cluster no longer wants this task (its future was cancelled, or its client is gone)."""
+        try:
+            ts = worker.state.tasks.get(key)
+            return ts is None or ts.state == "cancelled"
+        except Exception:  # internal worker state: never fail a job over it
+            return False
+
+    def should_stop() -> bool:
+        now = time.monotonic()
+        if not last["stop"] and now - last["checked"] >= STOP_POLL_INTERVAL:
+            last["checked"] = now
+            try:
+                last["stop"] = abandoned() or bool(client.sync(client.scheduler.event_is_set, name=event,
+                                                               callback_timeout=RPC_TIMEOUT))
+            except Exception:  # an unreachable scheduler will cancel nothing; keep going
+                pass
+        return last["stop"]
+
+    send(["started", worker.address, os.getpid()])
+    try:
+        url = os.environ.get("MLSIGNAL_DATABASE_URL") or database_url
+        if not url:
+            return {"error": f"the Dask worker {worker.address} has no MLSIGNAL_DATABASE_URL, and the training "
+                             "service does not send a database URL that carries a password; set "
+                             "MLSIGNAL_DATABASE_URL on the workers"}
+        fit_context = None
+        if spreads_fit(n_jobs, spread_fit):
+            import joblib
+
+            def fit_context():
+                return joblib.parallel_config(backend="dask")
+
+        return {"result": train_job(request_json, url, n_jobs, progress, should_stop, fit_context)}
+    except TrainingStopped as exc:
+        return {"stopped": str(exc)}
+    except Exception as exc:
+        return {"error": error_message(exc)}
+    finally:
+        send(["exit"])
+        try:
+            queue.close()
+        except Exception:
+            pass
