@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
 
 import sqlalchemy as sa
 
 from mlsignal.v1 import inference_pb2, inference_pb2_grpc
 from shared.db import make_engine
-from shared.grpcserver import ServerHandle, observability, server_credentials, server_main, start_server
+from shared.grpcserver import RunningServer, ServerHandle, observability, server_credentials, server_main, start_server
 from shared.settings import Settings
 from inference_service.models import ModelStore
 from inference_service.servicer import InferenceServicer
@@ -20,19 +19,10 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].ful
 BYTES_PER_CANDLE = 128  # a Candle message with every field set is under 80 bytes; leave room for framing
 
 
-@dataclass
-class RunningInference:
-    handle: ServerHandle
-    store: ModelStore
-    engine: sa.Engine
-
-    @property
-    def port(self) -> int:
-        return self.handle.port
-
-    def stop(self, grace: float = 1.0) -> None:
-        self.handle.stop(grace)
-        self.engine.dispose()
+class RunningInference(RunningServer):
+    def __init__(self, handle: ServerHandle, store: ModelStore, engine: sa.Engine):
+        super().__init__(handle, engine)
+        self.store = store
 
 
 def loaded_models(store: ModelStore):

@@ -129,6 +129,22 @@ class ServerHandle:
         self.server.wait_for_termination()
 
 
+class RunningServer:
+    """A started service: its server handle and database engine; `stop` drains the server, then closes the pool."""
+
+    def __init__(self, handle: ServerHandle, engine):
+        self.handle = handle
+        self.engine = engine
+
+    @property
+    def port(self) -> int:
+        return self.handle.port
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.handle.stop(grace)
+        self.engine.dispose()
+
+
 def server_credentials(tls_pair: tuple[bytes, bytes] | None) -> grpc.ServerCredentials | None:
     """TLS credentials from (certificate chain PEM, private key PEM), or None for plaintext."""
     if tls_pair is None:

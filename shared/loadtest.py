@@ -375,6 +375,28 @@ class _Tally:
         self.errors[code] += 1
         self.examples.setdefault(code, details)
 
+    def record(self, measured: bool, failed, t_end: float, latency: float) -> None:
+        """Count one request: warm-up requests only by number; measured ones by latency or error."""
+        if not measured:
+            self.warm += 1
+            return
+        self.measured += 1
+        self.last_end = max(self.last_end, t_end)
+        if failed is None:
+            self.lat.append(latency)
+        else:
+            self.error(*failed)
+
+
+def _timed_call(session, failed, clock):
+    """(failure or None, t0, t1): call the session unless preparing it already failed."""
+    if failed is not None:
+        t = clock()
+        return failed, t, t
+    t0 = clock()
+    failed = session.call()
+    return failed, t0, clock()
+
 
 class _Run:
     def __init__(self, cfg: LoadTestConfig, t_start: float):
@@ -413,22 +435,8 @@ class _Run:
             measured = now >= self.measure_from
             if measured and limit is not None and next(self.tickets) >= limit:
                 break
-            failed = session.prepare()
-            if failed is None:
-                t0 = clock()
-                failed = session.call()
-                t1 = clock()
-            else:
-                t0 = t1 = clock()
-            if not measured:
-                tally.warm += 1
-                continue
-            tally.measured += 1
-            tally.last_end = max(tally.last_end, t1)
-            if failed is None:
-                tally.lat.append(t1 - t0)
-            else:
-                tally.error(*failed)
+            failed, t0, t1 = _timed_call(session, session.prepare(), clock)
+            tally.record(measured, failed, t1, t1 - t0)
 
     def open_worker(self, session, tally: _Tally) -> None:
         rate, clock = self.cfg.rate, time.perf_counter
@@ -444,25 +452,12 @@ class _Run:
             delay = scheduled - clock()
             if delay > 0 and self.stop.wait(delay):
                 break
-            if failed is None:
-                t0 = clock()
-                failed = session.call()
-                t1 = clock()
-            else:
-                t0 = t1 = clock()
-            if not measured:
-                tally.warm += 1
-                continue
-            tally.measured += 1
-            tally.last_end = max(tally.last_end, t1)
+            failed, t0, t1 = _timed_call(session, failed, clock)
+            tally.record(measured, failed, t1, t1 - scheduled)  # from the scheduled time: no coordinated omission
             lag = t0 - scheduled
-            if lag > LATE_SEND_S:
+            if measured and lag > LATE_SEND_S:
                 tally.late += 1
                 tally.max_lag = max(tally.max_lag, lag)
-            if failed is None:
-                tally.lat.append(t1 - scheduled)
-            else:
-                tally.error(*failed)
 
 
 def _resolve_history(cfg: LoadTestConfig, channel, notes: list[str]) -> int:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
 
 import sqlalchemy as sa
 
 from mlsignal.v1 import training_pb2, training_pb2_grpc
 from shared.db import make_engine, training_jobs
-from shared.grpcserver import ServerHandle, observability, server_credentials, server_main, start_server
+from shared.grpcserver import RunningServer, ServerHandle, observability, server_credentials, server_main, start_server
 from shared.migrate import upgrade
 from shared.settings import Settings
 from training_service.executors import DaskExecutor, Executor, LocalProcessExecutor
@@ -24,19 +23,10 @@ SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
-@dataclass
-class RunningTraining:
-    handle: ServerHandle
-    scheduler: Scheduler
-    engine: sa.Engine
-
-    @property
-    def port(self) -> int:
-        return self.handle.port
-
-    def stop(self, grace: float = 1.0) -> None:
-        self.handle.stop(grace)
-        self.engine.dispose()
+class RunningTraining(RunningServer):
+    def __init__(self, handle: ServerHandle, scheduler: Scheduler, engine: sa.Engine):
+        super().__init__(handle, engine)
+        self.scheduler = scheduler
 
 
 def job_counts(engine: sa.Engine) -> dict[str, int]:
