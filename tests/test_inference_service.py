@@ -108,11 +108,12 @@ def test_served_probabilities_match_scikit_learn(services, y2019):
 
 def test_stream_one_by_one_chunks_and_batch_agree_exactly(services, y2019):
     frame = y2019.iloc[:400]
-    batch = predict(services.infer_stub, frame)
-    one = stream_all(services.infer_stub, [frame.iloc[i:i + 1] for i in range(len(frame))])
+    batch = predict(services.infer_stub, frame, model_id=services.btc_job.model_id)
+    one = stream_all(services.infer_stub, [frame.iloc[i:i + 1] for i in range(len(frame))], model_id=services.btc_job.model_id)
     sizes = [1, 7, 93, 3, 150, 146]
     bounds = np.cumsum([0, *sizes])
-    chunks = stream_all(services.infer_stub, [frame.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+    chunks = stream_all(services.infer_stub, [frame.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
+                        model_id=services.btc_job.model_id)
     flat_one = [p for r in one for p in r.predictions]
     flat_chunks = [p for r in chunks for p in r.predictions]
     assert [len(r.predictions) for r in chunks] == sizes
@@ -125,7 +126,7 @@ def test_stream_one_by_one_chunks_and_batch_agree_exactly(services, y2019):
 
 def test_no_look_ahead(services, y2019):
     frame = y2019.iloc[:600].reset_index(drop=True)
-    base = probs(predict(services.infer_stub, frame))
+    base = probs(predict(services.infer_stub, frame, model_id=services.btc_job.model_id))
     t = 350
     changed = frame.copy()
     rng = np.random.default_rng(1)
@@ -133,10 +134,10 @@ def test_no_look_ahead(services, y2019):
     for col in ("open", "high", "low", "close"):
         changed.loc[t + 1:, col] = changed.loc[t + 1:, col].to_numpy() * scale
     changed.loc[t + 1:, "volume"] = changed.loc[t + 1:, "volume"].to_numpy() * 10
-    after = probs(predict(services.infer_stub, changed))
+    after = probs(predict(services.infer_stub, changed, model_id=services.btc_job.model_id))
     assert np.array_equal(after[: t + 1], base[: t + 1], equal_nan=True)
     assert not np.array_equal(after[t + 1:], base[t + 1:], equal_nan=True)
-    truncated = probs(predict(services.infer_stub, frame.iloc[: t + 1]))
+    truncated = probs(predict(services.infer_stub, frame.iloc[: t + 1], model_id=services.btc_job.model_id))
     assert np.array_equal(truncated, base[: t + 1], equal_nan=True)
 
 
@@ -146,12 +147,12 @@ def test_forming_candle_replaces_the_last(services, y2019):
     forming = frame.iloc[[199]].copy()
     forming[["close", "high"]] = forming[["close", "high"]] * 1.03
     forming["low"] = forming["low"] * 0.99
-    resps = stream_all(stub, [frame.iloc[:199], forming, frame.iloc[[199]]])
+    resps = stream_all(stub, [frame.iloc[:199], forming, frame.iloc[[199]]], model_id=services.btc_job.model_id)
     assert resps[1].predictions[0].open_time_ms == resps[2].predictions[0].open_time_ms
-    final = probs(predict(stub, frame))
+    final = probs(predict(stub, frame, model_id=services.btc_job.model_id))
     assert np.array_equal(probs(resps[2])[0], final[199])
     with_forming = pd.concat([frame.iloc[:199], forming])
-    assert np.array_equal(probs(resps[1])[0], probs(predict(stub, with_forming))[199])
+    assert np.array_equal(probs(resps[1])[0], probs(predict(stub, with_forming, model_id=services.btc_job.model_id))[199])
     assert not np.array_equal(probs(resps[1])[0], final[199])
 
 
@@ -164,7 +165,7 @@ def _err(fn):
 def test_error_table(services, y2019):
     stub = services.infer_stub
     good = y2019.iloc[:150].reset_index(drop=True)
-    reference = probs(predict(stub, good))
+    reference = probs(predict(stub, good, model_id=services.btc_job.model_id))
 
     def bad(changes):
         f = good.copy()
@@ -193,7 +194,7 @@ def test_error_table(services, y2019):
         got_code, details = _err(call)
         assert got_code == code and text in details, (code, text, got_code, details)
         # the service still answers correctly afterwards
-        assert np.array_equal(probs(predict(stub, good)), reference, equal_nan=True)
+        assert np.array_equal(probs(predict(stub, good, model_id=services.btc_job.model_id)), reference, equal_nan=True)
 
 
 def test_oversized_batch_is_rejected_and_max_batch_fits(services, sample_frame):
@@ -213,7 +214,7 @@ def test_bad_stream_message_ends_only_that_stream(services, y2019):
     done = threading.Event()
 
     def healthy():
-        for r in stream_all(stub, [good.iloc[i:i + 10] for i in range(0, 120, 10)]):
+        for r in stream_all(stub, [good.iloc[i:i + 10] for i in range(0, 120, 10)], model_id=services.btc_job.model_id):
             healthy_q.append(r)
         done.set()
 
@@ -229,7 +230,7 @@ def test_bad_stream_message_ends_only_that_stream(services, y2019):
     th.join(60)
     assert done.is_set() and len(healthy_q) == 12
     got = np.vstack([probs(r) for r in healthy_q])
-    assert np.array_equal(got, probs(predict(stub, good)), equal_nan=True)
+    assert np.array_equal(got, probs(predict(stub, good, model_id=services.btc_job.model_id)), equal_nan=True)
     del other
 
 
