@@ -3,7 +3,7 @@
 #   docker build -t mlsignal .
 # Configuration is only through MLSIGNAL_* environment variables (see shared/settings.py); the image holds no secrets.
 
-# ---- builder: the mlsignal wheel and wheels of all its dependencies -------------------------------------------------
+# ---- builder: the mlsignal wheel with the server extras, and wheels of all their dependencies -------------------------------------------------
 FROM python:3.11-slim AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
@@ -12,7 +12,7 @@ COPY mlsignal ./mlsignal
 COPY shared ./shared
 COPY training_service ./training_service
 COPY inference_service ./inference_service
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel --wheel-dir /wheels ".[training,dask]"
 
 # ---- final: the installed wheel, no compilers or build tools, a non-root user ------------------------------------
 FROM python:3.11-slim
@@ -26,7 +26,7 @@ ENV PYTHONUNBUFFERED=1 \
     MLSIGNAL_LOG_FORMAT=json
 # The wheels are bind-mounted from the builder for this one step, so they never become a layer of the image.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels mlsignal \
+    pip install --no-index --find-links=/wheels "mlsignal[training,dask]" \
  && groupadd --system --gid 10001 mlsignal \
  && useradd --system --uid 10001 --gid mlsignal --home-dir /var/lib/mlsignal --shell /usr/sbin/nologin mlsignal \
  && mkdir -p /var/lib/mlsignal/models \

@@ -8,7 +8,7 @@ What it does:
 2. starts the real training and inference services in this process on 127.0.0.1:0;
 3. trains a model with the default parameters on 2017-07-01 .. 2019-01-01 (200 trees; 40 with --quick) and reports
    the training time from the job's started_at / finished_at;
-4. measures with `shared.loadtest`, closed loop, in a separate client process (a strategy engine is another process;
+4. measures with `mlsignal.loadtest`, closed loop, in a separate client process (a strategy engine is another process;
    a client in the server's own process would share its GIL and disturb both sides), one worker for latency:
    the floor (a grpc.health.v1 Check), StreamPredict with one new candle per message, and Predict with 1, 64 and
    1,024 candles (each request also carries warmup_bars - 1 candles of history, so every counted candle is ready);
@@ -108,10 +108,10 @@ def machine() -> dict:
 
 
 def prepare_database(url: str) -> pd.DataFrame:
-    from shared.db import make_engine
-    from shared.importers import read_candles
-    from shared.marketdata import insert_candles
-    from shared.migrate import upgrade
+    from shared.store.db import make_engine
+    from shared.store.importers import read_candles
+    from shared.store.marketdata import insert_candles
+    from shared.store.migrate import upgrade
 
     frame = read_candles(SAMPLE, TIMEFRAME)
     upgrade(url)
@@ -125,7 +125,7 @@ def prepare_database(url: str) -> pd.DataFrame:
 
 def train_model(training_port: int, trees: int):
     """Train through the service; returns the final TrainingJob and its wall time from started_at to finished_at."""
-    from shared.client import TrainingClient
+    from mlsignal.client import TrainingClient
 
     with TrainingClient(f"127.0.0.1:{training_port}", timeout=60) as client:
         job = client.train(SYMBOL, TIMEFRAME, TRAIN_START, TRAIN_END,
@@ -184,7 +184,7 @@ def naive_baseline(frame: pd.DataFrame, record, model_dir: Path, n: int) -> dict
 
 
 def run_cases(target: str, frame: pd.DataFrame, plan: Plan, in_process: bool, log) -> dict:
-    from shared.loadtest import LoadTestConfig, run_loadtest
+    from mlsignal.loadtest import LoadTestConfig, run_loadtest
 
     results = {}
     pool = None if in_process else ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
@@ -206,7 +206,7 @@ def run_cases(target: str, frame: pd.DataFrame, plan: Plan, in_process: bool, lo
 
 
 def _client_ready() -> bool:
-    import shared.loadtest  # noqa: F401
+    import mlsignal.loadtest  # noqa: F401
 
     return True
 
@@ -339,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
 
     from inference_service.server import start as start_inference
-    from shared.db import make_engine
-    from shared.registry import get_model
+    from shared.store.db import make_engine
+    from shared.store.registry import get_model
     from shared.settings import Settings
     from training_service.server import start as start_training
 

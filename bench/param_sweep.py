@@ -17,7 +17,7 @@ import pandas as pd
 
 from shared.calibration import brier, log_loss, shrink_to_prior
 from shared.features import feature_matrix
-from shared.importers import read_candles
+from shared.store.importers import read_candles
 from shared.labels import LabelSpec, make_labels
 from shared.onnxmodel import OnnxForest
 from shared.params import ForestParams

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 
-from shared import registry
+from shared.store import registry
 from shared.artifacts import ArtifactError, read_verified
 from shared.calibration import shrink_to_prior
 from shared.errors import DataLoss, InvalidArgument, NotFound
 from shared.onnxmodel import OnnxForest
-from shared.registry import ModelRecord
+from shared.store.registry import ModelRecord
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import sys
 import sqlalchemy as sa
 
 from mlsignal.v1 import inference_pb2, inference_pb2_grpc
-from shared.db import make_engine
-from shared.grpcserver import RunningServer, ServerHandle, observability, server_credentials, server_main, start_server
+from shared.store.db import make_engine
+from shared.server.builder import RunningServer, ServerHandle, observability, server_credentials, server_main, start_server
 from shared.settings import Settings
 from inference_service.models import ModelStore
 from inference_service.servicer import InferenceServicer
@@ -47,7 +47,7 @@ def start(settings: Settings, address: str | None = None) -> RunningInference:
     store = ModelStore(engine, settings.model_dir, settings.model_cache_size, settings.model_poll_seconds)
     on_predicted = None
     if metrics is not None:
-        from shared.observability import inference_metrics
+        from shared.server.observability import inference_metrics
 
         on_predicted = inference_metrics(metrics, lambda: loaded_models(store))
     store.start_polling()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mlsignal.v1 import inference_pb2_grpc
 from shared.converters import model_info
-from shared.grpcserver import maps_errors
+from shared.server.builder import maps_errors
 from inference_service.converters import response
 from inference_service.models import ModelStore
 from inference_service.streams import StreamSession, predict_batch, resolve_key

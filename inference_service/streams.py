@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shared.errors import InvalidArgument
-from shared.marketdata import validate_symbol
+from shared.store.marketdata import validate_symbol
 from shared.timeframes import timeframe_ms
 from inference_service.models import LoadedModel, ModelStore
 from inference_service.predictor import (

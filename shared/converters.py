@@ -6,7 +6,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from mlsignal.v1 import common_pb2
 from shared.params import ForestParams
-from shared.registry import ModelRecord
+from shared.store.registry import ModelRecord
 
 CLASS_WEIGHT_TO_PROTO = {"none": common_pb2.CLASS_WEIGHT_NONE, "balanced": common_pb2.CLASS_WEIGHT_BALANCED}
 

@@ -121,7 +121,7 @@ def fresh_pg_database(base_url: str):
     """Create a uniquely named, migrated database on a PostgreSQL server; drop it on exit."""
     import sqlalchemy as sa
 
-    from shared.migrate import upgrade
+    from shared.store.migrate import upgrade
 
     name = f"t_{uuid.uuid4().hex[:16]}"
     with _admin_connect(base_url) as conn:
@@ -149,7 +149,7 @@ def pg_url(pg_server):
 @pytest.fixture
 def sqlite_url(tmp_path):
     """A fresh, migrated SQLite file in the test's temporary directory."""
-    from shared.migrate import upgrade
+    from shared.store.migrate import upgrade
 
     url = f"sqlite:///{tmp_path}/mlsignal.db"
     upgrade(url)

@@ -8,7 +8,7 @@ from mlsignal.v1 import common_pb2, training_pb2
 from shared.converters import CLASS_WEIGHT_TO_PROTO, params_message, ts
 from shared.errors import InvalidArgument
 from shared.labels import LabelSpec
-from shared.marketdata import validate_symbol
+from shared.store.marketdata import validate_symbol
 from shared.params import (
     DEFAULT_MAX_DEPTH,
     DEFAULT_MIN_SAMPLES_LEAF,

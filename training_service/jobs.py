@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from shared.db import training_jobs as jobs_table
+from shared.store.db import training_jobs as jobs_table
 from shared.labels import LabelSpec
 from shared.params import ForestParams
 

@@ -22,7 +22,7 @@ from shared.artifacts import sha256_bytes
 from shared.errors import FailedPrecondition, NotFound, ResourceExhausted
 from shared.features import FeatureSpec
 from shared.labels import CLASSES
-from shared.registry import ModelRecord, insert_model
+from shared.store.registry import ModelRecord, insert_model
 from training_service.jobs import (
     CANCELLED,
     FAILED,

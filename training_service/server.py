@@ -8,9 +8,9 @@ import sys
 import sqlalchemy as sa
 
 from mlsignal.v1 import training_pb2, training_pb2_grpc
-from shared.db import make_engine, training_jobs
-from shared.grpcserver import RunningServer, ServerHandle, observability, server_credentials, server_main, start_server
-from shared.migrate import upgrade
+from shared.store.db import make_engine, training_jobs
+from shared.server.builder import RunningServer, ServerHandle, observability, server_credentials, server_main, start_server
+from shared.store.migrate import upgrade
 from shared.settings import Settings
 from training_service.executors import DaskExecutor, Executor, LocalProcessExecutor
 from training_service.jobs import JobStore
@@ -67,7 +67,7 @@ def start(settings: Settings, address: str | None = None) -> RunningTraining:
             executor=make_executor(settings),
         )
         if metrics is not None:
-            from shared.observability import training_metrics
+            from shared.server.observability import training_metrics
 
             scheduler.on_job_finished = training_metrics(metrics, lambda: job_counts(engine))
         scheduler.start()

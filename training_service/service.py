@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from shared import registry
+from shared.store import registry
 from shared.errors import FailedPrecondition, NotFound
 from shared.features import FeatureSpec
-from shared.marketdata import count_candles
+from shared.store.marketdata import count_candles
 from shared.timeframes import ms_to_iso
 from training_service.jobs import Job, JobStore, TrainingRequest
 from training_service.pipeline import min_candles_needed

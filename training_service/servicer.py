@@ -5,7 +5,7 @@ from __future__ import annotations
 from mlsignal.v1 import training_pb2, training_pb2_grpc
 from shared.converters import model_info
 from shared.errors import InvalidArgument
-from shared.grpcserver import maps_errors
+from shared.server.builder import maps_errors
 from training_service import converters
 from training_service.service import TrainingService
 

@@ -49,9 +49,9 @@ def train_job(request_json: str, database_url: str, n_jobs: int, progress: Calla
     answered True.
     """
     from shared.artifacts import sha256_bytes
-    from shared.db import make_engine
+    from shared.store.db import make_engine
     from shared.errors import MlsignalError
-    from shared.marketdata import load_candles
+    from shared.store.marketdata import load_candles
     from training_service.jobs import TrainingRequest
     from training_service.pipeline import train
 

@@ -1,0 +1,279 @@
+"""`mlsignal data import|list`: load market-data files into the database and show what is stored."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from shared.timeframes import TIMEFRAME_MS
+
+KINDS = ("candles", "funding-rate", "open-interest")
+FORMATS = ("auto", "csv", "binance")
+# Smaller files insert in a fraction of a second; a bar would only flicker.
+PROGRESS_MIN_ROWS = 10_000
+GAPS_SHOWN = 5
+
+
+def register(sub) -> None:
+    p = sub.add_parser("data", help="market data: import files, list what is stored")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    imp = dsub.add_parser(
+        "import",
+        help="validate a candle, funding-rate or open-interest file and store it (idempotent)",
+        description=(
+            "Validate every row of FILE and store it in MLSIGNAL_DATABASE_URL (the schema is created or migrated "
+            "first). The first bad row rejects the whole file and nothing is stored. Rows already stored are "
+            "skipped, so importing a file twice changes nothing. Gaps are reported, not rejected."
+        ),
+    )
+    imp.add_argument("file", metavar="FILE", help="CSV file, optionally compressed (.gz, .zip, ...)")
+    imp.add_argument("--symbol", required=True, help="market symbol, like BTC/USDT")
+    imp.add_argument(
+        "--timeframe", choices=list(TIMEFRAME_MS), metavar="TF",
+        help=f"candle length, one of {' '.join(TIMEFRAME_MS)} (required for candles)",
+    )  # fmt: skip
+    imp.add_argument(
+        "--format", choices=FORMATS, default="auto",
+        help="csv: header timestamp,open,high,low,close,volume (ISO-8601 UTC or epoch ms); binance: Binance kline "
+        "CSV (12 columns, ms or µs); auto (default): tell from the first line",
+    )  # fmt: skip
+    imp.add_argument(
+        "--kind", choices=KINDS, default="candles",
+        help="what the file holds (default: candles); series files have the header timestamp,value",
+    )  # fmt: skip
+    imp.add_argument(
+        "--resample", choices=list(TIMEFRAME_MS), metavar="TF",
+        help="also store candles aggregated to this longer timeframe; only buckets with every candle stored are kept",
+    )  # fmt: skip
+    imp.set_defaults(func=_import)
+
+    ls = dsub.add_parser("list", help="stored candles per symbol and timeframe, and funding-rate/open-interest series")
+    ls.set_defaults(func=_list)
+
+
+def _import(args) -> int:
+    from shared.errors import InvalidArgument
+    from shared.store.importers import ImportRejected
+    from shared.store.marketdata import validate_symbol
+    from shared.settings import Settings
+
+    settings = Settings.from_env()
+    validate_symbol(args.symbol)
+    if args.kind == "candles":
+        if not args.timeframe:
+            raise InvalidArgument("--timeframe is required when importing candles", field="timeframe")
+        if args.resample:
+            _check_resample(args.timeframe, args.resample)
+    else:
+        for option, value in (("--timeframe", args.timeframe), ("--resample", args.resample)):
+            if value:
+                raise InvalidArgument(f"{option} applies to candles, not to a {args.kind} series", field=option[2:])
+        if args.format == "binance":
+            raise InvalidArgument(f"--format binance holds candles, not a {args.kind} series", field="format")
+
+    try:
+        if args.kind == "candles":
+            from shared.store.importers import read_candles
+
+            frame = read_candles(args.file, args.timeframe, args.format)
+        else:
+            from shared.store.importers import read_series
+
+            frame = read_series(args.file, args.kind)
+    except ImportRejected as exc:
+        print(f"error: {args.file} line {exc.line}: {exc.reason}", file=sys.stderr)
+        return 2
+
+    engine = _connect(settings.database_url, migrate=True)
+    try:
+        if args.kind == "candles":
+            _store_candles(engine, args, frame)
+        else:
+            _store_series(engine, args, frame)
+    finally:
+        engine.dispose()
+    return 0
+
+
+def _check_resample(timeframe: str, target: str) -> None:
+    from shared.errors import InvalidArgument
+
+    src, dst = TIMEFRAME_MS[timeframe], TIMEFRAME_MS[target]
+    if dst <= src or dst % src:
+        raise InvalidArgument(
+            f"--resample {target} must be a longer timeframe than {timeframe} and a whole multiple of it",
+            field="resample",
+        )
+
+
+def _store_candles(engine, args, frame) -> None:
+    from shared.store.importers import find_gaps, resample
+    from shared.store.marketdata import insert_candles, load_candles
+
+    symbol, tf = args.symbol, args.timeframe
+    tf_ms = TIMEFRAME_MS[tf]
+    times = frame["open_time_ms"].to_numpy()
+    if len(times) >= 2 and (times[1:] - times[:-1]).min() > tf_ms:
+        closest = int((times[1:] - times[:-1]).min())
+        print(
+            f"warning: the closest candles in {args.file} are {_span(closest)} apart, longer than the timeframe {tf}; "
+            "is --timeframe right?",
+            file=sys.stderr,
+        )
+    added, skipped = _insert_with_progress(
+        len(frame), f"{symbol} {tf}", lambda progress: insert_candles(engine, symbol, tf, frame, progress=progress)
+    )
+    print(_summary(symbol, tf, added, skipped, times, find_gaps(times, tf_ms), tf_ms))
+
+    if args.resample:
+        # Aggregate from the store, not only from this file, so a bucket that straddles two imported files is built
+        # once both halves are in.
+        to_tf, to_ms = args.resample, TIMEFRAME_MS[args.resample]
+        start = int(times[0]) - int(times[0]) % to_ms
+        end = int(times[-1]) - int(times[-1]) % to_ms + to_ms
+        stored = load_candles(engine, symbol, tf, start, end)
+        coarse = resample(stored, tf, to_tf)
+        if coarse.empty:
+            print(f"{symbol} {to_tf}: 0 rows added, no complete {to_tf} bucket in {args.file}")
+            return
+        added, skipped = insert_candles(engine, symbol, to_tf, coarse)
+        coarse_times = coarse["open_time_ms"].to_numpy()
+        print(_summary(symbol, to_tf, added, skipped, coarse_times, find_gaps(coarse_times, to_ms), to_ms))
+
+
+def _store_series(engine, args, frame) -> None:
+    from shared.store.marketdata import insert_series
+    from shared.timeframes import ms_to_iso
+
+    added, skipped = _insert_with_progress(
+        len(frame),
+        f"{args.symbol} {args.kind}",
+        lambda progress: insert_series(engine, args.kind, args.symbol, frame, progress=progress),
+    )
+    times = frame["time_ms"].to_numpy()
+    print(
+        f"{args.symbol} {args.kind}: {added} rows added, {skipped} duplicates skipped, "
+        f"first {ms_to_iso(int(times[0]))}, last {ms_to_iso(int(times[-1]))}"
+    )
+
+
+def _insert_with_progress(total: int, desc: str, insert):
+    """Run insert(progress) under a tqdm bar on stderr for large files; the bar hides itself when not on a TTY."""
+    from tqdm import tqdm
+
+    with tqdm(
+        total=total, desc=desc, unit="rows", file=sys.stderr, leave=False,
+        disable=None if total >= PROGRESS_MIN_ROWS else True,
+    ) as bar:  # fmt: skip
+        return insert(bar.update)
+
+
+def _summary(symbol: str, tf: str, added: int, skipped: int, times, gaps: list[tuple[int, int]], tf_ms: int) -> str:
+    """The one-line result of an import; the first gaps go to stderr."""
+    from shared.timeframes import ms_to_iso
+
+    missing = sum(n for _, n in gaps)
+    for start, n in gaps[:GAPS_SHOWN]:
+        end = start + (n - 1) * tf_ms
+        print(
+            f"gap: {symbol} {tf} {ms_to_iso(start)} .. {ms_to_iso(end)}: {n} missing candle{'s' if n != 1 else ''}",
+            file=sys.stderr,
+        )
+    if len(gaps) > GAPS_SHOWN:
+        print(f"gap: ... and {len(gaps) - GAPS_SHOWN} more", file=sys.stderr)
+    gap_text = (
+        "0 gaps" if not gaps
+        else f"{len(gaps)} gap{'s' if len(gaps) != 1 else ''} ({missing} missing candle{'s' if missing != 1 else ''})"
+    )  # fmt: skip
+    return (
+        f"{symbol} {tf}: {added} rows added, {skipped} duplicates skipped, {gap_text}, "
+        f"first {ms_to_iso(int(times[0]))}, last {ms_to_iso(int(times[-1]))}"
+    )
+
+
+def _span(ms: int) -> str:
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms} ms"
+
+
+def _list(args) -> int:
+    import sqlalchemy as sa
+
+    from shared.store.marketdata import summarize, summarize_series
+    from shared.settings import Settings
+    from shared.timeframes import ms_to_iso
+
+    url = Settings.from_env().database_url
+    db = sa.engine.make_url(url).database if url.startswith("sqlite") else None
+    if db and db != ":memory:" and not Path(db).exists():  # do not create an empty database just to list it
+        print(f"no market data stored in {_redact(url)} (no such database file)")
+        return 0
+    engine = _connect(url, migrate=False)
+    try:
+        if not sa.inspect(engine).has_table("candles"):
+            print(f"no market data stored in {_redact(url)} (no schema yet; `mlsignal data import` creates it)")
+            return 0
+        candle_rows = summarize(engine)
+        series_rows = summarize_series(engine)
+    finally:
+        engine.dispose()
+    if not candle_rows and not series_rows:
+        print(f"no market data stored in {_redact(url)}")
+        return 0
+    if candle_rows:
+        _table(
+            ["symbol", "timeframe", "first", "last", "rows", "gaps"],
+            [
+                [r["symbol"], r["timeframe"], ms_to_iso(r["first_ms"]), ms_to_iso(r["last_ms"]), r["rows"],
+                 "?" if r["gaps"] is None else r["gaps"]]
+                for r in candle_rows
+            ],  # fmt: skip
+        )
+    if series_rows:
+        if candle_rows:
+            print()
+        _table(
+            ["symbol", "series", "first", "last", "rows"],
+            [
+                [r["symbol"], r["kind"], ms_to_iso(r["first_ms"]), ms_to_iso(r["last_ms"]), r["rows"]]
+                for r in series_rows
+            ],
+        )
+    return 0
+
+
+def _table(header: list[str], rows: list[list]) -> None:
+    """Columns padded to their widest cell; numbers right-aligned."""
+    numeric = [all(isinstance(r[i], int) for r in rows) for i in range(len(header))]
+    cells = [header] + [[str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for r in cells:
+        print("  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(r, widths, numeric)).rstrip())
+
+
+def _connect(url: str, migrate: bool):
+    """An engine on the database; with migrate, the schema is created or upgraded first (idempotent)."""
+    import sqlalchemy as sa
+
+    from shared.store.db import make_engine
+    from shared.errors import Unavailable
+    from shared.store.migrate import upgrade
+
+    try:
+        if migrate:
+            upgrade(url)
+        engine = make_engine(url)
+        with engine.connect():
+            pass
+    except sa.exc.OperationalError as exc:
+        raise Unavailable(f"cannot reach the database {_redact(url)}: {exc.orig}") from None
+    return engine
+
+
+def _redact(url: str) -> str:
+    import sqlalchemy as sa
+
+    return sa.engine.make_url(url).render_as_string(hide_password=True)

@@ -1,0 +1,67 @@
+"""`mlsignal health`: ask a server for its grpc.health.v1 status; exit 0 when SERVING (for container health checks).
+
+Also home of the client security flags (`--tls`, `--ca-cert`, `--token`) that any client command can add with
+`add_security_arguments(parser)` and turn into client keyword arguments with `security_kwargs(args)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mlsignal.cli.security import add_security_arguments, security_kwargs
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "health",
+        help="check a service's health (exit 0 when SERVING)",
+        description=(
+            "Ask the grpc.health.v1 service of a training or inference server for its status and print it. Exit 0 "
+            "when it is SERVING, 1 otherwise (NOT_SERVING, unknown service, unreachable or timed out). Health "
+            "checks need no token. Suitable as a container health check."
+        ),
+    )
+    p.add_argument("--target", required=True, metavar="ADDR", help="server address, like 127.0.0.1:50052")
+    p.add_argument("--service", default="", metavar="NAME",
+                   help="service to check, e.g. mlsignal.v1.InferenceService (default: the server as a whole)")
+    p.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS", help="give up after this long (default 3)")
+    add_security_arguments(p)
+    p.add_argument("--server-name", metavar="NAME",
+                   help="with TLS: the name the server certificate must carry, when it differs from the target host")
+    p.set_defaults(func=_health)
+
+
+def _channel(target: str, security: dict, server_name: str | None):
+    import grpc
+
+    options = []
+    if security["tls"]:
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(security["root_certificates"]), options)
+    return grpc.insecure_channel(target, options)
+
+
+def _health(args) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        security = security_kwargs(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    metadata = [("authorization", f"Bearer {security['token']}")] if security["token"] else None
+    channel = _channel(args.target, security, args.server_name)
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout, metadata=metadata)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    finally:
+        channel.close()
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1

@@ -1,0 +1,273 @@
+"""`mlsignal train|jobs|models|cancel`: start and follow training jobs, list jobs and registered models."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+from shared.timeframes import TIMEFRAME_MS, ms_to_datetime, parse_time
+
+ERROR_WIDTH = 60
+# Rows of the metrics table: (label, model metric, prior metric).
+METRIC_ROWS = (
+    ("log_loss", "log_loss", "prior_log_loss"),
+    ("brier", "brier", "prior_brier"),
+    ("balanced_accuracy", "balanced_accuracy", "prior_balanced_accuracy"),
+)
+CLASS_NAMES = ("down", "range", "up")
+
+
+def register(sub) -> None:
+    tr = sub.add_parser(
+        "train",
+        help="train a model on stored candles and follow the job to its end",
+        description=(
+            "Start a training job on the training service and follow it with a progress bar. At the end print the "
+            "job id, the model id and the out-of-sample metrics of the model next to the class-prior baseline. "
+            "Exit status 0 when the job succeeded, 1 when it failed or was cancelled, 2 when the request was refused."
+        ),
+    )
+    tr.add_argument("--symbol", required=True, help="market symbol as stored, like BTC/USDT")
+    tr.add_argument("--timeframe", required=True, metavar="TF", help=f"one of {' '.join(TIMEFRAME_MS)}")
+    tr.add_argument("--start", type=_time_arg, help="first candle open time, ISO-8601 UTC (default: first stored)")
+    tr.add_argument("--end", type=_time_arg, help="end of the window, exclusive, ISO-8601 UTC (default: after the last)")
+    tr.add_argument("--horizon", type=int, default=0, metavar="BARS",
+                    help="label horizon in candles (default: the service default, 24)")
+    tr.add_argument("--threshold", type=float, default=0.0,
+                    help="label threshold as a fraction, 0.02 means 2%% (default: the service default, 0.02)")
+    tr.add_argument("--trees", type=int, default=0, metavar="N", help="number of trees (default: 200)")
+    tr.add_argument("--max-depth", type=int, default=0, metavar="N", help="tree depth, -1 for unlimited (default: 6)")
+    tr.add_argument("--min-samples-leaf", type=int, default=0, metavar="N",
+                    help="minimum samples per leaf (default: 200)")
+    tr.add_argument("--class-weight", choices=("none", "balanced"), help="class weighting (default: none)")
+    tr.add_argument("--seed", type=int, help="random seed of the forest (default: 42)")
+    _target_arg(tr)
+    tr.add_argument("--no-wait", action="store_true", help="print the job id and return without following the job")
+    tr.set_defaults(func=_train)
+
+    jobs = sub.add_parser("jobs", help="list training jobs, newest first")
+    jobs.add_argument("--symbol", default="", help="only this symbol")
+    jobs.add_argument("--timeframe", default="", metavar="TF", help="only this timeframe")
+    jobs.add_argument("--limit", type=int, default=0, help="most jobs to show (default: 100)")
+    _target_arg(jobs)
+    jobs.set_defaults(func=_jobs)
+
+    models = sub.add_parser("models", help="list registered models, newest first")
+    models.add_argument("--symbol", default="", help="only this symbol")
+    models.add_argument("--timeframe", default="", metavar="TF", help="only this timeframe")
+    _target_arg(models)
+    models.set_defaults(func=_models)
+
+    cancel = sub.add_parser("cancel", help="cancel a queued or running training job")
+    cancel.add_argument("job_id", metavar="JOB_ID")
+    _target_arg(cancel)
+    cancel.set_defaults(func=_cancel)
+
+
+def _target_arg(p: argparse.ArgumentParser) -> None:
+    from mlsignal.cli.security import add_security_arguments
+
+    p.add_argument("--target", metavar="ADDR",
+                   help="training service address (default: MLSIGNAL_TRAINING_ADDR, 127.0.0.1:50051)")
+    add_security_arguments(p)
+
+
+def _time_arg(text: str) -> int:
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def client_errors(fn):
+    """Report a refused call as `error: <STATUS>: <details>` on stderr with exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(args) -> int:
+        from mlsignal.client import MlsignalClientError
+
+        try:
+            return fn(args)
+        except MlsignalClientError as exc:
+            status = exc.code.name if exc.code is not None else "ERROR"
+            note = f" ({exc.note})" if exc.note else ""
+            print(f"error: {status}: {exc.details}{note}", file=sys.stderr)
+            return 2
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+def _training_client(args):
+    from mlsignal.client import TrainingClient
+    from shared.settings import Settings
+
+    from mlsignal.cli.security import security_kwargs
+
+    target = args.target or Settings.from_env().training_addr
+    return TrainingClient(target, **security_kwargs(args))
+
+
+@client_errors
+def _train(args) -> int:
+    from tqdm import tqdm
+
+    from mlsignal.v1 import training_pb2
+    from mlsignal.client import TrainingFailedError
+
+    with _training_client(args) as client:
+        handle = client.train(
+            args.symbol,
+            args.timeframe,
+            args.start,
+            args.end,
+            horizon_bars=args.horizon,
+            threshold=args.threshold,
+            n_estimators=args.trees,
+            max_depth=args.max_depth,
+            min_samples_leaf=args.min_samples_leaf,
+            class_weight=args.class_weight,
+            random_state=args.seed,
+        )
+        if args.no_wait:
+            print(f"job {handle.job_id} queued")
+            return 0
+        bar = tqdm(total=100, desc=handle.state.stage or "queued", unit="%", file=sys.stderr,
+                   bar_format="{desc:<12} {percentage:3.0f}%|{bar}| [{elapsed}]")
+
+        def on_progress(job) -> None:
+            bar.n = min(100.0, max(0.0, round(job.progress * 100, 1)))
+            bar.set_description(job.stage or "", refresh=False)
+            bar.refresh()
+
+        try:
+            job = handle.wait(on_progress)
+        except TrainingFailedError as exc:
+            bar.close()
+            job = exc.job
+            state = "FAILED" if job.state == training_pb2.JOB_STATE_FAILED else "CANCELLED"
+            print(f"job {job.job_id} {state}: {job.error or '(no message)'}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"stopped following job {handle.job_id}; it keeps running on the service "
+                  f"(mlsignal cancel {handle.job_id} stops it)", file=sys.stderr)
+            return 130
+        except BaseException:
+            bar.close()
+            raise
+        bar.close()
+    print(f"job    {job.job_id}")
+    print(f"model  {job.model_id}")
+    print()
+    print(metrics_table(job.metrics))
+    return 0
+
+
+def metrics_table(metrics) -> str:
+    """The out-of-sample metrics of a job or model: model against the class-prior baseline, then the rest."""
+    rows = [(label, _num(metrics.get(m)), _num(metrics.get(p))) for label, m, p in METRIC_ROWS]
+    lines = [table(("metric (test)", "model", "prior"), rows)]
+    lines.append("")
+    extra = [
+        ("log_loss_ratio", _num(metrics.get("log_loss_ratio")), "model / prior log loss; below 1 beats the prior"),
+        ("shrink_weight", _num(metrics.get("shrink_weight")), "weight on the forest against the prior"),
+    ]
+    balance = " ".join(f"{name} {_pct(metrics.get(f'test_class_{name}'))}" for name in CLASS_NAMES)
+    extra.append(("test classes", balance, "class balance of the test part"))
+    lines.append(table(("", "value", "meaning"), extra))
+    if metrics.get("beats_prior") == 0.0:
+        lines.append("")
+        lines.append("warning: on its test part this model did not beat the class prior; its probabilities add no "
+                     "information there (see README, Probability quality)")
+    return "\n".join(lines)
+
+
+@client_errors
+def _jobs(args) -> int:
+    from mlsignal.client import job_state_name
+
+    with _training_client(args) as client:
+        jobs = client.list_jobs(args.symbol, args.timeframe, args.limit)
+    if not jobs:
+        print("no training jobs")
+        return 0
+    rows = []
+    for j in jobs:
+        rows.append((
+            j.job_id,
+            job_state_name(j.state),
+            j.stage,
+            f"{j.progress * 100:.0f}",
+            j.request.symbol,
+            j.request.timeframe,
+            _ts(j, "created_at"),
+            j.model_id or "-",
+            _truncate(j.error, ERROR_WIDTH) or "-",
+        ))
+    print(table(("job id", "state", "stage", "%", "symbol", "tf", "created", "model id", "error"), rows))
+    return 0
+
+
+@client_errors
+def _models(args) -> int:
+    with _training_client(args) as client:
+        models = client.list_models(args.symbol, args.timeframe)
+    if not models:
+        print("no models")
+        return 0
+    rows = []
+    for m in models:
+        window = f"{_ts(m, 'train_start')} .. {_ts(m, 'train_end')}"
+        loss = f"{_num(m.metrics.get('log_loss'))} vs {_num(m.metrics.get('prior_log_loss'))}"
+        rows.append((m.model_id, m.symbol, m.timeframe, _ts(m, "created_at"), window, str(m.label.horizon_bars),
+                     f"{m.label.threshold:g}", loss))
+    print(table(("model id", "symbol", "tf", "created", "train window", "horizon", "threshold",
+                 "log_loss vs prior"), rows))
+    return 0
+
+
+@client_errors
+def _cancel(args) -> int:
+    from mlsignal.client import job_state_name
+
+    with _training_client(args) as client:
+        job = client.cancel(args.job_id)
+    print(f"job {job.job_id} {job_state_name(job.state)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# formatting
+
+
+def table(headers, rows) -> str:
+    """Left-aligned columns separated by two spaces, with a header line."""
+    rows = [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*headers).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
+    out.extend(fmt.format(*r).rstrip() for r in rows)
+    return "\n".join(out)
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value * 100:.1f}%"
+
+
+def _ts(msg, field: str) -> str:
+    if not msg.HasField(field):
+        return "-"
+    return ms_to_datetime(getattr(msg, field).ToMilliseconds()).strftime("%Y-%m-%d %H:%M")
+
+
+def _truncate(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,0 +1,1 @@
+"""gRPC server plumbing both services share: building and running a server, error mapping, auth, metrics, logs."""

@@ -1,0 +1,1 @@
+"""The database layer both services share: schema, migrations, the model registry and market data."""

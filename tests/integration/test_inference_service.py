@@ -1,0 +1,384 @@
+"""InferenceService through real gRPC on 127.0.0.1:0, serving models trained by the real training service."""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+import time
+
+import grpc
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from mlsignal.v1 import common_pb2, inference_pb2, training_pb2
+from shared.artifacts import read_verified
+from shared.calibration import shrink_to_prior
+from shared.store.db import make_engine
+from shared.features import compute_features
+from shared.store.registry import get_model
+from service_fixtures import ms, train
+
+SYMBOL, TF = "BTC/USD", "1h"
+TOLERANCE = 1e-6  # ONNX Runtime sums float32 leaf values; scikit-learn sums float64
+
+
+def candles_of(frame: pd.DataFrame) -> list[common_pb2.Candle]:
+    out = []
+    for row in frame.itertuples(index=False):
+        c = common_pb2.Candle(open_time_ms=int(row.open_time_ms), open=row.open, high=row.high, low=row.low,
+                              close=row.close, volume=row.volume)
+        for opt in ("funding_rate", "open_interest"):
+            v = getattr(row, opt, math.nan)
+            if not math.isnan(v):
+                setattr(c, opt, v)
+        out.append(c)
+    return out
+
+
+def predict(stub, frame, symbol=SYMBOL, model_id=""):
+    return stub.Predict(inference_pb2.PredictRequest(symbol=symbol, timeframe=TF, model_id=model_id,
+                                                     candles=candles_of(frame)), timeout=30)
+
+
+def probs(resp) -> np.ndarray:
+    return np.array([[p.ml_down_prob, p.ml_range_prob, p.ml_up_prob] for p in resp.predictions])
+
+
+def stream_all(stub, chunks, symbol=SYMBOL, model_id=""):
+    reqs = [inference_pb2.PredictRequest(symbol=symbol if i == 0 else "", timeframe=TF if i == 0 else "",
+                                         model_id=model_id if i == 0 else "", candles=candles_of(c))
+            for i, c in enumerate(chunks)]
+    return list(stub.StreamPredict(iter(reqs), timeout=120))
+
+
+@pytest.fixture(scope="module")
+def y2019(sample_frame):
+    f = sample_frame[(sample_frame.open_time_ms >= ms("2018-12-20")) & (sample_frame.open_time_ms < ms("2019-03-01"))]
+    return f.reset_index(drop=True)
+
+
+def test_health_and_reflection(services):
+    resp = services.health_stub.Check(health_pb2.HealthCheckRequest(service="mlsignal.v1.InferenceService"))
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(services.inference_channel)
+    out = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in out[0].list_services_response.service}
+    assert {"mlsignal.v1.InferenceService", "grpc.health.v1.Health"} <= names
+
+
+def test_predictions_shape_warmup_sum_and_variation(services, y2019):
+    mid = services.btc_job.model_id  # pinned: other tests register newer BTC/USD models
+    resp = predict(services.infer_stub, y2019, model_id=mid)
+    info = next(m for m in services.train_stub.ListModels(training_pb2.ListModelsRequest(symbol=SYMBOL)).models
+                if m.model_id == mid)
+    assert resp.model_id == mid
+    assert [p.open_time_ms for p in resp.predictions] == y2019.open_time_ms.tolist()
+    ready = np.array([p.ready for p in resp.predictions])
+    w = info.warmup_bars
+    assert not ready[: w - 1].any() and ready[w - 1:].all()
+    P = probs(resp)
+    assert np.isnan(P[~ready]).all()
+    assert np.allclose(P[ready].sum(axis=1), 1.0, atol=1e-12)
+    assert ((P[ready] > 0) & (P[ready] < 1)).all()
+    # a per-candle signal: many distinct values, not one number copied to every row
+    assert len(np.unique(np.round(P[ready, 2], 12))) > 0.9 * ready.sum()
+    assert P[ready, 2].std() > 1e-3
+    # 2018-12-20..31 lies in the training window, 2019 does not
+    ins = np.array([p.in_sample for p in resp.predictions])
+    assert ins[(y2019.open_time_ms < ms("2019-01-01")).to_numpy()].all()
+    assert not ins[(y2019.open_time_ms >= ms("2019-01-01")).to_numpy()].any()
+
+
+def test_served_probabilities_match_scikit_learn(services, y2019):
+    engine = make_engine(services.url)
+    rec = get_model(engine, services.btc_job.model_id)
+    engine.dispose()
+    forest = joblib.load(io.BytesIO(read_verified(services.model_dir, rec.sklearn_artifact, rec.sklearn_sha256)))
+    X = compute_features(y2019, rec.feature_spec).to_numpy()
+    ok = np.isfinite(X).all(axis=1)
+    expected = shrink_to_prior(forest.predict_proba(X[ok].astype(np.float32)), np.array(rec.prior), rec.shrink_weight)
+    served = probs(predict(services.infer_stub, y2019, model_id=rec.model_id))[ok]
+    assert np.max(np.abs(served - expected)) <= TOLERANCE
+
+
+def test_stream_one_by_one_chunks_and_batch_agree_exactly(services, y2019):
+    frame = y2019.iloc[:400]
+    batch = predict(services.infer_stub, frame, model_id=services.btc_job.model_id)
+    one = stream_all(services.infer_stub, [frame.iloc[i:i + 1] for i in range(len(frame))], model_id=services.btc_job.model_id)
+    sizes = [1, 7, 93, 3, 150, 146]
+    bounds = np.cumsum([0, *sizes])
+    chunks = stream_all(services.infer_stub, [frame.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
+                        model_id=services.btc_job.model_id)
+    flat_one = [p for r in one for p in r.predictions]
+    flat_chunks = [p for r in chunks for p in r.predictions]
+    assert [len(r.predictions) for r in chunks] == sizes
+    for preds in (flat_one, flat_chunks):
+        assert [p.open_time_ms for p in preds] == [p.open_time_ms for p in batch.predictions]
+        assert [p.ready for p in preds] == [p.ready for p in batch.predictions]
+        got = np.array([[p.ml_down_prob, p.ml_range_prob, p.ml_up_prob] for p in preds])
+        assert np.array_equal(got, probs(batch), equal_nan=True)  # exact, not approximately
+
+
+def test_no_look_ahead(services, y2019):
+    frame = y2019.iloc[:600].reset_index(drop=True)
+    base = probs(predict(services.infer_stub, frame, model_id=services.btc_job.model_id))
+    t = 350
+    changed = frame.copy()
+    rng = np.random.default_rng(1)
+    scale = rng.uniform(0.5, 2.0, size=len(frame) - t - 1)
+    for col in ("open", "high", "low", "close"):
+        changed.loc[t + 1:, col] = changed.loc[t + 1:, col].to_numpy() * scale
+    changed.loc[t + 1:, "volume"] = changed.loc[t + 1:, "volume"].to_numpy() * 10
+    after = probs(predict(services.infer_stub, changed, model_id=services.btc_job.model_id))
+    assert np.array_equal(after[: t + 1], base[: t + 1], equal_nan=True)
+    assert not np.array_equal(after[t + 1:], base[t + 1:], equal_nan=True)
+    truncated = probs(predict(services.infer_stub, frame.iloc[: t + 1], model_id=services.btc_job.model_id))
+    assert np.array_equal(truncated, base[: t + 1], equal_nan=True)
+
+
+def test_forming_candle_replaces_the_last(services, y2019):
+    frame = y2019.iloc[:200].reset_index(drop=True)
+    stub = services.infer_stub
+    forming = frame.iloc[[199]].copy()
+    forming[["close", "high"]] = forming[["close", "high"]] * 1.03
+    forming["low"] = forming["low"] * 0.99
+    resps = stream_all(stub, [frame.iloc[:199], forming, frame.iloc[[199]]], model_id=services.btc_job.model_id)
+    assert resps[1].predictions[0].open_time_ms == resps[2].predictions[0].open_time_ms
+    final = probs(predict(stub, frame, model_id=services.btc_job.model_id))
+    assert np.array_equal(probs(resps[2])[0], final[199])
+    with_forming = pd.concat([frame.iloc[:199], forming])
+    assert np.array_equal(probs(resps[1])[0], probs(predict(stub, with_forming, model_id=services.btc_job.model_id))[199])
+    assert not np.array_equal(probs(resps[1])[0], final[199])
+
+
+def _err(fn):
+    with pytest.raises(grpc.RpcError) as err:
+        fn()
+    return err.value.code(), err.value.details()
+
+
+def test_error_table(services, y2019):
+    stub = services.infer_stub
+    good = y2019.iloc[:150].reset_index(drop=True)
+    reference = probs(predict(stub, good, model_id=services.btc_job.model_id))
+
+    def bad(changes):
+        f = good.copy()
+        for (col, row), value in changes.items():
+            f.loc[row, col] = value
+        return f
+
+    cases = [
+        (lambda: predict(stub, good, symbol="ETH/USD"), grpc.StatusCode.NOT_FOUND, "ETH/USD"),
+        (lambda: predict(stub, good, model_id="no-such-model"), grpc.StatusCode.NOT_FOUND, "model_id"),
+        (lambda: stub.Predict(inference_pb2.PredictRequest(symbol=SYMBOL, timeframe="7m",
+                                                           candles=candles_of(good))), grpc.StatusCode.INVALID_ARGUMENT, "timeframe"),
+        (lambda: stub.Predict(inference_pb2.PredictRequest(symbol=SYMBOL, timeframe=TF)),
+         grpc.StatusCode.INVALID_ARGUMENT, "candles"),
+        (lambda: predict(stub, bad({("close", 40): float("nan")})), grpc.StatusCode.INVALID_ARGUMENT, "candles[40].close"),
+        (lambda: predict(stub, bad({("open", 3): float("inf")})), grpc.StatusCode.INVALID_ARGUMENT, "candles[3].open"),
+        (lambda: predict(stub, bad({("low", 7): -1.0})), grpc.StatusCode.INVALID_ARGUMENT, "candles[7].low"),
+        (lambda: predict(stub, bad({("high", 9): 1.0})), grpc.StatusCode.INVALID_ARGUMENT, "candles[9].high"),
+        (lambda: predict(stub, bad({("volume", 11): -5.0})), grpc.StatusCode.INVALID_ARGUMENT, "candles[11].volume"),
+        (lambda: predict(stub, bad({("open_time_ms", 20): int(good.open_time_ms[19])})),
+         grpc.StatusCode.INVALID_ARGUMENT, "candles[20].open_time_ms"),
+        (lambda: predict(stub, bad({("open_time_ms", 20): int(good.open_time_ms[20]) + 1})),
+         grpc.StatusCode.INVALID_ARGUMENT, "candles[20].open_time_ms"),
+    ]
+    for call, code, text in cases:
+        got_code, details = _err(call)
+        assert got_code == code and text in details, (code, text, got_code, details)
+        # the service still answers correctly afterwards
+        assert np.array_equal(probs(predict(stub, good, model_id=services.btc_job.model_id)), reference, equal_nan=True)
+
+
+def test_oversized_batch_is_rejected_and_max_batch_fits(services, sample_frame):
+    stub = services.infer_stub
+    n = services.settings.max_batch
+    code, details = _err(lambda: predict(stub, sample_frame.iloc[: n + 1]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "10000" in details
+    resp = predict(stub, sample_frame.iloc[:n])
+    assert len(resp.predictions) == n
+
+
+def test_bad_stream_message_ends_only_that_stream(services, y2019):
+    stub = services.infer_stub
+    good = y2019.iloc[:120]
+    other = stub.StreamPredict.__call__  # a second, healthy stream runs alongside
+    healthy_q: list = []
+    done = threading.Event()
+
+    def healthy():
+        for r in stream_all(stub, [good.iloc[i:i + 10] for i in range(0, 120, 10)], model_id=services.btc_job.model_id):
+            healthy_q.append(r)
+        done.set()
+
+    th = threading.Thread(target=healthy)
+    th.start()
+    backwards = good.iloc[[50, 40]]
+    with pytest.raises(grpc.RpcError) as err:
+        stream_all(stub, [good.iloc[:50], backwards])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "open_time_ms" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.StreamPredict(iter([inference_pb2.PredictRequest(candles=candles_of(good.iloc[:3]))]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "symbol" in err.value.details()
+    th.join(60)
+    assert done.is_set() and len(healthy_q) == 12
+    got = np.vstack([probs(r) for r in healthy_q])
+    assert np.array_equal(got, probs(predict(stub, good, model_id=services.btc_job.model_id)), equal_nan=True)
+    del other
+
+
+def test_sixteen_concurrent_streams_on_two_markets(services, sample_frame):
+    """16 streams at once over two different markets each get exactly their own market's predictions."""
+    from service_fixtures import inverted
+
+    stub = services.infer_stub
+    models = {
+        "BTC/USD": stub.GetModel(inference_pb2.GetModelRequest(symbol="BTC/USD", timeframe=TF)).model_id,
+        "INV/USD": train(services.train_stub, symbol="INV/USD").model_id,
+    }
+    base = sample_frame[sample_frame.open_time_ms >= ms("2019-02-01")].reset_index(drop=True)
+    jobs = []
+    for i in range(16):
+        symbol = "BTC/USD" if i % 2 == 0 else "INV/USD"
+        frame = base.iloc[i * 20: i * 20 + 300]
+        frame = inverted(frame) if symbol == "INV/USD" else frame
+        jobs.append((symbol, frame.reset_index(drop=True)))
+    results: dict[int, list] = {}
+    errors: list = []
+
+    def run(i, symbol, frame):
+        try:
+            results[i] = stream_all(stub, [frame.iloc[k:k + 25] for k in range(0, len(frame), 25)], symbol=symbol,
+                                    model_id=models[symbol])
+        except Exception as exc:  # surfaced below with the stream's index
+            errors.append((i, exc))
+
+    threads = [threading.Thread(target=run, args=(i, s, f)) for i, (s, f) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for i, (symbol, frame) in enumerate(jobs):
+        got = np.vstack([probs(r) for r in results[i]])
+        want = probs(predict(stub, frame, symbol=symbol, model_id=models[symbol]))
+        assert np.array_equal(got, want, equal_nan=True), i
+        assert {r.model_id for r in results[i]} == {models[symbol]}
+    # the two markets really differ: same times, different predictions
+    assert not np.array_equal(np.vstack([probs(r) for r in results[0]]), np.vstack([probs(r) for r in results[1]]))
+
+
+def test_funding_model_needs_funding_on_candles(tmp_path, sample_frame):
+    """A model trained with funding-rate features refuses candles without it (FAILED_PRECONDITION)."""
+    from service_fixtures import load_market, start_services, stop_services
+    from shared.store.marketdata import insert_series
+
+    url = f"sqlite:///{tmp_path}/f.db"
+    frame = sample_frame[(sample_frame.open_time_ms >= ms("2018-01-01")) &
+                         (sample_frame.open_time_ms < ms("2018-09-01"))].reset_index(drop=True)
+    load_market(url, frame)
+    # Synthetic funding rate (no real series ships with the project): published every 8 hours.
+    rng = np.random.default_rng(3)
+    times = np.arange(ms("2017-12-31"), ms("2018-09-01"), 8 * 3_600_000)
+    engine = make_engine(url)
+    insert_series(engine, "funding-rate", SYMBOL, pd.DataFrame({"time_ms": times, "value": rng.normal(1e-4, 3e-4, len(times))}))
+    engine.dispose()
+    s = start_services(url, tmp_path / "models")
+    try:
+        job = train(s.train_stub, start="2018-01-01", end="2018-09-01")
+        info = s.infer_stub.GetModel(inference_pb2.GetModelRequest(symbol=SYMBOL, timeframe=TF))
+        assert info.model_id == job.model_id and any("funding" in f for f in info.features)
+        window = frame.iloc[-200:].reset_index(drop=True)
+        code, details = _err(lambda: predict(s.infer_stub, window))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "funding_rate" in details
+        with_funding = window.assign(funding_rate=1e-4)
+        resp = predict(s.infer_stub, with_funding)
+        assert sum(p.ready for p in resp.predictions) > 0
+    finally:
+        stop_services(s)
+
+
+def test_hot_reload_switches_an_open_stream(services, y2019):
+    stub = services.infer_stub
+    old = stub.GetModel(inference_pb2.GetModelRequest(symbol=SYMBOL, timeframe=TF)).model_id
+    frame = y2019.iloc[:400].reset_index(drop=True)
+    import queue
+
+    q: queue.Queue = queue.Queue()
+    responses = []
+
+    def requests():
+        first = True
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            yield inference_pb2.PredictRequest(symbol=SYMBOL if first else "", timeframe=TF if first else "",
+                                               candles=candles_of(item))
+            first = False
+
+    call = stub.StreamPredict(requests(), timeout=300)
+    q.put(frame.iloc[:150])
+    responses.append(next(call))
+    assert responses[0].model_id == old
+    new = train(services.train_stub, start="2018-02-01", end="2019-01-01").model_id
+    deadline = time.monotonic() + 20
+    i = 150
+    while responses[-1].model_id != new and time.monotonic() < deadline:
+        q.put(frame.iloc[[i]])
+        responses.append(next(call))
+        i += 1
+        time.sleep(0.05)
+    q.put(None)
+    list(call)
+    assert responses[-1].model_id == new
+    ids = [r.model_id for r in responses]
+    assert set(ids) == {old, new} and ids == sorted(ids, key=lambda m: m == new)  # one switch, at a boundary
+    # the new model's answer for the last candle equals a Predict pinned to the new model
+    pinned = predict(stub, frame.iloc[:i], model_id=new)
+    assert np.array_equal(probs(responses[-1])[0], probs(pinned)[-1])
+    # pinning the old model still works
+    assert predict(stub, frame.iloc[:i], model_id=old).model_id == old
+
+
+def test_corrupted_newer_model_is_refused_and_previous_keeps_serving(services, y2019, caplog):
+    import dataclasses
+    import shutil
+
+    from shared.store.registry import insert_model, newest_model
+
+    stub = services.infer_stub
+    serving = stub.GetModel(inference_pb2.GetModelRequest(symbol=SYMBOL, timeframe=TF)).model_id
+    engine = make_engine(services.url)
+    rec = newest_model(engine, SYMBOL, TF)
+    assert rec.model_id == serving
+    bad_name = "corrupt-copy.onnx"
+    shutil.copy(services.model_dir / rec.artifact, services.model_dir / bad_name)
+    with open(services.model_dir / bad_name, "r+b") as fh:  # truncate: a half-written file
+        fh.truncate(1000)
+    fake = dataclasses.replace(rec, model_id="corrupt-copy", artifact=bad_name, created_at_ms=rec.created_at_ms + 1)
+    with engine.begin() as conn:
+        insert_model(conn, fake)
+    try:
+        before = probs(predict(stub, y2019.iloc[:200]))
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            resp = predict(stub, y2019.iloc[:200])
+            assert resp.model_id == serving
+        assert np.array_equal(probs(resp), before, equal_nan=True)
+        refusals = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert any("corrupt-copy refused" in m and "sha256" in m for m in refusals), refusals
+    finally:
+        from shared.store.db import models as models_table
+
+        with engine.begin() as conn:
+            conn.execute(models_table.delete().where(models_table.c.model_id == "corrupt-copy"))
+        engine.dispose()
