@@ -1,10 +1,27 @@
-# One command to run the demo, one to run the tests. Both create or reuse .venv and install what they need.
+# One command to run the demo, one to run the tests. Both create or reuse the virtualenvs and install what they need.
+#
+#   .venv         everything (`.[dev]`): the services, research tools, test and lint tools, newest releases
+#   .venv-client  the client-only install (no extras) on the oldest supported gRPC stack; it also holds the pinned
+#                 grpcio-tools that generates mlsignal/v1
 PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo protos bench clean
+VENV  := .venv
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+CLIENT_VENV  := .venv-client
+CLIENT_BIN   := $(CLIENT_VENV)/bin
+CLIENT_STAMP := $(CLIENT_VENV)/.installed
+# The oldest supported stack, from its one definition in mlsignal/protogen.py.
+OLDEST_GRPC     := $(shell sed -n 's/^OLDEST_GRPC = "\(.*\)"$$/\1/p' mlsignal/protogen.py)
+OLDEST_PROTOBUF := $(shell sed -n 's/^OLDEST_PROTOBUF = "\(.*\)"$$/\1/p' mlsignal/protogen.py)
+CLIENT_PINS := grpcio==$(OLDEST_GRPC) grpcio-health-checking==$(OLDEST_GRPC) protobuf==$(OLDEST_PROTOBUF) \
+               grpcio-tools==$(OLDEST_GRPC) pytest
+# .venv-client holds a regular (not editable) install, as users get it: reinstall when the packaged code changes.
+PACKAGE_FILES := $(shell find mlsignal shared training_service inference_service -type f \
+                   \( -name '*.py' -o -name '*.pyi' -o -name '*.mako' \) -not -path '*/__pycache__/*')
+
+.PHONY: venv client-venv test lint demo protos bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,16 +29,33 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+$(CLIENT_STAMP): pyproject.toml mlsignal/protogen.py $(PACKAGE_FILES)
+	@test -n "$(OLDEST_GRPC)" -a -n "$(OLDEST_PROTOBUF)" || { echo "cannot read the pins from mlsignal/protogen.py"; exit 1; }
+	test -x $(CLIENT_BIN)/python || $(PYTHON) -m venv $(CLIENT_VENV)
+	$(CLIENT_BIN)/python -m pip install --quiet --upgrade pip
+	rm -rf build  # setuptools' build directory would carry deleted modules into the new install
+	$(CLIENT_BIN)/python -m pip install --quiet . $(CLIENT_PINS)  # pip always reinstalls a local project
+	rm -rf build
+	touch $(CLIENT_STAMP)
+
 venv: $(STAMP)
 
-test: $(STAMP)
+client-venv: $(CLIENT_STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint $(CLIENT_STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
 	$(BIN)/mlsignal demo
 
-protos: $(STAMP)
-	$(BIN)/python -m shared.protogen
+# Regenerate mlsignal/v1 from protos/ with the pinned grpcio-tools (run from the checkout, so the checkout's
+# generator writes into the checkout).
+protos: $(CLIENT_STAMP)
+	$(CLIENT_BIN)/python -m mlsignal.protogen
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.inference

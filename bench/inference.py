@@ -90,6 +90,7 @@ def _loadavg() -> list[float] | None:
 
 
 def machine() -> dict:
+    usable: int | None
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -172,7 +173,7 @@ def naive_baseline(frame: pd.DataFrame, record, model_dir: Path, n: int) -> dict
         "label": "naive in process: pandas features + sklearn predict_proba",
         "candles": n,
         "window": window,
-        "trees": int(len(forest.estimators_)),
+        "trees": len(forest.estimators_),
         "n_jobs": forest.n_jobs,
         "p50_ms": float(p50),
         "p99_ms": float(p99),
@@ -339,9 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
 
     from inference_service.server import start as start_inference
+    from shared.settings import Settings
     from shared.store.db import make_engine
     from shared.store.registry import get_model
-    from shared.settings import Settings
     from training_service.server import start as start_training
 
     def log(msg: str) -> None:
@@ -366,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                 record = get_model(engine, job.model_id)
             finally:
                 engine.dispose()
+            if record is None:
+                raise RuntimeError(f"model {job.model_id} of job {job.job_id} is not registered")
             times = frame["open_time_ms"].to_numpy()
             in_window = int(((times >= pd.Timestamp(TRAIN_START, tz="UTC").value // 10**6)
                              & (times < pd.Timestamp(TRAIN_END, tz="UTC").value // 10**6)).sum())

@@ -17,10 +17,10 @@ import pandas as pd
 
 from shared.calibration import brier, log_loss, shrink_to_prior
 from shared.features import feature_matrix
-from shared.store.importers import read_candles
 from shared.labels import LabelSpec, make_labels
 from shared.onnxmodel import OnnxForest
 from shared.params import ForestParams
+from shared.store.importers import read_candles
 from shared.timeframes import parse_time
 from training_service.pipeline import train
 
@@ -55,7 +55,7 @@ def out_of_sample(frame: pd.DataFrame, split_ms: int, label: LabelSpec, params: 
         "brier": brier(p, yt),
         "prior_brier": brier(prior, yt),
         "shrink_weight": model.shrink_weight,
-        "n_test": int(len(yt)),
+        "n_test": len(yt),
         "train_seconds": seconds,
     }
 

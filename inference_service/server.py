@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
 
 import sqlalchemy as sa
 
-from mlsignal.v1 import inference_pb2, inference_pb2_grpc
-from shared.store.db import make_engine
-from shared.server.builder import RunningServer, ServerHandle, observability, server_credentials, server_main, start_server
-from shared.settings import Settings
-from inference_service.models import ModelStore
+from inference_service.model_store import ModelStore
 from inference_service.servicer import InferenceServicer
+from mlsignal.v1 import inference_pb2, inference_pb2_grpc
+from shared.server.builder import RunningServer, ServerHandle, observability, server_credentials, start_server
+from shared.server.lifecycle import server_main
+from shared.settings import Settings
+from shared.store.db import make_engine
 
 log = logging.getLogger("mlsignal.inference")
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -25,7 +27,7 @@ class RunningInference(RunningServer):
         self.store = store
 
 
-def loaded_models(store: ModelStore):
+def loaded_models(store: ModelStore) -> Iterator[tuple[str, str, str, str, int]]:
     """(symbol, timeframe, model_id, role, created_at_ms) for every model in memory (for the metrics endpoint)."""
     for role, m in store.loaded():
         rec = m.record
@@ -47,7 +49,7 @@ def start(settings: Settings, address: str | None = None) -> RunningInference:
     store = ModelStore(engine, settings.model_dir, settings.model_cache_size, settings.model_poll_seconds)
     on_predicted = None
     if metrics is not None:
-        from shared.server.observability import inference_metrics
+        from shared.server.metrics import inference_metrics
 
         on_predicted = inference_metrics(metrics, lambda: loaded_models(store))
     store.start_polling()

@@ -21,7 +21,7 @@ and is compared with the same rule without the ML condition (RSI only) and with 
 * **Fixed thresholds.** up_min, rsi_max and down_max are fixed parameters chosen before the evaluation period; they are
   never optimised on it. Choosing them by searching over the period being reported would make the result in-sample.
   No in-sample row is accepted: a frame with ML_IN_SAMPLE true anywhere is refused.
-* **RSI** is the shared feature code's RSI (Cutler's RSI, a finite-window RSI, `shared.features`), the same RSI the
+* **RSI** is the shared feature code's RSI (Cutler's RSI, a finite-window RSI, `shared.features.rsi`), the same RSI the
   models see as a feature; it is not computed a second way here.
 
 Metrics per row: total return, max drawdown (largest peak-to-trough fall of the equity curve, as a positive fraction),
@@ -44,7 +44,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from shared.features import FeatureSpec, compute_features
+from shared.features import rsi
 from shared.timeframes import TIMEFRAME_MS, ms_to_iso, timeframe_ms
 
 __all__ = [
@@ -55,7 +55,6 @@ __all__ = [
     "bars_per_year",
     "format_report",
     "max_drawdown",
-    "rsi",
     "run_backtest",
 ]
 
@@ -164,24 +163,6 @@ def annualised_sharpe(returns: Iterable[float] | pd.Series, timeframe: str) -> f
     if not sd > 0:
         return math.nan
     return float(np.mean(r) / sd * math.sqrt(bars_per_year(timeframe)))
-
-
-def _rsi_spec(period: int) -> FeatureSpec:
-    """A FeatureSpec whose other windows are as short as allowed, so RSI is defined from its own warm-up on.
-
-    The RSI column of a FeatureSpec depends only on rsi_period and the closes, so this is the same RSI as in
-    FeatureSpec() models (asserted by the tests), only available rsi_period + 1 candles in instead of 100.
-    """
-    return FeatureSpec(sma_windows=(1,), rsi_period=period, bb_window=2, return_lags=(1,), volume_window=1,
-                       volatility_window=2, atr_window=1)
-
-
-def rsi(close: Iterable[float] | pd.Series, period: int = 14) -> np.ndarray:
-    """The shared feature code's RSI of a close series (NaN for the first `period` candles)."""
-    c = np.asarray(close, dtype=np.float64)
-    spec = _rsi_spec(period)
-    frame = pd.DataFrame({"open": c, "high": c, "low": c, "close": c, "volume": np.ones_like(c)})
-    return compute_features(frame, spec)[f"rsi_{period}"].to_numpy()
 
 
 def _infer_timeframe(times: np.ndarray) -> str:
@@ -333,7 +314,7 @@ def run_backtest(
                         want &= down < r.down_max
                     if r.edge_min is not None:
                         want &= (up - down) > r.edge_min
-            if r.rsi_max is not None:
+            if r.rsi_max is not None and rsi_values is not None:
                 want &= rsi_values < r.rsi_max
         return want.astype(np.float64)
 
@@ -395,9 +376,9 @@ def format_report(results: BacktestResult | Iterable[StrategyStats]) -> str:
 
     def line(cells) -> str:
         first = f"{cells[0]:<{widths[0]}}"
-        rest = [f"{c:>{w}}" for c, w in zip(cells[1:], widths[1:])]
+        rest = [f"{c:>{w}}" for c, w in zip(cells[1:], widths[1:], strict=True)]
         return "  ".join([first, *rest]).rstrip()
 
-    out = header_lines + [line(headers), line(["-" * w for w in widths])]
+    out = [*header_lines, line(headers), line(["-" * w for w in widths])]
     out += [line(r) for r in body]
     return "\n".join(out)

@@ -50,10 +50,12 @@ class ChildService:
         self.name = name
         self.proc = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
+        assert self.proc.stdout is not None  # stdout=PIPE
+        self.stdout = self.proc.stdout
         self.lines: list[str] = []
         self.port = 0
         deadline = time.monotonic() + 60
-        for line in self.proc.stdout:
+        for line in self.stdout:
             self.lines.append(line)
             if "listening on port" in line and line.startswith("mlsignal-"):
                 self.port = int(line.split()[-1])
@@ -66,7 +68,7 @@ class ChildService:
         threading.Thread(target=self._drain, daemon=True).start()
 
     def _drain(self) -> None:
-        for line in self.proc.stdout:
+        for line in self.stdout:
             self.lines.append(line)
 
     @property
@@ -96,7 +98,7 @@ class _Progress:
 
         self.total = total
         self.tty = sys.stdout.isatty()
-        self._desc = None
+        self._desc: str | None = None
         self.bar = tqdm(total=total, bar_format=fmt, file=sys.stdout) if self.tty else None
 
     def update_to(self, n: float, desc: str) -> None:
@@ -194,26 +196,27 @@ def run_demo(opts: DemoOptions) -> dict:
     finally:
         _say("[8/8] stopping the services (SIGTERM)")
         codes = [s.stop() for s in services]
-        for s, code in zip(services, codes):
+        for s, code in zip(services, codes, strict=True):
             if code != 0:
                 raise DemoError(f"{s.name} exited with code {code}:\n" + "".join(s.lines[-20:]))
     return summary
 
 
-def _print_table(streamed: "pd.DataFrame", rows: int = 8) -> None:
+def _print_table(streamed: pd.DataFrame, rows: int = 8) -> None:
     import numpy as np
 
     pick = streamed.iloc[np.linspace(0, len(streamed) - 1, rows).astype(int)]
     _say(f"      {'open time (UTC)':<22}{'ML_UP_PROB':>11}{'ML_DOWN_PROB':>13}{'ML_RANGE_PROB':>14}")
-    for r in pick.itertuples():
-        _say(f"      {ms_to_iso(r.open_time_ms):<22}{r.up:>11.4f}{r.down:>13.4f}{r.range:>14.4f}")
+    columns = [pick[c].to_numpy() for c in ("open_time_ms", "up", "down", "range")]
+    for t, up, down, rng in zip(*columns, strict=True):
+        _say(f"      {ms_to_iso(int(t)):<22}{up:>11.4f}{down:>13.4f}{rng:>14.4f}")
 
 
 def _walk_forward_step(opts, tc, ic, candles, split_ms, end_ms) -> dict:
     """Walk-forward out-of-sample signals, the strategy report and the chart."""
     from mlsignal.backtest import StrategyRule, format_report, run_backtest
-    from shared.timeframes import parse_duration
     from mlsignal.walkforward import walk_forward, write_signals
+    from shared.timeframes import parse_duration
 
     _say(f"[6/8] walk-forward over {opts.split} .. {opts.end}: train window {opts.train_window}, "
          f"step {opts.step}, {opts.walk_trees} trees per model")
@@ -242,7 +245,7 @@ def _walk_forward_step(opts, tc, ic, candles, split_ms, end_ms) -> dict:
     return {"signals": signals, "backtest": results, "chart": chart}
 
 
-def write_chart(signals: "pd.DataFrame", results, path: Path) -> None:
+def write_chart(signals: pd.DataFrame, results, path: Path) -> None:
     import matplotlib
     import pandas as pd
 

@@ -52,8 +52,8 @@ import numpy as np
 import pandas as pd
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mlsignal.client import connect_channel, frame_to_candles
 from mlsignal.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from mlsignal.client import connect_channel
 
 __all__ = [
     "LATE_SEND_S",
@@ -62,7 +62,6 @@ __all__ = [
     "LoadTestConfig",
     "LoadTestError",
     "LoadTestResult",
-    "build_candles",
     "format_result",
     "latency_histogram",
     "parse_seconds",
@@ -188,36 +187,12 @@ def parse_seconds(text: str) -> float:
     return value
 
 
-def build_candles(frame: pd.DataFrame) -> list[common_pb2.Candle]:
-    """Candle messages for a frame with open_time_ms (int epoch ms) and open..volume, oldest first.
-
-    Optional funding_rate / open_interest columns are set where they are not NaN. A frame without open_time_ms may
-    carry its times as `mlsignal.client.frame_times_ms` reads them.
-    """
-    from mlsignal.client import frame_times_ms
-
-    missing = [c for c in ("open", "high", "low", "close", "volume") if c not in frame.columns]
-    if missing:
-        raise LoadTestError(f"candles lack column(s) {', '.join(missing)}")
-    if "open_time_ms" in frame.columns:
-        times = frame["open_time_ms"].to_numpy(np.int64)
-    else:
-        try:
-            times = frame_times_ms(frame)
-        except ValueError as exc:
-            raise LoadTestError(f"candles: {exc}") from None
-    cols = [frame[c].to_numpy(np.float64) for c in ("open", "high", "low", "close", "volume")]
-    optional = {
-        name: frame[name].to_numpy(np.float64, na_value=np.nan)
-        for name in ("funding_rate", "open_interest")
-        if name in frame.columns and frame[name].notna().any()
-    }
-    Candle = common_pb2.Candle
-    out = []
-    for i, (t, o, h, lo, c, v) in enumerate(zip(times.tolist(), *(col.tolist() for col in cols))):
-        extra = {name: float(arr[i]) for name, arr in optional.items() if not math.isnan(arr[i])}
-        out.append(Candle(open_time_ms=t, open=o, high=h, low=lo, close=c, volume=v, **extra))
-    return out
+def _candle_messages(frame: pd.DataFrame) -> list[common_pb2.Candle]:
+    """The client's frame conversion, so the load test sends exactly what `InferenceClient.predict` would."""
+    try:
+        return frame_to_candles(frame)
+    except ValueError as exc:
+        raise LoadTestError(f"candles: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -414,6 +389,7 @@ class _Run:
                 self.measure_from = t_start + cfg.warmup
                 self.total_slots = math.ceil(round((cfg.warmup + cfg.duration) * cfg.rate, 9))
             else:
+                assert cfg.requests is not None  # check(): exactly one of duration and requests
                 warm_slots = math.ceil(round(cfg.warmup * cfg.rate, 9))
                 self.measure_from = t_start + warm_slots / cfg.rate
                 self.total_slots = warm_slots + cfg.requests
@@ -440,6 +416,7 @@ class _Run:
 
     def open_worker(self, session, tally: _Tally) -> None:
         rate, clock = self.cfg.rate, time.perf_counter
+        assert rate is not None  # open loop only
         if self._wait_start():
             return
         while not self.stop.is_set():
@@ -548,7 +525,7 @@ def run_loadtest(cfg: LoadTestConfig, candles: pd.DataFrame | list | None = None
     if cfg.rpc != "Health":
         if candles is None:
             raise LoadTestError(f"{cfg.rpc} needs candles")
-        messages = candles if isinstance(candles, list) else build_candles(candles)
+        messages = candles if isinstance(candles, list) else _candle_messages(candles)
     else:
         messages = []
     channels = _channels(cfg)
@@ -562,7 +539,7 @@ def run_loadtest(cfg: LoadTestConfig, candles: pd.DataFrame | list | None = None
         run = _Run(cfg, time.perf_counter() + 0.01)  # a moment for the threads to start
         target = run.closed_worker if cfg.rate is None else run.open_worker
         threads = [threading.Thread(target=target, args=(s, t), name=f"loadtest-{i}", daemon=True)
-                   for i, (s, t) in enumerate(zip(sessions, tallies))]
+                   for i, (s, t) in enumerate(zip(sessions, tallies, strict=True))]
         for t in threads:
             t.start()
         try:
@@ -579,7 +556,7 @@ def run_loadtest(cfg: LoadTestConfig, candles: pd.DataFrame | list | None = None
         for s in sessions:
             try:
                 s.close()
-            except Exception:  # noqa: BLE001 - closing is best effort
+            except Exception:  # closing is best effort
                 pass
         for ch in channels:
             ch.close()
@@ -618,7 +595,7 @@ def _summarise(cfg, run: _Run, tallies: list[_Tally], sessions: list, history: i
     if ok:
         pct = np.percentile(lat_ms, PERCENTILES)
         latency: dict[str, float | None] = {"min": float(lat_ms.min()), "mean": float(lat_ms.mean())}
-        latency.update({f"p{p}": float(v) for p, v in zip(PERCENTILES, pct)})
+        latency.update({f"p{p}": float(v) for p, v in zip(PERCENTILES, pct, strict=True)})
         latency["max"] = float(lat_ms.max())
     else:
         latency = {k: None for k in ("min", "mean", *(f"p{p}" for p in PERCENTILES), "max")}
@@ -655,7 +632,7 @@ def latency_histogram(lat_ms: np.ndarray, per_decade: int = BUCKETS_PER_DECADE) 
     hi = math.floor(math.log10(lat_ms.max()) * per_decade) + 1
     edges = 10.0 ** (np.arange(lo, hi + 1) / per_decade)
     counts, _ = np.histogram(lat_ms, bins=edges)
-    return [(float(a), float(b), int(c)) for a, b, c in zip(edges[:-1], edges[1:], counts)]
+    return [(float(a), float(b), int(c)) for a, b, c in zip(edges[:-1], edges[1:], counts, strict=True)]
 
 
 def _ms(v: float | None) -> str:

@@ -109,7 +109,7 @@ def plan_steps(start_ms: int, end_ms: int, train_window_ms: int, step_ms: int, p
         raise ValueError(f"train_window_ms and step_ms must be positive, got {train_window_ms} and {step_ms}")
     if purge_ms < 0:
         raise ValueError(f"purge_ms must not be negative, got {purge_ms}")
-    steps = []
+    steps: list[Step] = []
     s = int(start_ms)
     while s < end_ms:
         e = min(s + int(step_ms), int(end_ms))
@@ -189,7 +189,7 @@ def walk_forward(
     frame = _candle_frame(candles)
     times = frame["open_time_ms"].to_numpy()
     bounds = [(int(np.searchsorted(times, s.start_ms)), int(np.searchsorted(times, s.end_ms))) for s in steps]
-    work = [(s, b) for s, b in zip(steps, bounds) if b[1] > b[0]]
+    work = [(s, b) for s, b in zip(steps, bounds, strict=True) if b[1] > b[0]]
     if not work:
         raise ValueError(f"candles have no rows in {ms_to_iso(start_ms)} .. {ms_to_iso(end_ms)}")
     total = len(work)
@@ -204,7 +204,7 @@ def walk_forward(
 
         infos: dict[str, object] = {}
         parts = []
-        for done, ((step, (lo, hi)), handle) in enumerate(zip(work, handles), start=1):
+        for done, ((step, (lo, hi)), handle) in enumerate(zip(work, handles, strict=True), start=1):
             job = handle.wait()
             info = _model_info(training, infos, symbol, timeframe, job.model_id)
             _check_model(info, step, symbol, timeframe, horizon)
@@ -290,16 +290,19 @@ def _output_rows(candles: pd.DataFrame, predicted: pd.DataFrame, info, step: Ste
 def check_out_of_sample(out: pd.DataFrame, horizon_ms: int) -> None:
     """LeakageError unless no row is in-sample and every row is later than its model's train_end + horizon."""
     ins = out["ML_IN_SAMPLE"].to_numpy(dtype=bool)
+    times = out["open_time_ms"].to_numpy(dtype=np.int64)
+    train_end = out["train_end_ms"].to_numpy(dtype=np.int64)
+    model_ids = out["ML_MODEL_ID"].to_numpy()
     if ins.any():
         i = int(np.flatnonzero(ins)[0])
         raise LeakageError(f"{int(ins.sum())} row(s) are in-sample for their model, the first "
-                           f"{ms_to_iso(int(out['open_time_ms'].iat[i]))} (model {out['ML_MODEL_ID'].iat[i]})")
-    early = out["open_time_ms"].to_numpy() <= out["train_end_ms"].to_numpy() + horizon_ms
+                           f"{ms_to_iso(int(times[i]))} (model {model_ids[i]})")
+    early = times <= train_end + horizon_ms
     if early.any():
         i = int(np.flatnonzero(early)[0])
         raise LeakageError(f"{int(early.sum())} row(s) are not later than their model's last training candle plus "
-                           f"the label horizon: {ms_to_iso(int(out['open_time_ms'].iat[i]))} with model "
-                           f"{out['ML_MODEL_ID'].iat[i]} trained up to {ms_to_iso(int(out['train_end_ms'].iat[i]))}")
+                           f"the label horizon: {ms_to_iso(int(times[i]))} with model {model_ids[i]} trained up to "
+                           f"{ms_to_iso(int(train_end[i]))}")
 
 
 def _cancel_unfinished(handles: list[TrainingJobHandle]) -> None:

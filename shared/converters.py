@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from mlsignal.v1 import common_pb2
 from shared.params import ForestParams
 from shared.store.registry import ModelRecord
+from shared.timeframes import ms_to_timestamp
 
 CLASS_WEIGHT_TO_PROTO = {"none": common_pb2.CLASS_WEIGHT_NONE, "balanced": common_pb2.CLASS_WEIGHT_BALANCED}
-
-
-def ts(ms: int | None) -> Timestamp | None:
-    if ms is None:
-        return None
-    t = Timestamp()
-    t.FromMilliseconds(int(ms))
-    return t
 
 
 def params_message(p: ForestParams) -> common_pb2.ModelParams:
@@ -36,9 +27,9 @@ def model_info(rec: ModelRecord) -> common_pb2.ModelInfo:
         model_id=rec.model_id,
         symbol=rec.symbol,
         timeframe=rec.timeframe,
-        created_at=ts(rec.created_at_ms),
-        train_start=ts(rec.train_start_ms),
-        train_end=ts(rec.train_end_ms),
+        created_at=ms_to_timestamp(rec.created_at_ms),
+        train_start=ms_to_timestamp(rec.train_start_ms),
+        train_end=ms_to_timestamp(rec.train_end_ms),
         label=common_pb2.LabelSpec(horizon_bars=rec.label.horizon_bars, threshold=rec.label.threshold),
         features=list(rec.feature_spec.feature_names),
         warmup_bars=rec.warmup_bars,

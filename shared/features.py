@@ -21,16 +21,23 @@ code paths cannot differ.
 
 All features are scale-free (ratios, returns, oscillators), so a model trained at one price level
 applies at another.
+
+Each indicator's formula is written once, as a kernel over window views. ``feature_matrix`` (and
+``compute_features`` on top of it) composes the kernels with windows shared between features; the
+public primitives (``rsi``, ``sma_ratio``, ``bollinger``, ...) run the same kernels on a single
+series, so research code such as a backtest's RSI filter gets bit for bit the values the models
+see. ``_single_row`` repeats the formulas in plain floats for the one-new-candle live path, where
+~50 numpy calls would dominate; tests hold it equal to the array path.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -156,7 +163,7 @@ class FeatureSpec:
     @property
     def required_columns(self) -> tuple[str, ...]:
         """Input columns this spec reads."""
-        cols = OHLCV_COLUMNS
+        cols: tuple[str, ...] = OHLCV_COLUMNS
         if self.use_funding_rate:
             cols += (FUNDING_COLUMN,)
         if self.use_open_interest:
@@ -178,7 +185,8 @@ class FeatureSpec:
         if name != FEATURE_SET_NAME:
             raise ValueError(f"feature spec name must be {FEATURE_SET_NAME!r}, got {name!r}")
         if isinstance(version, bool) or version != FEATURE_SET_VERSION:
-            raise ValueError(f"feature spec version {version!r} of {name!r} is not supported; expected {FEATURE_SET_VERSION}")
+            raise ValueError(f"feature spec version {version!r} of {name!r} is not supported; "
+                             f"expected {FEATURE_SET_VERSION}")
         known = {f.name for f in fields(cls) if f.init}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -235,6 +243,246 @@ def _column(columns: Mapping[str, np.ndarray], name: str, n: int | None) -> np.n
     if n is not None and arr.shape[0] != n:
         raise ValueError(f"column {name!r} has {arr.shape[0]} rows, expected {n} like 'close'")
     return arr
+
+
+# --------------------------------------------------------------------------- indicator kernels
+#
+# Each kernel is the one formula of an indicator, applied to window views (``V[k, i]``, k = 0 the
+# newest value) of the rows being computed. ``_fill_block`` feeds them windows it shares between
+# features; the public primitives below feed them windows of a single series. Same windows, same
+# operations, so a primitive is bit-identical to the matching feature column.
+
+
+def _sma_ratio_rows(c: np.ndarray, dev_sums: np.ndarray, windows: tuple[int, ...]) -> np.ndarray:
+    """close / SMA - 1 per window (rows of the result), from the sums of close[t-k] - close[t].
+
+    Written as -d / (close + d), d = mean deviation, which is exact for a constant window.
+    """
+    d = dev_sums / np.array(windows, dtype=np.float64)[:, None]
+    return -d / (c + d)
+
+
+def _rsi_rows(changes: np.ndarray) -> np.ndarray:
+    """Cutler's RSI from windows of 1-bar changes: the ratio of simple means of gains and losses
+    (sums, as the 1/period cancels). A window without any change is 50."""
+    gains = np.maximum(changes, 0.0)
+    losses = gains - changes  # exactly max(-change, 0)
+    g = _total(gains)
+    total = g + _total(losses)
+    return np.where(total == 0, 50.0, (g / total) * 100.0)
+
+
+def _bollinger_rows(c: np.ndarray, dev: np.ndarray, dev_sum: np.ndarray, k: float) -> tuple[np.ndarray, np.ndarray]:
+    """Bollinger %b and bandwidth (population std) from the window's deviations close[t-k] - close[t].
+
+    With mean = close + d and s the std: %b = (close - lower) / (upper - lower) = 0.5 - d / (2 k s)
+    and bandwidth = (upper - lower) / middle = 2 k s / mean; a flat window has %b 0.5.
+    """
+    w = dev.shape[0]
+    d = dev_sum / w
+    sq = dev - d
+    np.multiply(sq, sq, out=sq)
+    spread = np.sqrt(_total(sq) / w) * (2.0 * k)
+    return np.where(spread == 0, 0.5, 0.5 - d / spread), spread / (c + d)
+
+
+def _return_rows(c: np.ndarray, past: np.ndarray) -> np.ndarray:
+    """Simple returns close[t] / close[t-lag] - 1, written as a difference for accuracy."""
+    return (c - past) / past
+
+
+def _volume_ratio_rows(v: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """Volume relative to its mean, shifted like the close means so a constant volume gives 0."""
+    dvol = _total(windows - v) / windows.shape[0]
+    mean_v = v + dvol
+    return np.where(mean_v == 0, 0.0, -dvol / mean_v)
+
+
+def _volatility_rows(returns: np.ndarray) -> np.ndarray:
+    """Population standard deviation of windows of 1-bar simple returns."""
+    w = returns.shape[0]
+    r_dev = returns - _total(returns) / w
+    np.multiply(r_dev, r_dev, out=r_dev)
+    return np.sqrt(_total(r_dev) / w)
+
+
+def _natr_rows(true_ranges: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Mean true range over the window, relative to close."""
+    return (_total(true_ranges) / true_ranges.shape[0]) / c
+
+
+def _mean_rows(windows: np.ndarray) -> np.ndarray:
+    """Window mean with the fixed sequential summation order."""
+    return _total(windows) / windows.shape[0]
+
+
+def _change_rows(now: np.ndarray, past: np.ndarray) -> np.ndarray:
+    """Relative change now / past - 1; NaN where it is undefined (a zero earlier value), like a gap."""
+    change = (now - past) / past
+    change[~np.isfinite(change)] = np.nan
+    return change
+
+
+# --------------------------------------------------------------------------- indicator primitives
+#
+# Whole-series versions of the feature columns, for research code that wants one indicator (e.g.
+# a backtest's RSI filter) without a FeatureSpec. Each returns float64 arrays as long as its input,
+# NaN where the window does not have enough history yet.
+
+Values: TypeAlias = np.ndarray | pd.Series | Sequence[float]
+
+
+def _series(x: Values, name: str, n: int | None = None) -> np.ndarray:
+    if isinstance(x, pd.Series):
+        arr = np.ascontiguousarray(x.to_numpy(dtype=np.float64, na_value=np.nan))
+    else:
+        arr = np.ascontiguousarray(x, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    if n is not None and arr.shape[0] != n:
+        raise ValueError(f"{name} has {arr.shape[0]} values, expected {n}")
+    return arr
+
+
+def _by_blocks(n: int, first: int, history: int, fill: Callable[[int, int], Any], outputs: int = 1) -> np.ndarray:
+    """Rows first..n-1 of `outputs` series from fill(a, b), in blocks that keep window matrices
+    cache-sized (rows are independent, so blocking cannot change a value); earlier rows are NaN."""
+    out = np.full((outputs, n), np.nan)
+    block = max(256, _BLOCK_ELEMENTS // max(history, 1))
+    with np.errstate(all="ignore"):
+        for a in range(first, n, block):
+            b = min(a + block, n)
+            out[:, a:b] = fill(a, b)
+    return out
+
+
+def _changes(close: np.ndarray, a: int, b: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """close[t] - close[t-1] and close[t-1] for t = a - window + 1 .. b - 1: the 1-bar changes the
+    windows of rows a..b-1 cover."""
+    lo = a - window + 1
+    prev = close[lo - 1 : b - 1]
+    return close[lo:b] - prev, prev
+
+
+def sma_ratio(close: Values, window: int) -> np.ndarray:
+    """close / SMA(window) - 1 (feature ``sma_ratio_<window>``); NaN for the first window - 1 rows."""
+    c = _series(close, "close")
+    w = _check_int("window", window, 1)
+
+    def fill(a: int, b: int) -> np.ndarray:
+        cc = c[a:b]
+        return _sma_ratio_rows(cc, _total(_windows(c, a, b, w) - cc)[None, :], (w,))
+
+    return _by_blocks(c.size, w - 1, w, fill)[0]
+
+
+def rsi(close: Values, window: int) -> np.ndarray:
+    """Cutler's RSI in 0..100 over `window` 1-bar changes (feature ``rsi_<window>``); NaN for the first
+    `window` rows. A finite-window RSI, unlike Wilder's, does not depend on where the series starts."""
+    c = _series(close, "close")
+    w = _check_int("window", window, 1)
+
+    def fill(a: int, b: int) -> np.ndarray:
+        diff, _ = _changes(c, a, b, w)
+        return _rsi_rows(_windows(diff, w - 1, w - 1 + b - a, w))
+
+    return _by_blocks(c.size, w, w + 1, fill)[0]
+
+
+def bollinger(close: Values, window: int, k: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Bollinger %b and bandwidth over `window` closes with bands at `k` population standard
+    deviations (features ``bb_pctb_<window>`` and ``bb_width_<window>``); NaN for the first window - 1 rows."""
+    c = _series(close, "close")
+    w = _check_int("window", window, 2)
+    if isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(k) or k <= 0:
+        raise ValueError(f"k must be a finite number > 0, got {k!r}")
+    kf = float(k)
+
+    def fill(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        cc = c[a:b]
+        dev = _windows(c, a, b, w) - cc
+        return _bollinger_rows(cc, dev, _total(dev), kf)
+
+    pctb, width = _by_blocks(c.size, w - 1, w, fill, outputs=2)
+    return pctb, width
+
+
+def simple_return(close: Values, lag: int) -> np.ndarray:
+    """close[t] / close[t - lag] - 1 (feature ``ret_<lag>``); NaN for the first `lag` rows."""
+    c = _series(close, "close")
+    lag = _check_int("lag", lag, 1)
+    return _by_blocks(c.size, lag, lag + 1, lambda a, b: _return_rows(c[a:b], c[a - lag : b - lag]))[0]
+
+
+def volume_ratio(volume: Values, window: int) -> np.ndarray:
+    """volume / mean volume over `window` candles - 1 (feature ``volume_ratio_<window>``); 0 when the mean
+    is 0, NaN for the first window - 1 rows."""
+    v = _series(volume, "volume")
+    w = _check_int("window", window, 1)
+    return _by_blocks(v.size, w - 1, w, lambda a, b: _volume_ratio_rows(v[a:b], _windows(v, a, b, w)))[0]
+
+
+def volatility(close: Values, window: int) -> np.ndarray:
+    """Population standard deviation of the last `window` 1-bar returns (feature ``volatility_<window>``);
+    NaN for the first `window` rows."""
+    c = _series(close, "close")
+    w = _check_int("window", window, 2)
+
+    def fill(a: int, b: int) -> np.ndarray:
+        diff, prev = _changes(c, a, b, w)
+        return _volatility_rows(_windows(diff / prev, w - 1, w - 1 + b - a, w))
+
+    return _by_blocks(c.size, w, w + 1, fill)[0]
+
+
+def natr(high: Values, low: Values, close: Values, window: int) -> np.ndarray:
+    """Mean true range over `window` candles divided by close (feature ``natr_<window>``); NaN for the
+    first `window` rows."""
+    c = _series(close, "close")
+    h = _series(high, "high", c.size)
+    lw = _series(low, "low", c.size)
+    w = _check_int("window", window, 1)
+
+    def fill(a: int, b: int) -> np.ndarray:
+        lo = a - w + 1
+        prev = c[lo - 1 : b - 1]
+        tr = np.maximum(h[lo:b], prev) - np.minimum(lw[lo:b], prev)
+        return _natr_rows(_windows(tr, w - 1, w - 1 + b - a, w), c[a:b])
+
+    return _by_blocks(c.size, w, w + 1, fill)[0]
+
+
+def candle_body(open_: Values, close: Values) -> np.ndarray:
+    """(close - open) / open (feature ``candle_body``)."""
+    c = _series(close, "close")
+    o = _series(open_, "open", c.size)
+    with np.errstate(all="ignore"):
+        return (c - o) / o
+
+
+def candle_range(high: Values, low: Values, close: Values) -> np.ndarray:
+    """(high - low) / close (feature ``candle_range``)."""
+    c = _series(close, "close")
+    h = _series(high, "high", c.size)
+    lw = _series(low, "low", c.size)
+    with np.errstate(all="ignore"):
+        return (h - lw) / c
+
+
+def window_mean(x: Values, window: int) -> np.ndarray:
+    """Mean of the last `window` values (feature ``funding_mean_<window>`` of the funding rate); NaN for
+    the first window - 1 rows."""
+    arr = _series(x, "values")
+    w = _check_int("window", window, 1)
+    return _by_blocks(arr.size, w - 1, w, lambda a, b: _mean_rows(_windows(arr, a, b, w)))[0]
+
+
+def relative_change(x: Values, lag: int) -> np.ndarray:
+    """x[t] / x[t - lag] - 1 with NaN where undefined (feature ``oi_change_<lag>`` of open interest); NaN
+    for the first `lag` rows."""
+    arr = _series(x, "values")
+    lag = _check_int("lag", lag, 1)
+    return _by_blocks(arr.size, lag, lag + 1, lambda a, b: _change_rows(arr[a:b], arr[a - lag : b - lag]))[0]
 
 
 def feature_matrix(columns: Mapping[str, np.ndarray], spec: FeatureSpec, first_row: int = 0) -> np.ndarray:
@@ -297,16 +545,15 @@ def _fill_block(
     # Means of close, shifted by the row's own close: D[k] = close[t-k] - close[t]. A constant
     # window then has a mean of exactly close[t] and a standard deviation of exactly 0 (a plain
     # sum of w equal prices divided by w need not give the price back), and small SMA ratios
-    # carry no cancellation error. The cumulative sums give every nested window at once.
+    # carry no cancellation error. The prefix sums give every nested window (SMAs and the
+    # Bollinger mean) in one pass.
     sma = spec.sma_windows
     wb = spec.bb_window
     width = max(max(sma), wb)
     dev = _windows(close, a, b, width) - c
-    csum = _prefix_sums(dev, sma + (wb,))
+    csum = _prefix_sums(dev, (*sma, wb))
     ns = len(sma)
-    # close / SMA - 1 == -d / (close + d) with d = mean(D), the SMA's offset from close.
-    d = csum[:ns] / np.array(sma, dtype=np.float64)[:, None]
-    out[:, col : col + ns] = (-d / (c + d)).T
+    out[:, col : col + ns] = _sma_ratio_rows(c, csum[:ns], sma).T
     col += ns
 
     # 1-bar changes of close over the rows that RSI, volatility and true range look at.
@@ -316,74 +563,40 @@ def _fill_block(
     diff = close[lo:b] - prev
     ra, rb = a - lo, b - lo
 
-    # Cutler's RSI: the ratio of simple means of gains and losses (sums, as the 1/p cancels).
-    dv = _windows(diff, ra, rb, spec.rsi_period)
-    gains = np.maximum(dv, 0.0)
-    losses = gains - dv  # exactly max(-d, 0)
-    g = _total(gains)
-    total = g + _total(losses)
-    out[:, col] = np.where(total == 0, 50.0, (g / total) * 100.0)
+    out[:, col] = _rsi_rows(_windows(diff, ra, rb, spec.rsi_period))
     col += 1
 
-    # Bollinger %b and bandwidth with the population standard deviation. With
-    # mean = close + d and s the std: %b = (close - lower) / (upper - lower) = 0.5 - d / (2 k s),
-    # bandwidth = (upper - lower) / middle = 2 k s / mean.
-    db = csum[ns] / wb
-    sq = dev[:wb] - db
-    np.multiply(sq, sq, out=sq)
-    spread = np.sqrt(_total(sq) / wb) * (2.0 * spec.bb_k)
-    out[:, col] = np.where(spread == 0, 0.5, 0.5 - db / spread)
-    out[:, col + 1] = spread / (c + db)
+    out[:, col], out[:, col + 1] = _bollinger_rows(c, dev[:wb], csum[ns], spec.bb_k)
     col += 2
 
-    # Simple returns close[t] / close[t-lag] - 1, written as a difference for accuracy.
     lags = spec.return_lags
     past = _windows(close, a, b, max(lags) + 1)[list(lags)]
-    out[:, col : col + len(lags)] = ((c - past) / past).T
+    out[:, col : col + len(lags)] = _return_rows(c, past).T
     col += len(lags)
 
-    # Volume relative to its mean, shifted like the close means so a constant volume gives 0.
-    v = volume[a:b]
-    wv = spec.volume_window
-    dvol = _total(_windows(volume, a, b, wv) - v) / wv
-    mean_v = v + dvol
-    out[:, col] = np.where(mean_v == 0, 0.0, -dvol / mean_v)
+    out[:, col] = _volume_ratio_rows(volume[a:b], _windows(volume, a, b, spec.volume_window))
     col += 1
 
-    # Volatility: population std of 1-bar simple returns.
-    ww = spec.volatility_window
-    rv = _windows(diff / prev, ra, rb, ww)
-    r_dev = rv - _total(rv) / ww
-    np.multiply(r_dev, r_dev, out=r_dev)
-    out[:, col] = np.sqrt(_total(r_dev) / ww)
+    out[:, col] = _volatility_rows(_windows(diff / prev, ra, rb, spec.volatility_window))
     col += 1
 
-    # Normalised ATR: mean true range / close; max(high, prev close) - min(low, prev close)
-    # equals max(high - low, |high - prev|, |low - prev|).
     tr = np.maximum(high[lo:b], prev) - np.minimum(low[lo:b], prev)
-    wa = spec.atr_window
-    out[:, col] = (_total(_windows(tr, ra, rb, wa)) / wa) / c
+    out[:, col] = _natr_rows(_windows(tr, ra, rb, spec.atr_window), c)
     col += 1
 
-    # Candle shape.
-    o = opn[a:b]
-    out[:, col] = (c - o) / o
-    out[:, col + 1] = (high[a:b] - low[a:b]) / c
+    out[:, col] = candle_body(opn[a:b], c)
+    out[:, col + 1] = candle_range(high[a:b], low[a:b], c)
     col += 2
 
     if funding is not None:
-        wf = spec.funding_window
         out[:, col] = funding[a:b]
-        out[:, col + 1] = _total(_windows(funding, a, b, wf)) / wf
+        out[:, col + 1] = _mean_rows(_windows(funding, a, b, spec.funding_window))
         col += 2
 
     if oi is not None:
         olags = spec.oi_lags
         past_oi = _windows(oi, a, b, max(olags) + 1)[list(olags)]
-        change = ((oi[a:b] - past_oi) / past_oi).T
-        # A zero earlier value has no defined change; NaN marks it as missing like a gap.
-        change[~np.isfinite(change)] = np.nan
-        out[:, col : col + len(olags)] = change
+        out[:, col : col + len(olags)] = _change_rows(oi[a:b], past_oi).T
         col += len(olags)
 
 
@@ -426,7 +639,7 @@ def _single_row(spec, t, opn, high, low, close, volume, funding, oi) -> list[flo
     # Cutler's RSI over 1-bar changes.
     diff = [cl[k] - cl[k + 1] for k in range(look)]  # diff[k] = close[t-k] - close[t-k-1]
     gains = [x if x > 0.0 else 0.0 for x in diff[: spec.rsi_period]]
-    losses = [g - x for g, x in zip(gains, diff[: spec.rsi_period])]
+    losses = [g - x for g, x in zip(gains, diff[: spec.rsi_period], strict=True)]
     g = _seq_sum(gains)
     total = g + _seq_sum(losses)
     feats.append(50.0 if total == 0 else (g / total) * 100.0)

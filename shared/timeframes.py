@@ -1,9 +1,17 @@
-"""Timeframes and UTC time conversions; candles are aligned to their timeframe."""
+"""Timeframes and UTC time conversions; candles are aligned to their timeframe.
+
+This module owns every conversion between epoch milliseconds and other time representations, so the services, the
+client SDK and the command line agree on one rule: a `datetime` must carry its time zone (a naive one is refused,
+because nothing says which zone it is in), while ISO-8601 text without an offset is UTC by convention.
+"""
 
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timedelta
+from typing import overload
+
+from google.protobuf.timestamp_pb2 import Timestamp
 
 TIMEFRAME_MS: dict[str, int] = {
     "1m": 60_000,
@@ -14,6 +22,9 @@ TIMEFRAME_MS: dict[str, int] = {
     "4h": 14_400_000,
     "1d": 86_400_000,
 }
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
 
 
 def timeframe_ms(timeframe: str) -> int:
@@ -27,21 +38,50 @@ def timeframe_ms(timeframe: str) -> int:
 
 
 def ms_to_datetime(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    """A tz-aware UTC datetime, so it can never be mistaken for local time."""
+    return _EPOCH + timedelta(milliseconds=int(ms))
 
 
 def datetime_to_ms(dt: datetime) -> int:
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return int(round(dt.timestamp() * 1000))
+    """Exact UTC epoch milliseconds of a tz-aware datetime (pandas Timestamps included).
+
+    A naive datetime raises ValueError: guessing its zone would silently shift every candle by the local offset.
+    Sub-millisecond precision raises too, since candle times are whole milliseconds and rounding would hide a
+    misaligned value.
+    """
+    if dt.tzinfo is None or dt.utcoffset() is None:
+        raise ValueError(f"{dt!r} has no time zone; use a tz-aware value such as datetime(..., tzinfo=timezone.utc) "
+                         "or pd.Timestamp(..., tz='UTC')")
+    ms, rest = divmod(dt - _EPOCH, _ONE_MS)
+    if rest:
+        raise ValueError(f"{dt!r} has sub-millisecond precision; candle times are whole milliseconds")
+    return int(ms)
 
 
 def ms_to_iso(ms: int) -> str:
+    """Second-resolution ISO-8601 UTC text (``2019-01-01T00:00:00Z``) for messages and reports."""
     return ms_to_datetime(ms).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@overload
+def ms_to_timestamp(ms: int) -> Timestamp: ...
+
+
+@overload
+def ms_to_timestamp(ms: None) -> None: ...
+
+
+def ms_to_timestamp(ms: int | None) -> Timestamp | None:
+    """A protobuf Timestamp; None stays None, which leaves an optional message field unset."""
+    if ms is None:
+        return None
+    t = Timestamp()
+    t.FromMilliseconds(int(ms))
+    return t
+
+
 def parse_time(text: str) -> int:
-    """ISO-8601 date or datetime (UTC unless it says otherwise) to epoch milliseconds."""
+    """ISO-8601 date or datetime to epoch milliseconds; text without an offset is UTC."""
     s = text.strip()
     if s.endswith("Z"):
         s = s[:-1] + "+00:00"
@@ -49,7 +89,12 @@ def parse_time(text: str) -> int:
         dt = datetime.fromisoformat(s)
     except ValueError:
         raise ValueError(f"{text!r} is not an ISO-8601 date or datetime") from None
-    return datetime_to_ms(dt)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    try:
+        return datetime_to_ms(dt)
+    except ValueError:
+        raise ValueError(f"{text!r} has sub-millisecond precision; candle times are whole milliseconds") from None
 
 
 _DURATION = re.compile(r"(\d+)\s*([mhdw])")

@@ -7,7 +7,6 @@ Tests that must hold on both databases take `db_url`. PostgreSQL is skipped when
 from __future__ import annotations
 
 import contextlib
-
 import glob
 import os
 import shutil

@@ -13,11 +13,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2_grpc
 
 from mlsignal.v1 import common_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
+from shared.settings import Settings
 from shared.store.db import make_engine
 from shared.store.importers import read_candles
 from shared.store.marketdata import insert_candles
 from shared.store.migrate import upgrade
-from shared.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "btcusd_1h_coinbase_2017-2019.csv.gz"

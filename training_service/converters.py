@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 from mlsignal.v1 import common_pb2, training_pb2
-from shared.converters import CLASS_WEIGHT_TO_PROTO, params_message, ts
+from shared.converters import CLASS_WEIGHT_TO_PROTO, params_message
 from shared.errors import InvalidArgument
 from shared.labels import LabelSpec
-from shared.store.marketdata import validate_symbol
 from shared.params import (
     DEFAULT_MAX_DEPTH,
     DEFAULT_MIN_SAMPLES_LEAF,
@@ -18,7 +17,8 @@ from shared.params import (
     MAX_N_ESTIMATORS,
     ForestParams,
 )
-from shared.timeframes import timeframe_ms
+from shared.symbols import validate_symbol
+from shared.timeframes import ms_to_timestamp, timeframe_ms
 from training_service.jobs import Job, TrainingRequest
 
 MAX_HORIZON_BARS = 10_000
@@ -62,13 +62,14 @@ def training_request(msg: training_pb2.StartTrainingRequest) -> TrainingRequest:
         raise _bad("label.horizon_bars", f"must be between 1 and {MAX_HORIZON_BARS} (0 means 24), got {horizon}")
     threshold = msg.label.threshold or 0.02
     if not (math.isfinite(threshold) and 0 < threshold < 1):
-        raise _bad("label.threshold", f"must be a fraction in (0, 1), e.g. 0.02 for 2 % (0 means 0.02), got {threshold}")
+        raise _bad("label.threshold",
+                   f"must be a fraction in (0, 1), e.g. 0.02 for 2 % (0 means 0.02), got {threshold}")
 
     p = msg.params
     n_estimators = p.n_estimators or DEFAULT_N_ESTIMATORS
     if not 1 <= n_estimators <= MAX_N_ESTIMATORS:
-        raise _bad("params.n_estimators", f"must be between 1 and {MAX_N_ESTIMATORS} (0 means {DEFAULT_N_ESTIMATORS}), "
-                                          f"got {n_estimators}")
+        raise _bad("params.n_estimators",
+                   f"must be between 1 and {MAX_N_ESTIMATORS} (0 means {DEFAULT_N_ESTIMATORS}), got {n_estimators}")
     if p.max_depth == 0:
         max_depth = DEFAULT_MAX_DEPTH
     elif p.max_depth == -1:
@@ -76,11 +77,13 @@ def training_request(msg: training_pb2.StartTrainingRequest) -> TrainingRequest:
     elif 1 <= p.max_depth <= MAX_DEPTH_LIMIT:
         max_depth = p.max_depth
     else:
-        raise _bad("params.max_depth", f"must be between 1 and {MAX_DEPTH_LIMIT}, -1 for unlimited or 0 for the default "
-                                       f"({DEFAULT_MAX_DEPTH}), got {p.max_depth}")
+        raise _bad("params.max_depth",
+                   f"must be between 1 and {MAX_DEPTH_LIMIT}, -1 for unlimited or 0 for the default "
+                   f"({DEFAULT_MAX_DEPTH}), got {p.max_depth}")
     leaf = p.min_samples_leaf or DEFAULT_MIN_SAMPLES_LEAF
     if not 1 <= leaf <= 1_000_000:
-        raise _bad("params.min_samples_leaf", f"must be between 1 and 1000000 (0 means {DEFAULT_MIN_SAMPLES_LEAF}), got {leaf}")
+        raise _bad("params.min_samples_leaf",
+                   f"must be between 1 and 1000000 (0 means {DEFAULT_MIN_SAMPLES_LEAF}), got {leaf}")
     weights = {v: k for k, v in CLASS_WEIGHT_TO_PROTO.items()}
     if p.class_weight == common_pb2.CLASS_WEIGHT_UNSPECIFIED:
         class_weight = "none"
@@ -107,8 +110,8 @@ def request_message(req: TrainingRequest) -> training_pb2.StartTrainingRequest:
     return training_pb2.StartTrainingRequest(
         symbol=req.symbol,
         timeframe=req.timeframe,
-        start_time=ts(req.start_ms),
-        end_time=ts(req.end_ms),
+        start_time=ms_to_timestamp(req.start_ms),
+        end_time=ms_to_timestamp(req.end_ms),
         label=common_pb2.LabelSpec(horizon_bars=req.label.horizon_bars, threshold=req.label.threshold),
         params=params_message(req.params),
     )
@@ -123,8 +126,8 @@ def job_message(job: Job) -> training_pb2.TrainingJob:
         error=job.error,
         model_id=job.model_id,
         request=request_message(job.request),
-        created_at=ts(job.created_at_ms),
-        started_at=ts(job.started_at_ms),
-        finished_at=ts(job.finished_at_ms),
+        created_at=ms_to_timestamp(job.created_at_ms),
+        started_at=ms_to_timestamp(job.started_at_ms),
+        finished_at=ms_to_timestamp(job.finished_at_ms),
         metrics={k: float(v) for k, v in job.metrics.items()},
     )

@@ -30,9 +30,11 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
+from shared.errors import one_line
 from training_service.worker import (
     cancel_event_name,
     progress_queue_name,
@@ -83,14 +85,14 @@ class Executor(ABC):
 
     description = ""
 
-    def start(self) -> None:
+    def start(self) -> None:  # noqa: B027 -- an optional hook, not an abstract method
         """Called once when the scheduler starts."""
 
     @abstractmethod
     def submit(self, job_id: str, request_json: str) -> Run:
         """Start running a job (quickly: this is called under the scheduler's lock)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 -- an optional hook, not an abstract method
         """Called once when the scheduler has stopped; runs were cancelled before."""
 
 
@@ -111,7 +113,7 @@ class LocalProcessExecutor(Executor):
         self._ctx = mp.get_context("spawn")
         self.description = "local worker processes"
 
-    def submit(self, job_id: str, request_json: str) -> "LocalRun":
+    def submit(self, job_id: str, request_json: str) -> LocalRun:
         q = self._ctx.Queue()
         proc = self._ctx.Process(
             target=run_job,
@@ -216,7 +218,8 @@ class DaskExecutor(Executor):
         try:
             self.client()
         except Exception as exc:  # jobs connect again and fail with the reason when the cluster is still away
-            log.warning("cannot reach the Dask scheduler at %s yet: %s", self.address, _one_line(exc))
+            log.warning("cannot reach the Dask scheduler at %s yet: %s", self.address,
+                        one_line(exc, with_type=True))
 
     def client(self):
         """The connected distributed.Client, (re)connecting when needed; raises when the scheduler is unreachable."""
@@ -232,7 +235,7 @@ class DaskExecutor(Executor):
                 log.info("connected to the Dask scheduler at %s", self.address)
             return self._client
 
-    def submit(self, job_id: str, request_json: str) -> "DaskRun":
+    def submit(self, job_id: str, request_json: str) -> DaskRun:
         return DaskRun(self, job_id, request_json)
 
     def close(self) -> None:
@@ -257,7 +260,7 @@ class DaskRun(Run):
         self._started = 0  # "started" messages seen (a task restarted by Dask sends another)
         self._exited = 0
         self._dead = 0  # attempts known to have died without an "exit"
-        self._queue = None  # the job's distributed.Queue, once submitted
+        self._queue: Any = None  # the job's distributed.Queue (an untyped library), once submitted
 
     # -- scheduler calls, each bounded ----------------------------------------------------------------------
     def _rpc(self, client, op: str, **kwargs):
@@ -293,7 +296,8 @@ class DaskRun(Run):
         try:
             client = ex.client()
         except Exception as exc:
-            return Outcome(ERROR, message=f"cannot reach the Dask scheduler at {ex.address}: {_one_line(exc)}")
+            return Outcome(ERROR, message=f"cannot reach the Dask scheduler at {ex.address}: "
+                                          f"{one_line(exc, with_type=True)}")
         if self.cancelled:
             return Outcome(CANCELLED)
         from distributed import Queue
@@ -305,7 +309,7 @@ class DaskRun(Run):
                                    ex.spread_fit, key=self.key, pure=False, retries=0)
         except Exception as exc:
             return Outcome(ERROR, message=f"cannot submit the job to the Dask scheduler at {ex.address}: "
-                                          f"{_one_line(exc)}")
+                                          f"{one_line(exc, with_type=True)}")
         on_progress("waiting for a Dask worker", 0.0)
         outcome = Outcome(CANCELLED)
         try:
@@ -348,11 +352,12 @@ class DaskRun(Run):
                                                   f"{self.executor.address}; the job's task is lost with it")
                 if unreachable_since is None:
                     unreachable_since = now
-                    log.warning("job %s: the Dask scheduler does not answer: %s", self.job_id, _one_line(exc))
+                    log.warning("job %s: the Dask scheduler does not answer: %s", self.job_id,
+                                one_line(exc, with_type=True))
                 elif now - unreachable_since > SCHEDULER_LOST_TIMEOUT:
                     return Outcome(ERROR, message=f"lost the connection to the Dask scheduler at "
                                                   f"{self.executor.address} for {SCHEDULER_LOST_TIMEOUT:.0f} s: "
-                                                  f"{_one_line(exc)}")
+                                                  f"{one_line(exc, with_type=True)}")
 
     def _check_worker(self, client, future) -> None:
         """Raise _Lost when the task is no longer running on the worker that started it (that worker died)."""
@@ -383,8 +388,8 @@ class DaskRun(Run):
                                           "dropped it)")
         exc = future.exception(timeout=RPC_TIMEOUT)
         if type(exc).__name__ == "KilledWorker":
-            return Outcome(DIED, message=f"the Dask worker running this job died: {_one_line(exc)}")
-        return Outcome(ERROR, message=f"the Dask task failed: {type(exc).__name__}: {exc}")
+            return Outcome(DIED, message=f"the Dask worker running this job died: {one_line(exc, with_type=True)}")
+        return Outcome(ERROR, message=f"the Dask task failed: {one_line(exc, with_type=True)}")
 
     def _finish(self, client, future, stop_task: bool) -> None:
         """Stop the task if it may still run, and release the queue, the event and the future; never raises."""
@@ -407,7 +412,8 @@ class DaskRun(Run):
             for _ in range(1 + self._dead):  # a dead attempt never released its reference to the queue
                 self._queue.close()
         except Exception as exc:
-            log.warning("job %s: cleaning up on the Dask cluster failed: %s", self.job_id, _one_line(exc))
+            log.warning("job %s: cleaning up on the Dask cluster failed: %s", self.job_id,
+                        one_line(exc, with_type=True))
         finally:
             try:
                 future.release()
@@ -420,8 +426,3 @@ def _close_quietly(client) -> None:
         client.close(timeout=RPC_TIMEOUT)
     except Exception:
         pass
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

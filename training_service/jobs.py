@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 import threading
 import time
@@ -10,9 +11,9 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from shared.store.db import training_jobs as jobs_table
 from shared.labels import LabelSpec
 from shared.params import ForestParams
+from shared.store.db import training_jobs as jobs_table
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
@@ -48,7 +49,7 @@ class TrainingRequest:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> "TrainingRequest":
+    def from_json(cls, text: str) -> TrainingRequest:
         d = json.loads(text)
         return cls(
             symbol=d["symbol"],
@@ -125,12 +126,19 @@ class JobStore:
                 )
             )
         self._notify()
-        return self.get(job_id)
+        return self.get_existing(job_id)
 
     def get(self, job_id: str) -> Job | None:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(jobs_table).where(jobs_table.c.job_id == job_id)).first()
         return _row_to_job(row) if row else None
+
+    def get_existing(self, job_id: str) -> Job:
+        """A job the caller knows is stored (jobs are never deleted)."""
+        job = self.get(job_id)
+        if job is None:
+            raise LookupError(f"training job {job_id} is not in the store")
+        return job
 
     def list(self, symbol: str = "", timeframe: str = "", states: tuple[str, ...] = (), limit: int = 100) -> list[Job]:
         q = sa.select(jobs_table).order_by(jobs_table.c.created_at.desc(), jobs_table.c.job_id.desc()).limit(limit)
@@ -143,7 +151,7 @@ class JobStore:
         with self.engine.connect() as conn:
             return [_row_to_job(r) for r in conn.execute(q)]
 
-    def queued_oldest_first(self) -> list[Job]:
+    def queued_oldest_first(self) -> builtins.list[Job]:  # `list` is a method of this class
         return sorted(self.list(states=(QUEUED,), limit=1_000_000), key=lambda j: (j.created_at_ms, j.job_id))
 
     def update(self, job_id: str, *, only_from: tuple[str, ...] | None = None, conn=None, **values) -> bool:

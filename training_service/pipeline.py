@@ -15,9 +15,9 @@ from __future__ import annotations
 import io
 import platform
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -92,8 +92,8 @@ def build_dataset(frame: pd.DataFrame, label: LabelSpec, base_spec: FeatureSpec 
 
 def purged_splits(n: int, horizon: int) -> tuple[slice, slice, slice]:
     """Index ranges (fit, calibration, test) in time order with a gap of `horizon` rows before each boundary."""
-    test_start = n - int(round(n * TEST_FRACTION))
-    cal_len = int(round(test_start * CALIBRATION_FRACTION))
+    test_start = n - round(n * TEST_FRACTION)
+    cal_len = round(test_start * CALIBRATION_FRACTION)
     cal_start = test_start - horizon - cal_len
     fit_end = cal_start - horizon
     if fit_end < MIN_LABELLED_ROWS // 2 or cal_len < 100 or n - test_start < 100:
@@ -300,16 +300,21 @@ def train(
     metrics["n_calibration"] = float(calib.stop - calib.start)
     metrics["n_test"] = float(len(yt))
     metrics["test_start_ms"] = float(data.open_time_ms[test.start])
+
+    def scoring(est, Xs, ys) -> float:
+        _stop_check(should_stop)
+        return -cal.log_loss(est.predict_proba(Xs), ys)
+
     imp = permutation_importance(
         _ShrunkForest(forest, prior_fit, w_eval),
         X[test],
         yt,
-        scoring=lambda est, Xs, ys: _stop_check(should_stop) or -cal.log_loss(est.predict_proba(Xs), ys),
+        scoring=scoring,
         n_repeats=IMPORTANCE_REPEATS,
         random_state=params.random_state,
         n_jobs=1,
     )
-    for name, value in zip(data.spec.feature_names, imp.importances_mean):
+    for name, value in zip(data.spec.feature_names, imp.importances_mean, strict=True):
         metrics[f"importance.{name}"] = float(value)
     progress("evaluating", 0.50)
 

@@ -16,6 +16,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.artifacts import sha256_bytes
@@ -23,6 +24,8 @@ from shared.errors import FailedPrecondition, NotFound, ResourceExhausted
 from shared.features import FeatureSpec
 from shared.labels import CLASSES
 from shared.store.registry import ModelRecord, insert_model
+from training_service.executors import CANCELLED as RUN_CANCELLED
+from training_service.executors import DIED, ERROR, RESULT, Executor, LocalProcessExecutor, Run
 from training_service.jobs import (
     CANCELLED,
     FAILED,
@@ -35,8 +38,6 @@ from training_service.jobs import (
     TrainingRequest,
     now_ms,
 )
-from training_service.executors import CANCELLED as RUN_CANCELLED
-from training_service.executors import DIED, ERROR, RESULT, Executor, LocalProcessExecutor, Run
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ class Scheduler:
         self._wakeup = threading.Condition(self._lock)
         self._stopping = False
         self._threads: list[threading.Thread] = []
-        self.on_job_finished = None  # metrics hook: on_job_finished(job) once a worker is done with a job
+        # metrics hook: on_job_finished(job) once a worker is done with a job
+        self.on_job_finished: Callable[[Job], None] | None = None
 
     @property
     def _procs(self) -> dict[str, Run]:
@@ -142,7 +144,7 @@ class Scheduler:
                               error="cancelled on request", finished_at=now_ms())
         if run is not None:
             run.cancel()  # returns at once; the worker loop sees the run end
-        return self.store.get(job_id)
+        return self.store.get_existing(job_id)
 
     # -- workers -----------------------------------------------------------------------------------------
     def _next_job(self) -> str | None:
@@ -190,13 +192,14 @@ class Scheduler:
                 return
             run = self.executor.submit(job_id, job.request.to_json())
             self._runs[job_id] = run
-        last = {"write": 0.0, "stage": ""}
+        written_at, written_stage = 0.0, ""
 
         def on_progress(stage: str, frac: float) -> None:
+            nonlocal written_at, written_stage
             t = time.monotonic()
-            if stage != last["stage"] or t - last["write"] >= PROGRESS_WRITE_INTERVAL:
+            if stage != written_stage or t - written_at >= PROGRESS_WRITE_INTERVAL:
                 self.store.update(job_id, only_from=(RUNNING,), stage=stage, progress=float(frac))
-                last["write"], last["stage"] = t, stage
+                written_at, written_stage = t, stage
 
         try:
             outcome = run.wait(on_progress)
@@ -209,7 +212,7 @@ class Scheduler:
             self._cancel.discard(job_id)
             if cancelled:
                 return
-            if outcome.kind == RESULT:
+            if outcome.kind == RESULT and outcome.result is not None:
                 self._register(job, outcome.result)
                 return
             if outcome.kind == RUN_CANCELLED or (outcome.kind == DIED and self._stopping):

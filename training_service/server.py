@@ -8,10 +8,11 @@ import sys
 import sqlalchemy as sa
 
 from mlsignal.v1 import training_pb2, training_pb2_grpc
-from shared.store.db import make_engine, training_jobs
-from shared.server.builder import RunningServer, ServerHandle, observability, server_credentials, server_main, start_server
-from shared.store.migrate import upgrade
+from shared.server.builder import RunningServer, ServerHandle, observability, server_credentials, start_server
+from shared.server.lifecycle import server_main
 from shared.settings import Settings
+from shared.store.db import make_engine, training_jobs
+from shared.store.migrate import upgrade
 from training_service.executors import DaskExecutor, Executor, LocalProcessExecutor
 from training_service.jobs import JobStore
 from training_service.scheduler import Scheduler
@@ -67,7 +68,7 @@ def start(settings: Settings, address: str | None = None) -> RunningTraining:
             executor=make_executor(settings),
         )
         if metrics is not None:
-            from shared.server.observability import training_metrics
+            from shared.server.metrics import training_metrics
 
             scheduler.on_job_finished = training_metrics(metrics, lambda: job_counts(engine))
         scheduler.start()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from shared.store import registry
 from shared.errors import FailedPrecondition, NotFound
 from shared.features import FeatureSpec
+from shared.store import registry
 from shared.store.marketdata import count_candles
 from shared.timeframes import ms_to_iso
 from training_service.jobs import Job, JobStore, TrainingRequest

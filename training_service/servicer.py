@@ -5,7 +5,7 @@ from __future__ import annotations
 from mlsignal.v1 import training_pb2, training_pb2_grpc
 from shared.converters import model_info
 from shared.errors import InvalidArgument
-from shared.server.builder import maps_errors
+from shared.server.status import maps_errors
 from training_service import converters
 from training_service.service import TrainingService
 
@@ -40,7 +40,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             states.append(converters.PROTO_TO_STATE[s])
         if request.limit < 0:
             raise InvalidArgument("limit: must be >= 0", field="limit")
-        jobs = self.service.list_jobs(request.symbol, request.timeframe, tuple(states), min(request.limit or 100, 10_000))
+        limit = min(request.limit or 100, 10_000)
+        jobs = self.service.list_jobs(request.symbol, request.timeframe, tuple(states), limit)
         return training_pb2.ListTrainingJobsResponse(jobs=[converters.job_message(j) for j in jobs])
 
     @maps_errors

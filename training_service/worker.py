@@ -49,8 +49,8 @@ def train_job(request_json: str, database_url: str, n_jobs: int, progress: Calla
     answered True.
     """
     from shared.artifacts import sha256_bytes
-    from shared.store.db import make_engine
     from shared.errors import MlsignalError
+    from shared.store.db import make_engine
     from shared.store.marketdata import load_candles
     from training_service.jobs import TrainingRequest
     from training_service.pipeline import train
@@ -160,12 +160,13 @@ def run_job_on_dask(job_id: str, request_json: str, database_url: str | None, n_
         except Exception:  # progress is best effort; the result does not depend on it
             pass
 
-    last = {"stage": "", "sent": 0.0, "checked": 0.0, "stop": False}
+    sent_stage, sent_at, checked_at, stop = "", 0.0, 0.0, False
 
     def progress(stage: str, frac: float) -> None:
+        nonlocal sent_stage, sent_at
         now = time.monotonic()
-        if stage != last["stage"] or now - last["sent"] >= PROGRESS_INTERVAL:
-            last["stage"], last["sent"] = stage, now
+        if stage != sent_stage or now - sent_at >= PROGRESS_INTERVAL:
+            sent_stage, sent_at = stage, now
             send(["progress", stage, float(frac)])
 
     key = worker.get_current_task()
@@ -179,15 +180,16 @@ def run_job_on_dask(job_id: str, request_json: str, database_url: str | None, n_
             return False
 
     def should_stop() -> bool:
+        nonlocal checked_at, stop
         now = time.monotonic()
-        if not last["stop"] and now - last["checked"] >= STOP_POLL_INTERVAL:
-            last["checked"] = now
+        if not stop and now - checked_at >= STOP_POLL_INTERVAL:
+            checked_at = now
             try:
-                last["stop"] = abandoned() or bool(client.sync(client.scheduler.event_is_set, name=event,
-                                                               callback_timeout=RPC_TIMEOUT))
+                stop = abandoned() or bool(client.sync(client.scheduler.event_is_set, name=event,
+                                                       callback_timeout=RPC_TIMEOUT))
             except Exception:  # an unreachable scheduler will cancel nothing; keep going
                 pass
-        return last["stop"]
+        return stop
 
     send(["started", worker.address, os.getpid()])
     try:

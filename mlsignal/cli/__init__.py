@@ -1,14 +1,44 @@
-"""The operator CLI `mlsignal`. Each sub-module registers its own sub-commands."""
+"""The operator CLI `mlsignal`. Each sub-module registers its own sub-commands.
+
+The base install (`pip install mlsignal`) runs the client-side commands. Commands that need an extra either declare
+the modules they need (`set_defaults(needs=...)`, checked before they run) or fail on a missing module that an extra
+brings; both end in one line naming the extra to install and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import sys
 
 # Modules under mlsignal.cli that each define register(subparsers).
 COMMAND_MODULES = ("db", "data", "training", "inference", "demo", "backtest", "health", "loadtest")
+
+# Top-level modules that only an extra brings: module -> (extra, what the extra is for in messages).
+EXTRA_MODULES: dict[str, tuple[str, str]] = {
+    "sqlalchemy": ("inference", "database"),
+    "alembic": ("inference", "database"),
+    "psycopg": ("inference", "database"),
+    "onnxruntime": ("inference", "inference"),
+    "prometheus_client": ("inference", "server"),
+    "grpc_reflection": ("inference", "server"),
+    "grpc_status": ("inference", "server"),
+    "sklearn": ("training", "training"),
+    "joblib": ("training", "training"),
+    "onnx": ("training", "training"),
+    "skl2onnx": ("training", "training"),
+    "matplotlib": ("research", "research"),
+    "dask": ("dask", "Dask"),
+    "distributed": ("dask", "Dask"),
+}
+# Extras that bring other extras along, so a message never asks for both.
+IMPLIED_EXTRAS = {"training": ("inference",), "research": ("inference",), "dask": ("training", "inference")}
+
+# What a command declares with set_defaults(needs=...): the database layer, or everything both services need.
+DATABASE = ("sqlalchemy", "alembic")
+SERVICES = ("sqlalchemy", "alembic", "onnxruntime", "sklearn", "skl2onnx")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,16 +58,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """The command as typed, like `mlsignal data import`."""
+    words = ["mlsignal", args.command]
+    action = getattr(args, f"{args.command.replace('-', '_')}_command", None)
+    if action:
+        words.append(action)
+    return " ".join(words)
+
+
+def missing_extras_message(command: str, modules: list[str]) -> str:
+    """`error: '<command>' needs the <what> extras: pip install 'mlsignal[<extras>]'` for the missing modules."""
+    extras: list[str] = []
+    for module in modules:
+        extra = EXTRA_MODULES[module][0]
+        if extra not in extras:
+            extras.append(extra)
+    implied = {e for extra in extras for e in IMPLIED_EXTRAS.get(extra, ())}
+    extras = [e for e in extras if e not in implied]
+    what: list[str] = []
+    for module in modules:
+        extra, purpose = EXTRA_MODULES[module]
+        if extra in extras and purpose not in what:
+            what.append(purpose)
+    listed = what[0] if len(what) == 1 else f"{', '.join(what[:-1])} and {what[-1]}"
+    return f"error: '{command}' needs the {listed} extras: pip install 'mlsignal[{','.join(sorted(extras))}]'"
+
+
+def _missing(modules) -> list[str]:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def _extra_module(exc: ModuleNotFoundError) -> str | None:
+    """The top-level module an extra brings that `exc` reports as not installed, if that is what it reports."""
+    top = (exc.name or "").split(".")[0]
+    if top in EXTRA_MODULES and importlib.util.find_spec(top) is None:
+        return top
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from shared.errors import MlsignalError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    missing = _missing(getattr(args, "needs", ()))
+    if missing:
+        print(missing_extras_message(command_name(args), missing), file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except MlsignalError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        module = _extra_module(exc)
+        if module is None:
+            raise
+        print(missing_extras_message(command_name(args), [module]), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -8,6 +8,7 @@ import sys
 from mlsignal.cli.training import client_errors
 from shared.timeframes import TIMEFRAME_MS, ms_to_iso, parse_duration, parse_time
 
+
 def _duration_arg(text: str) -> int:
     try:
         return parse_duration(text)
@@ -59,7 +60,7 @@ def register(sub) -> None:
     sig.add_argument("--inference-target", metavar="ADDR",
                      help="inference service address (default: MLSIGNAL_INFERENCE_ADDR, 127.0.0.1:50052)")
     add_security_arguments(sig)
-    sig.set_defaults(func=_signals)
+    sig.set_defaults(func=_signals, needs=("sqlalchemy",))
 
     bt = sub.add_parser(
         "backtest",
@@ -94,11 +95,11 @@ def _signals(args) -> int:
 
     from mlsignal.cli.security import security_kwargs
     from mlsignal.client import InferenceClient, TrainingClient, TrainingFailedError
-    from shared.store.db import make_engine
-    from shared.labels import LabelSpec
-    from shared.store.marketdata import load_candles
-    from shared.settings import Settings
     from mlsignal.walkforward import LeakageError, walk_forward, write_signals
+    from shared.labels import LabelSpec
+    from shared.settings import Settings
+    from shared.store.db import make_engine
+    from shared.store.marketdata import load_candles
 
     if args.start >= args.end:
         raise ValueError(f"--start {ms_to_iso(args.start)} must be before --end {ms_to_iso(args.end)}")
@@ -141,8 +142,9 @@ def _signals(args) -> int:
     path = write_signals(signals, args.out)
     ready = int(signals["ML_READY"].sum())
     models = signals["ML_MODEL_ID"].nunique()
-    print(f"{len(signals)} rows {ms_to_iso(int(signals.open_time_ms.iat[0]))} .. "
-          f"{ms_to_iso(int(signals.open_time_ms.iat[-1]))}, {models} models, {ready} ready, 0 in-sample, "
+    times = signals["open_time_ms"].to_numpy()
+    print(f"{len(signals)} rows {ms_to_iso(int(times[0]))} .. "
+          f"{ms_to_iso(int(times[-1]))}, {models} models, {ready} ready, 0 in-sample, "
           f"horizon {horizon} bars purged -> {path}")
     return 0
 

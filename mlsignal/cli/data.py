@@ -15,6 +15,8 @@ GAPS_SHOWN = 5
 
 
 def register(sub) -> None:
+    from mlsignal.cli import DATABASE
+
     p = sub.add_parser("data", help="market data: import files, list what is stored")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
@@ -46,17 +48,17 @@ def register(sub) -> None:
         "--resample", choices=list(TIMEFRAME_MS), metavar="TF",
         help="also store candles aggregated to this longer timeframe; only buckets with every candle stored are kept",
     )  # fmt: skip
-    imp.set_defaults(func=_import)
+    imp.set_defaults(func=_import, needs=DATABASE)
 
     ls = dsub.add_parser("list", help="stored candles per symbol and timeframe, and funding-rate/open-interest series")
-    ls.set_defaults(func=_list)
+    ls.set_defaults(func=_list, needs=DATABASE)
 
 
 def _import(args) -> int:
     from shared.errors import InvalidArgument
-    from shared.store.importers import ImportRejected
-    from shared.store.marketdata import validate_symbol
     from shared.settings import Settings
+    from shared.store.importers import ImportRejected
+    from shared.symbols import validate_symbol
 
     settings = Settings.from_env()
     validate_symbol(args.symbol)
@@ -202,8 +204,8 @@ def _span(ms: int) -> str:
 def _list(args) -> int:
     import sqlalchemy as sa
 
-    from shared.store.marketdata import summarize, summarize_series
     from shared.settings import Settings
+    from shared.store.marketdata import summarize, summarize_series
     from shared.timeframes import ms_to_iso
 
     url = Settings.from_env().database_url
@@ -230,7 +232,7 @@ def _list(args) -> int:
                 [r["symbol"], r["timeframe"], ms_to_iso(r["first_ms"]), ms_to_iso(r["last_ms"]), r["rows"],
                  "?" if r["gaps"] is None else r["gaps"]]
                 for r in candle_rows
-            ],  # fmt: skip
+            ],
         )
     if series_rows:
         if candle_rows:
@@ -251,15 +253,16 @@ def _table(header: list[str], rows: list[list]) -> None:
     cells = [header] + [[str(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for r in cells:
-        print("  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(r, widths, numeric)).rstrip())
+        padded = (v.rjust(w) if num else v.ljust(w) for v, w, num in zip(r, widths, numeric, strict=True))
+        print("  ".join(padded).rstrip())
 
 
 def _connect(url: str, migrate: bool):
     """An engine on the database; with migrate, the schema is created or upgraded first (idempotent)."""
     import sqlalchemy as sa
 
-    from shared.store.db import make_engine
     from shared.errors import Unavailable
+    from shared.store.db import make_engine
     from shared.store.migrate import upgrade
 
     try:

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
+    from mlsignal.cli import DATABASE
+
     p = sub.add_parser("db", help="database schema")
     dsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     up = dsub.add_parser("upgrade", help="create or migrate the schema (Alembic) on MLSIGNAL_DATABASE_URL")
     up.add_argument("--revision", default="head", help="target revision (default: head)")
-    up.set_defaults(func=_upgrade)
+    up.set_defaults(func=_upgrade, needs=DATABASE)
 
 
 def _upgrade(args) -> int:
     import sqlalchemy as sa
 
     from shared.errors import Unavailable
-    from shared.store.migrate import upgrade
     from shared.settings import Settings
+    from shared.store.migrate import upgrade
 
     settings = Settings.from_env()
     try:

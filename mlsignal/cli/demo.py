@@ -7,6 +7,7 @@ from pathlib import Path
 
 
 def register(sub) -> None:
+    from mlsignal.cli import SERVICES
     from mlsignal.demo import DemoOptions  # light: the demo imports numpy and pandas only when it runs
 
     d = DemoOptions()
@@ -20,10 +21,11 @@ def register(sub) -> None:
     p.add_argument("--step", default=d.step, help="walk-forward step (default %(default)s)")
     p.add_argument("--walk-trees", type=int, default=d.walk_trees,
                    help="trees of each walk-forward model (default %(default)s)")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, needs=(*SERVICES, "matplotlib"))
 
 
 def _run(args) -> int:
+    from mlsignal.cli import EXTRA_MODULES
     from mlsignal.demo import DemoError, DemoOptions, run_demo
 
     opts = DemoOptions(var_dir=args.var_dir, train_start=args.train_start, split=args.split, end=args.end,
@@ -34,6 +36,8 @@ def _run(args) -> int:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in EXTRA_MODULES:
+            raise  # the CLI names the extra to install
         print(f"demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print("demo finished")

@@ -6,7 +6,6 @@ Also home of the client security flags (`--tls`, `--ca-cert`, `--token`) that an
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from mlsignal.cli.security import add_security_arguments, security_kwargs

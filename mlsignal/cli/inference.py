@@ -67,7 +67,7 @@ def read_candle_csv(path: Path):
         return int(i) + 2  # header is line 1
 
     text = raw[names["timestamp"]].str.strip()
-    if _DIGITS.fullmatch(text.iat[0]):
+    if _DIGITS.fullmatch(str(text.iat[0])):
         ok = text.str.fullmatch(_DIGITS.pattern).to_numpy(dtype=bool)
         if not ok.all():
             i = int(np.flatnonzero(~ok)[0])
@@ -78,7 +78,7 @@ def read_candle_csv(path: Path):
             i = int(np.argmin(ms))
             raise ValueError(f"{path} line {line(i)}: timestamp {text.iat[i]} is before 1973 as epoch milliseconds; "
                              "epoch seconds must be multiplied by 1000")
-        index = pd.to_datetime(ms, unit="ms", utc=True)
+        index = pd.DatetimeIndex(pd.to_datetime(ms, unit="ms", utc=True))
     else:
         parsed = pd.to_datetime(text, format="ISO8601", utc=True, errors="coerce")
         bad = np.flatnonzero(parsed.isna().to_numpy())
@@ -86,8 +86,7 @@ def read_candle_csv(path: Path):
             i = int(bad[0])
             raise ValueError(f"{path} line {line(i)}: cannot parse timestamp {text.iat[i]!r}; expected ISO-8601 UTC "
                              "like 2019-01-01T00:00:00Z or epoch milliseconds")
-        index = parsed
-    index = pd.DatetimeIndex(index)
+        index = pd.DatetimeIndex(parsed)
     steps = np.diff(index.as_unit("ns").asi8)
     if np.any(steps <= 0):
         i = int(np.flatnonzero(steps <= 0)[0]) + 1

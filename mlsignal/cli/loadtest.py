@@ -93,11 +93,11 @@ def register(sub) -> None:
 def _candles(args):
     import sqlalchemy as sa
 
+    from mlsignal.loadtest import LoadTestError
+    from shared.settings import Settings
     from shared.store.db import make_engine
     from shared.store.importers import read_candles
-    from mlsignal.loadtest import LoadTestError
     from shared.store.marketdata import load_candles
-    from shared.settings import Settings
 
     if args.csv is not None:
         if not args.csv.is_file():
@@ -119,8 +119,8 @@ def _candles(args):
 
 
 def _loadtest(args) -> int:
-    from mlsignal.loadtest import LoadTestConfig, LoadTestError, format_result, run_loadtest
     from mlsignal.cli.security import security_kwargs
+    from mlsignal.loadtest import LoadTestConfig, LoadTestError, format_result, run_loadtest
     from shared.settings import Settings
 
     try:

@@ -10,7 +10,8 @@ def add_security_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls", action="store_true",
                    help="connect with TLS (implied by --ca-cert or MLSIGNAL_TLS_CA; without a CA the system roots "
                         "verify the server)")
-    p.add_argument("--ca-cert", metavar="PEM", help="CA certificate that signed the server's (default: MLSIGNAL_TLS_CA)")
+    p.add_argument("--ca-cert", metavar="PEM",
+                   help="CA certificate that signed the server's (default: MLSIGNAL_TLS_CA)")
     p.add_argument("--token", metavar="TOKEN",
                    help="bearer token (default: MLSIGNAL_AUTH_TOKEN; prefer the variable, arguments are visible to "
                         "other local users)")

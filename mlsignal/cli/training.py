@@ -31,7 +31,8 @@ def register(sub) -> None:
     tr.add_argument("--symbol", required=True, help="market symbol as stored, like BTC/USDT")
     tr.add_argument("--timeframe", required=True, metavar="TF", help=f"one of {' '.join(TIMEFRAME_MS)}")
     tr.add_argument("--start", type=_time_arg, help="first candle open time, ISO-8601 UTC (default: first stored)")
-    tr.add_argument("--end", type=_time_arg, help="end of the window, exclusive, ISO-8601 UTC (default: after the last)")
+    tr.add_argument("--end", type=_time_arg,
+                    help="end of the window, exclusive, ISO-8601 UTC (default: after the last)")
     tr.add_argument("--horizon", type=int, default=0, metavar="BARS",
                     help="label horizon in candles (default: the service default, 24)")
     tr.add_argument("--threshold", type=float, default=0.0,
@@ -102,10 +103,9 @@ def client_errors(fn):
 
 
 def _training_client(args):
+    from mlsignal.cli.security import security_kwargs
     from mlsignal.client import TrainingClient
     from shared.settings import Settings
-
-    from mlsignal.cli.security import security_kwargs
 
     target = args.target or Settings.from_env().training_addr
     return TrainingClient(target, **security_kwargs(args))
@@ -115,8 +115,8 @@ def _training_client(args):
 def _train(args) -> int:
     from tqdm import tqdm
 
-    from mlsignal.v1 import training_pb2
     from mlsignal.client import TrainingFailedError
+    from mlsignal.v1 import training_pb2
 
     with _training_client(args) as client:
         handle = client.train(

@@ -1,12 +1,9 @@
-import datetime
-
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -98,4 +95,4 @@ class ModelInfo(_message.Message):
     params: ModelParams
     feature_set: str
     classes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_id: _Optional[str] = ..., symbol: _Optional[str] = ..., timeframe: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., train_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., train_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., label: _Optional[_Union[LabelSpec, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ..., warmup_bars: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., sha256: _Optional[str] = ..., params: _Optional[_Union[ModelParams, _Mapping]] = ..., feature_set: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, model_id: _Optional[str] = ..., symbol: _Optional[str] = ..., timeframe: _Optional[str] = ..., created_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., train_start: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., train_end: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., label: _Optional[_Union[LabelSpec, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ..., warmup_bars: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., sha256: _Optional[str] = ..., params: _Optional[_Union[ModelParams, _Mapping]] = ..., feature_set: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -2,8 +2,7 @@ from mlsignal.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -33,7 +32,7 @@ class Prediction(_message.Message):
     ml_range_prob: float
     ready: bool
     in_sample: bool
-    def __init__(self, open_time_ms: _Optional[int] = ..., ml_up_prob: _Optional[float] = ..., ml_down_prob: _Optional[float] = ..., ml_range_prob: _Optional[float] = ..., ready: _Optional[bool] = ..., in_sample: _Optional[bool] = ...) -> None: ...
+    def __init__(self, open_time_ms: _Optional[int] = ..., ml_up_prob: _Optional[float] = ..., ml_down_prob: _Optional[float] = ..., ml_range_prob: _Optional[float] = ..., ready: bool = ..., in_sample: bool = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("model_id", "predictions")

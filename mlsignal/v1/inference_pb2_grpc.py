@@ -6,7 +6,7 @@ import warnings
 from mlsignal.v1 import common_pb2 as mlsignal_dot_v1_dot_common__pb2
 from mlsignal.v1 import inference_pb2 as mlsignal_dot_v1_dot_inference__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.66.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -19,14 +19,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in mlsignal/v1/inference_pb2_grpc.py depends on'
+        + f' but the generated code in mlsignal/v1/inference_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class InferenceServiceStub:
+class InferenceServiceStub(object):
     """Serves ML_UP_PROB / ML_DOWN_PROB / ML_RANGE_PROB from the newest model of each symbol and timeframe.
     """
 
@@ -53,7 +53,7 @@ class InferenceServiceStub:
                 _registered_method=True)
 
 
-class InferenceServiceServicer:
+class InferenceServiceServicer(object):
     """Serves ML_UP_PROB / ML_DOWN_PROB / ML_RANGE_PROB from the newest model of each symbol and timeframe.
     """
 
@@ -105,7 +105,7 @@ def add_InferenceServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class InferenceService:
+class InferenceService(object):
     """Serves ML_UP_PROB / ML_DOWN_PROB / ML_RANGE_PROB from the newest model of each symbol and timeframe.
     """
 

@@ -5,7 +5,7 @@ import warnings
 
 from mlsignal.v1 import training_pb2 as mlsignal_dot_v1_dot_training__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.66.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in mlsignal/v1/training_pb2_grpc.py depends on'
+        + f' but the generated code in mlsignal/v1/training_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class TrainingServiceStub:
+class TrainingServiceStub(object):
     """Trains, evaluates and registers models from the candles in the database.
     """
 
@@ -67,7 +67,7 @@ class TrainingServiceStub:
                 _registered_method=True)
 
 
-class TrainingServiceServicer:
+class TrainingServiceServicer(object):
     """Trains, evaluates and registers models from the candles in the database.
     """
 
@@ -154,7 +154,7 @@ def add_TrainingServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class TrainingService:
+class TrainingService(object):
     """Trains, evaluates and registers models from the candles in the database.
     """
 

@@ -1,1 +1,2 @@
-"""gRPC server plumbing both services share: building and running a server, error mapping, auth, metrics, logs."""
+"""gRPC server plumbing both services share: building (`builder`), running and stopping (`lifecycle`), start-up
+checks (`startup`), error mapping (`status`), the interceptor (`interceptors`) with `auth` and `metrics`, and `logs`."""

@@ -11,34 +11,23 @@ re-import changes nothing and a failed import stores nothing.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from shared.store.db import candles, funding_rates, open_interest
 from shared.errors import FailedPrecondition, InvalidArgument
+from shared.store.db import candles, funding_rates, open_interest
 from shared.store.importers import SERIES_KINDS, check_candles, check_series
+from shared.symbols import validate_symbol
 from shared.timeframes import TIMEFRAME_MS, timeframe_ms
 
-SYMBOL_RE = re.compile(r"[A-Z0-9]{1,20}/[A-Z0-9]{1,20}")
 CANDLE_FRAME_COLUMNS = ("open_time_ms", "open", "high", "low", "close", "volume", "funding_rate", "open_interest")
 SERIES_TABLES: dict[str, sa.Table] = {"funding-rate": funding_rates, "open-interest": open_interest}
 # Rows per progress step. SQLAlchemy splits each chunk further into statements below the dialect's parameter limit
 # (PostgreSQL 65535, SQLite 32766 or 999 before 3.32).
 _CHUNK_ROWS = 5_000
-
-
-def validate_symbol(symbol: str) -> str:
-    """The symbol unchanged if it looks like BASE/QUOTE in upper case (BTC/USDT); InvalidArgument otherwise."""
-    if not isinstance(symbol, str) or not SYMBOL_RE.fullmatch(symbol):
-        raise InvalidArgument(
-            f"symbol {symbol!r} is not valid; expected BASE/QUOTE in upper-case letters and digits, like BTC/USDT",
-            field="symbol",
-        )
-    return symbol
 
 
 def _timeframe(timeframe: str) -> int:

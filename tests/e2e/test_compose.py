@@ -19,8 +19,8 @@ except ImportError:  # a dev dependency; on CI its absence is an error, not a re
         raise
     pytest.skip("PyYAML is not installed (pip install -e '.[dev]')", allow_module_level=True)
 
-from mlsignal.cli import build_parser  # noqa: E402
-from shared.settings import known_variables  # noqa: E402
+from mlsignal.cli import build_parser
+from shared.settings import known_variables
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = "/var/lib/mlsignal/models"
@@ -264,7 +264,8 @@ def test_dockerfile_builds_a_wheel_and_installs_it_as_a_non_root_user(dockerfile
     final = dockerfile[dockerfile.rindex("\nFROM"):]
     assert re.search(r"pip\s+install\b[^\n]*(--find-links|\.whl)[^\n]*\bmlsignal\b", final) or \
         re.search(r"pip\s+install\b[^\n]*\.whl", final), "the final stage must install the built wheel"
-    assert f"from={builder}" in final or f"--from={builder}" in final, "the final stage must take the wheels from the builder"
+    assert f"from={builder}" in final or f"--from={builder}" in final, \
+        "the final stage must take the wheels from the builder"
     assert not re.search(r"apt-get\s+install|build-essential|gcc", final), "no build tools in the final image"
     users = re.findall(r"^USER\s+(\S+)", final, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must run as a non-root user"

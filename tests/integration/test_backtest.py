@@ -14,10 +14,9 @@ from mlsignal.backtest import (
     bars_per_year,
     format_report,
     max_drawdown,
-    rsi,
     run_backtest,
 )
-from shared.features import FeatureSpec, compute_features
+from shared.features import FeatureSpec, compute_features, rsi
 
 T0 = 1_546_300_800_000  # 2019-01-01T00:00:00Z
 H = 3_600_000
@@ -158,7 +157,7 @@ def test_rsi_only_baseline_drops_the_ml_condition():
     sig = random_signals()
     rule = StrategyRule(up_min=0.6, rsi_max=55)
     res = run_backtest(sig, rule, fee_bps=0)
-    r = rsi(sig.close.to_numpy())
+    r = rsi(sig.close.to_numpy(), 14)
     ready = sig.ML_READY.to_numpy()
     with np.errstate(invalid="ignore"):
         want_rsi = ready & (r < 55)
@@ -177,7 +176,7 @@ def test_no_look_ahead(rule):
     for col, value in (("ML_UP_PROB", 0.99), ("ML_UP_PROB", 0.01), ("ML_DOWN_PROB", 0.0), ("ML_READY", False)):
         changed = sig.copy()
         changed.loc[n - 1, col] = value
-        for a, b in zip(run_backtest(changed, rule, fee_bps=10).rows, base.rows):
+        for a, b in zip(run_backtest(changed, rule, fee_bps=10).rows, base.rows, strict=True):
             assert np.array_equal(a.equity.to_numpy()[: n - 1], b.equity.to_numpy()[: n - 1])
     # a signal or a price changed at candle k changes nothing before k + delay (signal) or k (price)
     for k in (50, 200, 333):
@@ -191,7 +190,7 @@ def test_no_look_ahead(rule):
             moved = sig.copy()
             moved.loc[k:, "close"] = moved.loc[k:, "close"] * np.linspace(0.5, 2.0, n - k)
             out = run_backtest(moved, rule, fee_bps=10, delay_bars=delay)
-            for a, b in zip(out.rows, ref.rows):
+            for a, b in zip(out.rows, ref.rows, strict=True):
                 assert np.array_equal(a.equity.to_numpy()[:k], b.equity.to_numpy()[:k])
 
 
@@ -225,9 +224,9 @@ CLI_SYMBOL = "BTCLI/USD"
 def test_cli_backtest_signals_writes_the_file_and_backtest_prints_the_table(services, sample_frame, tmp_path,
                                                                             monkeypatch, capsys):
     from mlsignal.cli import main
+    from mlsignal.walkforward import read_signals
     from shared.store.db import make_engine
     from shared.store.marketdata import insert_candles
-    from mlsignal.walkforward import read_signals
 
     engine = make_engine(services.url)
     try:

@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mlsignal import client as mc
 from mlsignal.v1 import common_pb2, inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
 from service_fixtures import inverted, ms
-from mlsignal import client as mc
 
 HOUR_MS = 3_600_000
 T0 = pd.Timestamp("2019-01-01", tz="UTC")
@@ -67,7 +67,7 @@ def raw_predict(stub, df: pd.DataFrame, symbol: str = "BTC/USD", model_id: str =
     """One Predict through the plain generated stub, with candles built here rather than by the client."""
     candles = [common_pb2.Candle(open_time_ms=int(t.value // 1_000_000), open=r.open, high=r.high, low=r.low,
                                  close=r.close, volume=r.volume)
-               for t, r in zip(df.index, df.itertuples(index=False))]
+               for t, r in zip(df.index, df.itertuples(index=False), strict=True)]
     return stub.Predict(inference_pb2.PredictRequest(symbol=symbol, timeframe=TF, model_id=model_id,
                                                      candles=candles), timeout=60)
 
@@ -77,7 +77,7 @@ def assert_same_as_raw(out: pd.DataFrame, resp: inference_pb2.PredictResponse) -
     preds = resp.predictions
     assert len(out) == len(preds)
     assert [int(t.value // 1_000_000) for t in out.index] == [p.open_time_ms for p in preds]
-    for col, field in zip(PROB_COLUMNS, ("ml_up_prob", "ml_down_prob", "ml_range_prob")):
+    for col, field in zip(PROB_COLUMNS, ("ml_up_prob", "ml_down_prob", "ml_range_prob"), strict=True):
         want = np.array([getattr(p, field) for p in preds])
         assert np.array_equal(out[col].to_numpy(), want, equal_nan=True), col  # exact
     assert out["ML_READY"].tolist() == [p.ready for p in preds]
@@ -305,9 +305,8 @@ STATUS_TABLE = [
 @pytest.mark.parametrize("code,cls", STATUS_TABLE, ids=[c.name for c, _ in STATUS_TABLE])
 def test_status_codes_map_to_typed_exceptions(scripted, code, cls):
     _, addr = scripted
-    with mc.TrainingClient(addr, timeout=10) as c:
-        with pytest.raises(mc.MlsignalClientError) as info:
-            c.get_job(f"abort:{code.name}")
+    with mc.TrainingClient(addr, timeout=10) as c, pytest.raises(mc.MlsignalClientError) as info:
+        c.get_job(f"abort:{code.name}")
     exc = info.value
     assert type(exc) is cls
     assert exc.code is code
@@ -331,17 +330,16 @@ def test_error_from_rpc_is_the_mapping_the_clients_use(scripted):
 
 
 def test_unreachable_service_is_unavailable():
-    with mc.TrainingClient("127.0.0.1:1", timeout=5) as c:
-        with pytest.raises(mc.UnavailableError) as info:
-            c.list_models()
+    with mc.TrainingClient("127.0.0.1:1", timeout=5) as c, pytest.raises(mc.UnavailableError) as info:
+        c.list_models()
     assert info.value.code is grpc.StatusCode.UNAVAILABLE
 
 
 def test_timeout_gives_deadline_exceeded(services, sample_frame):
     df = market(sample_frame, "2018-06-01", "2019-01-01")  # 5,000+ candles cannot be answered within a millisecond
-    with mc.InferenceClient(inference_target(services), timeout=0.001) as c:
-        with pytest.raises(mc.DeadlineExceededError) as info:
-            c.predict(df, "BTC/USD", TF)
+    with (mc.InferenceClient(inference_target(services), timeout=0.001) as c,
+          pytest.raises(mc.DeadlineExceededError) as info):
+        c.predict(df, "BTC/USD", TF)
     assert info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
 
 
@@ -454,7 +452,7 @@ def test_frame_times_from_other_zones_columns_and_epoch_ms():
 
 def test_tz_naive_times_are_rejected_with_a_clear_error():
     df = candle_frame(3)
-    with pytest.raises(ValueError, match="tz-naive.*UTC"):
+    with pytest.raises(ValueError, match=r"tz-naive.*UTC"):
         mc.frame_to_candles(df.tz_localize(None))
     naive_col = df.reset_index().assign(open_time=lambda d: d.open_time.dt.tz_localize(None))
     with pytest.raises(ValueError, match="tz-naive"):
@@ -463,12 +461,12 @@ def test_tz_naive_times_are_rejected_with_a_clear_error():
         mc.frame_to_candles(df.reset_index(drop=True))
     with pytest.raises(ValueError, match="epoch seconds"):
         mc.frame_to_candles(df.reset_index(drop=True).assign(timestamp=np.arange(3) * 3600 + 1_546_300_800))
-    with pytest.raises(ValueError, match="pd.to_datetime"):
+    with pytest.raises(ValueError, match=r"pd\.to_datetime"):
         mc.frame_to_candles(df.reset_index(drop=True).assign(timestamp=["2019-01-01"] * 3))
 
 
 def test_missing_or_non_numeric_columns_are_rejected():
-    with pytest.raises(ValueError, match="missing column.*volume"):
+    with pytest.raises(ValueError, match=r"missing column.*volume"):
         mc.frame_to_candles(candle_frame(3).drop(columns="volume"))
     with pytest.raises(ValueError, match="'close' is not numeric"):
         mc.frame_to_candles(candle_frame(2).assign(close=["a", "b"]))
@@ -477,7 +475,7 @@ def test_missing_or_non_numeric_columns_are_rejected():
 def _predictions(candles, ready, in_sample):
     return [inference_pb2.Prediction(open_time_ms=c.open_time_ms, ml_up_prob=0.5, ml_down_prob=0.2,
                                      ml_range_prob=0.3, ready=r, in_sample=s)
-            for c, r, s in zip(candles, ready, in_sample)]
+            for c, r, s in zip(candles, ready, in_sample, strict=True)]
 
 
 def test_predictions_to_frame_keeps_index_and_never_fills_unready_rows():
@@ -618,9 +616,9 @@ def test_split_predict_with_a_pinned_model_that_is_not_serving(observed, service
 
 
 def test_split_predict_needs_max_batch_above_the_warmup(services, btc):
-    with mc.InferenceClient(inference_target(services), max_batch=100) as c:
-        with pytest.raises(ValueError, match="raise max_batch"):
-            c.predict(btc, "BTC/USD", TF)
+    with (mc.InferenceClient(inference_target(services), max_batch=100) as c,
+          pytest.raises(ValueError, match="raise max_batch")):
+        c.predict(btc, "BTC/USD", TF)
 
 
 def test_predict_checks_input_before_sending(observed, btc):
@@ -659,9 +657,9 @@ def test_an_error_in_a_split_request_names_its_rows(services, btc):
     bad = btc.iloc[:400].copy()
     bad.iloc[250, bad.columns.get_loc("close")] = -1.0
     start, stop, _ = next(p for p in mc.batch_plan(400, 150, 100) if p[0] <= 250 < p[1])
-    with mc.InferenceClient(inference_target(services), max_batch=150) as c:
-        with pytest.raises(mc.InvalidArgumentError) as info:
-            c.predict(bad, "BTC/USD", TF)
+    with (mc.InferenceClient(inference_target(services), max_batch=150) as c,
+          pytest.raises(mc.InvalidArgumentError) as info):
+        c.predict(bad, "BTC/USD", TF)
     assert f"candles[{250 - start}].close" in info.value.details
     assert f"frame rows {start}..{stop - 1}" in str(info.value)
 
@@ -686,8 +684,8 @@ def test_stream_one_candle_at_a_time_equals_predict(inference, services, btc):
     assert [p.open_time_ms for p in live] == [int(t.value // 1_000_000) for t in df.index]
     resp = raw_predict(services.infer_stub, df)
     assert_same_as_raw(live_frame(live, df.index).assign(ML_MODEL_ID=[p.model_id for p in live]), resp)
-    pd.testing.assert_frame_equal(live_frame(live, df.index), inference.predict(df, "BTC/USD", TF)[PROB_COLUMNS + [
-        "ML_READY", "ML_IN_SAMPLE"]], check_exact=True)
+    predicted = inference.predict(df, "BTC/USD", TF)[[*PROB_COLUMNS, "ML_READY", "ML_IN_SAMPLE"]]
+    pd.testing.assert_frame_equal(live_frame(live, df.index), predicted, check_exact=True)
     assert sum(p.ready for p in live) == 300 - 99
     assert live[0].open_time == df.index[0].to_pydatetime()
     with pytest.raises(AttributeError):
@@ -863,17 +861,15 @@ def test_a_failed_job_is_returned_by_watch_and_raised_by_wait(training, sdk_mark
 def test_error_in_the_middle_of_a_watch_is_typed(scripted):
     _, addr = scripted
     seen = []
-    with mc.TrainingClient(addr) as c:
-        with pytest.raises(mc.DataLossError, match="damaged"):
-            c.job("broken").watch(seen.append)
+    with mc.TrainingClient(addr) as c, pytest.raises(mc.DataLossError, match="damaged"):
+        c.job("broken").watch(seen.append)
     assert len(seen) == 1
 
 
 def test_watch_that_ends_before_a_final_state_raises(scripted):
     _, addr = scripted
-    with mc.TrainingClient(addr) as c:
-        with pytest.raises(mc.ProtocolError, match="RUNNING"):
-            c.job("truncated").watch()
+    with mc.TrainingClient(addr) as c, pytest.raises(mc.ProtocolError, match="RUNNING"):
+        c.job("truncated").watch()
 
 
 def test_unknown_timeframe_is_invalid_argument(training):
@@ -886,7 +882,7 @@ def test_unknown_timeframe_is_invalid_argument(training):
 def test_start_not_before_end_is_invalid_argument(training):
     with pytest.raises(mc.InvalidArgumentError, match="start_time"):
         training.train("BTC/USD", TF, "2019-01-01", pd.Timestamp("2018-01-01", tz="UTC"))
-    with pytest.raises(mc.InvalidArgumentError, match="label.threshold"):
+    with pytest.raises(mc.InvalidArgumentError, match=r"label\.threshold"):
         training.train("BTC/USD", TF, threshold=1.5)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import threading
 import time
@@ -16,12 +17,12 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from mlsignal.v1 import common_pb2, inference_pb2, training_pb2
+from service_fixtures import ms, train
 from shared.artifacts import read_verified
 from shared.calibration import shrink_to_prior
-from shared.store.db import make_engine
 from shared.features import compute_features
+from shared.store.db import make_engine
 from shared.store.registry import get_model
-from service_fixtures import ms, train
 
 SYMBOL, TF = "BTC/USD", "1h"
 TOLERANCE = 1e-6  # ONNX Runtime sums float32 leaf values; scikit-learn sums float64
@@ -109,10 +110,11 @@ def test_served_probabilities_match_scikit_learn(services, y2019):
 def test_stream_one_by_one_chunks_and_batch_agree_exactly(services, y2019):
     frame = y2019.iloc[:400]
     batch = predict(services.infer_stub, frame, model_id=services.btc_job.model_id)
-    one = stream_all(services.infer_stub, [frame.iloc[i:i + 1] for i in range(len(frame))], model_id=services.btc_job.model_id)
+    one = stream_all(services.infer_stub, [frame.iloc[i:i + 1] for i in range(len(frame))],
+                     model_id=services.btc_job.model_id)
     sizes = [1, 7, 93, 3, 150, 146]
     bounds = np.cumsum([0, *sizes])
-    chunks = stream_all(services.infer_stub, [frame.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
+    chunks = stream_all(services.infer_stub, [frame.iloc[a:b] for a, b in itertools.pairwise(bounds)],
                         model_id=services.btc_job.model_id)
     flat_one = [p for r in one for p in r.predictions]
     flat_chunks = [p for r in chunks for p in r.predictions]
@@ -152,7 +154,8 @@ def test_forming_candle_replaces_the_last(services, y2019):
     final = probs(predict(stub, frame, model_id=services.btc_job.model_id))
     assert np.array_equal(probs(resps[2])[0], final[199])
     with_forming = pd.concat([frame.iloc[:199], forming])
-    assert np.array_equal(probs(resps[1])[0], probs(predict(stub, with_forming, model_id=services.btc_job.model_id))[199])
+    pinned = services.btc_job.model_id
+    assert np.array_equal(probs(resps[1])[0], probs(predict(stub, with_forming, model_id=pinned))[199])
     assert not np.array_equal(probs(resps[1])[0], final[199])
 
 
@@ -176,11 +179,12 @@ def test_error_table(services, y2019):
     cases = [
         (lambda: predict(stub, good, symbol="ETH/USD"), grpc.StatusCode.NOT_FOUND, "ETH/USD"),
         (lambda: predict(stub, good, model_id="no-such-model"), grpc.StatusCode.NOT_FOUND, "model_id"),
-        (lambda: stub.Predict(inference_pb2.PredictRequest(symbol=SYMBOL, timeframe="7m",
-                                                           candles=candles_of(good))), grpc.StatusCode.INVALID_ARGUMENT, "timeframe"),
+        (lambda: stub.Predict(inference_pb2.PredictRequest(symbol=SYMBOL, timeframe="7m", candles=candles_of(good))),
+         grpc.StatusCode.INVALID_ARGUMENT, "timeframe"),
         (lambda: stub.Predict(inference_pb2.PredictRequest(symbol=SYMBOL, timeframe=TF)),
          grpc.StatusCode.INVALID_ARGUMENT, "candles"),
-        (lambda: predict(stub, bad({("close", 40): float("nan")})), grpc.StatusCode.INVALID_ARGUMENT, "candles[40].close"),
+        (lambda: predict(stub, bad({("close", 40): float("nan")})), grpc.StatusCode.INVALID_ARGUMENT,
+         "candles[40].close"),
         (lambda: predict(stub, bad({("open", 3): float("inf")})), grpc.StatusCode.INVALID_ARGUMENT, "candles[3].open"),
         (lambda: predict(stub, bad({("low", 7): -1.0})), grpc.StatusCode.INVALID_ARGUMENT, "candles[7].low"),
         (lambda: predict(stub, bad({("high", 9): 1.0})), grpc.StatusCode.INVALID_ARGUMENT, "candles[9].high"),
@@ -288,7 +292,8 @@ def test_funding_model_needs_funding_on_candles(tmp_path, sample_frame):
     rng = np.random.default_rng(3)
     times = np.arange(ms("2017-12-31"), ms("2018-09-01"), 8 * 3_600_000)
     engine = make_engine(url)
-    insert_series(engine, "funding-rate", SYMBOL, pd.DataFrame({"time_ms": times, "value": rng.normal(1e-4, 3e-4, len(times))}))
+    funding = pd.DataFrame({"time_ms": times, "value": rng.normal(1e-4, 3e-4, len(times))})
+    insert_series(engine, "funding-rate", SYMBOL, funding)
     engine.dispose()
     s = start_services(url, tmp_path / "models")
     try:

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlsignal.v1 import inference_pb2
 from mlsignal.cli import main as cli_main
 from mlsignal.loadtest import (
     LoadTestConfig,
@@ -21,6 +20,7 @@ from mlsignal.loadtest import (
     parse_seconds,
     run_loadtest,
 )
+from mlsignal.v1 import inference_pb2
 
 SAMPLE_CSV = Path(__file__).resolve().parents[2] / "data" / "btcusd_1h_coinbase_2017-2019.csv.gz"
 
@@ -117,6 +117,17 @@ def test_too_few_candles_and_bad_config_are_refused(services, sample_frame):
         run_loadtest(config(services, "Health", duration=1.0), None)
     with pytest.raises(LoadTestError, match="rpc"):
         run_loadtest(config(services, "Check"), None)
+
+
+def test_frames_are_converted_like_the_client_does_before_connecting(sample_frame):
+    """A frame the client would refuse is refused here too, before any connection (the target is unreachable)."""
+    cfg = LoadTestConfig("127.0.0.1:1", "Predict", "BTC/USD", "1h", requests=1)
+    with pytest.raises(LoadTestError, match="candles: missing column"):
+        run_loadtest(cfg, sample_frame.drop(columns="volume"))
+    with pytest.raises(LoadTestError, match="candles: no candle times"):
+        run_loadtest(cfg, sample_frame.drop(columns="open_time_ms"))
+    with pytest.raises(LoadTestError, match="epoch seconds"):
+        run_loadtest(cfg, sample_frame.assign(open_time_ms=sample_frame.open_time_ms // 1000))
 
 
 def test_cli_json_from_the_database(services, monkeypatch, capsys):

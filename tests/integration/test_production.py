@@ -654,7 +654,7 @@ def test_metrics_count_rpcs_by_method_and_code_and_candles_predicted(secured):
 
 
 def test_access_log_has_the_structured_fields(secured, caplog):
-    from shared.server.builder import JsonFormatter
+    from shared.server.logs import JsonFormatter
 
     caplog.set_level(logging.INFO, logger="mlsignal.access")
     secured.infer_stub.Predict(_predict_request(secured.frame, 150), timeout=10, metadata=AUTH)

@@ -338,7 +338,7 @@ def test_hand_computed_window_3():
         volume_window=3, volatility_window=3, atr_window=3,
     )  # fmt: skip
     assert spec.warmup_bars == 4
-    x = dict(zip(spec.feature_names, feature_matrix(cols, spec)[-1]))
+    x = dict(zip(spec.feature_names, feature_matrix(cols, spec)[-1], strict=True))
     s = math.sqrt(2 / 3)  # closes 12, 11, 13: mean 12, deviations 0, -1, 1
     expected = {
         "sma_ratio_3": 13 / 12 - 1,
@@ -369,14 +369,15 @@ def test_degenerate_windows_have_defined_values():
     flat = {k: np.full(n, 123.45) for k in PRICE_COLUMNS}
     flat["volume"] = np.zeros(n)
     spec = FeatureSpec(sma_windows=(5, 10), return_lags=(1, 3), bb_window=10, volume_window=5)
-    x = dict(zip(spec.feature_names, feature_matrix(flat, spec)[-1]))
+    x = dict(zip(spec.feature_names, feature_matrix(flat, spec)[-1], strict=True))
     assert x["rsi_14"] == 50.0  # no gains and no losses
     assert x["bb_pctb_10"] == 0.5 and x["bb_width_10"] == 0.0  # std == 0
     assert x["volume_ratio_5"] == 0.0  # mean volume == 0
-    for name in ("sma_ratio_5", "sma_ratio_10", "ret_1", "ret_3", "volatility_24", "natr_14", "candle_body", "candle_range"):
+    zero = ("sma_ratio_5", "sma_ratio_10", "ret_1", "ret_3", "volatility_24", "natr_14", "candle_body", "candle_range")
+    for name in zero:
         assert x[name] == 0.0, name
     flat["volume"][:] = 7.77  # a constant volume is exactly at its mean
-    assert dict(zip(spec.feature_names, feature_matrix(flat, spec)[-1]))["volume_ratio_5"] == 0.0
+    assert dict(zip(spec.feature_names, feature_matrix(flat, spec)[-1], strict=True))["volume_ratio_5"] == 0.0
 
 
 def _reference(cols: dict[str, np.ndarray], spec: FeatureSpec, t: int) -> dict[str, float]:
@@ -504,7 +505,7 @@ def test_window_exact_on_generated_candles(data, spec):
     # The first and last full rows plus a few drawn ones, each also from a drawn older start.
     picks = data.draw(st.lists(st.integers(0, 10**6), min_size=2, max_size=12))
     rows = [w - 1, n - 1] + [w - 1 + p % (n - w + 1) for p in picks[2:]]
-    starts = [p % (t - w + 2) for p, t in zip(picks, rows)]
+    starts = [p % (t - w + 2) for p, t in zip(picks, rows, strict=True)]
     _assert_window_exact(cols, spec, full, rows, starts)
 
 
@@ -615,7 +616,8 @@ def test_power_of_two_scaling_is_exact(data, spec, p, q):
 
 
 @SETTINGS
-@given(data=st.data(), spec=spec_choices, price=st.sampled_from([3.7, 0.013, 1234.5678]), volume=st.sampled_from([3.7, 0.1]))
+@given(data=st.data(), spec=spec_choices, price=st.sampled_from([3.7, 0.013, 1234.5678]),
+       volume=st.sampled_from([3.7, 0.1]))
 def test_general_scaling_is_tight(data, spec, price, volume):
     cols = data.draw(candles(extras=True))
     got = feature_matrix(_scaled(cols, price=price, volume=volume), spec)
@@ -692,3 +694,82 @@ def test_single_row_path_on_every_real_row(real, real_features):
     for t in range(w - 1, len(real["close"]), 13):
         one = feature_matrix(_slice(real, t - w + 1, t + 1), DEFAULT, w - 1)
         assert _same(one[0], real_features[t]), t
+
+
+# --------------------------------------------------------------------------- indicator primitives
+
+
+def _primitive_columns(cols: dict[str, np.ndarray], spec: FeatureSpec) -> dict[str, np.ndarray]:
+    """Every feature column of `spec`, computed one indicator at a time by the public primitives."""
+    c = cols["close"]
+    out = {f"sma_ratio_{w}": features.sma_ratio(c, w) for w in spec.sma_windows}
+    out[f"rsi_{spec.rsi_period}"] = features.rsi(c, spec.rsi_period)
+    pctb, width = features.bollinger(c, spec.bb_window, spec.bb_k)
+    out[f"bb_pctb_{spec.bb_window}"], out[f"bb_width_{spec.bb_window}"] = pctb, width
+    out.update({f"ret_{lag}": features.simple_return(c, lag) for lag in spec.return_lags})
+    out[f"volume_ratio_{spec.volume_window}"] = features.volume_ratio(cols["volume"], spec.volume_window)
+    out[f"volatility_{spec.volatility_window}"] = features.volatility(c, spec.volatility_window)
+    out[f"natr_{spec.atr_window}"] = features.natr(cols["high"], cols["low"], c, spec.atr_window)
+    out["candle_body"] = features.candle_body(cols["open"], c)
+    out["candle_range"] = features.candle_range(cols["high"], cols["low"], c)
+    if spec.use_funding_rate:
+        out["funding_rate"] = cols["funding_rate"]
+        out[f"funding_mean_{spec.funding_window}"] = features.window_mean(cols["funding_rate"], spec.funding_window)
+    if spec.use_open_interest:
+        out.update({f"oi_change_{lag}": features.relative_change(cols["open_interest"], lag) for lag in spec.oi_lags})
+    return out
+
+
+def _assert_primitives_match(cols: dict[str, np.ndarray], spec: FeatureSpec) -> None:
+    matrix = feature_matrix(cols, spec)
+    start = spec.warmup_bars - 1
+    for name, values in _primitive_columns(cols, spec).items():
+        j = spec.feature_names.index(name)
+        assert values.shape == (len(cols["close"]),), name
+        assert _same(values[start:], matrix[start:, j]), name
+
+
+def test_primitives_are_the_feature_columns_real(real):
+    _assert_primitives_match(real, DEFAULT)
+
+
+@SETTINGS
+@given(data=st.data(), spec=spec_choices)
+def test_primitives_are_the_feature_columns(data, spec):
+    """One indicator alone gives bit for bit the feature column, so research code and models agree."""
+    _assert_primitives_match(data.draw(candles(extras=True)), spec)
+
+
+@pytest.mark.parametrize(("block", "vector_from"), [(1, 0), (300, 1), (10**9, 10**9)])
+def test_primitives_do_not_depend_on_block_size_or_summation_path(real, monkeypatch, block, vector_from):
+    cols = _slice(real, 3000, 4200)
+    expected = _primitive_columns(cols, DEFAULT)
+    monkeypatch.setattr(features, "_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(features, "_VECTOR_ADD_MIN_COLUMNS", vector_from)
+    for name, values in _primitive_columns(cols, DEFAULT).items():
+        assert _same(values, expected[name]), name
+
+
+def test_primitives_are_nan_only_before_their_own_window():
+    close = 100.0 + np.sin(np.arange(40.0))
+    assert np.isnan(features.rsi(close, 14)[:14]).all() and np.isfinite(features.rsi(close, 14)[14:]).all()
+    assert np.isnan(features.sma_ratio(close, 5)[:4]).all() and np.isfinite(features.sma_ratio(close, 5)[4:]).all()
+    assert np.isnan(features.simple_return(close, 3)[:3]).all()
+    # pandas Series and lists work as well as arrays; too short a series is all NaN
+    assert _same(features.rsi(pd.Series(close), 14), features.rsi(close.tolist(), 14))
+    assert np.isnan(features.rsi(close[:10], 14)).all()
+    assert features.rsi(np.empty(0), 14).shape == (0,)
+
+
+def test_primitives_check_their_arguments():
+    close = np.linspace(100.0, 110.0, 30)
+    with pytest.raises(ValueError, match="window"):
+        features.rsi(close, 0)
+    with pytest.raises(ValueError, match="window"):
+        features.bollinger(close, 1)
+    with pytest.raises(ValueError, match="k must be"):
+        features.bollinger(close, 20, 0.0)
+    with pytest.raises(ValueError, match="one-dimensional"):
+        features.sma_ratio(close.reshape(5, 6), 3)
+    with pytest.raises(ValueError, match="high has 29 values"):
+        features.natr(close[:-1], close, close, 14)

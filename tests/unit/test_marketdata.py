@@ -7,8 +7,9 @@ import gzip
 import numpy as np
 import pandas as pd
 import pytest
-from shared.store.db import make_engine
+
 from shared.errors import InvalidArgument
+from shared.store.db import make_engine
 from shared.store.importers import ImportRejected, detect_format, find_gaps, read_candles, read_series, resample
 from shared.store.marketdata import (
     count_candles,
@@ -18,8 +19,8 @@ from shared.store.marketdata import (
     load_series,
     summarize,
     summarize_series,
-    validate_symbol,
 )
+from shared.symbols import validate_symbol
 from shared.timeframes import parse_time
 
 H = 3_600_000

@@ -1,31 +1,42 @@
-"""The committed generated code matches protos/ (run `make protos` after editing a .proto)."""
+"""The committed generated code is what the pinned generator makes of protos/ (run `make protos` after editing one)."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
+import subprocess
 
+from client_venv import REPO, require_client_python
+from mlsignal.protogen import OLDEST_GRPC
 from mlsignal.v1 import common_pb2, inference_pb2, training_pb2
-from mlsignal.protogen import ROOT, generate
 
-# Lines that only record which protoc/grpcio-tools produced the file.
-VERSION_LINE = re.compile(r"Protobuf Python Version|GRPC_GENERATED_VERSION =|^\s*\d+,\s*$")
-
-
-def _normalised(path: Path) -> list[str]:
-    return [line for line in path.read_text().splitlines() if not VERSION_LINE.search(line)]
+COMMITTED = REPO / "mlsignal" / "v1"
 
 
 def test_generated_code_is_up_to_date(tmp_path):
-    generate(tmp_path)
-    fresh = sorted((tmp_path / "mlsignal" / "v1").glob("*_pb2*.py*"))
-    committed_dir = ROOT / "mlsignal" / "v1"
+    """Regenerate with grpcio-tools OLDEST_GRPC in .venv-client and compare byte for byte with mlsignal/v1."""
+    python = require_client_python()
+    # Run from the checkout so the checkout's generator (not an installed copy) compiles the checkout's protos.
+    run = subprocess.run(
+        [str(python), "-m", "mlsignal.protogen", "--out", str(tmp_path), "--protos", str(REPO / "protos")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    fresh_dir = tmp_path / "mlsignal" / "v1"
+    fresh = sorted(p.name for p in fresh_dir.iterdir() if p.is_file())
+    committed = sorted(p.name for p in COMMITTED.iterdir() if p.is_file())
     assert fresh, "protoc produced nothing"
-    assert sorted(p.name for p in committed_dir.glob("*_pb2*.py*")) == [p.name for p in fresh]
-    for path in fresh:
-        assert _normalised(committed_dir / path.name) == _normalised(path), (
-            f"mlsignal/v1/{path.name} is stale: run `make protos` and commit the result"
-        )
+    assert committed == fresh, "mlsignal/v1 holds other files than protoc makes: run `make protos` and commit them"
+    stale = [name for name in fresh if (COMMITTED / name).read_bytes() != (fresh_dir / name).read_bytes()]
+    assert not stale, (
+        f"mlsignal/v1/{', '.join(stale)} differ from what grpcio-tools {OLDEST_GRPC} generates: run `make protos` "
+        "and commit the result"
+    )
+
+
+def test_committed_code_comes_from_the_pinned_generator():
+    """The generated code records the generator; newer gencode would refuse older protobuf and grpcio runtimes."""
+    for name in ("common", "inference", "training"):
+        grpc_code = (COMMITTED / f"{name}_pb2_grpc.py").read_text()
+        assert f"GRPC_GENERATED_VERSION = '{OLDEST_GRPC}'" in grpc_code, f"{name}_pb2_grpc.py: run `make protos`"
 
 
 def test_contract_names_are_the_documented_ones():
@@ -34,7 +45,8 @@ def test_contract_names_are_the_documented_ones():
         "StartTraining", "GetTrainingJob", "WatchTrainingJob", "CancelTrainingJob", "ListTrainingJobs", "ListModels"]
     inf = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
     assert [m.name for m in inf.methods] == ["Predict", "StreamPredict", "GetModel"]
-    assert inf.methods_by_name["StreamPredict"].client_streaming and inf.methods_by_name["StreamPredict"].server_streaming
+    stream = inf.methods_by_name["StreamPredict"]
+    assert stream.client_streaming and stream.server_streaming
     candle = common_pb2.Candle.DESCRIPTOR
     assert [(f.name, f.number) for f in candle.fields] == [
         ("open_time_ms", 1), ("open", 2), ("high", 3), ("low", 4), ("close", 5), ("volume", 6),

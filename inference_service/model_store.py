@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 
-from shared.store import registry
 from shared.artifacts import ArtifactError, read_verified
 from shared.calibration import shrink_to_prior
 from shared.errors import DataLoss, InvalidArgument, NotFound
 from shared.onnxmodel import OnnxForest
+from shared.store import registry
 from shared.store.registry import ModelRecord
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def load_model(record: ModelRecord, model_dir: Path) -> LoadedModel:
 
 
 class ModelStore:
-    def __init__(self, engine: sa.Engine, model_dir: Path, cache_size: int = 32, poll_seconds: float = 2.0):
+    def __init__(self, engine: sa.Engine, model_dir: Path, cache_size: int = 32, poll_seconds: float = 2.0) -> None:
         self.engine = engine
         self.model_dir = Path(model_dir)
         self.cache_size = cache_size
@@ -124,7 +124,7 @@ class ModelStore:
             raise NotFound(
                 f"no model registered for {symbol} {timeframe}; train one first (mlsignal train)", field="symbol"
             )
-        errors = []
+        errors: list[str] = []
         for rec in records:
             if rec.model_id in self._refused:
                 continue
@@ -146,7 +146,7 @@ class ModelStore:
         """Swap in newer models for every key being served; returns the ids swapped in."""
         with self._lock:
             serving = dict(self._serving)
-        swapped = []
+        swapped: list[str] = []
         for (symbol, timeframe), model in serving.items():
             newest = registry.newest_model_id(self.engine, symbol, timeframe)
             if newest is None or newest == model.model_id or newest in self._refused:
@@ -168,7 +168,7 @@ class ModelStore:
         return swapped
 
     def start_polling(self) -> None:
-        def loop():
+        def loop() -> None:
             while not self._stop.wait(self.poll_seconds):
                 try:
                     self.refresh()

@@ -1,0 +1,68 @@
+"""The inference service's logic behind the gRPC layer: which model answers, and stateless predictions.
+
+Every check runs in the same order for every request: the key (symbol and timeframe), then the model (NOT_FOUND or
+DATA_LOSS), then the batch size, then each candle, then the optional columns the model needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from inference_service.domain import CandleSource, Predictions
+from inference_service.model_store import LoadedModel, ModelStore
+from inference_service.predictor import predict_window, read_candles, require_optional_columns, validate
+from shared.errors import InvalidArgument
+from shared.store.registry import ModelRecord
+from shared.symbols import validate_symbol
+from shared.timeframes import timeframe_ms
+
+# Called after every answered request with the model that answered and the number of candles predicted.
+OnPredicted = Callable[[LoadedModel, int], None]
+
+
+def validate_key(symbol: str, timeframe: str) -> int:
+    """The timeframe's length in milliseconds, after checking that symbol and timeframe are well-formed."""
+    try:
+        validate_symbol(symbol)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"symbol: {exc}", field="symbol") from None
+    try:
+        return timeframe_ms(timeframe)
+    except ValueError as exc:
+        raise InvalidArgument(f"timeframe: {exc}", field="timeframe") from None
+
+
+class InferenceService:
+    def __init__(self, store: ModelStore, max_batch: int, on_predicted: OnPredicted | None = None) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self.on_predicted = on_predicted
+
+    def model(self, symbol: str, timeframe: str, model_id: str = "") -> LoadedModel:
+        """The model that answers for a validated key: the one pinned by model_id, else the one serving now."""
+        if model_id:
+            return self.store.pinned(model_id, symbol, timeframe)
+        return self.store.current(symbol, timeframe)
+
+    def serving_model(self, symbol: str, timeframe: str) -> ModelRecord:
+        """The record of the model serving a key now (loaded and verified on first use)."""
+        validate_key(symbol, timeframe)
+        return self.store.current(symbol, timeframe).record
+
+    def predict(
+        self, symbol: str, timeframe: str, model_id: str, candles: CandleSource
+    ) -> tuple[LoadedModel, Predictions]:
+        """Stateless prediction: every candle's history is the candles before it in the same batch."""
+        tf_ms = validate_key(symbol, timeframe)
+        model = self.model(symbol, timeframe, model_id)
+        batch = read_candles(model, candles, self.max_batch)
+        validate(batch, tf_ms)
+        require_optional_columns(model, batch)
+        predictions = predict_window(model, batch, 0)
+        self.predicted(model, len(batch))
+        return model, predictions
+
+    def predicted(self, model: LoadedModel, n_candles: int) -> None:
+        """Report an answered request to the `on_predicted` hook, when there is one."""
+        if self.on_predicted is not None:
+            self.on_predicted(model, n_candles)

@@ -1,0 +1,150 @@
+"""Typed exceptions for failed calls, one class per gRPC status a caller may want to handle differently.
+
+A strategy engine usually treats "no model yet" (NotFoundError) and "service down" (UnavailableError) differently
+from a malformed request, so each status code it can act on has its own class; all share `MlsignalClientError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from mlsignal.client.jobs import job_state_name
+from mlsignal.v1 import training_pb2
+
+__all__ = [
+    "DataLossError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "InvalidArgumentError",
+    "MlsignalClientError",
+    "NotFoundError",
+    "ProtocolError",
+    "ResourceExhaustedError",
+    "TrainingFailedError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "error_from_rpc",
+]
+
+
+class MlsignalClientError(Exception):
+    """A failed call: `code` is the grpc.StatusCode (None when the failure is not a gRPC status), `details` the message.
+
+    Example::
+
+        >>> try:                                                            # doctest: +SKIP
+        ...     out = client.predict(df, "BTC/USDT", "1h")
+        ... except NotFoundError:
+        ...     out = None          # no model yet: trade without the ML filter
+        ... except MlsignalClientError as exc:
+        ...     log.error("mlsignal failed: %s (%s)", exc.details, exc.code)
+    """
+
+    def __init__(self, code: grpc.StatusCode | None, details: str, note: str = ""):
+        self.code = code
+        self.details = details
+        self.note = note
+        super().__init__(self._text())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exceptions cross process boundaries (multiprocessing, Dask) by pickling; keep every field.
+        return (self.__class__, (self.code, self.details, self.note))
+
+    def _text(self) -> str:
+        head = f"{self.code.name}: {self.details}" if self.code is not None else self.details
+        return f"{head} ({self.note})" if self.note else head
+
+
+class InvalidArgumentError(MlsignalClientError):
+    """INVALID_ARGUMENT: the request is malformed; `details` names the field and what was expected."""
+
+
+class NotFoundError(MlsignalClientError):
+    """NOT_FOUND: no model for the symbol and timeframe, or an unknown job or model id."""
+
+
+class FailedPreconditionError(MlsignalClientError):
+    """FAILED_PRECONDITION: e.g. no candles stored for the range, or the job already finished."""
+
+
+class ResourceExhaustedError(MlsignalClientError):
+    """RESOURCE_EXHAUSTED: the training queue is full, or a message is too large; retry later or send less."""
+
+
+class UnavailableError(MlsignalClientError):
+    """UNAVAILABLE: the service (or its database) cannot be reached; usually worth a retry with back-off."""
+
+
+class UnauthenticatedError(MlsignalClientError):
+    """UNAUTHENTICATED: the bearer token is missing or was refused."""
+
+
+class DeadlineExceededError(MlsignalClientError):
+    """DEADLINE_EXCEEDED: the call took longer than the client's `timeout`."""
+
+
+class DataLossError(MlsignalClientError):
+    """DATA_LOSS: stored data is damaged, e.g. a model artifact whose sha256 does not verify."""
+
+
+class ProtocolError(MlsignalClientError):
+    """The server answered something that breaks the contract (wrong count, order or model); `code` is None.
+
+    Raised instead of returning misaligned probabilities, which would look plausible and be wrong.
+    """
+
+
+class TrainingFailedError(MlsignalClientError):
+    """A training job ended FAILED or CANCELLED; `job` is the final TrainingJob message and `details` its error.
+
+    Example::
+
+        >>> try:                                                            # doctest: +SKIP
+        ...     job = training.train("BTC/USDT", "1h").wait()
+        ... except TrainingFailedError as exc:
+        ...     print(job_state_name(exc.job.state), exc.job.error)
+    """
+
+    def __init__(self, job: training_pb2.TrainingJob):
+        self.job = job
+        state = job_state_name(job.state)
+        super().__init__(None, job.error or f"job {job.job_id} ended {state}", note=f"job {job.job_id} {state}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.__class__, (self.job,))
+
+
+_ERROR_CLASSES: dict[grpc.StatusCode, type[MlsignalClientError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.DATA_LOSS: DataLossError,
+}
+
+
+def error_from_rpc(err: grpc.RpcError, note: str = "") -> MlsignalClientError:
+    """The typed exception for a grpc.RpcError (MlsignalClientError itself for codes without a subclass).
+
+    Tolerates RpcErrors that carry no status (raised by some interceptors), which become UNKNOWN.
+
+    Example::
+
+        >>> try:                                                            # doctest: +SKIP
+        ...     stub.GetModel(request)
+        ... except grpc.RpcError as rpc_error:
+        ...     raise error_from_rpc(rpc_error) from rpc_error
+    """
+    code_fn = getattr(err, "code", None)
+    details_fn = getattr(err, "details", None)
+    code = code_fn() if callable(code_fn) else None
+    details = details_fn() if callable(details_fn) else None
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN
+    cls = _ERROR_CLASSES.get(code, MlsignalClientError)
+    return cls(code, details or str(err) or code.name, note=note)

@@ -1,0 +1,234 @@
+"""The inference client: ML_UP_PROB / ML_DOWN_PROB / ML_RANGE_PROB for candle frames (backtests) and live feeds.
+
+`predict` turns a frame into columns the way a strategy adds any other indicator; `stream` keeps the history on the
+server so a live strategy sends only the newest candle.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import grpc
+import numpy as np
+import pandas as pd
+
+from mlsignal.client.channel import DEFAULT_TIMEOUT, ServiceClient
+from mlsignal.client.errors import ProtocolError, error_from_rpc
+from mlsignal.client.frames import batch_plan, candle_from_item, frame_to_candles, predictions_to_frame
+from mlsignal.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from shared.timeframes import ms_to_datetime, ms_to_iso
+
+__all__ = ["InferenceClient", "LivePrediction"]
+
+
+@dataclass(frozen=True, slots=True)
+class LivePrediction:
+    """One candle's prediction from `InferenceClient.stream`; up/down/range are NaN when `ready` is false.
+
+    Example::
+
+        >>> for p in client.stream(candles, "BTC/USDT", "1h"):            # doctest: +SKIP
+        ...     if p.ready and not p.in_sample and p.up > 0.6:
+        ...         go_long(p.open_time)
+    """
+
+    open_time_ms: int
+    up: float
+    down: float
+    range: float
+    ready: bool
+    in_sample: bool
+    model_id: str
+
+    @property
+    def open_time(self) -> datetime:
+        """The candle's open time as a UTC datetime."""
+        return ms_to_datetime(self.open_time_ms)
+
+
+class InferenceClient(ServiceClient):
+    """Client of the InferenceService: ML_UP_PROB / ML_DOWN_PROB / ML_RANGE_PROB for candle frames and live candles.
+
+    `predict` is for backtests and batch jobs; `stream` for live trading (one message per candle, the server keeps
+    the history). Unary calls get `timeout` seconds (None: no deadline); streams have none. A frame longer than
+    `max_batch` rows (the service's MLSIGNAL_MAX_BATCH, 10000 by default) is sent in overlapping requests whose
+    result equals one Predict over the whole frame.
+
+    Example::
+
+        >>> with InferenceClient("127.0.0.1:50052") as c:                  # doctest: +SKIP
+        ...     out = c.predict(df, "BTC/USDT", "1h")
+        >>> long = (out.ML_UP_PROB > 0.6) & (rsi < 70)                     # doctest: +SKIP
+        >>> short = (out.ML_DOWN_PROB > 0.6) & (rsi > 30)                  # doctest: +SKIP
+    """
+
+    def __init__(self, target: str, *, tls: bool = False, root_certificates: bytes | None = None,
+                 token: str | None = None, timeout: float | None = DEFAULT_TIMEOUT, max_batch: int = 10_000,
+                 options: Sequence[tuple[str, Any]] = ()):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        super().__init__(target, tls=tls, root_certificates=root_certificates, token=token, timeout=timeout,
+                         options=options)
+        self.max_batch = max_batch
+        self._stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
+
+    def get_model(self, symbol: str, timeframe: str) -> common_pb2.ModelInfo:
+        """The model serving now for a symbol and timeframe; NotFoundError when there is none.
+
+        Example::
+
+            >>> m = c.get_model("BTC/USDT", "1h")                           # doctest: +SKIP
+            >>> m.warmup_bars, m.label.horizon_bars, m.metrics["log_loss"]  # doctest: +SKIP
+        """
+        info: common_pb2.ModelInfo = self._unary(self._stub.GetModel,
+                                                 inference_pb2.GetModelRequest(symbol=symbol, timeframe=timeframe))
+        return info
+
+    def predict(self, df: pd.DataFrame, symbol: str, timeframe: str, model_id: str = "") -> pd.DataFrame:
+        """A copy of `df` with ML_UP_PROB, ML_DOWN_PROB, ML_RANGE_PROB, ML_READY, ML_IN_SAMPLE and ML_MODEL_ID.
+
+        `df` has a tz-aware DatetimeIndex (or an ``open_time_ms`` / ``open_time`` / ``timestamp`` column) with
+        strictly increasing times, and columns open, high, low, close, volume, optionally funding_rate and
+        open_interest (NaN: absent). The first warmup_bars - 1 rows are not ready (NaN probabilities, ML_READY false);
+        rows inside the model's training window have ML_IN_SAMPLE true and do not make an honest backtest. `model_id`
+        pins a model; empty means the one serving now. Frames longer than `max_batch` use one model for every row.
+
+        Example::
+
+            >>> out = c.predict(df, "BTC/USDT", "1h")                       # doctest: +SKIP
+            >>> honest = out[out.ML_READY & ~out.ML_IN_SAMPLE]               # doctest: +SKIP
+            >>> honest[["ML_UP_PROB", "ML_DOWN_PROB", "ML_RANGE_PROB"]]      # doctest: +SKIP
+        """
+        candles = frame_to_candles(df)
+        n = len(candles)
+        if n == 0:
+            raise ValueError("the frame has no rows; predict needs at least one candle")
+        times = np.fromiter((c.open_time_ms for c in candles), dtype=np.int64, count=n)
+        steps = np.diff(times)
+        if np.any(steps <= 0):
+            i = int(np.flatnonzero(steps <= 0)[0]) + 1
+            raise ValueError(f"candle times must be strictly increasing: row {i} ({ms_to_iso(int(times[i]))}) does "
+                             f"not come after row {i - 1} ({ms_to_iso(int(times[i - 1]))})")
+
+        if n <= self.max_batch:
+            resp = self._predict_call(symbol, timeframe, model_id, candles, 0, n)
+            if model_id and resp.model_id != model_id:
+                raise ProtocolError(None, f"answered by model {resp.model_id!r}, not the pinned model {model_id!r}")
+            return predictions_to_frame(df, resp.predictions, resp.model_id)
+
+        # Several requests: one model for all of them, each kept row with a full warmup of history in its request.
+        served = self.get_model(symbol, timeframe)
+        pinned = model_id or served.model_id
+        first: inference_pb2.PredictResponse | None
+        if pinned == served.model_id:
+            if served.warmup_bars < 1:
+                raise ProtocolError(None, f"model {served.model_id} reports warmup_bars={served.warmup_bars}")
+            plan = batch_plan(n, self.max_batch, served.warmup_bars)
+            first = None
+        else:
+            # A pinned model that is not the one serving: its warmup is read off the first request, where exactly
+            # the leading warmup_bars - 1 candles are not ready.
+            first = self._predict_call(symbol, timeframe, pinned, candles, 0, self.max_batch)
+            leading = next((i for i, p in enumerate(first.predictions) if p.ready), None)
+            if leading is None:
+                raise ValueError(f"none of the first {self.max_batch} candles is ready with model {pinned}, so its "
+                                 "warmup cannot be covered by overlapping requests; raise max_batch")
+            plan = batch_plan(n, self.max_batch, leading + 1)
+
+        predictions: list[inference_pb2.Prediction] = []
+        for start, stop, keep_from in plan:
+            if start == 0 and first is not None:
+                resp = first
+            else:
+                resp = self._predict_call(symbol, timeframe, pinned, candles, start, stop)
+            if resp.model_id != pinned:
+                raise ProtocolError(None, f"rows {start}..{stop - 1} were answered by model {resp.model_id!r}, "
+                                          f"not the pinned model {pinned!r}")
+            predictions.extend(resp.predictions[keep_from - start:])
+        return predictions_to_frame(df, predictions, pinned)
+
+    def _predict_call(self, symbol: str, timeframe: str, model_id: str, candles: list[common_pb2.Candle],
+                      start: int, stop: int) -> inference_pb2.PredictResponse:
+        request = inference_pb2.PredictRequest(symbol=symbol, timeframe=timeframe, model_id=model_id,
+                                               candles=candles[start:stop])
+        note = "" if start == 0 and stop == len(candles) else f"in the request for frame rows {start}..{stop - 1}"
+        resp: inference_pb2.PredictResponse = self._unary(self._stub.Predict, request, note)
+        if len(resp.predictions) != stop - start:
+            raise ProtocolError(None, f"{len(resp.predictions)} predictions for {stop - start} candles", note=note)
+        return resp
+
+    def stream(self, candles: Iterable[Any], symbol: str, timeframe: str,
+               model_id: str = "") -> Iterator[LivePrediction]:
+        """Live predictions: each candle goes to the server as its own StreamPredict message as it arrives.
+
+        `candles` may block between items (e.g. a generator reading an exchange feed). Items are Candle messages,
+        mappings with open_time_ms / open_time / timestamp and open, high, low, close, volume (optional funding_rate,
+        open_interest; None or NaN means absent), pandas Series (the name is the open time), df.iterrows() pairs or
+        df.itertuples() rows. Times must increase; a candle with the same time as the previous one replaces it (a
+        still-forming candle). Yields one LivePrediction per candle, in order. Leaving the loop cancels the stream.
+        A candle that cannot be read raises ValueError after the predictions for the candles before it.
+
+        Example::
+
+            >>> with InferenceClient("127.0.0.1:50052") as c:              # doctest: +SKIP
+            ...     for p in c.stream(feed.closed_candles(), "BTC/USDT", "1h"):
+            ...         if p.ready and p.up > 0.6 and rsi.last < 70:
+            ...             broker.buy()
+        """
+        sent: collections.deque[int] = collections.deque()
+        failure: list[BaseException] = []
+
+        def requests() -> Iterator[inference_pb2.PredictRequest]:
+            # Runs in gRPC's sending thread. An error of the feed or of a candle ends the request stream cleanly and
+            # is raised to the caller by the response loop below, instead of turning into a CANCELLED call.
+            items = iter(candles)
+            while True:
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+                except Exception as exc:
+                    failure.append(exc)
+                    return
+                try:
+                    candle = candle_from_item(item)
+                except Exception as exc:
+                    failure.append(exc)
+                    return
+                sent.append(candle.open_time_ms)
+                yield inference_pb2.PredictRequest(symbol=symbol, timeframe=timeframe, model_id=model_id,
+                                                   candles=[candle])
+
+        call = self._stub.StreamPredict(requests())
+        try:
+            try:
+                for resp in call:
+                    yield self._live(resp, sent)
+            except grpc.RpcError as err:
+                if failure:
+                    raise failure[0] from err
+                raise error_from_rpc(err, "in the prediction stream") from err
+            if failure:
+                raise failure[0]
+        finally:
+            call.cancel()
+
+    @staticmethod
+    def _live(resp: inference_pb2.PredictResponse, sent: collections.deque[int]) -> LivePrediction:
+        """The prediction for the oldest candle still waiting for one; ProtocolError if it answers another candle."""
+        if len(resp.predictions) != 1 or not sent:
+            raise ProtocolError(None, f"a stream response carries {len(resp.predictions)} predictions for one candle")
+        p = resp.predictions[0]
+        expected = sent.popleft()
+        if p.open_time_ms != expected:
+            raise ProtocolError(None, f"prediction for open_time_ms {p.open_time_ms} arrived where {expected} was "
+                                      "expected")
+        if p.ready:
+            return LivePrediction(p.open_time_ms, p.ml_up_prob, p.ml_down_prob, p.ml_range_prob, True, p.in_sample,
+                                  resp.model_id)
+        return LivePrediction(p.open_time_ms, math.nan, math.nan, math.nan, False, p.in_sample, resp.model_id)

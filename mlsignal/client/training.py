@@ -1,0 +1,229 @@
+"""The training client: start, follow and cancel training jobs, list jobs and models.
+
+A job outlives the call that started it, so `train` returns a `TrainingJobHandle` at once and the caller decides
+whether to wait, watch progress, or come back later with `TrainingClient.job`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from mlsignal.client.channel import DEFAULT_TIMEOUT, ServiceClient
+from mlsignal.client.errors import ProtocolError, TrainingFailedError, error_from_rpc
+from mlsignal.client.frames import to_epoch_ms
+from mlsignal.client.jobs import is_final, job_state_name
+from mlsignal.v1 import common_pb2, training_pb2, training_pb2_grpc
+from shared.timeframes import ms_to_timestamp
+
+__all__ = ["TrainingClient", "TrainingJobHandle"]
+
+_CLASS_WEIGHTS = {
+    None: common_pb2.CLASS_WEIGHT_UNSPECIFIED,
+    "none": common_pb2.CLASS_WEIGHT_NONE,
+    "balanced": common_pb2.CLASS_WEIGHT_BALANCED,
+}
+
+ProgressCallback = Callable[[training_pb2.TrainingJob], None]
+
+
+class TrainingJobHandle:
+    """A training job started by `TrainingClient.train`; `state` is the last TrainingJob message seen.
+
+    Example::
+
+        >>> handle = training.train("BTC/USDT", "1h", horizon_bars=24, threshold=0.02)  # doctest: +SKIP
+        >>> job = handle.wait(on_progress=lambda j: print(j.stage, f"{j.progress:.0%}"))  # doctest: +SKIP
+        >>> job.metrics["log_loss"] < job.metrics["prior_log_loss"]        # doctest: +SKIP
+        True
+    """
+
+    def __init__(self, client: TrainingClient, job: training_pb2.TrainingJob):
+        self._client = client
+        self.job_id: str = job.job_id
+        self.state: training_pb2.TrainingJob = job
+
+    def __repr__(self) -> str:
+        return (f"TrainingJobHandle(job_id={self.job_id!r}, state={job_state_name(self.state.state)}, "
+                f"stage={self.state.stage!r}, progress={self.state.progress:.2f})")
+
+    def refresh(self) -> training_pb2.TrainingJob:
+        """Fetch the job now (GetTrainingJob) and return it."""
+        self.state = self._client.get_job(self.job_id)
+        return self.state
+
+    def watch(self, on_progress: ProgressCallback | None = None) -> training_pb2.TrainingJob:
+        """Follow the job until it reaches a final state and return that final message.
+
+        `on_progress(job)` is called for every change the server reports. The stream has no deadline, so a long
+        training run is followed to its end; a stream that closes before a final state raises ProtocolError.
+        """
+        for job in self._client._watch(self.job_id):
+            self.state = job
+            if on_progress is not None:
+                on_progress(job)
+        if not is_final(self.state):
+            raise ProtocolError(None, f"the watch of job {self.job_id} ended while the job was "
+                                      f"{job_state_name(self.state.state)}; expected a final state")
+        return self.state
+
+    def wait(self, on_progress: ProgressCallback | None = None) -> training_pb2.TrainingJob:
+        """`watch`, then return the job if it SUCCEEDED or raise TrainingFailedError if it FAILED or was CANCELLED."""
+        job = self.watch(on_progress)
+        if job.state != training_pb2.JOB_STATE_SUCCEEDED:
+            raise TrainingFailedError(job)
+        return job
+
+    def cancel(self) -> training_pb2.TrainingJob:
+        """Cancel the job (FailedPreconditionError if it already finished) and return its new state."""
+        self.state = self._client.cancel(self.job_id)
+        return self.state
+
+
+class TrainingClient(ServiceClient):
+    """Client of the TrainingService: start, follow and cancel training jobs, list jobs and models.
+
+    Zero or None arguments take the service's documented defaults (horizon 24, threshold 0.02, 200 trees, depth 6,
+    200 samples per leaf, seed 42); the job's `request` shows the values used. Unary calls get `timeout` seconds
+    (None: no deadline); watching a job has no deadline.
+
+    Example::
+
+        >>> with TrainingClient("127.0.0.1:50051") as t:                   # doctest: +SKIP
+        ...     job = t.train("BTC/USDT", "1h", "2017-07-01", "2019-01-01", horizon_bars=24, threshold=0.02).wait()
+        ...     print(job.model_id, job.metrics["log_loss"], job.metrics["prior_log_loss"])
+    """
+
+    def __init__(self, target: str, *, tls: bool = False, root_certificates: bytes | None = None,
+                 token: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
+                 options: Sequence[tuple[str, Any]] = ()):
+        super().__init__(target, tls=tls, root_certificates=root_certificates, token=token, timeout=timeout,
+                         options=options)
+        self._stub = training_pb2_grpc.TrainingServiceStub(self.channel)
+
+    def train(
+        self,
+        symbol: str,
+        timeframe: str,
+        start: Any = None,
+        end: Any = None,
+        *,
+        horizon_bars: int = 0,
+        threshold: float = 0.0,
+        n_estimators: int = 0,
+        max_depth: int = 0,
+        min_samples_leaf: int = 0,
+        class_weight: str | None = None,
+        random_state: int | None = None,
+    ) -> TrainingJobHandle:
+        """Queue a training job and return its handle at once.
+
+        `start` (inclusive) and `end` (exclusive) bound the candle open times: tz-aware datetime or pandas Timestamp,
+        ISO-8601 string (UTC unless it has an offset) or int epoch ms; None means the first / after the last stored
+        candle. `max_depth` -1 means unlimited. `class_weight` is None (service default: "none"), "none" or
+        "balanced".
+
+        Example::
+
+            >>> h = t.train("ETH/USDT", "4h", start="2018-01-01", end="2020-01-01", n_estimators=300)  # doctest: +SKIP
+            >>> h.job_id                                                    # doctest: +SKIP
+        """
+        if class_weight not in _CLASS_WEIGHTS:
+            raise ValueError(f"class_weight must be None, 'none' or 'balanced', got {class_weight!r}")
+        params = common_pb2.ModelParams(
+            n_estimators=_int_arg(n_estimators, "n_estimators"),
+            max_depth=_int_arg(max_depth, "max_depth"),
+            min_samples_leaf=_int_arg(min_samples_leaf, "min_samples_leaf"),
+            class_weight=_CLASS_WEIGHTS[class_weight],
+        )
+        if random_state is not None:
+            params.random_state = _int_arg(random_state, "random_state")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)):
+            raise ValueError(f"threshold must be a number (a fraction: 0.02 means 2 %), got {threshold!r}")
+        request = training_pb2.StartTrainingRequest(
+            symbol=symbol,
+            timeframe=timeframe,
+            label=common_pb2.LabelSpec(horizon_bars=_int_arg(horizon_bars, "horizon_bars"), threshold=float(threshold)),
+            params=params,
+        )
+        if start is not None:
+            request.start_time.CopyFrom(ms_to_timestamp(to_epoch_ms(start, "start")))
+        if end is not None:
+            request.end_time.CopyFrom(ms_to_timestamp(to_epoch_ms(end, "end")))
+        job = self._unary(self._stub.StartTraining, request)
+        return TrainingJobHandle(self, job)
+
+    def job(self, job_id: str) -> TrainingJobHandle:
+        """A handle on an existing job (fetched now), e.g. one started by another process.
+
+        Example::
+
+            >>> t.job("3f2a...").wait()                                     # doctest: +SKIP
+        """
+        return TrainingJobHandle(self, self.get_job(job_id))
+
+    def get_job(self, job_id: str) -> training_pb2.TrainingJob:
+        """The current TrainingJob message; NotFoundError for an unknown id.
+
+        Example::
+
+            >>> t.get_job(job_id).progress                                  # doctest: +SKIP
+            0.4
+        """
+        job: training_pb2.TrainingJob = self._unary(self._stub.GetTrainingJob,
+                                                    training_pb2.GetTrainingJobRequest(job_id=job_id))
+        return job
+
+    def list_jobs(self, symbol: str = "", timeframe: str = "", limit: int = 0,
+                  states: Iterable[training_pb2.JobState] = ()) -> list[training_pb2.TrainingJob]:
+        """Jobs, newest first, optionally filtered; `limit` 0 means the service default (100).
+
+        Example::
+
+            >>> [j.job_id for j in t.list_jobs("BTC/USDT", "1h", limit=5)]  # doctest: +SKIP
+        """
+        request = training_pb2.ListTrainingJobsRequest(symbol=symbol, timeframe=timeframe,
+                                                       limit=_int_arg(limit, "limit"), states=list(states))
+        return list(self._unary(self._stub.ListTrainingJobs, request).jobs)
+
+    def cancel(self, job_id: str) -> training_pb2.TrainingJob:
+        """Cancel a queued or running job; FailedPreconditionError if it already finished.
+
+        Example::
+
+            >>> t.cancel(job_id).state == training_pb2.JOB_STATE_CANCELLED  # doctest: +SKIP
+            True
+        """
+        job: training_pb2.TrainingJob = self._unary(self._stub.CancelTrainingJob,
+                                                    training_pb2.CancelTrainingJobRequest(job_id=job_id))
+        return job
+
+    def list_models(self, symbol: str = "", timeframe: str = "") -> list[common_pb2.ModelInfo]:
+        """Registered models, newest first, optionally filtered by symbol and timeframe.
+
+        Example::
+
+            >>> for m in t.list_models("BTC/USDT", "1h"):                   # doctest: +SKIP
+            ...     print(m.model_id, m.metrics["log_loss"], m.metrics["prior_log_loss"])
+        """
+        request = training_pb2.ListModelsRequest(symbol=symbol, timeframe=timeframe)
+        return list(self._unary(self._stub.ListModels, request).models)
+
+    def _watch(self, job_id: str) -> Iterator[training_pb2.TrainingJob]:
+        call = self._stub.WatchTrainingJob(training_pb2.GetTrainingJobRequest(job_id=job_id))
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, f"while watching job {job_id}") from err
+        finally:
+            call.cancel()
+
+
+def _int_arg(value: Any, name: str) -> int:
+    """Refuse floats and bools where the message wants an integer, instead of truncating them silently."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)

@@ -1,0 +1,169 @@
+"""Prometheus metrics of one server process: RPC counters and latencies, and each service's own gauges and counters.
+
+Each server process has its own `CollectorRegistry`, so two servers in one process never clash; the registry is
+served over HTTP on MLSIGNAL_METRICS_PORT (0 disables metrics altogether). The RPC metrics follow the usual gRPC names
+(`grpc_server_handled_total` with `grpc_service`, `grpc_method`, `grpc_type`, `grpc_code`), so existing dashboards
+work; `shared.server.interceptors` records them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from shared.errors import one_line
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0, 300.0)
+JOB_DURATION_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
+JOB_STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+
+
+class Metrics:
+    """The metrics of one server process, in their own registry; `serve` exposes them over HTTP."""
+
+    def __init__(self, service: str, version: str = "") -> None:
+        self.service = service
+        self.registry = CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        labels = ("grpc_type", "grpc_service", "grpc_method")
+        self.started = Counter("grpc_server_started", "RPCs started on the server.", labels, registry=r)
+        self.handled = Counter("grpc_server_handled", "RPCs completed on the server, by status code.",
+                               (*labels, "grpc_code"), registry=r)
+        self.received = Counter("grpc_server_msg_received", "Messages received on client-streaming RPCs.", labels,
+                                registry=r)
+        self.sent = Counter("grpc_server_msg_sent", "Messages sent on server-streaming RPCs.", labels, registry=r)
+        self.handling = Histogram("grpc_server_handling_seconds",
+                                  "Time from the start to the end of an RPC (the whole stream for streaming RPCs).",
+                                  labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.stream_message = Histogram(
+            "mlsignal_stream_message_seconds",
+            "Bidirectional streams, per message: from its request arriving to its response being handed to gRPC.",
+            ("grpc_service", "grpc_method"), buckets=LATENCY_BUCKETS, registry=r)
+        Gauge("mlsignal_build_info", "Always 1; the labels name the service and the package version.",
+              ("service", "version"), registry=r).labels(service, version).set(1)
+        self._httpd: Any = None  # the WSGI server of start_http_server
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    def add_callback(self, fn: Callable[[], Iterable[Metric]]) -> None:
+        """Register `fn`, which yields metric families computed at scrape time."""
+        self.registry.register(_Callback(fn))
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics on host:port in a background thread; returns the bound port."""
+        self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self.port = self._httpd.server_address[1]
+        return self.port
+
+    def close(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+
+class _Callback(Collector):
+    """A collector whose metric families are computed by a function at scrape time."""
+
+    def __init__(self, fn: Callable[[], Iterable[Metric]]) -> None:
+        self._fn = fn
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._fn()
+
+
+def inference_metrics(metrics: Metrics,
+                      loaded: Callable[[], Iterable[tuple[str, str, str, str, int]]]) -> Callable[[Any, int], None]:
+    """Inference metrics; returns the `on_predicted(model, n_candles)` hook for the servicer.
+
+    `loaded()` yields (symbol, timeframe, model_id, role, created_at_ms) for every model in memory, role "serving"
+    (the newest for its key) or "pinned" (requested by id).
+    """
+    candles = Counter("mlsignal_candles_predicted", "Candles predicted (Predict and StreamPredict).",
+                      ("symbol", "timeframe"), registry=metrics.registry)
+    children: dict[tuple[str, str], Any] = {}
+
+    def collect() -> Iterator[Metric]:
+        models = GaugeMetricFamily("mlsignal_models_loaded", "Models in memory (1 per model).",
+                                   labels=("symbol", "timeframe", "model_id", "role"))
+        created = GaugeMetricFamily("mlsignal_model_created_timestamp_seconds",
+                                    "When each model in memory was registered (Unix time).",
+                                    labels=("symbol", "timeframe", "model_id"))
+        seen: set[str] = set()
+        for symbol, timeframe, model_id, role, created_ms in loaded():
+            models.add_metric((symbol, timeframe, model_id, role), 1)
+            if model_id not in seen:
+                seen.add(model_id)
+                created.add_metric((symbol, timeframe, model_id), created_ms / 1000.0)
+        yield models
+        yield created
+
+    metrics.add_callback(collect)
+
+    def on_predicted(model: Any, n: int) -> None:
+        rec = model.record
+        key = (rec.symbol, rec.timeframe)
+        child = children.get(key)
+        if child is None:
+            child = children.setdefault(key, candles.labels(*key))
+        child.inc(n)
+
+    return on_predicted
+
+
+def training_metrics(metrics: Metrics, job_counts: Callable[[], dict[str, int]]) -> Callable[[Any], None]:
+    """Training metrics; returns the `on_job_finished(job)` hook for the scheduler.
+
+    `job_counts()` reads the number of jobs per state from the database at scrape time.
+    """
+    durations = Histogram("mlsignal_training_job_duration_seconds",
+                          "Run time of finished training jobs, from start to end, by final state.",
+                          ("state",), buckets=JOB_DURATION_BUCKETS, registry=metrics.registry)
+    finished = Counter("mlsignal_training_jobs_finished", "Training jobs finished by this process, by final state.",
+                       ("state",), registry=metrics.registry)
+
+    def collect() -> Iterator[Metric]:
+        jobs = GaugeMetricFamily("mlsignal_training_jobs", "Training jobs in the database, by state (read on scrape).",
+                                 labels=("state",))
+        up = GaugeMetricFamily("mlsignal_database_up", "1 when the last scrape could read the database, else 0.")
+        try:
+            counts = job_counts()
+        except Exception as exc:  # a scrape must not fail because the database is down
+            log.warning("metrics: cannot count training jobs: %s", one_line(exc))
+            up.add_metric((), 0)
+        else:
+            up.add_metric((), 1)
+            for state in JOB_STATES:
+                jobs.add_metric((state,), counts.get(state, 0))
+            yield jobs
+        yield up
+
+    metrics.add_callback(collect)
+
+    def on_job_finished(job: Any) -> None:
+        finished.labels(job.state).inc()
+        if job.started_at_ms is not None and job.finished_at_ms is not None:
+            durations.labels(job.state).observe(max(0.0, (job.finished_at_ms - job.started_at_ms) / 1000.0))
+
+    return on_job_finished

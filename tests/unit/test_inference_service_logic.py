@@ -1,0 +1,353 @@
+"""The inference logic called directly with domain types: InferenceService, StreamSession and the candle converter.
+
+The models are tiny forests (a few shallow trees on synthetic candles) exported to ONNX and registered in a SQLite
+registry, so the whole path from the registry to the served probabilities runs in well under a second per test.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from sklearn.ensemble import RandomForestClassifier
+
+from inference_service.converters import candle_batch
+from inference_service.domain import CandleBatch
+from inference_service.model_store import ModelStore
+from inference_service.service import InferenceService, validate_key
+from inference_service.stream_session import StreamSession
+from mlsignal.v1 import common_pb2
+from shared.artifacts import write_atomic
+from shared.calibration import shrink_to_prior
+from shared.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from shared.features import FeatureSpec, feature_matrix
+from shared.labels import CLASSES, LabelSpec
+from shared.params import ForestParams
+from shared.store.db import make_engine
+from shared.store.migrate import upgrade
+from shared.store.registry import ModelRecord, insert_model
+from training_service.pipeline import export_onnx
+
+H = 3_600_000
+T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
+N = 400
+SYMBOL, TF = "BTC/USDT", "1h"
+MAX_BATCH = 500
+DEFAULT_SPEC = FeatureSpec()
+
+
+def make_candles(n: int = N, seed: int = 0, funding: bool = False) -> CandleBatch:
+    """A random walk of valid hourly candles from T0."""
+    rng = np.random.default_rng(seed)
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, n)))
+    opn = np.concatenate([[100.0], close[:-1]])
+    high = np.maximum(opn, close) * (1 + rng.uniform(0, 0.005, n))
+    low = np.minimum(opn, close) * (1 - rng.uniform(0, 0.005, n))
+    funding_rate = rng.normal(1e-4, 3e-4, n) if funding else np.full(n, np.nan)
+    return CandleBatch(T0 + H * np.arange(n, dtype=np.int64), opn, high, low, close, rng.uniform(1, 10, n),
+                       funding_rate, np.full(n, np.nan))
+
+
+def with_value(c: CandleBatch, field: str, i: int, value: float) -> CandleBatch:
+    column = getattr(c, field).copy()
+    column[i] = value
+    return replace(c, **{field: column})
+
+
+@dataclass
+class Registry:
+    engine: sa.Engine
+    model_dir: Path
+    created_ms: int = 1_000
+
+    def register(self, symbol: str = SYMBOL, spec: FeatureSpec = DEFAULT_SPEC, seed: int = 0,
+                 artifact_ok: bool = True) -> ModelRecord:
+        """Fit a five-tree forest on synthetic candles, export it to ONNX and register it as the newest model."""
+        candles = make_candles(N, seed, funding=spec.use_funding_rate)
+        X = feature_matrix(candles.columns(), spec)
+        rows = np.isfinite(X).all(axis=1)
+        y = np.random.default_rng(seed).integers(0, 3, int(rows.sum()))
+        forest = RandomForestClassifier(n_estimators=5, max_depth=3, random_state=seed).fit(X[rows], y)
+        self.created_ms += 1
+        model_id = f"{symbol.replace('/', '-')}_{TF}_{self.created_ms}"
+        onnx = export_onnx(forest, X.shape[1])
+        sha = write_atomic(self.model_dir / f"{model_id}.onnx", onnx if artifact_ok else onnx[:100])
+        if not artifact_ok:
+            sha = "0" * 64
+        record = ModelRecord(
+            model_id=model_id, symbol=symbol, timeframe=TF, created_at_ms=self.created_ms,
+            train_start_ms=T0, train_end_ms=T0 + H * (N // 2 - 1), label=LabelSpec(),
+            feature_spec=spec, params=ForestParams(n_estimators=5, max_depth=3), classes=CLASSES,
+            prior=(0.3, 0.4, 0.3), shrink_weight=0.6, metrics={}, artifact=f"{model_id}.onnx", sha256=sha,
+        )
+        with self.engine.begin() as conn:
+            insert_model(conn, record)
+        return record
+
+
+@pytest.fixture
+def registry(tmp_path):
+    url = f"sqlite:///{tmp_path}/registry.db"
+    upgrade(url)
+    engine = make_engine(url)
+    yield Registry(engine, tmp_path / "models")
+    engine.dispose()
+
+
+@pytest.fixture
+def store(registry):
+    return ModelStore(registry.engine, registry.model_dir)
+
+
+@pytest.fixture
+def model(registry):
+    return registry.register()
+
+
+@pytest.fixture
+def service(store, model):
+    return InferenceService(store, MAX_BATCH)
+
+
+class Spy:
+    """A CandleSource that records which optional columns it was asked for."""
+
+    def __init__(self, batch: CandleBatch):
+        self.batch = batch
+        self.asked: list[tuple[bool, bool]] = []
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    def read(self, funding_rate: bool, open_interest: bool) -> CandleBatch:
+        self.asked.append((funding_rate, open_interest))
+        return self.batch.read(funding_rate, open_interest)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# stateless predictions
+
+
+def test_predict_warmup_sum_in_sample_and_the_model_probabilities(service, store, model):
+    candles = make_candles()
+    served, p = service.predict(SYMBOL, TF, "", candles)
+    assert served.model_id == model.model_id
+    assert np.array_equal(p.open_time_ms, candles.open_time_ms)
+    w = model.feature_spec.warmup_bars
+    assert not p.ready[: w - 1].any() and p.ready[w - 1:].all()
+    assert np.isnan(p.proba[~p.ready]).all()
+    assert np.allclose(p.proba[p.ready].sum(axis=1), 1.0, atol=1e-12)
+    assert np.array_equal(p.in_sample, candles.open_time_ms <= model.train_end_ms)
+    # the served probabilities are the forest's, shrunk toward the prior
+    X = feature_matrix(candles.columns(), model.feature_spec, w - 1)
+    raw = served.forest.predict_proba(X)
+    assert np.array_equal(p.proba[w - 1:], shrink_to_prior(raw, np.array(model.prior), model.shrink_weight))
+
+
+def test_no_look_ahead(service):
+    candles = make_candles()
+    base = service.predict(SYMBOL, TF, "", candles)[1].proba
+    t = 250
+    changed = replace(candles, close=np.concatenate([candles.close[: t + 1], candles.close[t + 1:] * 1.5]),
+                      high=np.concatenate([candles.high[: t + 1], candles.high[t + 1:] * 1.5]))
+    after = service.predict(SYMBOL, TF, "", changed)[1].proba
+    assert np.array_equal(after[: t + 1], base[: t + 1], equal_nan=True)
+    assert not np.array_equal(after[t + 1:], base[t + 1:], equal_nan=True)
+
+
+def test_only_the_optional_columns_the_model_uses_are_read(registry, store):
+    plain = registry.register()
+    funded = registry.register(symbol="ETH/USDT", spec=FeatureSpec(use_funding_rate=True), seed=1)
+    service = InferenceService(store, MAX_BATCH)
+    spy = Spy(make_candles(funding=True))
+    assert service.predict(SYMBOL, TF, "", spy)[0].model_id == plain.model_id
+    spy_funded = Spy(make_candles(funding=True))
+    assert service.predict("ETH/USDT", TF, "", spy_funded)[0].model_id == funded.model_id
+    assert spy.asked == [(False, False)] and spy_funded.asked == [(True, False)]
+
+
+def test_a_funding_model_needs_funding_on_every_candle(registry, store):
+    registry.register(spec=FeatureSpec(use_funding_rate=True))
+    service = InferenceService(store, MAX_BATCH)
+    candles = make_candles(funding=True)
+    _, p = service.predict(SYMBOL, TF, "", candles)
+    assert p.ready.any()
+    with pytest.raises(FailedPrecondition, match=r"candles\[17\]\.funding_rate"):
+        service.predict(SYMBOL, TF, "", with_value(candles, "funding_rate", 17, np.nan))
+
+
+def test_on_predicted_reports_each_answer(store, model):
+    seen: list[tuple[str, int]] = []
+    service = InferenceService(store, MAX_BATCH, lambda m, n: seen.append((m.model_id, n)))
+    service.predict(SYMBOL, TF, "", make_candles(120))
+    session = StreamSession(service)
+    session.step(SYMBOL, TF, "", make_candles(3))
+    with pytest.raises(InvalidArgument):
+        service.predict(SYMBOL, TF, "", make_candles(0))
+    assert seen == [(model.model_id, 120), (model.model_id, 3)]
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "text"),
+    [
+        ({"symbol": "btc-usdt"}, InvalidArgument, "symbol: "),
+        ({"timeframe": "7m"}, InvalidArgument, "timeframe: "),
+        ({"symbol": "ETH/USDT"}, NotFound, "ETH/USDT"),
+        ({"model_id": "no-such-model"}, NotFound, "model_id"),
+        ({"candles": make_candles(0)}, InvalidArgument, "candles: the request holds no candles"),
+        ({"candles": make_candles(MAX_BATCH + 1)}, InvalidArgument, f"the limit is {MAX_BATCH} (MLSIGNAL_MAX_BATCH)"),
+        ({"candles": with_value(make_candles(), "close", 40, np.nan)}, InvalidArgument, r"candles[40].close"),
+        ({"candles": with_value(make_candles(), "open", 3, np.inf)}, InvalidArgument, r"candles[3].open"),
+        ({"candles": with_value(make_candles(), "low", 7, -1.0)}, InvalidArgument, r"candles[7].low"),
+        ({"candles": with_value(make_candles(), "high", 9, 1.0)}, InvalidArgument, r"candles[9].high"),
+        ({"candles": with_value(make_candles(), "volume", 11, -5.0)}, InvalidArgument, r"candles[11].volume"),
+        ({"candles": with_value(make_candles(5), "volume", 2, -5.0)}, InvalidArgument, r"candles[2].volume"),
+        ({"candles": with_value(make_candles(), "open_time_ms", 20, T0 + 19 * H)}, InvalidArgument,
+         "candles[20].open_time_ms: "),
+        ({"candles": with_value(make_candles(), "open_time_ms", 20, T0 + 20 * H + 1)}, InvalidArgument,
+         "is not aligned to the timeframe"),
+    ],
+)
+def test_errors_name_the_field(service, change, error, text):
+    args = {"symbol": SYMBOL, "timeframe": TF, "model_id": "", "candles": make_candles()}
+    args.update(change)
+    with pytest.raises(error) as err:
+        service.predict(args["symbol"], args["timeframe"], args["model_id"], args["candles"])
+    assert text in str(err.value)
+
+
+def test_the_size_is_checked_before_the_candles_are_read(service):
+    spy = Spy(make_candles(MAX_BATCH + 1))
+    with pytest.raises(InvalidArgument):
+        service.predict(SYMBOL, TF, "", spy)
+    assert spy.asked == []
+
+
+def test_pinned_model_must_belong_to_the_key(registry, store):
+    registry.register()
+    other = registry.register(symbol="ETH/USDT", seed=2)
+    service = InferenceService(store, MAX_BATCH)
+    with pytest.raises(InvalidArgument, match=f"model_id: model {other.model_id} is for ETH/USDT 1h"):
+        service.predict(SYMBOL, TF, other.model_id, make_candles())
+
+
+def test_pinning_an_older_model(registry, store):
+    old = registry.register(seed=3)
+    new = registry.register(seed=4)
+    service = InferenceService(store, MAX_BATCH)
+    candles = make_candles()
+    assert service.predict(SYMBOL, TF, "", candles)[0].model_id == new.model_id
+    pinned, p_old = service.predict(SYMBOL, TF, old.model_id, candles)
+    assert pinned.model_id == old.model_id
+    assert not np.array_equal(p_old.proba, service.predict(SYMBOL, TF, "", candles)[1].proba, equal_nan=True)
+
+
+def test_serving_model_and_key_validation(service, model, registry):
+    assert service.serving_model(SYMBOL, TF).model_id == model.model_id
+    assert validate_key(SYMBOL, "4h") == 4 * H
+    with pytest.raises(InvalidArgument, match="symbol: "):
+        service.serving_model("BTCUSDT", TF)
+    with pytest.raises(NotFound, match="train one first"):
+        service.serving_model("SOL/USDT", TF)
+
+
+def test_a_model_whose_file_fails_verification_is_refused(registry, store):
+    registry.register(artifact_ok=False)
+    with pytest.raises(DataLoss, match="refused"):
+        InferenceService(store, MAX_BATCH).predict(SYMBOL, TF, "", make_candles())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# streams
+
+
+def test_stream_one_by_one_and_in_chunks_equals_predict_exactly(service):
+    candles = make_candles()
+    batch = service.predict(SYMBOL, TF, "", candles)[1]
+    one = StreamSession(service)
+    singles = [one.step(SYMBOL if i == 0 else "", TF if i == 0 else "", "", candles.slice(i, i + 1))[1]
+               for i in range(len(candles))]
+    chunked = StreamSession(service)
+    bounds = np.cumsum([0, 1, 7, 93, 3, 150, 146])
+    chunks = [chunked.step(SYMBOL, TF, "", candles.slice(int(a), int(b)))[1] for a, b in itertools.pairwise(bounds)]
+    for parts in (singles, chunks):
+        assert np.array_equal(np.concatenate([p.open_time_ms for p in parts]), batch.open_time_ms)
+        assert np.array_equal(np.concatenate([p.ready for p in parts]), batch.ready)
+        assert np.array_equal(np.concatenate([p.in_sample for p in parts]), batch.in_sample)
+        assert np.array_equal(np.vstack([p.proba for p in parts]), batch.proba, equal_nan=True)  # exact
+
+
+def test_a_forming_candle_is_replaced(service):
+    candles = make_candles(200)
+    forming = candles.slice(199)
+    forming = replace(forming, close=forming.close * 1.03, high=forming.high * 1.03, low=forming.low * 0.99)
+    session = StreamSession(service)
+    session.step(SYMBOL, TF, "", candles.slice(0, 199))
+    first = session.step("", "", "", forming)[1]
+    final = session.step("", "", "", candles.slice(199))[1]
+    assert first.open_time_ms[0] == final.open_time_ms[0]
+    assert np.array_equal(final.proba[0], service.predict(SYMBOL, TF, "", candles)[1].proba[199])
+    assert np.array_equal(first.proba[0],
+                          service.predict(SYMBOL, TF, "", candles.slice(0, 199).concat(forming))[1].proba[199])
+
+
+def test_stream_errors(service):
+    candles = make_candles(60)
+    with pytest.raises(InvalidArgument, match="first message of a stream must name the symbol and timeframe"):
+        StreamSession(service).step("", TF, "", candles)
+    session = StreamSession(service)
+    session.step(SYMBOL, TF, "", candles.slice(0, 50))
+    with pytest.raises(InvalidArgument, match="symbol: this stream is for BTC/USDT"):
+        session.step("ETH/USDT", "", "", candles.slice(50, 51))
+    with pytest.raises(InvalidArgument, match="timeframe: this stream is for 1h"):
+        session.step("", "4h", "", candles.slice(50, 51))
+    with pytest.raises(InvalidArgument, match=r"candles\[0\]\.open_time_ms: .* is before the stream's last candle"):
+        session.step("", "", "", candles.slice(40, 41))
+    with pytest.raises(InvalidArgument, match="the request holds no candles"):
+        session.step("", "", "", candles.slice(0, 0))
+    # the stream still answers, continuing where it was
+    assert session.step("", "", "", candles.slice(50, 51))[1].open_time_ms[0] == candles.open_time_ms[50]
+
+
+def test_a_stream_switches_to_a_new_serving_model_at_a_message_boundary(registry, store, model, service):
+    candles = make_candles()
+    free, pinned = StreamSession(service), StreamSession(service)
+    assert free.step(SYMBOL, TF, "", candles.slice(0, 200))[0].model_id == model.model_id
+    assert pinned.step(SYMBOL, TF, model.model_id, candles.slice(0, 200))[0].model_id == model.model_id
+    new = registry.register(seed=5)
+    assert store.refresh() == [new.model_id]
+    answered, p = free.step("", "", "", candles.slice(200, 201))
+    assert answered.model_id == new.model_id
+    assert np.array_equal(p.proba[0], service.predict(SYMBOL, TF, new.model_id, candles.slice(0, 201))[1].proba[200])
+    assert pinned.step("", "", "", candles.slice(200, 201))[0].model_id == model.model_id
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# domain types and the request converter
+
+
+def test_candle_batch_reads_only_the_optional_columns_asked_for():
+    msgs = [common_pb2.Candle(open_time_ms=T0 + i * H, open=1.0 + i, high=2.0 + i, low=0.5, close=1.5, volume=3.0)
+            for i in range(3)]
+    msgs[1].funding_rate = 0.0
+    msgs[2].open_interest = 7.0
+    full = candle_batch(msgs)
+    assert full.open_time_ms.dtype == np.int64 and full.open_time_ms.tolist() == [T0, T0 + H, T0 + 2 * H]
+    assert full.open.tolist() == [1.0, 2.0, 3.0] and full.high.tolist() == [2.0, 3.0, 4.0]
+    assert np.array_equal(full.funding_rate, [np.nan, 0.0, np.nan], equal_nan=True)
+    assert np.array_equal(full.open_interest, [np.nan, np.nan, 7.0], equal_nan=True)
+    bare = candle_batch(msgs, funding_rate=False, open_interest=False)
+    assert np.isnan(bare.funding_rate).all() and np.isnan(bare.open_interest).all()
+    assert len(candle_batch([])) == 0
+
+
+def test_a_batch_read_as_a_source_hides_unused_columns():
+    batch = make_candles(5, funding=True)
+    assert batch.read(True, True) is batch
+    assert np.isnan(batch.read(False, True).funding_rate).all()
+    assert np.array_equal(batch.read(True, False).funding_rate, batch.funding_rate)
+    assert np.array_equal(batch.slice(1, 3).concat(batch.slice(3)).close, batch.close[1:])
