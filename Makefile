@@ -31,8 +31,8 @@ $(STAMP): pyproject.toml
 
 $(CLIENT_STAMP): pyproject.toml mlsignal/protogen.py $(PACKAGE_FILES)
 	@test -n "$(OLDEST_GRPC)" -a -n "$(OLDEST_PROTOBUF)" || { echo "cannot read the pins from mlsignal/protogen.py"; exit 1; }
-	test -x $(CLIENT_BIN)/python || $(PYTHON) -m venv $(CLIENT_VENV)
-	$(CLIENT_BIN)/python -m pip install --quiet --upgrade pip
+	test -x $(CLIENT_BIN)/python || { $(PYTHON) -m venv $(CLIENT_VENV) && \
+	                                  $(CLIENT_BIN)/python -m pip install --quiet --upgrade pip; }
 	rm -rf build  # setuptools' build directory would carry deleted modules into the new install
 	$(CLIENT_BIN)/python -m pip install --quiet . $(CLIENT_PINS)  # pip always reinstalls a local project
 	rm -rf build

@@ -41,7 +41,7 @@ class ForestParams:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ForestParams":
+    def from_dict(cls, d: dict) -> ForestParams:
         return cls(**d)
 
     def sklearn_kwargs(self) -> dict:

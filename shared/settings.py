@@ -104,7 +104,7 @@ class Settings:
     tls_ca: Path | None = None
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         d = cls()
         s = cls(
             database_url=_str("MLSIGNAL_DATABASE_URL", d.database_url),

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from shared.store.db import models as models_table
 from shared.features import FeatureSpec
 from shared.labels import LabelSpec
 from shared.params import ForestParams
+from shared.store.db import models as models_table
 
 
 @dataclass(frozen=True)

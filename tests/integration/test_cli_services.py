@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlsignal.v1 import common_pb2, inference_pb2, training_pb2
-from service_fixtures import inverted, ms
 from mlsignal import client as mc
 from mlsignal.cli import main as cli_main
+from mlsignal.v1 import common_pb2, inference_pb2, training_pb2
+from service_fixtures import inverted, ms
 
 TF = "1h"
 SMALL = ["--start", "2018-03-01", "--end", "2018-10-01", "--trees", "20"]  # a training of a few seconds

@@ -23,15 +23,15 @@ except ImportError:  # a dependency; on CI its absence is an error, not a reason
         raise
     pytest.skip("dask[distributed] is not installed", allow_module_level=True)
 
-from mlsignal.v1 import common_pb2, training_pb2, training_pb2_grpc  # noqa: E402
-from service_fixtures import load_market, train, wait_job  # noqa: E402
-from shared.store.db import make_engine  # noqa: E402
-from shared.store.registry import get_model, list_models  # noqa: E402
-from shared.settings import Settings  # noqa: E402
-from training_service import executors  # noqa: E402
-from training_service.executors import ERROR, RESULT, DaskExecutor  # noqa: E402
-from training_service.jobs import TrainingRequest  # noqa: E402
-from training_service.worker import spreads_fit, task_key  # noqa: E402
+from mlsignal.v1 import common_pb2, training_pb2, training_pb2_grpc
+from service_fixtures import load_market, train, wait_job
+from shared.settings import Settings
+from shared.store.db import make_engine
+from shared.store.registry import get_model, list_models
+from training_service import executors
+from training_service.executors import ERROR, RESULT, DaskExecutor
+from training_service.jobs import TrainingRequest
+from training_service.worker import spreads_fit, task_key
 
 R = training_pb2.StartTrainingRequest
 BIG = common_pb2.ModelParams(n_estimators=3000)  # minutes of fitting: only ever cancelled or killed

@@ -7,10 +7,10 @@ import time
 import grpc
 import numpy as np
 import pytest
+from test_inference_service import candles_of, predict, probs, stream_all
 
 from mlsignal.v1 import common_pb2, inference_pb2, training_pb2
 from service_fixtures import load_market, ms, start_services, stop_services, train, ts, wait_job
-from test_inference_service import candles_of, predict, probs, stream_all
 
 pytestmark = pytest.mark.postgres
 

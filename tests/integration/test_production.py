@@ -25,14 +25,14 @@ import pytest
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from test_inference_service import candles_of
 
 from conftest import PG_USER, _free_port, _pg_bindir, _run, _traversable_by_others
+from mlsignal.client import connect_channel
 from mlsignal.v1 import common_pb2, inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
 from service_fixtures import load_market, ts, wait_job
-from mlsignal.client import connect_channel
-from shared.store.db import make_engine, training_jobs
 from shared.settings import Settings, client_security
-from test_inference_service import candles_of
+from shared.store.db import make_engine, training_jobs
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "s3cr3t-token-for-tests"
@@ -131,7 +131,7 @@ def tls_files(tmp_path_factory):
     from cryptography.x509.oid import NameOID
 
     root = tmp_path_factory.mktemp("tls")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
 
     def pem_key(key):
         return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from conftest import _free_port
+from mlsignal.client import InferenceClient
 from mlsignal.v1 import common_pb2
 from service_fixtures import load_market, train
-from mlsignal.client import InferenceClient
 from shared.settings import Settings
 
 SERVICE = "mlsignal.v1.InferenceService"
@@ -72,7 +72,7 @@ def test_unary_calls_are_spread_over_both_replicas_with_identical_results(replic
     _, (a, b), model_id = replicas
     with InferenceClient(f"127.0.0.1:{a.port}") as single:
         expected = single.predict(candles, SYMBOL, TF)
-    assert (expected.ML_MODEL_ID == model_id).all() and expected.ML_READY.sum() > 200
+    assert (model_id == expected.ML_MODEL_ID).all() and expected.ML_READY.sum() > 200
     before = handled(a, "Predict"), handled(b, "Predict")
     with InferenceClient(f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}") as both:
         for _ in range(CALLS):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -15,11 +14,11 @@ import grpc
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from mlsignal.v1 import common_pb2, training_pb2, training_pb2_grpc
-from shared.store.db import make_engine, models as models_table
 from service_fixtures import SMALL_PARAMS, load_market, start_services, stop_services, train, ts, wait_job
+from shared.store.db import make_engine
+from shared.store.db import models as models_table
 
 R = training_pb2.StartTrainingRequest
 
@@ -252,11 +251,12 @@ def test_kill9_mid_job_then_restart(tmp_path, sample_frame):
 
 def test_default_parameters_beat_the_prior_out_of_sample(services, sample_frame):
     """Train on 2017-07..2018-12 with default parameters; the served 2019 probabilities are no worse than the prior."""
+    from test_inference_service import candles_of, probs
+
     from mlsignal.v1 import inference_pb2
     from shared.calibration import log_loss
     from shared.labels import LabelSpec, make_labels
     from shared.store.registry import get_model
-    from test_inference_service import candles_of, probs
 
     job = train(services.train_stub, start="2017-07-01", end="2019-01-01", params=common_pb2.ModelParams())
     assert job.request.params.n_estimators == 200

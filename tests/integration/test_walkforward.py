@@ -9,8 +9,6 @@ import pandas as pd
 import pytest
 
 from mlsignal.client import InferenceClient, TrainingClient
-from shared.store.db import make_engine
-from shared.store.marketdata import insert_candles
 from mlsignal.walkforward import (
     DAY_MS,
     LeakageError,
@@ -21,6 +19,8 @@ from mlsignal.walkforward import (
     write_signals,
 )
 from service_fixtures import ms
+from shared.store.db import make_engine
+from shared.store.marketdata import insert_candles
 
 # A symbol of its own, so the models trained here never become the serving model of another test's symbol.
 SYMBOL, TF, TF_MS = "WF/USD", "1h", 3_600_000
