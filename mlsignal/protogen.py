@@ -51,10 +51,14 @@ def generate(out_dir: Path, proto_dir: Path = PROTO_DIR) -> None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     include = str(resources.files("grpc_tools") / "_proto")
+    import google.rpc.status_pb2  # googleapis-common-protos ships google/rpc/status.proto beside its code
+
+    googleapis = str(Path(google.rpc.status_pb2.__file__).resolve().parents[2])
     args = [
         "grpc_tools.protoc",
         f"-I{proto_dir}",
         f"-I{include}",
+        f"-I{googleapis}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",

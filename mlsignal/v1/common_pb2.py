@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mlsignal/v1/common.proto\x12\x0bmlsignal.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc0\x01\n\x06\x43\x61ndle\x12\x14\n\x0copen_time_ms\x18\x01 \x01(\x03\x12\x0c\n\x04open\x18\x02 \x01(\x01\x12\x0c\n\x04high\x18\x03 \x01(\x01\x12\x0b\n\x03low\x18\x04 \x01(\x01\x12\r\n\x05\x63lose\x18\x05 \x01(\x01\x12\x0e\n\x06volume\x18\x06 \x01(\x01\x12\x19\n\x0c\x66unding_rate\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\ropen_interest\x18\x08 \x01(\x01H\x01\x88\x01\x01\x42\x0f\n\r_funding_rateB\x10\n\x0e_open_interest\"4\n\tLabelSpec\x12\x14\n\x0chorizon_bars\x18\x01 \x01(\x05\x12\x11\n\tthreshold\x18\x02 \x01(\x01\"\xac\x01\n\x0bModelParams\x12\x14\n\x0cn_estimators\x18\x01 \x01(\x05\x12\x11\n\tmax_depth\x18\x02 \x01(\x05\x12\x18\n\x10min_samples_leaf\x18\x03 \x01(\x05\x12.\n\x0c\x63lass_weight\x18\x04 \x01(\x0e\x32\x18.mlsignal.v1.ClassWeight\x12\x19\n\x0crandom_state\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\x0f\n\r_random_state\"\xe4\x03\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06symbol\x18\x02 \x01(\t\x12\x11\n\ttimeframe\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0btrain_start\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\ttrain_end\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x05label\x18\x07 \x01(\x0b\x32\x16.mlsignal.v1.LabelSpec\x12\x10\n\x08\x66\x65\x61tures\x18\x08 \x03(\t\x12\x13\n\x0bwarmup_bars\x18\t \x01(\x05\x12\x34\n\x07metrics\x18\n \x03(\x0b\x32#.mlsignal.v1.ModelInfo.MetricsEntry\x12\x0e\n\x06sha256\x18\x0b \x01(\t\x12(\n\x06params\x18\x0c \x01(\x0b\x32\x18.mlsignal.v1.ModelParams\x12\x13\n\x0b\x66\x65\x61ture_set\x18\r \x01(\t\x12\x0f\n\x07\x63lasses\x18\x0e \x03(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*]\n\x0b\x43lassWeight\x12\x1c\n\x18\x43LASS_WEIGHT_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43LASS_WEIGHT_NONE\x10\x01\x12\x19\n\x15\x43LASS_WEIGHT_BALANCED\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mlsignal/v1/common.proto\x12\x0bmlsignal.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc0\x01\n\x06\x43\x61ndle\x12\x14\n\x0copen_time_ms\x18\x01 \x01(\x03\x12\x0c\n\x04open\x18\x02 \x01(\x01\x12\x0c\n\x04high\x18\x03 \x01(\x01\x12\x0b\n\x03low\x18\x04 \x01(\x01\x12\r\n\x05\x63lose\x18\x05 \x01(\x01\x12\x0e\n\x06volume\x18\x06 \x01(\x01\x12\x19\n\x0c\x66unding_rate\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\ropen_interest\x18\x08 \x01(\x01H\x01\x88\x01\x01\x42\x0f\n\r_funding_rateB\x10\n\x0e_open_interest\"Z\n\tLabelSpec\x12\x14\n\x0chorizon_bars\x18\x01 \x01(\x05\x12\x11\n\tthreshold\x18\x02 \x01(\x01\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.mlsignal.v1.LabelKind\"\x9a\x01\n\rCandleColumns\x12\x14\n\x0copen_time_ms\x18\x01 \x03(\x03\x12\x0c\n\x04open\x18\x02 \x03(\x01\x12\x0c\n\x04high\x18\x03 \x03(\x01\x12\x0b\n\x03low\x18\x04 \x03(\x01\x12\r\n\x05\x63lose\x18\x05 \x03(\x01\x12\x0e\n\x06volume\x18\x06 \x03(\x01\x12\x14\n\x0c\x66unding_rate\x18\x07 \x03(\x01\x12\x15\n\ropen_interest\x18\x08 \x03(\x01\"\x8c\x01\n\x11PredictionColumns\x12\x14\n\x0copen_time_ms\x18\x01 \x03(\x03\x12\x12\n\nml_up_prob\x18\x02 \x03(\x01\x12\x14\n\x0cml_down_prob\x18\x03 \x03(\x01\x12\x15\n\rml_range_prob\x18\x04 \x03(\x01\x12\r\n\x05ready\x18\x05 \x03(\x08\x12\x11\n\tin_sample\x18\x06 \x03(\x08\"\xac\x01\n\x0bModelParams\x12\x14\n\x0cn_estimators\x18\x01 \x01(\x05\x12\x11\n\tmax_depth\x18\x02 \x01(\x05\x12\x18\n\x10min_samples_leaf\x18\x03 \x01(\x05\x12.\n\x0c\x63lass_weight\x18\x04 \x01(\x0e\x32\x18.mlsignal.v1.ClassWeight\x12\x19\n\x0crandom_state\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\x0f\n\r_random_state\"\xa2\x04\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06symbol\x18\x02 \x01(\t\x12\x11\n\ttimeframe\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0btrain_start\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\ttrain_end\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x05label\x18\x07 \x01(\x0b\x32\x16.mlsignal.v1.LabelSpec\x12\x10\n\x08\x66\x65\x61tures\x18\x08 \x03(\t\x12\x13\n\x0bwarmup_bars\x18\t \x01(\x05\x12\x34\n\x07metrics\x18\n \x03(\x0b\x32#.mlsignal.v1.ModelInfo.MetricsEntry\x12\x0e\n\x06sha256\x18\x0b \x01(\t\x12(\n\x06params\x18\x0c \x01(\x0b\x32\x18.mlsignal.v1.ModelParams\x12\x13\n\x0b\x66\x65\x61ture_set\x18\r \x01(\t\x12\x0f\n\x07\x63lasses\x18\x0e \x03(\t\x12&\n\x05stage\x18\x0f \x01(\x0e\x32\x17.mlsignal.v1.ModelStage\x12\x14\n\x0cstage_reason\x18\x10 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*d\n\tLabelKind\x12\x1a\n\x16LABEL_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18LABEL_KIND_FIXED_HORIZON\x10\x01\x12\x1d\n\x19LABEL_KIND_TRIPLE_BARRIER\x10\x02*\xaa\x01\n\nModelStage\x12\x1b\n\x17MODEL_STAGE_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_STAGE_CANDIDATE\x10\x01\x12\x17\n\x13MODEL_STAGE_SERVING\x10\x02\x12\x18\n\x14MODEL_STAGE_REJECTED\x10\x03\x12\x17\n\x13MODEL_STAGE_RETIRED\x10\x04\x12\x18\n\x14MODEL_STAGE_RESEARCH\x10\x05*]\n\x0b\x43lassWeight\x12\x1c\n\x18\x43LASS_WEIGHT_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43LASS_WEIGHT_NONE\x10\x01\x12\x19\n\x15\x43LASS_WEIGHT_BALANCED\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_METRICSENTRY']._loaded_options = None
   _globals['_MODELINFO_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_CLASSWEIGHT']._serialized_start=985
-  _globals['_CLASSWEIGHT']._serialized_end=1078
+  _globals['_LABELKIND']._serialized_start=1385
+  _globals['_LABELKIND']._serialized_end=1485
+  _globals['_MODELSTAGE']._serialized_start=1488
+  _globals['_MODELSTAGE']._serialized_end=1658
+  _globals['_CLASSWEIGHT']._serialized_start=1660
+  _globals['_CLASSWEIGHT']._serialized_end=1753
   _globals['_CANDLE']._serialized_start=75
   _globals['_CANDLE']._serialized_end=267
   _globals['_LABELSPEC']._serialized_start=269
-  _globals['_LABELSPEC']._serialized_end=321
-  _globals['_MODELPARAMS']._serialized_start=324
-  _globals['_MODELPARAMS']._serialized_end=496
-  _globals['_MODELINFO']._serialized_start=499
-  _globals['_MODELINFO']._serialized_end=983
-  _globals['_MODELINFO_METRICSENTRY']._serialized_start=937
-  _globals['_MODELINFO_METRICSENTRY']._serialized_end=983
+  _globals['_LABELSPEC']._serialized_end=359
+  _globals['_CANDLECOLUMNS']._serialized_start=362
+  _globals['_CANDLECOLUMNS']._serialized_end=516
+  _globals['_PREDICTIONCOLUMNS']._serialized_start=519
+  _globals['_PREDICTIONCOLUMNS']._serialized_end=659
+  _globals['_MODELPARAMS']._serialized_start=662
+  _globals['_MODELPARAMS']._serialized_end=834
+  _globals['_MODELINFO']._serialized_start=837
+  _globals['_MODELINFO']._serialized_end=1383
+  _globals['_MODELINFO_METRICSENTRY']._serialized_start=1337
+  _globals['_MODELINFO_METRICSENTRY']._serialized_end=1383
 # @@protoc_insertion_point(module_scope)

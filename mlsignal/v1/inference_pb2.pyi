@@ -1,3 +1,4 @@
+from google.rpc import status_pb2 as _status_pb2
 from mlsignal.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -7,16 +8,18 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PredictRequest(_message.Message):
-    __slots__ = ("symbol", "timeframe", "model_id", "candles")
+    __slots__ = ("symbol", "timeframe", "model_id", "candles", "columns")
     SYMBOL_FIELD_NUMBER: _ClassVar[int]
     TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CANDLES_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     symbol: str
     timeframe: str
     model_id: str
     candles: _containers.RepeatedCompositeFieldContainer[_common_pb2.Candle]
-    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[str] = ..., model_id: _Optional[str] = ..., candles: _Optional[_Iterable[_Union[_common_pb2.Candle, _Mapping]]] = ...) -> None: ...
+    columns: _common_pb2.CandleColumns
+    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[str] = ..., model_id: _Optional[str] = ..., candles: _Optional[_Iterable[_Union[_common_pb2.Candle, _Mapping]]] = ..., columns: _Optional[_Union[_common_pb2.CandleColumns, _Mapping]] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("open_time_ms", "ml_up_prob", "ml_down_prob", "ml_range_prob", "ready", "in_sample")
@@ -35,12 +38,16 @@ class Prediction(_message.Message):
     def __init__(self, open_time_ms: _Optional[int] = ..., ml_up_prob: _Optional[float] = ..., ml_down_prob: _Optional[float] = ..., ml_range_prob: _Optional[float] = ..., ready: bool = ..., in_sample: bool = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("model_id", "predictions")
+    __slots__ = ("model_id", "predictions", "columns", "error")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
-    def __init__(self, model_id: _Optional[str] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ...) -> None: ...
+    columns: _common_pb2.PredictionColumns
+    error: _status_pb2.Status
+    def __init__(self, model_id: _Optional[str] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., columns: _Optional[_Union[_common_pb2.PredictionColumns, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("symbol", "timeframe")
@@ -49,3 +56,49 @@ class GetModelRequest(_message.Message):
     symbol: str
     timeframe: str
     def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[str] = ...) -> None: ...
+
+class GetLivePerformanceRequest(_message.Message):
+    __slots__ = ("symbol", "timeframe", "model_id")
+    SYMBOL_FIELD_NUMBER: _ClassVar[int]
+    TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    symbol: str
+    timeframe: str
+    model_id: str
+    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
+
+class ReliabilityBin(_message.Message):
+    __slots__ = ("class_name", "lower", "upper", "count", "mean_predicted", "observed_frequency")
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    LOWER_FIELD_NUMBER: _ClassVar[int]
+    UPPER_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_FREQUENCY_FIELD_NUMBER: _ClassVar[int]
+    class_name: str
+    lower: float
+    upper: float
+    count: int
+    mean_predicted: float
+    observed_frequency: float
+    def __init__(self, class_name: _Optional[str] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., count: _Optional[int] = ..., mean_predicted: _Optional[float] = ..., observed_frequency: _Optional[float] = ...) -> None: ...
+
+class LivePerformance(_message.Message):
+    __slots__ = ("model_id", "scored", "log_loss", "prior_log_loss", "brier", "reliability", "first_open_time_ms", "last_open_time_ms")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORED_FIELD_NUMBER: _ClassVar[int]
+    LOG_LOSS_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_LOG_LOSS_FIELD_NUMBER: _ClassVar[int]
+    BRIER_FIELD_NUMBER: _ClassVar[int]
+    RELIABILITY_FIELD_NUMBER: _ClassVar[int]
+    FIRST_OPEN_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_OPEN_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    scored: int
+    log_loss: float
+    prior_log_loss: float
+    brier: float
+    reliability: _containers.RepeatedCompositeFieldContainer[ReliabilityBin]
+    first_open_time_ms: int
+    last_open_time_ms: int
+    def __init__(self, model_id: _Optional[str] = ..., scored: _Optional[int] = ..., log_loss: _Optional[float] = ..., prior_log_loss: _Optional[float] = ..., brier: _Optional[float] = ..., reliability: _Optional[_Iterable[_Union[ReliabilityBin, _Mapping]]] = ..., first_open_time_ms: _Optional[int] = ..., last_open_time_ms: _Optional[int] = ...) -> None: ...

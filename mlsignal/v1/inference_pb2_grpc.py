@@ -51,6 +51,11 @@ class InferenceServiceStub(object):
                 request_serializer=mlsignal_dot_v1_dot_inference__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=mlsignal_dot_v1_dot_common__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.GetLivePerformance = channel.unary_unary(
+                '/mlsignal.v1.InferenceService/GetLivePerformance',
+                request_serializer=mlsignal_dot_v1_dot_inference__pb2.GetLivePerformanceRequest.SerializeToString,
+                response_deserializer=mlsignal_dot_v1_dot_inference__pb2.LivePerformance.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer(object):
@@ -79,6 +84,13 @@ class InferenceServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLivePerformance(self, request, context):
+        """Scores of served out-of-sample predictions on the labels that later candles realised.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +108,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=mlsignal_dot_v1_dot_inference__pb2.GetModelRequest.FromString,
                     response_serializer=mlsignal_dot_v1_dot_common__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetLivePerformance': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLivePerformance,
+                    request_deserializer=mlsignal_dot_v1_dot_inference__pb2.GetLivePerformanceRequest.FromString,
+                    response_serializer=mlsignal_dot_v1_dot_inference__pb2.LivePerformance.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +197,33 @@ class InferenceService(object):
             '/mlsignal.v1.InferenceService/GetModel',
             mlsignal_dot_v1_dot_inference__pb2.GetModelRequest.SerializeToString,
             mlsignal_dot_v1_dot_common__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLivePerformance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlsignal.v1.InferenceService/GetLivePerformance',
+            mlsignal_dot_v1_dot_inference__pb2.GetLivePerformanceRequest.SerializeToString,
+            mlsignal_dot_v1_dot_inference__pb2.LivePerformance.FromString,
             options,
             channel_credentials,
             insecure,

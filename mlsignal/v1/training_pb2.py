@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from mlsignal.v1 import common_pb2 as mlsignal_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amlsignal/v1/training.proto\x12\x0bmlsignal.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18mlsignal/v1/common.proto\"\xe8\x01\n\x14StartTrainingRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x05label\x18\x05 \x01(\x0b\x32\x16.mlsignal.v1.LabelSpec\x12(\n\x06params\x18\x06 \x01(\x0b\x32\x18.mlsignal.v1.ModelParams\"\xb2\x03\n\x0bTrainingJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.mlsignal.v1.JobState\x12\x10\n\x08progress\x18\x03 \x01(\x01\x12\r\n\x05stage\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x10\n\x08model_id\x18\x06 \x01(\t\x12\x32\n\x07request\x18\x07 \x01(\x0b\x32!.mlsignal.v1.StartTrainingRequest\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x07metrics\x18\x0b \x03(\x0b\x32%.mlsignal.v1.TrainingJob.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\'\n\x15GetTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"*\n\x18\x43\x61ncelTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"r\n\x17ListTrainingJobsRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12%\n\x06states\x18\x03 \x03(\x0e\x32\x15.mlsignal.v1.JobState\x12\r\n\x05limit\x18\x04 \x01(\x05\"B\n\x18ListTrainingJobsResponse\x12&\n\x04jobs\x18\x01 \x03(\x0b\x32\x18.mlsignal.v1.TrainingJob\"6\n\x11ListModelsRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.mlsignal.v1.ModelInfo*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\x89\x04\n\x0fTrainingService\x12L\n\rStartTraining\x12!.mlsignal.v1.StartTrainingRequest\x1a\x18.mlsignal.v1.TrainingJob\x12N\n\x0eGetTrainingJob\x12\".mlsignal.v1.GetTrainingJobRequest\x1a\x18.mlsignal.v1.TrainingJob\x12R\n\x10WatchTrainingJob\x12\".mlsignal.v1.GetTrainingJobRequest\x1a\x18.mlsignal.v1.TrainingJob0\x01\x12T\n\x11\x43\x61ncelTrainingJob\x12%.mlsignal.v1.CancelTrainingJobRequest\x1a\x18.mlsignal.v1.TrainingJob\x12_\n\x10ListTrainingJobs\x12$.mlsignal.v1.ListTrainingJobsRequest\x1a%.mlsignal.v1.ListTrainingJobsResponse\x12M\n\nListModels\x12\x1e.mlsignal.v1.ListModelsRequest\x1a\x1f.mlsignal.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amlsignal/v1/training.proto\x12\x0bmlsignal.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18mlsignal/v1/common.proto\"7\n\x13PromoteModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"I\n\x14RollbackModelRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x97\x02\n\x14StartTrainingRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x05label\x18\x05 \x01(\x0b\x32\x16.mlsignal.v1.LabelSpec\x12(\n\x06params\x18\x06 \x01(\x0b\x32\x18.mlsignal.v1.ModelParams\x12-\n\x07purpose\x18\x07 \x01(\x0e\x32\x1c.mlsignal.v1.TrainingPurpose\"\xb2\x03\n\x0bTrainingJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.mlsignal.v1.JobState\x12\x10\n\x08progress\x18\x03 \x01(\x01\x12\r\n\x05stage\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x10\n\x08model_id\x18\x06 \x01(\t\x12\x32\n\x07request\x18\x07 \x01(\x0b\x32!.mlsignal.v1.StartTrainingRequest\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x07metrics\x18\x0b \x03(\x0b\x32%.mlsignal.v1.TrainingJob.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\'\n\x15GetTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"*\n\x18\x43\x61ncelTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"r\n\x17ListTrainingJobsRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12%\n\x06states\x18\x03 \x03(\x0e\x32\x15.mlsignal.v1.JobState\x12\r\n\x05limit\x18\x04 \x01(\x05\"B\n\x18ListTrainingJobsResponse\x12&\n\x04jobs\x18\x01 \x03(\x0b\x32\x18.mlsignal.v1.TrainingJob\"6\n\x11ListModelsRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.mlsignal.v1.ModelInfo*s\n\x0fTrainingPurpose\x12 \n\x1cTRAINING_PURPOSE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bTRAINING_PURPOSE_PRODUCTION\x10\x01\x12\x1d\n\x19TRAINING_PURPOSE_RESEARCH\x10\x02*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\x9f\x05\n\x0fTrainingService\x12L\n\rStartTraining\x12!.mlsignal.v1.StartTrainingRequest\x1a\x18.mlsignal.v1.TrainingJob\x12N\n\x0eGetTrainingJob\x12\".mlsignal.v1.GetTrainingJobRequest\x1a\x18.mlsignal.v1.TrainingJob\x12R\n\x10WatchTrainingJob\x12\".mlsignal.v1.GetTrainingJobRequest\x1a\x18.mlsignal.v1.TrainingJob0\x01\x12T\n\x11\x43\x61ncelTrainingJob\x12%.mlsignal.v1.CancelTrainingJobRequest\x1a\x18.mlsignal.v1.TrainingJob\x12_\n\x10ListTrainingJobs\x12$.mlsignal.v1.ListTrainingJobsRequest\x1a%.mlsignal.v1.ListTrainingJobsResponse\x12M\n\nListModels\x12\x1e.mlsignal.v1.ListModelsRequest\x1a\x1f.mlsignal.v1.ListModelsResponse\x12H\n\x0cPromoteModel\x12 .mlsignal.v1.PromoteModelRequest\x1a\x16.mlsignal.v1.ModelInfo\x12J\n\rRollbackModel\x12!.mlsignal.v1.RollbackModelRequest\x1a\x16.mlsignal.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,26 +35,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRAININGJOB_METRICSENTRY']._loaded_options = None
   _globals['_TRAININGJOB_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1162
-  _globals['_JOBSTATE']._serialized_end=1316
-  _globals['_STARTTRAININGREQUEST']._serialized_start=103
-  _globals['_STARTTRAININGREQUEST']._serialized_end=335
-  _globals['_TRAININGJOB']._serialized_start=338
-  _globals['_TRAININGJOB']._serialized_end=772
-  _globals['_TRAININGJOB_METRICSENTRY']._serialized_start=726
-  _globals['_TRAININGJOB_METRICSENTRY']._serialized_end=772
-  _globals['_GETTRAININGJOBREQUEST']._serialized_start=774
-  _globals['_GETTRAININGJOBREQUEST']._serialized_end=813
-  _globals['_CANCELTRAININGJOBREQUEST']._serialized_start=815
-  _globals['_CANCELTRAININGJOBREQUEST']._serialized_end=857
-  _globals['_LISTTRAININGJOBSREQUEST']._serialized_start=859
-  _globals['_LISTTRAININGJOBSREQUEST']._serialized_end=973
-  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_start=975
-  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_end=1041
-  _globals['_LISTMODELSREQUEST']._serialized_start=1043
-  _globals['_LISTMODELSREQUEST']._serialized_end=1097
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1099
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1159
-  _globals['_TRAININGSERVICE']._serialized_start=1319
-  _globals['_TRAININGSERVICE']._serialized_end=1840
+  _globals['_TRAININGPURPOSE']._serialized_start=1340
+  _globals['_TRAININGPURPOSE']._serialized_end=1455
+  _globals['_JOBSTATE']._serialized_start=1458
+  _globals['_JOBSTATE']._serialized_end=1612
+  _globals['_PROMOTEMODELREQUEST']._serialized_start=102
+  _globals['_PROMOTEMODELREQUEST']._serialized_end=157
+  _globals['_ROLLBACKMODELREQUEST']._serialized_start=159
+  _globals['_ROLLBACKMODELREQUEST']._serialized_end=232
+  _globals['_STARTTRAININGREQUEST']._serialized_start=235
+  _globals['_STARTTRAININGREQUEST']._serialized_end=514
+  _globals['_TRAININGJOB']._serialized_start=517
+  _globals['_TRAININGJOB']._serialized_end=951
+  _globals['_TRAININGJOB_METRICSENTRY']._serialized_start=905
+  _globals['_TRAININGJOB_METRICSENTRY']._serialized_end=951
+  _globals['_GETTRAININGJOBREQUEST']._serialized_start=953
+  _globals['_GETTRAININGJOBREQUEST']._serialized_end=992
+  _globals['_CANCELTRAININGJOBREQUEST']._serialized_start=994
+  _globals['_CANCELTRAININGJOBREQUEST']._serialized_end=1036
+  _globals['_LISTTRAININGJOBSREQUEST']._serialized_start=1038
+  _globals['_LISTTRAININGJOBSREQUEST']._serialized_end=1152
+  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_start=1154
+  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_end=1220
+  _globals['_LISTMODELSREQUEST']._serialized_start=1222
+  _globals['_LISTMODELSREQUEST']._serialized_end=1276
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1278
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1338
+  _globals['_TRAININGSERVICE']._serialized_start=1615
+  _globals['_TRAININGSERVICE']._serialized_end=2286
 # @@protoc_insertion_point(module_scope)

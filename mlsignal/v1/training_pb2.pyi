@@ -8,6 +8,12 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TrainingPurpose(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRAINING_PURPOSE_UNSPECIFIED: _ClassVar[TrainingPurpose]
+    TRAINING_PURPOSE_PRODUCTION: _ClassVar[TrainingPurpose]
+    TRAINING_PURPOSE_RESEARCH: _ClassVar[TrainingPurpose]
+
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
@@ -16,6 +22,9 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_SUCCEEDED: _ClassVar[JobState]
     JOB_STATE_FAILED: _ClassVar[JobState]
     JOB_STATE_CANCELLED: _ClassVar[JobState]
+TRAINING_PURPOSE_UNSPECIFIED: TrainingPurpose
+TRAINING_PURPOSE_PRODUCTION: TrainingPurpose
+TRAINING_PURPOSE_RESEARCH: TrainingPurpose
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_RUNNING: JobState
@@ -23,21 +32,41 @@ JOB_STATE_SUCCEEDED: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
+class PromoteModelRequest(_message.Message):
+    __slots__ = ("model_id", "reason")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    reason: str
+    def __init__(self, model_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RollbackModelRequest(_message.Message):
+    __slots__ = ("symbol", "timeframe", "reason")
+    SYMBOL_FIELD_NUMBER: _ClassVar[int]
+    TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    symbol: str
+    timeframe: str
+    reason: str
+    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class StartTrainingRequest(_message.Message):
-    __slots__ = ("symbol", "timeframe", "start_time", "end_time", "label", "params")
+    __slots__ = ("symbol", "timeframe", "start_time", "end_time", "label", "params", "purpose")
     SYMBOL_FIELD_NUMBER: _ClassVar[int]
     TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
     symbol: str
     timeframe: str
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
     label: _common_pb2.LabelSpec
     params: _common_pb2.ModelParams
-    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[str] = ..., start_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., label: _Optional[_Union[_common_pb2.LabelSpec, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.ModelParams, _Mapping]] = ...) -> None: ...
+    purpose: TrainingPurpose
+    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[str] = ..., start_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., label: _Optional[_Union[_common_pb2.LabelSpec, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.ModelParams, _Mapping]] = ..., purpose: _Optional[_Union[TrainingPurpose, str]] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
     __slots__ = ("job_id", "state", "progress", "stage", "error", "model_id", "request", "created_at", "started_at", "finished_at", "metrics")

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from mlsignal.v1 import common_pb2 as mlsignal_dot_v1_dot_common__pb2
 from mlsignal.v1 import training_pb2 as mlsignal_dot_v1_dot_training__pb2
 
 GRPC_GENERATED_VERSION = '1.66.2'
@@ -65,6 +66,16 @@ class TrainingServiceStub(object):
                 request_serializer=mlsignal_dot_v1_dot_training__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=mlsignal_dot_v1_dot_training__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.PromoteModel = channel.unary_unary(
+                '/mlsignal.v1.TrainingService/PromoteModel',
+                request_serializer=mlsignal_dot_v1_dot_training__pb2.PromoteModelRequest.SerializeToString,
+                response_deserializer=mlsignal_dot_v1_dot_common__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.RollbackModel = channel.unary_unary(
+                '/mlsignal.v1.TrainingService/RollbackModel',
+                request_serializer=mlsignal_dot_v1_dot_training__pb2.RollbackModelRequest.SerializeToString,
+                response_deserializer=mlsignal_dot_v1_dot_common__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer(object):
@@ -113,6 +124,20 @@ class TrainingServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PromoteModel(self, request, context):
+        """Makes a model of any stage the SERVING one for its symbol and timeframe (the operator's override).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackModel(self, request, context):
+        """Retires the serving model and brings back the one that served before it; FAILED_PRECONDITION if there is none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +170,16 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=mlsignal_dot_v1_dot_training__pb2.ListModelsRequest.FromString,
                     response_serializer=mlsignal_dot_v1_dot_training__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'PromoteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteModel,
+                    request_deserializer=mlsignal_dot_v1_dot_training__pb2.PromoteModelRequest.FromString,
+                    response_serializer=mlsignal_dot_v1_dot_common__pb2.ModelInfo.SerializeToString,
+            ),
+            'RollbackModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackModel,
+                    request_deserializer=mlsignal_dot_v1_dot_training__pb2.RollbackModelRequest.FromString,
+                    response_serializer=mlsignal_dot_v1_dot_common__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +345,60 @@ class TrainingService(object):
             '/mlsignal.v1.TrainingService/ListModels',
             mlsignal_dot_v1_dot_training__pb2.ListModelsRequest.SerializeToString,
             mlsignal_dot_v1_dot_training__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlsignal.v1.TrainingService/PromoteModel',
+            mlsignal_dot_v1_dot_training__pb2.PromoteModelRequest.SerializeToString,
+            mlsignal_dot_v1_dot_common__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlsignal.v1.TrainingService/RollbackModel',
+            mlsignal_dot_v1_dot_training__pb2.RollbackModelRequest.SerializeToString,
+            mlsignal_dot_v1_dot_common__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
