@@ -42,9 +42,10 @@ def test_committed_code_comes_from_the_pinned_generator():
 def test_contract_names_are_the_documented_ones():
     svc = training_pb2.DESCRIPTOR.services_by_name["TrainingService"]
     assert [m.name for m in svc.methods] == [
-        "StartTraining", "GetTrainingJob", "WatchTrainingJob", "CancelTrainingJob", "ListTrainingJobs", "ListModels"]
+        "StartTraining", "GetTrainingJob", "WatchTrainingJob", "CancelTrainingJob", "ListTrainingJobs", "ListModels",
+        "PromoteModel", "RollbackModel"]
     inf = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
-    assert [m.name for m in inf.methods] == ["Predict", "StreamPredict", "GetModel"]
+    assert [m.name for m in inf.methods] == ["Predict", "StreamPredict", "GetModel", "GetLivePerformance"]
     stream = inf.methods_by_name["StreamPredict"]
     assert stream.client_streaming and stream.server_streaming
     candle = common_pb2.Candle.DESCRIPTOR
@@ -58,3 +59,15 @@ def test_contract_names_are_the_documented_ones():
     assert [v.name for v in training_pb2.JobState.DESCRIPTOR.values] == [
         "JOB_STATE_UNSPECIFIED", "JOB_STATE_QUEUED", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED",
         "JOB_STATE_CANCELLED"]
+    assert [v.name for v in common_pb2.ModelStage.DESCRIPTOR.values] == [
+        "MODEL_STAGE_UNSPECIFIED", "MODEL_STAGE_CANDIDATE", "MODEL_STAGE_SERVING", "MODEL_STAGE_REJECTED",
+        "MODEL_STAGE_RETIRED", "MODEL_STAGE_RESEARCH"]
+    assert [v.name for v in common_pb2.LabelKind.DESCRIPTOR.values] == [
+        "LABEL_KIND_UNSPECIFIED", "LABEL_KIND_FIXED_HORIZON", "LABEL_KIND_TRIPLE_BARRIER"]
+    assert [v.name for v in training_pb2.TrainingPurpose.DESCRIPTOR.values] == [
+        "TRAINING_PURPOSE_UNSPECIFIED", "TRAINING_PURPOSE_PRODUCTION", "TRAINING_PURPOSE_RESEARCH"]
+    request = inference_pb2.PredictRequest.DESCRIPTOR.fields_by_name
+    assert request["columns"].message_type.full_name == "mlsignal.v1.CandleColumns"
+    response = inference_pb2.PredictResponse.DESCRIPTOR.fields_by_name
+    assert response["columns"].message_type.full_name == "mlsignal.v1.PredictionColumns"
+    assert response["error"].message_type.full_name == "google.rpc.Status"
