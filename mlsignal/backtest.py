@@ -2,7 +2,8 @@
 
 The rule is decided at each candle's close from what is known at that close only:
 
-    long at t  <=>  ML_READY[t] and ML_UP_PROB[t] > up_min and RSI[t] < rsi_max [and ML_DOWN_PROB[t] < down_max]
+    long at t  <=>  ML_READY[t] and ML_UP_PROB[t] - ML_DOWN_PROB[t] > edge_min and RSI[t] < rsi_max
+                    [and ML_UP_PROB[t] > up_min] [and ML_DOWN_PROB[t] < down_max]
 
 and is compared with the same rule without the ML condition (RSI only) and with buy-and-hold. Honesty, step by step:
 
@@ -32,7 +33,7 @@ with a positive net return, fees included), exposure (fraction of candles in the
 Example::
 
     >>> signals = read_signals("signals.csv")                                                  # doctest: +SKIP
-    >>> print(format_report(run_backtest(signals, StrategyRule(up_min=0.6, rsi_max=70))))     # doctest: +SKIP
+    >>> print(format_report(run_backtest(signals, StrategyRule(edge_min=0.0, rsi_max=70))))     # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -75,12 +76,12 @@ class StrategyRule:
     needs no knowledge of the probability scale: edge_min=0 means "the model thinks up is more likely than down".
     """
 
-    up_min: float | None = 0.6
+    up_min: float | None = None
     rsi_max: float | None = 70.0
     down_max: float | None = None
     use_ml: bool = True
     rsi_period: int = 14
-    edge_min: float | None = None
+    edge_min: float | None = 0.0
 
     def describe(self) -> str:
         parts = []

@@ -67,17 +67,21 @@ def register(sub) -> None:
         help="long/flat backtest of walk-forward signals: strategy, RSI only and buy-and-hold",
         description=(
             "Read a signal file written by backtest-signals and print total return, max drawdown, annualised "
-            "Sharpe, round trips, hit rate and exposure for: long when ML_UP_PROB > --up-min and RSI < --rsi-max; "
+            "Sharpe, round trips, hit rate and exposure for: long when ML_UP_PROB - ML_DOWN_PROB > --edge-min (and, "
+            "if given, ML_UP_PROB > --up-min) and RSI < --rsi-max; "
             "the same rule without the ML condition; and buy-and-hold. The position decided at a candle's close is "
             "held from --delay candles later; fees are charged per side on every change. The thresholds are fixed "
             "inputs: choose them before looking at the period, never by trying values on it."
         ),
     )
     bt.add_argument("--signals", required=True, metavar="FILE", help="signal file (.csv or .parquet)")
-    bt.add_argument("--up-min", type=_optional_float, default=0.6,
-                    help="long only when ML_UP_PROB is above this; 'none' drops the condition (default 0.6)")
-    bt.add_argument("--edge-min", type=float, default=None,
-                    help="long only when ML_UP_PROB - ML_DOWN_PROB is above this (default: no such condition)")
+    # Calibrated probabilities stay near the class base rates (ML_UP_PROB rarely exceeds 0.45 with the default
+    # label), so the default compares the classes with each other rather than with a fixed level.
+    bt.add_argument("--up-min", type=_optional_float, default=None,
+                    help="long only when ML_UP_PROB is above this; 'none' drops the condition (default: none)")
+    bt.add_argument("--edge-min", type=_optional_float, default=0.0,
+                    help="long only when ML_UP_PROB - ML_DOWN_PROB is above this; 'none' drops the condition "
+                         "(default 0: up more likely than down)")
     bt.add_argument("--rsi-max", type=float, default=70.0, help="long only when RSI is below this (default 70)")
     bt.add_argument("--down-max", type=float, help="long only when ML_DOWN_PROB is below this (default: no filter)")
     bt.add_argument("--rsi-period", type=int, default=14, metavar="N", help="RSI window in candles (default 14)")
@@ -163,4 +167,9 @@ def _backtest(args) -> int:
                         rsi_period=args.rsi_period, edge_min=args.edge_min)
     result = run_backtest(signals, rule, fee_bps=args.fee_bps, delay_bars=args.delay, timeframe=args.timeframe)
     print(format_report(result))
+    if result.strategy.trades == 0:
+        up = signals["ML_UP_PROB"].max()
+        print(f"warning: the rule never fired (0 trades). The highest ML_UP_PROB in these signals is {up:.3f}; "
+              "calibrated probabilities stay near the class base rates, so compare the classes (--edge-min) "
+              "instead of a fixed level (--up-min).", file=sys.stderr)
     return 0

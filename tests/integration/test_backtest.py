@@ -264,3 +264,24 @@ def test_cli_backtest_signals_writes_the_file_and_backtest_prints_the_table(serv
         main(["backtest-signals", "--symbol", CLI_SYMBOL, "--timeframe", "1h", "--start", "2019-01-01",
               "--end", "2019-02-01", "--train-window", "30x", "--step", "25d", "--out", str(out)])
     assert exit_info.value.code == 2 and "30x" in capsys.readouterr().err
+
+
+def test_cli_defaults_compare_the_classes_and_a_rule_that_never_fires_is_reported(tmp_path, capsys):
+    from mlsignal.cli import main
+    from mlsignal.walkforward import write_signals
+
+    rng = np.random.default_rng(5)
+    n = 400
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, n)))
+    sig = frame(close, rng.uniform(0.2, 0.45, n), ready=np.arange(n) >= 20, down=rng.uniform(0.2, 0.45, n))
+    path = write_signals(sig, tmp_path / "signals.csv")
+
+    assert main(["backtest", "--signals", str(path)]) == 0
+    out = capsys.readouterr()
+    strategy = next(line for line in out.out.splitlines() if line.startswith("strategy"))
+    assert "ML_UP_PROB - ML_DOWN_PROB > 0" in out.out and "never fired" not in out.err
+    assert int(strategy.split()[-3]) > 0  # the trades column
+
+    assert main(["backtest", "--signals", str(path), "--up-min", "0.6", "--edge-min", "none"]) == 0
+    err = capsys.readouterr().err
+    assert "never fired (0 trades)" in err and f"highest ML_UP_PROB in these signals is {sig.ML_UP_PROB.max():.3f}" in err
