@@ -284,4 +284,5 @@ def test_cli_defaults_compare_the_classes_and_a_rule_that_never_fires_is_reporte
 
     assert main(["backtest", "--signals", str(path), "--up-min", "0.6", "--edge-min", "none"]) == 0
     err = capsys.readouterr().err
-    assert "never fired (0 trades)" in err and f"highest ML_UP_PROB in these signals is {sig.ML_UP_PROB.max():.3f}" in err
+    assert "never fired (0 trades)" in err
+    assert f"highest ML_UP_PROB in these signals is {sig.ML_UP_PROB.max():.3f}" in err
