@@ -10,6 +10,8 @@ import sys
 
 from mlsignal.cli.security import add_security_arguments, security_kwargs
 
+KNOWN_SERVICES = ("mlsignal.v1.InferenceService", "mlsignal.v1.TrainingService")
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -21,7 +23,10 @@ def register(sub) -> None:
             "checks need no token. Suitable as a container health check."
         ),
     )
-    p.add_argument("--target", required=True, metavar="ADDR", help="server address, like 127.0.0.1:50052")
+    p.add_argument("--target", metavar="ADDR",
+                   help="server address (default: MLSIGNAL_INFERENCE_ADDR, or MLSIGNAL_TRAINING_ADDR with --training)")
+    p.add_argument("--training", action="store_true",
+                   help="check the training service at MLSIGNAL_TRAINING_ADDR instead of the inference service")
     p.add_argument("--service", default="", metavar="NAME",
                    help="service to check, e.g. mlsignal.v1.InferenceService (default: the server as a whole)")
     p.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS", help="give up after this long (default 3)")
@@ -52,12 +57,22 @@ def _health(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     metadata = [("authorization", f"Bearer {security['token']}")] if security["token"] else None
-    channel = _channel(args.target, security, args.server_name)
+    target = args.target
+    if not target:
+        from shared.settings import Settings
+
+        settings = Settings.from_env()
+        target = settings.training_addr if args.training else settings.inference_addr
+    channel = _channel(target, security, args.server_name)
     try:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout, metadata=metadata)
     except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            print(f"error: {target} has no health status for service {args.service!r}; known names are '' (the "
+                  f"server as a whole), {', '.join(KNOWN_SERVICES)}", file=sys.stderr)
+        else:
+            print(f"error: {target}: {exc.code().name}: {exc.details() or 'no details'}", file=sys.stderr)
         return 1
     finally:
         channel.close()
