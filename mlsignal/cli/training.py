@@ -45,9 +45,16 @@ def register(sub) -> None:
     tr.add_argument("--seed", type=int, help="random seed of the forest (default: 42)")
     _target_arg(tr)
     tr.add_argument("--no-wait", action="store_true", help="print the job id and return without following the job")
+    tr.add_argument("--timeout", type=float, metavar="SECONDS",
+                    help="stop following after this long and exit 1; the job keeps running (default: no limit)")
     tr.set_defaults(func=_train)
 
-    jobs = sub.add_parser("jobs", help="list training jobs, newest first")
+    jobs = sub.add_parser("jobs", help="list training jobs, newest first (`jobs show JOB_ID`: one job in full)")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", metavar="show")
+    show = jobs_sub.add_parser("show", help="one job in full: request, state, timings, the whole error, metrics")
+    show.add_argument("job_id", metavar="JOB_ID")
+    _target_arg(show)
+    show.set_defaults(func=_job_show)
     jobs.add_argument("--symbol", default="", help="only this symbol")
     jobs.add_argument("--timeframe", default="", metavar="TF", help="only this timeframe")
     jobs.add_argument("--limit", type=int, default=0, help="most jobs to show (default: 100)")
@@ -115,7 +122,7 @@ def _training_client(args):
 def _train(args) -> int:
     from tqdm import tqdm
 
-    from mlsignal.client import TrainingFailedError
+    from mlsignal.client import DeadlineExceededError, TrainingFailedError
     from mlsignal.v1 import training_pb2
 
     with _training_client(args) as client:
@@ -144,7 +151,12 @@ def _train(args) -> int:
             bar.refresh()
 
         try:
-            job = handle.wait(on_progress)
+            job = handle.wait(on_progress, timeout=args.timeout)
+        except DeadlineExceededError:
+            bar.close()
+            print(f"job {handle.job_id} did not finish within {args.timeout:g} s; it keeps running on the service "
+                  f"(mlsignal jobs show {handle.job_id}; mlsignal cancel {handle.job_id} stops it)", file=sys.stderr)
+            return 1
         except TrainingFailedError as exc:
             bar.close()
             job = exc.job
@@ -206,9 +218,43 @@ def _jobs(args) -> int:
             j.request.timeframe,
             _ts(j, "created_at"),
             j.model_id or "-",
-            _truncate(j.error, ERROR_WIDTH) or "-",
+            _truncate(j.error, ERROR_WIDTH) or "-",  # `mlsignal jobs show JOB_ID` prints it whole
         ))
     print(table(("job id", "state", "stage", "%", "symbol", "tf", "created", "model id", "error"), rows))
+    return 0
+
+
+@client_errors
+def _job_show(args) -> int:
+    from google.protobuf import json_format
+
+    from mlsignal.client import job_state_name
+
+    with _training_client(args) as client:
+        job = client.get_job(args.job_id)
+    req = job.request
+    rows = [
+        ("job id", job.job_id),
+        ("state", job_state_name(job.state)),
+        ("stage", job.stage or "-"),
+        ("progress", f"{job.progress * 100:.0f}%"),
+        ("market", f"{req.symbol} {req.timeframe}"),
+        ("window", f"{_ts(req, 'start_time')} .. {_ts(req, 'end_time')}"),
+        ("label", f"horizon {req.label.horizon_bars}, threshold {req.label.threshold:g}"),
+        ("params", json_format.MessageToJson(req.params, indent=None, preserving_proto_field_name=True)),
+        ("created", _ts(job, "created_at")),
+        ("started", _ts(job, "started_at")),
+        ("finished", _ts(job, "finished_at")),
+        ("model id", job.model_id or "-"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    if job.error:
+        print(f"{'error':<{width}}  {job.error}")
+    if job.metrics:
+        print()
+        print(metrics_table(job.metrics))
     return 0
 
 

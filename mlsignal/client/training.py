@@ -55,13 +55,16 @@ class TrainingJobHandle:
         self.state = self._client.get_job(self.job_id)
         return self.state
 
-    def watch(self, on_progress: ProgressCallback | None = None) -> training_pb2.TrainingJob:
+    def watch(self, on_progress: ProgressCallback | None = None,
+              timeout: float | None = None) -> training_pb2.TrainingJob:
         """Follow the job until it reaches a final state and return that final message.
 
-        `on_progress(job)` is called for every change the server reports. The stream has no deadline, so a long
-        training run is followed to its end; a stream that closes before a final state raises ProtocolError.
+        `on_progress(job)` is called for every change the server reports. Without `timeout` the stream has no
+        deadline, so a long training run is followed to its end; with it, DeadlineExceededError is raised after
+        `timeout` seconds (the job keeps running on the service). A stream that closes before a final state raises
+        ProtocolError.
         """
-        for job in self._client._watch(self.job_id):
+        for job in self._client._watch(self.job_id, timeout):
             self.state = job
             if on_progress is not None:
                 on_progress(job)
@@ -70,9 +73,10 @@ class TrainingJobHandle:
                                       f"{job_state_name(self.state.state)}; expected a final state")
         return self.state
 
-    def wait(self, on_progress: ProgressCallback | None = None) -> training_pb2.TrainingJob:
+    def wait(self, on_progress: ProgressCallback | None = None,
+             timeout: float | None = None) -> training_pb2.TrainingJob:
         """`watch`, then return the job if it SUCCEEDED or raise TrainingFailedError if it FAILED or was CANCELLED."""
-        job = self.watch(on_progress)
+        job = self.watch(on_progress, timeout)
         if job.state != training_pb2.JOB_STATE_SUCCEEDED:
             raise TrainingFailedError(job)
         return job
@@ -212,8 +216,8 @@ class TrainingClient(ServiceClient):
         request = training_pb2.ListModelsRequest(symbol=symbol, timeframe=timeframe)
         return list(self._unary(self._stub.ListModels, request).models)
 
-    def _watch(self, job_id: str) -> Iterator[training_pb2.TrainingJob]:
-        call = self._stub.WatchTrainingJob(training_pb2.GetTrainingJobRequest(job_id=job_id))
+    def _watch(self, job_id: str, timeout: float | None = None) -> Iterator[training_pb2.TrainingJob]:
+        call = self._stub.WatchTrainingJob(training_pb2.GetTrainingJobRequest(job_id=job_id), timeout=timeout)
         try:
             yield from call
         except grpc.RpcError as err:
