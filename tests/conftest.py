@@ -174,7 +174,7 @@ def sample_csv() -> Path:
 @pytest.fixture
 def binance_csv() -> Path:
     """Binance BTC/USDT 5m klines, 2023-03-20 .. 2023-03-28, 2,576 rows, one 16-candle gap on 2023-03-24."""
-    return REPO / "tests" / "data" / "BTCUSDT-5m-2023-03-20_28.binance-kline.csv"
+    return REPO / "data" / "BTCUSDT-5m-2023-03-20_28.binance-kline.csv"
 
 
 # Real services (servers on 127.0.0.1:0 with trained models) for the integration tests.

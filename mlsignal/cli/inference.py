@@ -23,7 +23,8 @@ def register(sub) -> None:
         description=(
             "Read candles from a CSV with the header timestamp,open,high,low,close,volume and optionally "
             "funding_rate,open_interest (timestamp ISO-8601 UTC or epoch milliseconds; .gz and other compressions "
-            "are read by extension; an empty optional field means absent). Write the rows with ML_UP_PROB, "
+            "are read by extension; an empty optional field means absent), or a Binance kline file (12 fields, "
+            "no header, as `data import` reads it). Write the rows with ML_UP_PROB, "
             "ML_DOWN_PROB, ML_RANGE_PROB, ML_READY, ML_IN_SAMPLE and ML_MODEL_ID added, and a one-line summary to "
             "stderr. Probabilities are empty while a row is not ready (fewer than warmup_bars candles before it)."
         ),
@@ -37,6 +38,58 @@ def register(sub) -> None:
     p.add_argument("--model-id", default="", metavar="ID", help="use this model instead of the one serving now")
     add_security_arguments(p)
     p.set_defaults(func=_predict)
+
+
+def read_candle_file(path: Path, timeframe: str):
+    """Candles of a generic CSV or a Binance kline file, as (frame for InferenceClient.predict, rows to write).
+
+    Both layouts are checked row by row before anything is sent, so an error names the file's line, not a request
+    row. ValueError names the line at fault.
+    """
+    from shared.errors import MlsignalError
+    from shared.store.importers import detect_format, read_candles
+
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        fmt = detect_format(path)
+    except MlsignalError:
+        fmt = "csv"  # read_candle_csv says what is wrong with the header
+    if fmt == "csv":
+        frame, raw = read_candle_csv(path)
+        _check_consistency(frame, path)
+        return frame, raw
+    import pandas as pd
+
+    try:
+        candles = read_candles(path, timeframe, "binance")
+    except MlsignalError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    index = pd.DatetimeIndex(pd.to_datetime(candles["open_time_ms"].to_numpy(), unit="ms", utc=True))
+    frame = candles.drop(columns=["open_time_ms"]).set_index(index)
+    raw = pd.DataFrame({"timestamp": index.strftime("%Y-%m-%dT%H:%M:%SZ")})
+    for name in REQUIRED[1:]:
+        raw[name] = candles[name].to_numpy()
+    return frame, raw
+
+
+def _check_consistency(frame, path: Path) -> None:
+    """low <= min(open, close) and max(open, close) <= high, prices positive, volume not negative."""
+    import numpy as np
+
+    o, h, lo, c, v = (frame[n].to_numpy() for n in ("open", "high", "low", "close", "volume"))
+    problems = [
+        (~((o > 0) & (h > 0) & (lo > 0) & (c > 0) & np.isfinite(o + h + lo + c)),
+         "prices must be finite and positive"),
+        (~(lo <= np.minimum(o, c)), "low must not be above open or close"),
+        (~(np.maximum(o, c) <= h), "high must not be below open or close"),
+        (~((v >= 0) & np.isfinite(v)), "volume must be finite and not negative"),
+    ]
+    found = [(int(np.flatnonzero(bad)[0]), what) for bad, what in problems if bad.any()]
+    if found:
+        i, what = min(found)
+        raise ValueError(f"{path} line {i + 2}: {what} (open {o[i]:g}, high {h[i]:g}, low {lo[i]:g}, "
+                         f"close {c[i]:g}, volume {v[i]:g})")
 
 
 def read_candle_csv(path: Path):
@@ -123,7 +176,7 @@ def _predict(args) -> int:
     from mlsignal.client import InferenceClient
     from shared.settings import Settings
 
-    frame, raw = read_candle_csv(args.csv)
+    frame, raw = read_candle_file(args.csv, args.timeframe)
     target = args.target or Settings.from_env().inference_addr
     with InferenceClient(target, **security_kwargs(args)) as client:
         out = client.predict(frame, args.symbol, args.timeframe, model_id=args.model_id)
