@@ -707,16 +707,27 @@ def compute_features(frame: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
     return pd.DataFrame(feature_matrix(columns, spec), index=frame.index, columns=list(spec.feature_names))
 
 
-def spec_for_frame(frame: pd.DataFrame, base: FeatureSpec = FeatureSpec()) -> FeatureSpec:
-    """``base`` with funding-rate / open-interest features turned on when the frame has any value
-    for them. A base that already asks for a column keeps asking, so a missing column is reported
-    by ``feature_matrix`` instead of silently dropping features."""
-    has = {
-        name: name in frame.columns and bool(frame[name].notna().any())
-        for name in (FUNDING_COLUMN, OPEN_INTEREST_COLUMN)
-    }
+# Funding-rate / open-interest features are used when the column has a value for at least this share of the
+# window's candles. Below it the features are left out and the model trains on the whole window from OHLCV, so a
+# short history of open interest neither shrinks the window silently nor fails the training.
+MIN_COLUMN_COVERAGE = 0.9
+
+
+def column_coverage(frame: pd.DataFrame, name: str) -> float:
+    """Share of the frame's rows that have a value in column `name` (0 when the column is absent)."""
+    if name not in frame.columns or len(frame) == 0:
+        return 0.0
+    return float(frame[name].notna().mean())
+
+
+def spec_for_frame(frame: pd.DataFrame, base: FeatureSpec = FeatureSpec(),
+                   min_coverage: float = MIN_COLUMN_COVERAGE) -> FeatureSpec:
+    """``base`` with funding-rate / open-interest features turned on when the frame has values for at least
+    ``min_coverage`` of its rows. A base that already asks for a column keeps asking, so a missing column is
+    reported by ``feature_matrix`` instead of silently dropping features."""
+    use = {name: column_coverage(frame, name) >= min_coverage for name in (FUNDING_COLUMN, OPEN_INTEREST_COLUMN)}
     return replace(
         base,
-        use_funding_rate=base.use_funding_rate or has[FUNDING_COLUMN],
-        use_open_interest=base.use_open_interest or has[OPEN_INTEREST_COLUMN],
+        use_funding_rate=base.use_funding_rate or use[FUNDING_COLUMN],
+        use_open_interest=base.use_open_interest or use[OPEN_INTEREST_COLUMN],
     )

@@ -90,6 +90,17 @@ def build_dataset(frame: pd.DataFrame, label: LabelSpec, base_spec: FeatureSpec 
     )
 
 
+def first_input_ms(frame: pd.DataFrame, data: Dataset) -> int:
+    """Open time of the first candle the model learned from: the warm-up history of its first training row.
+
+    Rows without features (missing funding rate or open interest at the start) are not trained on, so the window a
+    model reports starts where its data does, not where the request did.
+    """
+    times = frame["open_time_ms"].to_numpy(dtype=np.int64)
+    first_row = int(np.searchsorted(times, data.open_time_ms[0]))
+    return int(times[max(0, first_row - (data.spec.warmup_bars - 1))])
+
+
 def purged_splits(n: int, horizon: int) -> tuple[slice, slice, slice]:
     """Index ranges (fit, calibration, test) in time order with a gap of `horizon` rows before each boundary."""
     test_start = n - round(n * TEST_FRACTION)
@@ -353,7 +364,7 @@ def train(
         prior=prior_all,
         shrink_weight=weight,
         metrics=metrics,
-        train_start_ms=int(frame["open_time_ms"].iloc[0]),
+        train_start_ms=first_input_ms(frame, data),
         train_end_ms=int(frame["open_time_ms"].iloc[-1]),
         onnx_bytes=onnx_bytes,
         sklearn_bytes=buf.getvalue(),

@@ -304,17 +304,19 @@ def test_compute_features_frame(real):
         compute_features(frame, FeatureSpec(use_funding_rate=True))
 
 
-def test_spec_for_frame():
-    frame = pd.DataFrame({c: [1.0, 2.0] for c in ("open", "high", "low", "close", "volume")})
+def test_spec_for_frame_uses_a_column_only_when_it_covers_the_window():
+    frame = pd.DataFrame({c: np.ones(20) for c in ("open", "high", "low", "close", "volume")})
     assert spec_for_frame(frame) == DEFAULT
     frame["funding_rate"] = np.nan
-    frame["open_interest"] = [np.nan, np.nan]
+    frame["open_interest"] = np.nan
     assert spec_for_frame(frame) == DEFAULT
-    frame.loc[1, "funding_rate"] = 0.0001
+    frame.loc[2:, "funding_rate"] = 0.0001  # 90 %: enough
+    frame.loc[18:, "open_interest"] = 5.0  # 10 %: too little, left out rather than shrinking the window
     spec = spec_for_frame(frame)
     assert spec.use_funding_rate and not spec.use_open_interest
-    frame.loc[0, "open_interest"] = 5.0
+    frame.loc[1:, "open_interest"] = 5.0
     assert spec_for_frame(frame) == FeatureSpec(use_funding_rate=True, use_open_interest=True)
+    assert spec_for_frame(frame, min_coverage=1.0) == DEFAULT
     base = FeatureSpec(sma_windows=(3,), use_open_interest=True)
     kept = spec_for_frame(frame[["close"]], base)
     assert kept.use_open_interest and kept.sma_windows == (3,)
