@@ -1,5 +1,16 @@
 """Labels: what happened over the next ``horizon_bars`` candles, as down / range / up.
 
+Two definitions (``LabelSpec.kind``):
+
+* ``fixed_horizon``: the return to the close ``h`` candles later, ``close[t+h] / close[t] - 1``, against
+  ``+-threshold``. Only the end point counts.
+* ``triple_barrier`` (Lopez de Prado): walk the closes ``t+1 .. t+h``; up if the return first exceeds
+  ``+threshold``, down if it first falls below ``-threshold``, range if neither happens within ``h``. A move to +5 %
+  that comes back by the horizon is up here and range under the fixed horizon.
+
+Labels count candles, so a label whose horizon spans missing candles measures a different span of time than it says;
+given the candles' open times, such labels are dropped (``UNLABELLED``).
+
 The model's probability columns follow ``CLASSES``: ML_DOWN_PROB, ML_RANGE_PROB, ML_UP_PROB.
 """
 
@@ -24,13 +35,20 @@ MAX_HORIZON_BARS = 10_000
 # price move that matters.
 THRESHOLD_TOLERANCE = 1e-12
 
+FIXED_HORIZON = "fixed_horizon"
+TRIPLE_BARRIER = "triple_barrier"
+LABEL_KINDS = (FIXED_HORIZON, TRIPLE_BARRIER)
+
+_BLOCK_ROWS = 1 << 16  # rows per block of the triple-barrier path matrix: memory stays bounded on long series
+
 
 @dataclass(frozen=True)
 class LabelSpec:
-    """How candles are labelled: the look-ahead in candles and the move (a fraction, 0.02 = 2 %)."""
+    """How candles are labelled: the look-ahead in candles, the move (a fraction, 0.02 = 2 %) and the kind."""
 
     horizon_bars: int = 24
     threshold: float = 0.02
+    kind: str = FIXED_HORIZON
 
     def __post_init__(self) -> None:
         h = self.horizon_bars
@@ -41,6 +59,8 @@ class LabelSpec:
         if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or not 0 < t < 1:
             raise ValueError(f"threshold must be a finite fraction > 0 and < 1 (0.02 means 2 %), got {t!r}")
         object.__setattr__(self, "threshold", float(t))
+        if self.kind not in LABEL_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(LABEL_KINDS)}, got {self.kind!r}")
 
 
 def future_return(close: np.ndarray, horizon_bars: int) -> np.ndarray:
@@ -58,19 +78,71 @@ def future_return(close: np.ndarray, horizon_bars: int) -> np.ndarray:
     return out
 
 
-def make_labels(close: np.ndarray, spec: LabelSpec) -> np.ndarray:
-    """int8 class codes (0 down, 1 range, 2 up); -1 where there is no label (the last
-    ``horizon_bars`` rows, or a missing close).
+def make_labels(close: np.ndarray, spec: LabelSpec, open_time_ms: np.ndarray | None = None,
+                timeframe_ms: int | None = None) -> np.ndarray:
+    """int8 class codes (0 down, 1 range, 2 up); -1 where there is no label: the last ``horizon_bars`` rows, a
+    missing close in the path, or (when the open times and the timeframe are given) a horizon that spans missing
+    candles.
 
-    up iff the future return r > threshold + 1e-12, down iff r < -threshold - 1e-12, range
-    otherwise. A move of exactly the threshold is range: 100 -> 102 with threshold 0.02 gives
-    r = 0.020000000000000018 in binary floating point, which the tolerance treats as 0.02.
+    up iff the return r > threshold + 1e-12, down iff r < -threshold - 1e-12, range otherwise (for the triple
+    barrier: whichever barrier the path crosses first). A move of exactly the threshold is range: 100 -> 102 with
+    threshold 0.02 gives r = 0.020000000000000018 in binary floating point, which the tolerance treats as 0.02.
     """
-    r = future_return(close, spec.horizon_bars)
-    labels = np.full(r.shape[0], RANGE, dtype=np.int8)
-    labels[r > spec.threshold + THRESHOLD_TOLERANCE] = UP
-    labels[r < -spec.threshold - THRESHOLD_TOLERANCE] = DOWN
-    labels[np.isnan(r)] = UNLABELLED
+    if spec.kind == TRIPLE_BARRIER:
+        labels = triple_barrier_labels(close, spec.horizon_bars, spec.threshold)
+    else:
+        r = future_return(close, spec.horizon_bars)
+        labels = np.full(r.shape[0], RANGE, dtype=np.int8)
+        labels[r > spec.threshold + THRESHOLD_TOLERANCE] = UP
+        labels[r < -spec.threshold - THRESHOLD_TOLERANCE] = DOWN
+        labels[np.isnan(r)] = UNLABELLED
+    if open_time_ms is not None:
+        if timeframe_ms is None:
+            raise ValueError("timeframe_ms is needed with open_time_ms to find the candles a horizon spans")
+        labels[spans_gap(open_time_ms, spec.horizon_bars, timeframe_ms)] = UNLABELLED
+    return labels
+
+
+def spans_gap(open_time_ms: np.ndarray, horizon_bars: int, timeframe_ms: int) -> np.ndarray:
+    """True where the candles ``t .. t+h`` are not consecutive (missing candles in between); False for the last
+    ``h`` rows, which have no label anyway."""
+    t = np.asarray(open_time_ms, dtype=np.int64)
+    out = np.zeros(t.shape[0], dtype=bool)
+    h = int(horizon_bars)
+    if h < t.shape[0]:
+        out[:-h] = (t[h:] - t[:-h]) != h * int(timeframe_ms)
+    return out
+
+
+def triple_barrier_labels(close: np.ndarray, horizon_bars: int, threshold: float) -> np.ndarray:
+    """Triple-barrier class codes: the first of ``close[t+k] / close[t] - 1 > threshold`` (up) and
+    ``< -threshold`` (down) for k = 1 .. h decides; range if neither happens; -1 for the last h rows and where the
+    path has a missing close."""
+    close = np.asarray(close, dtype=np.float64)
+    if close.ndim != 1:
+        raise ValueError(f"close must be one-dimensional, got shape {close.shape}")
+    h = int(horizon_bars)
+    n = close.shape[0]
+    labels = np.full(n, UNLABELLED, dtype=np.int8)
+    rows = max(0, n - h)
+    upper, lower = threshold + THRESHOLD_TOLERANCE, -threshold - THRESHOLD_TOLERANCE
+    for a in range(0, rows, _BLOCK_ROWS):
+        b = min(rows, a + _BLOCK_ROWS)
+        base = close[a:b, None]
+        # path[i, k-1] = close[a + i + k] for k = 1 .. h
+        path = np.lib.stride_tricks.sliding_window_view(close[a + 1: b + h], h)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = path / base - 1.0
+        up_hit, down_hit = r > upper, r < lower
+        never = np.int64(h)
+        first_up = np.where(up_hit.any(axis=1), up_hit.argmax(axis=1), never)
+        first_down = np.where(down_hit.any(axis=1), down_hit.argmax(axis=1), never)
+        block = np.full(b - a, RANGE, dtype=np.int8)
+        block[first_up < first_down] = UP
+        block[first_down < first_up] = DOWN
+        missing = np.isnan(base[:, 0]) | np.isnan(path).any(axis=1)
+        block[missing] = UNLABELLED
+        labels[a:b] = block
     return labels
 
 

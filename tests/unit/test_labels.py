@@ -153,3 +153,74 @@ def test_class_balance_of_make_labels_sums_to_one():
     balance = class_balance(make_labels(close, LabelSpec(horizon_bars=10, threshold=0.02)))
     assert math.isclose(sum(balance.values()), 1.0)
     assert all(v > 0 for v in balance.values())
+
+
+# --------------------------------------------------------------------------- triple barrier and gaps
+
+
+def test_triple_barrier_against_a_hand_made_path():
+    from shared.labels import TRIPLE_BARRIER, triple_barrier_labels
+
+    close = np.array([100.0, 101.0, 103.0, 99.0, 97.0, 100.0, 102.0, 100.0, 100.0, 100.0])
+    got = triple_barrier_labels(close, 3, 0.02)
+    # t=0: 103 at k=2 is +3 % before any fall: up (the fixed horizon sees 99 at k=3: range)
+    # t=1: 103 (+1.98 %) and 99 (-1.98 %) stay inside; 97 at k=3 is -3.96 %: down
+    # t=2: 99 at k=1 is -3.9 %: down first, although nothing comes back up
+    # t=4: 100 at k=1 is +3.1 %: up
+    # t=5: 102 at k=1 is exactly +2 %: at the threshold is not beyond it; then 100, 100: range
+    # t=6: 100 at k=1 is -1.96 %: inside; range
+    assert got.tolist() == [UP, DOWN, DOWN, DOWN, UP, RANGE, RANGE, -1, -1, -1]
+    assert make_labels(close, LabelSpec(3, 0.02, kind=TRIPLE_BARRIER)).tolist() == got.tolist()
+    assert make_labels(close, LabelSpec(3, 0.02)).tolist()[:2] == [RANGE, DOWN]
+
+
+def test_triple_barrier_touch_up_then_down_is_up_and_the_reverse_is_down():
+    from shared.labels import triple_barrier_labels
+
+    assert triple_barrier_labels(np.array([100.0, 103.0, 95.0, 100.0]), 3, 0.02)[0] == UP
+    assert triple_barrier_labels(np.array([100.0, 97.0, 105.0, 100.0]), 3, 0.02)[0] == DOWN
+    assert triple_barrier_labels(np.array([100.0, 101.0, 99.0, 100.0]), 3, 0.02)[0] == RANGE
+
+
+def test_triple_barrier_blocks_give_the_same_labels_as_one_pass(monkeypatch):
+    import shared.labels as labels_module
+
+    rng = np.random.default_rng(4)
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, 5000)))
+    whole = labels_module.triple_barrier_labels(close, 24, 0.02)
+    monkeypatch.setattr(labels_module, "_BLOCK_ROWS", 97)
+    assert labels_module.triple_barrier_labels(close, 24, 0.02).tolist() == whole.tolist()
+    # the reference: a plain loop over the path
+    ref = np.full(len(close), -1)
+    for t in range(len(close) - 24):
+        ref[t] = RANGE
+        for k in range(1, 25):
+            r = close[t + k] / close[t] - 1
+            if r > 0.02 + 1e-12:
+                ref[t] = UP
+                break
+            if r < -0.02 - 1e-12:
+                ref[t] = DOWN
+                break
+    assert whole.tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("kind", ["fixed_horizon", "triple_barrier"])
+def test_a_gap_drops_exactly_the_labels_whose_horizon_spans_it(kind):
+    tf = 3_600_000
+    n, h, gap_at = 60, 5, 30  # candles 30 .. 32 are missing: open times jump by 4 candles after row 29
+    times = np.arange(n, dtype=np.int64) * tf
+    times[gap_at:] += 3 * tf
+    close = 100 * np.exp(np.cumsum(np.random.default_rng(1).normal(0, 0.02, n)))
+    spec = LabelSpec(h, 0.02, kind=kind)
+    without = make_labels(close, spec)
+    with_times = make_labels(close, spec, open_time_ms=times, timeframe_ms=tf)
+    dropped = np.flatnonzero((without >= 0) & (with_times < 0)).tolist()
+    assert dropped == list(range(gap_at - h, gap_at))  # rows 25 .. 29 look across the gap
+    kept = with_times >= 0
+    assert (with_times[kept] == without[kept]).all()
+
+
+def test_label_kind_is_checked():
+    with pytest.raises(ValueError, match="kind"):
+        LabelSpec(kind="path")
