@@ -3,7 +3,9 @@
 #   .venv         everything (`.[dev]`): the services, research tools, test and lint tools, newest releases
 #   .venv-client  the client-only install (no extras) on the oldest supported gRPC stack; it also holds the pinned
 #                 grpcio-tools that generates mlsignal/v1
+#   tests/node    the Node.js client check (@grpc/grpc-js, @grpc/proto-loader), installed from its package-lock.json
 PYTHON ?= python3
+NPM    ?= npm
 
 VENV  := .venv
 BIN   := $(VENV)/bin
@@ -17,11 +19,13 @@ OLDEST_GRPC     := $(shell sed -n 's/^OLDEST_GRPC = "\(.*\)"$$/\1/p' mlsignal/pr
 OLDEST_PROTOBUF := $(shell sed -n 's/^OLDEST_PROTOBUF = "\(.*\)"$$/\1/p' mlsignal/protogen.py)
 CLIENT_PINS := grpcio==$(OLDEST_GRPC) grpcio-health-checking==$(OLDEST_GRPC) protobuf==$(OLDEST_PROTOBUF) \
                grpcio-tools==$(OLDEST_GRPC) pytest
+NODE_DIR   := tests/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 # .venv-client holds a regular (not editable) install, as users get it: reinstall when the packaged code changes.
 PACKAGE_FILES := $(shell find mlsignal shared training_service inference_service -type f \
                    \( -name '*.py' -o -name '*.pyi' -o -name '*.mako' \) -not -path '*/__pycache__/*')
 
-.PHONY: venv client-venv test lint demo protos bench clean
+.PHONY: venv client-venv node-modules test lint demo protos bench bench-desk clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,15 +42,28 @@ $(CLIENT_STAMP): pyproject.toml mlsignal/protogen.py $(PACKAGE_FILES)
 	rm -rf build
 	touch $(CLIENT_STAMP)
 
+# `npm ci` installs exactly the locked versions (and fails when package.json and the lock disagree); without a
+# lock, `npm install` resolves package.json and writes one. Without npm, skip: the Node.js tests skip themselves
+# then, except under CI=true, where both this step and those tests fail.
+$(NODE_STAMP): $(NODE_DIR)/package.json $(wildcard $(NODE_DIR)/package-lock.json)
+	@if ! command -v $(NPM) >/dev/null 2>&1; then \
+	  if [ "$$CI" = "true" ]; then echo "npm not found; CI=true requires the Node.js client checks"; exit 1; fi; \
+	  echo "npm not found: skipping the Node.js client checks"; exit 0; \
+	fi; \
+	if [ -f $(NODE_DIR)/package-lock.json ]; then cmd=ci; else cmd=install; fi; \
+	$(NPM) $$cmd --prefix $(NODE_DIR) --no-audit --no-fund --loglevel=error && touch $@
+
 venv: $(STAMP)
 
 client-venv: $(CLIENT_STAMP)
+
+node-modules: $(NODE_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint $(CLIENT_STAMP)
+test: lint $(CLIENT_STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
@@ -59,6 +76,9 @@ protos: $(CLIENT_STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.inference
+
+bench-desk: $(STAMP)
+	$(BIN)/python -m bench.desk
 
 clean:
 	rm -rf var .pytest_cache

@@ -6,6 +6,11 @@ model uses, and then reads the required fields in one pass. Building one Predict
 4 µs each, more than the model itself on a large batch, so `predict_response` writes the protobuf wire format of
 the repeated predictions with numpy and lets the C parser build the message (`response_wire`); `response_slow` is
 the plain reference it is tested against, and the faster way for small results.
+
+A request may carry its candles as packed columns (`PredictRequest.columns`) instead: each column is copied into a
+numpy array in one call, and such a request is answered in columns (`PredictionColumns`), written as packed wire
+fields by numpy. The servicer calls `batch_from_request` (which checks the batch size before anything is converted)
+and `response_for` (rows or columns, as the request came).
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from inference_service.domain import CandleBatch, Predictions
+from inference_service.domain import CandleBatch, CandleSource, Predictions, candles_field
+from inference_service.predictor import check_batch_size
 from mlsignal.v1 import common_pb2, inference_pb2
+from shared.errors import InvalidArgument
 
 # --------------------------------------------------------------------------------------------------------------------
 # requests
@@ -31,6 +38,8 @@ def candle_batch(
     not read at all (left NaN), and the required ones are read in one pass, straight into their columns.
     """
     n = len(candles)
+    if n == 1:
+        return _one_candle(candles[0], funding_rate, open_interest)
     t = np.array([c.open_time_ms for c in candles], dtype=np.int64) if n else np.empty(0, np.int64)
     values = np.empty((7, n))  # open, high, low, close, volume, funding_rate, open_interest
     if n:
@@ -45,6 +54,17 @@ def candle_batch(
     else:
         values[6] = nan
     return CandleBatch(t, *values)
+
+
+def _one_candle(c: common_pb2.Candle, funding_rate: bool, open_interest: bool) -> CandleBatch:
+    """`candle_batch` of one candle (the live-stream case), without the list comprehensions."""
+    nan = math.nan
+    values = np.array([
+        c.open, c.high, c.low, c.close, c.volume,
+        c.funding_rate if funding_rate and c.HasField("funding_rate") else nan,
+        c.open_interest if open_interest and c.HasField("open_interest") else nan,
+    ])[:, None]
+    return CandleBatch(np.array([c.open_time_ms], dtype=np.int64), *values)
 
 
 class RequestCandles:
@@ -63,6 +83,73 @@ class RequestCandles:
 
 
 def request_candles(request: inference_pb2.PredictRequest) -> RequestCandles:
+    return RequestCandles(request.candles)
+
+
+VALUE_COLUMNS = ("open", "high", "low", "close", "volume")
+
+
+def columns_batch(columns: common_pb2.CandleColumns) -> CandleBatch:
+    """The batch of a CandleColumns message: every column the same length (INVALID_ARGUMENT naming the column
+    otherwise); funding_rate and open_interest empty (all missing) or one per candle, NaN where missing.
+
+    The lengths are compared before any column is copied; then each column is one array copy.
+    """
+    n = len(columns.open_time_ms)
+    for name in VALUE_COLUMNS:
+        m = len(getattr(columns, name))
+        if m != n:
+            raise InvalidArgument(
+                f"columns.{name}: {m} values, expected {n} (one per columns.open_time_ms)", field=f"columns.{name}")
+    for name in ("funding_rate", "open_interest"):
+        m = len(getattr(columns, name))
+        if m not in (0, n):
+            raise InvalidArgument(
+                f"columns.{name}: {m} values, expected 0 (none) or {n} (one per columns.open_time_ms, NaN where "
+                "missing)", field=f"columns.{name}")
+    t = np.asarray(columns.open_time_ms, dtype=np.int64)
+    values = [np.asarray(getattr(columns, name), dtype=np.float64) for name in VALUE_COLUMNS]
+    optional = [np.asarray(column, dtype=np.float64) if len(column) else np.full(n, math.nan)
+                for column in (columns.funding_rate, columns.open_interest)]
+    return CandleBatch(t, *values, *optional)
+
+
+class ColumnCandles:
+    """The candles of a request that used `columns`, as a `CandleSource` (already read: columns are cheap)."""
+
+    __slots__ = ("batch",)
+    columnar = True  # errors name fields as columns.<name>[i]
+
+    def __init__(self, batch: CandleBatch) -> None:
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    def read(self, funding_rate: bool, open_interest: bool) -> CandleBatch:
+        return self.batch.read(funding_rate, open_interest)
+
+
+def uses_columns(request: inference_pb2.PredictRequest) -> bool:
+    """Whether a request carries its candles as columns (and is answered in columns)."""
+    return request.HasField("columns")
+
+
+def batch_from_request(request: inference_pb2.PredictRequest, max_batch: int) -> CandleSource:
+    """The request's candles as a source, rows or columns, after checking the batch size (INVALID_ARGUMENT).
+
+    The size is read from the message before a single candle is converted, so an oversized request costs nothing
+    but its parsing. A request carrying both candles and columns is refused.
+    """
+    columnar = uses_columns(request)
+    if columnar and len(request.candles):
+        raise InvalidArgument(
+            "candles, columns: a request carries its candles either as candles or as columns, not both",
+            field="columns")
+    if columnar:
+        check_batch_size(len(request.columns.open_time_ms), max_batch, candles_field(True))
+        return ColumnCandles(columns_batch(request.columns))
+    check_batch_size(len(request.candles), max_batch, candles_field(False))
     return RequestCandles(request.candles)
 
 
@@ -143,6 +230,66 @@ def predict_response(model_id: str, r: Predictions) -> inference_pb2.PredictResp
     if len(r.open_time_ms) < WIRE_ENCODE_MIN:
         return response_slow(model_id, r)
     return response_wire(model_id, r)
+
+
+def response_for(request: inference_pb2.PredictRequest, model_id: str, r: Predictions) -> inference_pb2.PredictResponse:
+    """The answer to a request: in columns when the request used columns, otherwise one Prediction per candle."""
+    if uses_columns(request):
+        return columns_response(model_id, r)
+    return predict_response(model_id, r)
+
+
+# Wire tags: PredictResponse.columns (field 3, length-delimited); PredictionColumns fields 1..6, all packed.
+_COLUMNS_TAG = 0x1A
+_COL_T, _COL_UP, _COL_DOWN, _COL_RANGE, _COL_READY, _COL_IN_SAMPLE = 0x0A, 0x12, 0x1A, 0x22, 0x2A, 0x32
+
+
+def _packed(tag: int, data: bytes) -> bytes:
+    return bytes((tag,)) + _varint(len(data)) + data if data else b""
+
+
+def encode_prediction_columns(r: Predictions) -> bytes:
+    """The bytes of a PredictionColumns message for predictions: packed fields, doubles bit for bit."""
+    n = len(r.open_time_ms)
+    if n == 0:
+        return b""
+    tvar, tlen = _varint_bytes(r.open_time_ms)
+    times = tvar[np.arange(10)[None, :] < tlen[:, None]].tobytes()
+    doubles = [np.ascontiguousarray(r.proba[:, k], dtype="<f8").tobytes() for k in (UP, DOWN, RANGE)]
+    return b"".join([
+        _packed(_COL_T, times),
+        _packed(_COL_UP, doubles[0]), _packed(_COL_DOWN, doubles[1]), _packed(_COL_RANGE, doubles[2]),
+        _packed(_COL_READY, np.asarray(r.ready, dtype=np.uint8).tobytes()),
+        _packed(_COL_IN_SAMPLE, np.asarray(r.in_sample, dtype=np.uint8).tobytes()),
+    ])
+
+
+# Below this many predictions building the columns message directly is faster than encoding it with numpy.
+COLUMNS_WIRE_MIN = 16
+
+
+def columns_response(model_id: str, r: Predictions) -> inference_pb2.PredictResponse:
+    """The PredictResponse that answers a columnar request: `columns` set (even when empty), `predictions` empty."""
+    if len(r.open_time_ms) < COLUMNS_WIRE_MIN:
+        return columns_response_slow(model_id, r)
+    mid = model_id.encode()
+    body = encode_prediction_columns(r)
+    head = b"\x0a" + _varint(len(mid)) + mid if mid else b""
+    return inference_pb2.PredictResponse.FromString(head + bytes((_COLUMNS_TAG,)) + _varint(len(body)) + body)
+
+
+def columns_response_slow(model_id: str, r: Predictions) -> inference_pb2.PredictResponse:
+    """The columns answer built field by field: the reference `columns_response` must equal."""
+    response = inference_pb2.PredictResponse(model_id=model_id)
+    cols = response.columns
+    cols.SetInParent()
+    cols.open_time_ms.extend(r.open_time_ms.tolist())
+    cols.ml_up_prob.extend(r.proba[:, UP].tolist())
+    cols.ml_down_prob.extend(r.proba[:, DOWN].tolist())
+    cols.ml_range_prob.extend(r.proba[:, RANGE].tolist())
+    cols.ready.extend(r.ready.tolist())
+    cols.in_sample.extend(r.in_sample.tolist())
+    return response
 
 
 def response_slow(model_id: str, r: Predictions) -> inference_pb2.PredictResponse:

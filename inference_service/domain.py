@@ -67,12 +67,28 @@ class CandleSource(Protocol):
 
     Reading an optional column can cost as much as reading all the others, so a source reads only the optional
     columns asked for and leaves the rest missing. `len` is the number of candles, known before reading.
-    A CandleBatch is itself a source.
+    A CandleBatch is itself a source. A source may set `columnar = True` (see `is_columnar`): its candles came as
+    packed columns, and error messages then name fields as the request spelled them (`columns.close[3]`).
     """
 
     def __len__(self) -> int: ...
 
     def read(self, funding_rate: bool, open_interest: bool) -> CandleBatch: ...
+
+
+def is_columnar(source: CandleSource) -> bool:
+    """Whether a source's candles came as `PredictRequest.columns` rather than repeated `candles`."""
+    return bool(getattr(source, "columnar", False))
+
+
+def candle_field(columnar: bool, i: int, name: str) -> str:
+    """The request field of candle i's `name`, as the request spelled it: `candles[i].name` or `columns.name[i]`."""
+    return f"columns.{name}[{i}]" if columnar else f"candles[{i}].{name}"
+
+
+def candles_field(columnar: bool) -> str:
+    """The request field that holds the candles: `candles`, or `columns.open_time_ms` for columns."""
+    return "columns.open_time_ms" if columnar else "candles"
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,23 @@
 A loaded model is immutable. Swapping replaces a reference under a lock, so a call that already holds the old
 model finishes on it, and no call can see a half-loaded one. Files are read only from the model directory, only
 when their sha256 matches the registry, and only as ONNX (never unpickled).
+
+A model that cannot be used (its registry row cannot be read, its file is missing or fails its sha256 check, or
+ONNX Runtime rejects it) is refused: the reason is logged once, the model that served before keeps serving, and
+every other market goes on as before. A refused model is tried again when its registry row or its file changes
+(a restored file is served again without a restart).
+
+Cache: each market asked for keeps its serving model in memory, up to `cache_size` markets (then the least
+recently used is dropped, and reloaded and re-verified on its next use); pinned models have a cache of the same
+size. Set the size above the number of markets clients follow.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +27,23 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 
-from shared.artifacts import ArtifactError, read_verified
+from shared.artifacts import ArtifactError, read_verified, resolve_in
 from shared.calibration import shrink_to_prior
-from shared.errors import DataLoss, InvalidArgument, NotFound
+from shared.errors import DataLoss, InvalidArgument, NotFound, Unavailable, one_line
 from shared.onnxmodel import OnnxForest
 from shared.store import registry
-from shared.store.registry import ModelRecord
+from shared.store.registry import ModelRecord, ModelRow
 
 log = logging.getLogger(__name__)
+
+# Registry rows read per query for one market: a cold load reads the newest ones (and pages further only when all
+# of them are refused); a poll reads only the rows at least as new as the serving model.
+ROWS_PER_QUERY = 16
+# Cold loads of different markets run in parallel; two loads of one market never do (they share a lock stripe).
+_LOAD_STRIPES = 64
+# At most one warning per this many seconds that the cache is evicting models still in use.
+_EVICTION_WARNING_SECONDS = 60.0
+_REASON_CHARS = 300
 
 
 @dataclass(frozen=True)
@@ -43,7 +63,10 @@ class LoadedModel:
 
 
 def load_model(record: ModelRecord, model_dir: Path) -> LoadedModel:
-    """Verify and load one model; DataLoss if its file is missing or does not match the registry."""
+    """Verify and load one model; DataLoss if its file is missing or does not match the registry.
+
+    The message may name the file's path: log it, and give clients `client_reason` instead.
+    """
     try:
         data = read_verified(model_dir, record.artifact, record.sha256)
     except ArtifactError as exc:
@@ -57,122 +80,305 @@ def load_model(record: ModelRecord, model_dir: Path) -> LoadedModel:
     return LoadedModel(record, forest, np.asarray(record.prior, dtype=np.float64), float(record.shrink_weight))
 
 
+def client_reason(text: str, model_dir: Path) -> str:
+    """A refusal reason fit for a client: the server's directories removed, one line, bounded length."""
+    text = " ".join(text.split())
+    for base in sorted({str(Path(model_dir).resolve()), str(model_dir)}, key=len, reverse=True):
+        text = text.replace(base + os.sep, "").replace(base, "the model directory")
+    return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    row: str  # the registry row's fingerprint when the model was refused
+    file: tuple[int, int, int] | None  # (inode, size, mtime_ns) of its file then; None when it was not there
+    reason: str  # for clients: no server paths
+
+
 class ModelStore:
-    def __init__(self, engine: sa.Engine, model_dir: Path, cache_size: int = 32, poll_seconds: float = 2.0) -> None:
+    def __init__(self, engine: sa.Engine, model_dir: Path, cache_size: int = 1024, poll_seconds: float = 2.0) -> None:
         self.engine = engine
         self.model_dir = Path(model_dir)
         self.cache_size = cache_size
         self.poll_seconds = poll_seconds
         self._lock = threading.Lock()
         self._serving: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()  # LRU over keys
+        self._last_used: dict[tuple[str, str], float] = {}
         self._pinned: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._refused: set[str] = set()  # model ids whose files failed verification
+        self._refused: dict[str, _Refusal] = {}  # model id -> why, and the row and file it was refused for
+        self._warmup: dict[tuple[str, str], int] = {}  # markets with models -> the largest warm-up registered
+        self._load_locks = [threading.Lock() for _ in range(_LOAD_STRIPES)]
+        self._loads = 0
+        self._evicted_warning_at = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- serving -----------------------------------------------------------------------------------------
     def current(self, symbol: str, timeframe: str) -> LoadedModel:
-        """The newest verifiable model for a key (loads it on first use)."""
+        """The newest usable model for a key (loads it on first use)."""
         key = (symbol, timeframe)
+        model = self._cached(key)
+        if model is not None:
+            return model
+        with self._load_locks[hash(key) % _LOAD_STRIPES]:
+            model = self._cached(key)  # another call may have loaded it while this one waited
+            if model is not None:
+                return model
+            return self._keep_serving(key, self._load_newest(symbol, timeframe))
+
+    def _cached(self, key: tuple[str, str]) -> LoadedModel | None:
         with self._lock:
             model = self._serving.get(key)
             if model is not None:
                 self._serving.move_to_end(key)
-                return model
-        model = self._load_newest(symbol, timeframe)
+                self._last_used[key] = time.monotonic()
+            return model
+
+    def _keep_serving(self, key: tuple[str, str], model: LoadedModel) -> LoadedModel:
+        """Cache a freshly loaded model as the key's serving one (unless a newer one serves already); returns it."""
+        now = time.monotonic()
         with self._lock:
             existing = self._serving.get(key)
             if existing is not None and existing.record.created_at_ms >= model.record.created_at_ms:
-                model = existing  # another call loaded it meanwhile
+                model = existing
             self._serving[key] = model
             self._serving.move_to_end(key)
+            self._last_used[key] = now
+            self._warmup[key] = max(self._warmup.get(key, 0), model.record.warmup_bars)
+            evicted_in_use = 0
             while len(self._serving) > self.cache_size:
-                self._serving.popitem(last=False)
+                old_key, _ = self._serving.popitem(last=False)
+                if now - self._last_used.pop(old_key, 0.0) < self.poll_seconds * 5:
+                    evicted_in_use += 1
+            warn = evicted_in_use and now - self._evicted_warning_at > _EVICTION_WARNING_SECONDS
+            if warn:
+                self._evicted_warning_at = now
+        if warn:
+            log.warning("the model cache (MLSIGNAL_MODEL_CACHE_SIZE=%d) is smaller than the markets in use: models "
+                        "are dropped and reloaded; raise it above the number of markets clients follow",
+                        self.cache_size)
         return model
 
     def pinned(self, model_id: str, symbol: str, timeframe: str) -> LoadedModel:
-        """A specific model by id; it must belong to the requested symbol and timeframe."""
+        """A specific model by id; it must belong to the requested symbol and timeframe.
+
+        The registry row's symbol and timeframe are checked before anything is loaded, and a refused model stays
+        refused (DATA_LOSS) until its row or file changes.
+        """
         with self._lock:
             model = self._pinned.get(model_id)
             if model is not None:
                 self._pinned.move_to_end(model_id)
-        if model is None:
-            with self._lock:
-                serving = next((m for m in self._serving.values() if m.model_id == model_id), None)
-            if serving is not None:
-                model = serving
             else:
-                record = registry.get_model(self.engine, model_id)
-                if record is None:
-                    raise NotFound(f"model_id: no model {model_id!r} in the registry", field="model_id")
-                model = load_model(record, self.model_dir)
-            with self._lock:
-                self._pinned[model_id] = model
-                while len(self._pinned) > self.cache_size:
-                    self._pinned.popitem(last=False)
-        rec = model.record
-        if (rec.symbol, rec.timeframe) != (symbol, timeframe):
-            raise InvalidArgument(
-                f"model_id: model {model_id} is for {rec.symbol} {rec.timeframe}, not {symbol} {timeframe}",
-                field="model_id",
-            )
+                model = self._serving.get((symbol, timeframe))
+                if model is not None and model.model_id != model_id:
+                    model = None
+        if model is not None:
+            self._check_key(model_id, model.record.symbol, model.record.timeframe, symbol, timeframe)
+            return model
+        row = registry.model_row(self.engine, model_id)
+        if row is None:
+            raise NotFound(f"model_id: no model {model_id!r} in the registry", field="model_id")
+        self._check_key(model_id, row.symbol, row.timeframe, symbol, timeframe)
+        refusal = self._still_refused(row)
+        if refusal is not None:
+            raise DataLoss(refusal.reason, field="model_id")
+        model = self._load_row(row)
+        with self._lock:
+            self._pinned[model_id] = model
+            self._pinned.move_to_end(model_id)
+            while len(self._pinned) > self.cache_size:
+                self._pinned.popitem(last=False)
         return model
 
-    def _load_newest(self, symbol: str, timeframe: str) -> LoadedModel:
-        records = registry.list_models(self.engine, symbol, timeframe)
-        if not records:
-            raise NotFound(
-                f"no model registered for {symbol} {timeframe}; train one first (mlsignal train)", field="symbol"
+    @staticmethod
+    def _check_key(model_id: str, model_symbol: str, model_timeframe: str, symbol: str, timeframe: str) -> None:
+        if (model_symbol, model_timeframe) != (symbol, timeframe):
+            raise InvalidArgument(
+                f"model_id: model {model_id} is for {model_symbol} {model_timeframe}, not {symbol} {timeframe}",
+                field="model_id",
             )
-        errors: list[str] = []
-        for rec in records:
-            if rec.model_id in self._refused:
-                continue
-            try:
-                return load_model(rec, self.model_dir)
-            except DataLoss as exc:
-                log.error("%s", exc)
-                self._refused.add(rec.model_id)
-                errors.append(str(exc))
-        raise DataLoss(f"no verifiable model for {symbol} {timeframe}: " + "; ".join(errors[:3]))
+
+    def max_warmup_bars(self, symbol: str, timeframe: str) -> int:
+        """The longest warm-up of any model registered for a market (at least the serving model's).
+
+        Cached and refreshed by the poll, so a stream can keep enough history for whichever model serves next; only
+        the first call for a market that has no serving model loaded reads the registry.
+        """
+        key = (symbol, timeframe)
+        with self._lock:
+            cached = self._warmup.get(key)
+        if cached is not None:
+            return cached
+        found = registry.market_models(self.engine, symbol, timeframe, limit=0).max_warmup_bars
+        with self._lock:
+            model = self._serving.get(key)
+            value = max(found, model.record.warmup_bars if model is not None else 0)
+            if value > 0:  # a market without models is not remembered
+                self._warmup[key] = max(self._warmup.get(key, 0), value)
+        return value
 
     def loaded(self) -> list[tuple[str, LoadedModel]]:
         """("serving" or "pinned", model) for every model in memory."""
         with self._lock:
             return [("serving", m) for m in self._serving.values()] + [("pinned", m) for m in self._pinned.values()]
 
+    def is_loaded(self, symbol: str, timeframe: str, model_id: str = "") -> bool:
+        """Whether the model that would answer (pinned by `model_id`, else the serving one) is in memory already,
+        so answering needs neither the database nor the disk. Constant time."""
+        with self._lock:
+            if model_id:
+                if model_id in self._pinned:
+                    return True
+                model = self._serving.get((symbol, timeframe))
+                return model is not None and model.model_id == model_id
+            return (symbol, timeframe) in self._serving
+
+    @property
+    def loads(self) -> int:
+        """How many models this store has loaded (verified and built an ONNX session for) since it started."""
+        with self._lock:
+            return self._loads
+
+    # -- loading and refusing ----------------------------------------------------------------------------
+    def _load_newest(self, symbol: str, timeframe: str) -> LoadedModel:
+        reasons: list[str] = []
+        offset = 0
+        while True:
+            market = registry.market_models(self.engine, symbol, timeframe, limit=ROWS_PER_QUERY, offset=offset)
+            if market.max_warmup_bars:
+                with self._lock:
+                    self._warmup[(symbol, timeframe)] = market.max_warmup_bars
+            if offset == 0 and not market.rows:
+                raise NotFound(
+                    f"no model registered for {symbol} {timeframe}; train one first (mlsignal train)", field="symbol"
+                )
+            for row in market.rows:
+                refusal = self._still_refused(row)
+                if refusal is not None:
+                    reasons.append(refusal.reason)
+                    continue
+                try:
+                    return self._load_row(row)
+                except DataLoss as exc:
+                    reasons.append(str(exc))
+            if len(market.rows) < ROWS_PER_QUERY:
+                break
+            offset += ROWS_PER_QUERY
+        raise DataLoss(f"no verifiable model for {symbol} {timeframe}: " + "; ".join(reasons[:3]))
+
+    def _load_row(self, row: ModelRow, serving: LoadedModel | None = None) -> LoadedModel:
+        """Parse, verify and load one registry row; a failure of any kind refuses the model (DataLoss)."""
+        file = self._file_signature(row.artifact)
+        try:
+            record = row.record()
+        except Exception as exc:  # e.g. a manifest written by a newer version
+            detail = f"model {row.model_id} refused: its registry row cannot be read: {one_line(exc, with_type=True)}"
+            raise self._refuse(row, file, detail, serving) from None
+        try:
+            model = load_model(record, self.model_dir)
+        except DataLoss as exc:
+            raise self._refuse(row, file, str(exc), serving) from None
+        except Exception as exc:  # ONNX Runtime rejects the graph, the file cannot be read, ...
+            detail = f"model {row.model_id} refused: its file cannot be loaded: {one_line(exc, with_type=True)}"
+            raise self._refuse(row, file, detail, serving) from None
+        with self._lock:
+            self._loads += 1
+            retried = self._refused.pop(row.model_id, None)
+        if retried is not None:
+            log.info("model %s is usable again and is no longer refused", row.model_id)
+        return model
+
+    def _refuse(self, row: ModelRow, file: tuple[int, int, int] | None, detail: str,
+                serving: LoadedModel | None) -> DataLoss:
+        """Remember and log (once) why a model is refused; the DataLoss to raise, without server paths."""
+        refusal = _Refusal(row.fingerprint, file, client_reason(detail, self.model_dir))
+        with self._lock:
+            self._refused[row.model_id] = refusal
+        keeps = f"; {serving.model_id} keeps serving" if serving is not None else ""
+        log.error("%s%s (tried again when its registry row or file changes)", detail, keeps)
+        return DataLoss(refusal.reason, field="model_id")
+
+    def _still_refused(self, row: ModelRow) -> _Refusal | None:
+        """The refusal of a model whose row and file are unchanged since it was refused, else None."""
+        with self._lock:
+            refusal = self._refused.get(row.model_id)
+        if refusal is None:
+            return None
+        if refusal.row != row.fingerprint or refusal.file != self._file_signature(row.artifact):
+            return None
+        return refusal
+
+    def _file_signature(self, artifact: str) -> tuple[int, int, int] | None:
+        try:
+            st = resolve_in(self.model_dir, artifact).stat()
+        except (ArtifactError, OSError):
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
     # -- hot reload --------------------------------------------------------------------------------------
     def refresh(self) -> list[str]:
-        """Swap in newer models for every key being served; returns the ids swapped in."""
+        """Swap in newer models for every key being served; returns the ids swapped in.
+
+        A model that cannot be used is refused (logged once) and the one serving keeps serving; the other markets
+        are checked all the same. Also refreshes the largest warm-up of every market it remembers.
+        """
         with self._lock:
             serving = dict(self._serving)
+            others = [key for key in self._warmup if key not in serving]
         swapped: list[str] = []
-        for (symbol, timeframe), model in serving.items():
-            newest = registry.newest_model_id(self.engine, symbol, timeframe)
-            if newest is None or newest == model.model_id or newest in self._refused:
-                continue
-            record = registry.get_model(self.engine, newest)
-            if record is None or record.created_at_ms < model.record.created_at_ms:
+        try:
+            for key, model in serving.items():
+                try:
+                    fresh = self._refresh_key(key, model)
+                except (Unavailable, sa.exc.SQLAlchemyError):
+                    raise
+                except Exception:  # an unexpected fault in one market must not stop the others
+                    log.exception("checking the registry for a newer %s %s model failed", *key)
+                    continue
+                if fresh is not None:
+                    swapped.append(fresh.model_id)
+            for key in others:
+                found = registry.market_models(self.engine, *key, limit=0).max_warmup_bars
+                with self._lock:
+                    if found:
+                        self._warmup[key] = found
+                    else:
+                        self._warmup.pop(key, None)
+        except (Unavailable, sa.exc.SQLAlchemyError) as exc:  # keep serving what is loaded; the next poll retries
+            log.warning("checking the registry for newer models failed: %s", one_line(exc))
+        return swapped
+
+    def _refresh_key(self, key: tuple[str, str], model: LoadedModel) -> LoadedModel | None:
+        symbol, timeframe = key
+        market = registry.market_models(self.engine, symbol, timeframe, limit=ROWS_PER_QUERY,
+                                        since_ms=model.record.created_at_ms)
+        with self._lock:
+            self._warmup[key] = max(market.max_warmup_bars, model.record.warmup_bars)
+        for row in market.rows:  # newest first; only rows at least as new as the serving model
+            if row.model_id == model.model_id:
+                return None
+            if self._still_refused(row) is not None:
                 continue
             try:
-                fresh = load_model(record, self.model_dir)
-            except DataLoss as exc:
-                log.error("%s; %s keeps serving", exc, model.model_id)
-                self._refused.add(newest)
-                continue
+                fresh = self._load_row(row, serving=model)
+            except DataLoss:
+                continue  # refused and logged; try the next newest
             with self._lock:
-                if (symbol, timeframe) in self._serving:
-                    self._serving[(symbol, timeframe)] = fresh
+                current = self._serving.get(key)
+                if current is None or current.record.created_at_ms > fresh.record.created_at_ms:
+                    return None  # dropped from the cache meanwhile, or something newer already serves
+                self._serving[key] = fresh
             log.info("now serving model %s for %s %s (was %s)", fresh.model_id, symbol, timeframe, model.model_id)
-            swapped.append(fresh.model_id)
-        return swapped
+            return fresh
+        return None
 
     def start_polling(self) -> None:
         def loop() -> None:
             while not self._stop.wait(self.poll_seconds):
                 try:
                     self.refresh()
-                except Exception:  # the registry may be briefly unreachable; keep serving what is loaded
+                except Exception:  # never let the poll thread die
                     log.exception("checking the registry for newer models failed")
 
         self._thread = threading.Thread(target=loop, name="model-poll", daemon=True)
@@ -182,3 +388,4 @@ class ModelStore:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
+

@@ -38,7 +38,8 @@ def start(settings: Settings, address: str | None = None) -> RunningInference:
     """Connect to the registry, start polling for new models and serve. Used by main() and by tests.
 
     Also serves metrics on MLSIGNAL_METRICS_PORT, requires MLSIGNAL_AUTH_TOKEN and speaks TLS with
-    MLSIGNAL_TLS_CERT/KEY when those are set.
+    MLSIGNAL_TLS_CERT/KEY when those are set. The server runs on an asyncio event loop in a background thread
+    (see `shared.server.builder.ServerLoop`); the returned handle is used from ordinary threads.
     """
     address = address or settings.inference_addr
     credentials = server_credentials(settings.server_tls_pair())
@@ -58,7 +59,7 @@ def start(settings: Settings, address: str | None = None) -> RunningInference:
         handle = start_server(
             address,
             lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-                InferenceServicer(store, settings.max_batch, on_predicted), server),
+                InferenceServicer(store, settings.max_batch, on_predicted, settings.max_streams), server),
             [SERVICE_NAME],
             max_bytes,
             interceptors=interceptors,

@@ -1,14 +1,15 @@
 """The inference service's logic behind the gRPC layer: which model answers, and stateless predictions.
 
 Every check runs in the same order for every request: the key (symbol and timeframe), then the model (NOT_FOUND or
-DATA_LOSS), then the batch size, then each candle, then the optional columns the model needs.
+DATA_LOSS), then the batch size, then each candle, then the optional columns the model needs. (The gRPC layer checks
+the batch size once more before it converts a request at all: `converters.batch_from_request`.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from inference_service.domain import CandleSource, Predictions
+from inference_service.domain import CandleSource, Predictions, is_columnar
 from inference_service.model_store import LoadedModel, ModelStore
 from inference_service.predictor import predict_window, read_candles, require_optional_columns, validate
 from shared.errors import InvalidArgument
@@ -55,9 +56,10 @@ class InferenceService:
         """Stateless prediction: every candle's history is the candles before it in the same batch."""
         tf_ms = validate_key(symbol, timeframe)
         model = self.model(symbol, timeframe, model_id)
+        columnar = is_columnar(candles)
         batch = read_candles(model, candles, self.max_batch)
-        validate(batch, tf_ms)
-        require_optional_columns(model, batch)
+        validate(batch, tf_ms, columnar=columnar)
+        require_optional_columns(model, batch, columnar)
         predictions = predict_window(model, batch, 0)
         self.predicted(model, len(batch))
         return model, predictions

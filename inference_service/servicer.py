@@ -1,8 +1,16 @@
-"""gRPC InferenceService: converts messages and maps errors; the logic is in service.py and stream_session.py."""
+"""gRPC InferenceService: converts messages and maps errors; the logic is in service.py and stream_session.py.
+
+`InferenceServicer` is what the server runs (asyncio). Predictions are short CPU work, so a small request whose
+model is already in memory is answered inline on the event loop; a large batch (more than `INLINE_CANDLES`
+candles), or one whose model must first be read from the registry and disk, runs in a worker thread so the loop
+keeps serving every other call meanwhile. `BlockingInferenceServicer` answers the same way for a thread-pool
+`grpc.server`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
@@ -12,31 +20,117 @@ from inference_service.service import InferenceService, OnPredicted
 from inference_service.stream_session import StreamSession
 from mlsignal.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from shared.converters import model_info
-from shared.server.status import maps_errors
+from shared.errors import MlsignalError
+from shared.server.limits import StreamLimit
+from shared.server.status import maps_errors, status_proto
+
+#: Requests with more candles than this are predicted in a worker thread rather than on the event loop.
+INLINE_CANDLES = 256
+
+
+def candle_count(request: inference_pb2.PredictRequest) -> int:
+    """How many candles a request carries, as rows or as columns."""
+    return len(request.candles) + len(request.columns.open_time_ms)
+
+
+class Answers:
+    """One response per request, the same for both servicers: the service calls and the message conversions."""
+
+    def __init__(self, store: ModelStore, max_batch: int, on_predicted: OnPredicted | None = None) -> None:
+        self.store = store
+        self.service = InferenceService(store, max_batch, on_predicted)
+
+    def predict(self, request: inference_pb2.PredictRequest) -> inference_pb2.PredictResponse:
+        model, predictions = self.service.predict(request.symbol, request.timeframe, request.model_id,
+                                                  converters.request_candles(request))
+        return converters.predict_response(model.model_id, predictions)
+
+    def stream_step(self, session: StreamSession,
+                    request: inference_pb2.PredictRequest) -> inference_pb2.PredictResponse:
+        """Answer one stream message. A domain error answers that message with `error` set and no predictions; the
+        session is left as it was, so the stream goes on. Only unexpected errors (bugs) propagate."""
+        try:
+            model, predictions = session.step(request.symbol, request.timeframe, request.model_id,
+                                              converters.request_candles(request))
+        except MlsignalError as exc:
+            return inference_pb2.PredictResponse(error=status_proto(exc))
+        return converters.predict_response(model.model_id, predictions)
+
+    def get_model(self, request: inference_pb2.GetModelRequest) -> common_pb2.ModelInfo:
+        return model_info(self.service.serving_model(request.symbol, request.timeframe))
+
+    def in_memory(self, symbol: str, timeframe: str, model_id: str) -> bool:
+        """Whether the model that would answer is loaded already, so answering needs neither database nor disk."""
+        return self.store.is_loaded(symbol, timeframe, model_id)
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """The asyncio InferenceService. At most `max_streams` StreamPredict calls are open at once."""
+
+    def __init__(self, store: ModelStore, max_batch: int, on_predicted: OnPredicted | None = None,
+                 max_streams: int = 10_000) -> None:
+        self.answers = Answers(store, max_batch, on_predicted)
+        self.streams = StreamLimit(max_streams, "StreamPredict")
+
+    def _inline(self, request: inference_pb2.PredictRequest, symbol: str, timeframe: str, model_id: str) -> bool:
+        return candle_count(request) <= INLINE_CANDLES and self.answers.in_memory(symbol, timeframe, model_id)
+
+    @maps_errors
+    async def Predict(
+        self, request: inference_pb2.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.PredictResponse:
+        if self._inline(request, request.symbol, request.timeframe, request.model_id):
+            return self.answers.predict(request)
+        return await asyncio.to_thread(self.answers.predict, request)
+
+    @maps_errors
+    async def StreamPredict(
+        self, request_iterator: AsyncIterator[inference_pb2.PredictRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.PredictResponse]:
+        """One response per message, in order. A message that fails (a bad candle, an unknown model, the database
+        unreachable while a model loads) is answered with `error` and the stream goes on with its state
+        unchanged; the call itself ends only when the client closes it, at its deadline, when the stream is past
+        MLSIGNAL_MAX_STREAMS (refused at once, RESOURCE_EXHAUSTED), at server shutdown, or INTERNAL on a bug."""
+        with self.streams.slot():
+            session = StreamSession(self.answers.service)
+            async for request in request_iterator:
+                symbol = session.symbol or request.symbol
+                timeframe = session.timeframe or request.timeframe
+                model_id = request.model_id or session.model_id
+                if self._inline(request, symbol, timeframe, model_id):
+                    yield self.answers.stream_step(session, request)
+                else:
+                    yield await asyncio.to_thread(self.answers.stream_step, session, request)
+
+    @maps_errors
+    async def GetModel(
+        self, request: inference_pb2.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ModelInfo:
+        if self.answers.in_memory(request.symbol, request.timeframe, ""):
+            return self.answers.get_model(request)
+        return await asyncio.to_thread(self.answers.get_model, request)
+
+
+class BlockingInferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """The same InferenceService for a thread-pool `grpc.server` (each open stream holds one of its threads)."""
+
     def __init__(self, store: ModelStore, max_batch: int, on_predicted: OnPredicted | None = None) -> None:
-        self.service = InferenceService(store, max_batch, on_predicted)
+        self.answers = Answers(store, max_batch, on_predicted)
 
     @maps_errors
     def Predict(
         self, request: inference_pb2.PredictRequest, context: grpc.ServicerContext
     ) -> inference_pb2.PredictResponse:
-        model, predictions = self.service.predict(request.symbol, request.timeframe, request.model_id,
-                                                  converters.request_candles(request))
-        return converters.predict_response(model.model_id, predictions)
+        return self.answers.predict(request)
 
     @maps_errors
     def StreamPredict(
         self, request_iterator: Iterator[inference_pb2.PredictRequest], context: grpc.ServicerContext
     ) -> Iterator[inference_pb2.PredictResponse]:
-        session = StreamSession(self.service)
+        session = StreamSession(self.answers.service)
         for request in request_iterator:
-            model, predictions = session.step(request.symbol, request.timeframe, request.model_id,
-                                              converters.request_candles(request))
-            yield converters.predict_response(model.model_id, predictions)
+            yield self.answers.stream_step(session, request)
 
     @maps_errors
     def GetModel(self, request: inference_pb2.GetModelRequest, context: grpc.ServicerContext) -> common_pb2.ModelInfo:
-        return model_info(self.service.serving_model(request.symbol, request.timeframe))
+        return self.answers.get_model(request)

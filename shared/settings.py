@@ -2,26 +2,27 @@
 
 | variable | default | meaning |
 | --- | --- | --- |
-| MLSIGNAL_DATABASE_URL | sqlite:///./var/mlsignal.db | SQLAlchemy URL; `postgresql+psycopg://user:pw@host/db` for PostgreSQL |
+| MLSIGNAL_DATABASE_URL | sqlite:///./var/mlsignal.db | SQLAlchemy URL, e.g. `postgresql+psycopg://user:pw@host/db` |
 | MLSIGNAL_MODEL_DIR | ./var/models | where model artifacts are written (training) and read (inference) |
 | MLSIGNAL_TRAINING_ADDR | 127.0.0.1:50051 | listen address of mlsignal-training; target of the CLI |
 | MLSIGNAL_INFERENCE_ADDR | 127.0.0.1:50052 | listen address of mlsignal-inference; target of the CLI |
 | MLSIGNAL_TRAINING_WORKERS | 1 | training jobs that run at once, each in its own process |
 | MLSIGNAL_TRAINING_QUEUE_SIZE | 16 | queued jobs accepted before StartTraining answers RESOURCE_EXHAUSTED |
-| MLSIGNAL_TRAINING_FIT_JOBS | -1 | cores one forest fit uses (-1: all cores of the machine or Dask worker running the job) |
-| MLSIGNAL_DASK_SCHEDULER | (none) | `tcp://host:8786`: run each training job as one task on this Dask cluster instead of a local process |
-| MLSIGNAL_DASK_SPREAD_FIT | 0 | `1`: with Dask, grow each forest's trees as tasks across the whole cluster (joblib's dask backend) |
+| MLSIGNAL_TRAINING_FIT_JOBS | -1 | cores one forest fit uses (-1: all cores of the machine or Dask worker running it) |
+| MLSIGNAL_DASK_SCHEDULER | (none) | `tcp://host:8786`: run each training job as one task on this Dask cluster |
+| MLSIGNAL_DASK_SPREAD_FIT | 0 | `1`: with Dask, grow each forest's trees as tasks across the cluster |
 | MLSIGNAL_MODEL_POLL_SECONDS | 2 | how often inference checks the registry for newer models |
-| MLSIGNAL_MODEL_CACHE_SIZE | 32 | models inference keeps in memory |
+| MLSIGNAL_MODEL_CACHE_SIZE | 1024 | models inference keeps in memory; set it above the number of markets followed |
 | MLSIGNAL_MAX_BATCH | 10000 | most candles in one PredictRequest |
 | MLSIGNAL_GRACE_SECONDS | 5 | how long a stopping server lets calls finish |
+| MLSIGNAL_MAX_STREAMS | 10000 | open streams per server (StreamPredict, WatchTrainingJob); more: RESOURCE_EXHAUSTED |
 | MLSIGNAL_LOG_LEVEL | INFO | log level |
 | MLSIGNAL_LOG_FORMAT | text | `text` or `json` (one object per line) |
-| MLSIGNAL_METRICS_PORT | 0 | Prometheus metrics port of this server process (0: no metrics); served on the host of its gRPC address |
-| MLSIGNAL_AUTH_TOKEN | (none) | servers: every RPC except grpc.health.v1 needs `authorization: Bearer <token>`; clients: the token sent |
+| MLSIGNAL_METRICS_PORT | 0 | Prometheus metrics port of this server (0: none); served on the host of its gRPC address |
+| MLSIGNAL_AUTH_TOKEN | (none) | servers: bearer token every RPC but grpc.health.v1 needs; clients: the token sent |
 | MLSIGNAL_TLS_CERT | (none) | server certificate chain (PEM file); with MLSIGNAL_TLS_KEY the server speaks TLS only |
 | MLSIGNAL_TLS_KEY | (none) | server private key (PEM file) |
-| MLSIGNAL_TLS_CA | (none) | clients: CA certificate (PEM file) that signed the server certificate; setting it turns TLS on |
+| MLSIGNAL_TLS_CA | (none) | clients: CA certificate (PEM) that signed the server certificate; setting it turns TLS on |
 
 Training on Dask (MLSIGNAL_DASK_SCHEDULER set): the service keeps its queue, the jobs table and the registry, and
 submits at most MLSIGNAL_TRAINING_WORKERS jobs at once to the cluster (set it to at least the cluster's worker
@@ -92,9 +93,10 @@ class Settings:
     dask_scheduler: str | None = None
     dask_spread_fit: bool = False
     model_poll_seconds: float = 2.0
-    model_cache_size: int = 32
+    model_cache_size: int = 1024
     max_batch: int = 10_000
     grace_seconds: float = 5.0
+    max_streams: int = 10_000
     log_level: str = "INFO"
     log_format: str = "text"
     metrics_port: int = 0
@@ -120,6 +122,7 @@ class Settings:
             model_cache_size=_int("MLSIGNAL_MODEL_CACHE_SIZE", d.model_cache_size),
             max_batch=_int("MLSIGNAL_MAX_BATCH", d.max_batch),
             grace_seconds=_float("MLSIGNAL_GRACE_SECONDS", d.grace_seconds),
+            max_streams=_int("MLSIGNAL_MAX_STREAMS", d.max_streams),
             log_level=_str("MLSIGNAL_LOG_LEVEL", d.log_level).upper(),
             log_format=_str("MLSIGNAL_LOG_FORMAT", d.log_format).lower(),
             metrics_port=_int("MLSIGNAL_METRICS_PORT", d.metrics_port),
@@ -144,6 +147,8 @@ class Settings:
             raise ValueError("MLSIGNAL_MODEL_CACHE_SIZE must be >= 1")
         if not 1 <= self.max_batch <= 1_000_000:
             raise ValueError("MLSIGNAL_MAX_BATCH must be between 1 and 1000000")
+        if self.max_streams < 1:
+            raise ValueError("MLSIGNAL_MAX_STREAMS must be >= 1")
         if self.log_format not in ("text", "json"):
             raise ValueError("MLSIGNAL_LOG_FORMAT must be 'text' or 'json'")
         if not 0 <= self.metrics_port <= 65535:

@@ -6,6 +6,16 @@ cluster with MLSIGNAL_DASK_SCHEDULER. The scheduler keeps the queue, the jobs ta
 registers every model itself: the executor hands back the artifact bytes, which are written to partial files, renamed
 into place and recorded with their sha256 in one transaction. Cancelling a running job stops it through the executor;
 nothing of it is written.
+
+The database may refuse writes for a while (a read-only or locked SQLite file, PostgreSQL down or restarting). Nothing
+ends a worker thread: a progress write that fails is skipped, and a job whose database write fails is recorded FAILED
+with the cause as soon as the database takes writes again (that final write is retried with backoff until it succeeds
+or the scheduler stops; a job left RUNNING that way is marked interrupted at the next start). Meanwhile `healthy` is
+False and `on_health_change` reports each change, so the server can report the service NOT_SERVING.
+
+A model row and its job's SUCCEEDED state are one transaction that only succeeds while the job is still RUNNING, and
+cancel() and stop() change a job only while it is QUEUED or RUNNING: whichever commits first wins, so a registered
+model's job is always SUCCEEDED and a cancelled or interrupted job never leaves a model or artifact files behind.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shared.artifacts import sha256_bytes
-from shared.errors import FailedPrecondition, NotFound, ResourceExhausted
+from shared.errors import FailedPrecondition, MlsignalError, NotFound, ResourceExhausted, Unavailable, one_line
 from shared.features import FeatureSpec
 from shared.labels import CLASSES
 from shared.store.registry import ModelRecord, insert_model
@@ -42,6 +52,9 @@ from training_service.jobs import (
 log = logging.getLogger(__name__)
 
 PROGRESS_WRITE_INTERVAL = 0.2  # seconds between progress writes of the same stage
+PROGRESS_RETRY_INTERVAL = 1.0  # seconds progress writes are skipped after one failed
+RETRY_FIRST_DELAY = 0.2  # seconds before the first retry of a job's final write; doubles up to RETRY_MAX_DELAY
+RETRY_MAX_DELAY = 5.0
 
 
 def partial_paths(model_dir: Path, job_id: str) -> tuple[Path, Path]:
@@ -51,6 +64,15 @@ def partial_paths(model_dir: Path, job_id: str) -> tuple[Path, Path]:
 def new_model_id(symbol: str, timeframe: str) -> str:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     return f"{re.sub(r'[^A-Za-z0-9]+', '-', symbol)}_{timeframe}_{stamp}_{uuid.uuid4().hex[:8]}"
+
+
+def _cause(exc: BaseException) -> str:
+    """An error as a job's `error` and in logs: a domain error's own message, anything else with its type."""
+    return one_line(exc, with_type=not isinstance(exc, MlsignalError))
+
+
+class _NotRunning(Exception):
+    """The job left RUNNING (cancelled, or interrupted by stop) before its model was committed."""
 
 
 class Scheduler:
@@ -65,18 +87,74 @@ class Scheduler:
         self.executor = executor if executor is not None else LocalProcessExecutor(database_url, fit_jobs)
         self._lock = threading.Lock()
         self._pending: list[str] = []  # queued job ids, oldest first
-        self._cancel: set[str] = set()
         self._runs: dict[str, Run] = {}  # running job id -> its run in the executor
+        self._active: set[str] = set()  # jobs a worker took from the queue and has not finished with
         self._wakeup = threading.Condition(self._lock)
         self._stopping = False
+        self._halt = threading.Event()  # set by stop(): retries of final writes give up
         self._threads: list[threading.Thread] = []
+        self._health_lock = threading.RLock()
+        self._write_failing = False  # a worker's database write failed and none has succeeded since
+        self._unrecorded: set[str] = set()  # jobs whose final state waits for the database
+        self._healthy = True
         # metrics hook: on_job_finished(job) once a worker is done with a job
         self.on_job_finished: Callable[[Job], None] | None = None
+        # health hook: on_health_change(healthy) on every change of `healthy`; called from the thread that saw the
+        # change, in order, so it must return quickly
+        self.on_health_change: Callable[[bool], None] | None = None
+        # Hooks for tests of the registration race, None in production. Both get the job id of a run that ended with
+        # a result: `before_register` once its artifact files are in place, before the registering transaction;
+        # `before_register_commit` inside that transaction, after its writes, just before the commit.
+        self.before_register: Callable[[str], None] | None = None
+        self.before_register_commit: Callable[[str], None] | None = None
 
+    def running_job_ids(self) -> list[str]:
+        """Ids of the jobs whose process or task is running now; empty once every one of them is gone."""
+        with self._lock:
+            return list(self._runs)
+
+    # -- health ------------------------------------------------------------------------------------------
     @property
-    def _procs(self) -> dict[str, Run]:
-        """The running jobs (job id -> Run); empty once every job's process or task is gone."""
-        return self._runs
+    def healthy(self) -> bool:
+        """False while jobs cannot run: a worker's database write failed and none has succeeded since, or a
+        finished job's final state is waiting for the database."""
+        with self._health_lock:
+            return self._healthy
+
+    def unrecorded_job_ids(self) -> list[str]:
+        """Jobs that ended but whose final state the database has not taken yet (a worker is retrying it)."""
+        with self._health_lock:
+            return sorted(self._unrecorded)
+
+    def _note_write(self, ok: bool) -> None:
+        with self._health_lock:
+            self._write_failing = not ok
+            self._publish_health()
+
+    def _mark_unrecorded(self, job_id: str, waiting: bool) -> None:
+        with self._health_lock:
+            if waiting:
+                self._unrecorded.add(job_id)
+            else:
+                self._unrecorded.discard(job_id)
+            self._publish_health()
+
+    def _publish_health(self) -> None:
+        """Under _health_lock: report a change of `healthy` (in order, so the last report is the current state)."""
+        healthy = not self._write_failing and not self._unrecorded
+        if healthy == self._healthy:
+            return
+        self._healthy = healthy
+        if healthy:
+            log.info("the database takes writes again: training jobs run")
+        else:
+            log.warning("training jobs cannot run until the database takes writes again")
+        callback = self.on_health_change
+        if callback is not None:
+            try:
+                callback(healthy)
+            except Exception:  # reporting health must never disturb a job
+                log.warning("reporting the training service's health failed", exc_info=True)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -97,19 +175,30 @@ class Scheduler:
             self._threads.append(t)
 
     def stop(self, grace: float = 0.0) -> None:
-        """Stop taking jobs; running jobs get `grace` seconds to finish, then are killed and marked interrupted."""
+        """Stop taking jobs; running jobs get `grace` seconds to finish, then are killed and marked interrupted.
+
+        A job whose interruption the database does not take stays RUNNING there; the next start marks it
+        interrupted. A job whose model commits first stays SUCCEEDED.
+        """
         with self._lock:
             self._stopping = True
             self._wakeup.notify_all()
+        self._halt.set()
         deadline = time.monotonic() + grace
         for t in self._threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         with self._lock:
             runs = dict(self._runs)
-        for job_id, run in runs.items():
+            active = sorted(self._active | set(runs))
+        for run in runs.values():
             run.cancel()
-            self.store.update(job_id, only_from=(RUNNING,), state=FAILED, stage="interrupted",
-                              error="interrupted: the training service stopped", finished_at=now_ms())
+        for job_id in active:
+            try:
+                self.store.update(job_id, only_from=(RUNNING,), state=FAILED, stage="interrupted",
+                                  error="interrupted: the training service stopped", finished_at=now_ms())
+            except Exception as exc:
+                log.warning("job %s stays RUNNING until the next start marks it interrupted: %s", job_id,
+                            _cause(exc))
         for t in self._threads:
             t.join(timeout=5)
         self.executor.close()
@@ -124,27 +213,31 @@ class Scheduler:
             job = self.store.create(request)
             self._pending.append(job.job_id)
             self._wakeup.notify()
+        self._note_write(True)
         return job
 
     def cancel(self, job_id: str) -> Job:
-        with self._lock:
-            job = self.store.get(job_id)
-            if job is None:
-                raise NotFound(f"no training job with job_id {job_id!r}", field="job_id")
-            if job.state in FINAL_STATES:
-                raise FailedPrecondition(
-                    f"job {job_id} already finished ({job.state}); only queued or running jobs can be cancelled",
-                    field="job_id",
-                )
-            self._cancel.add(job_id)
-            if job_id in self._pending:
-                self._pending.remove(job_id)
-            run = self._runs.get(job_id)
-            self.store.update(job_id, only_from=(QUEUED, RUNNING), state=CANCELLED, stage="cancelled",
-                              error="cancelled on request", finished_at=now_ms())
-        if run is not None:
-            run.cancel()  # returns at once; the worker loop sees the run end
-        return self.store.get_existing(job_id)
+        """Cancel a queued or running job. The database decides a race with the job's end: a job whose model
+        committed first is SUCCEEDED, and cancelling it is FAILED_PRECONDITION."""
+        job = self.store.get(job_id)
+        if job is None:
+            raise NotFound(f"no training job with job_id {job_id!r}", field="job_id")
+        if job.state not in FINAL_STATES:
+            if self.store.update(job_id, only_from=(QUEUED, RUNNING), state=CANCELLED, stage="cancelled",
+                                 error="cancelled on request", finished_at=now_ms()):
+                self._note_write(True)
+                with self._lock:  # a worker that marked it RUNNING has registered its run before releasing this
+                    if job_id in self._pending:
+                        self._pending.remove(job_id)
+                    run = self._runs.get(job_id)
+                if run is not None:
+                    run.cancel()  # returns at once; the worker loop sees the run end
+                return self.store.get_existing(job_id)
+            job = self.store.get_existing(job_id)
+        raise FailedPrecondition(
+            f"job {job_id} already finished ({job.state}); only queued or running jobs can be cancelled",
+            field="job_id",
+        )
 
     # -- workers -----------------------------------------------------------------------------------------
     def _next_job(self) -> str | None:
@@ -153,21 +246,74 @@ class Scheduler:
                 self._wakeup.wait()
             if self._stopping:
                 return None
-            return self._pending.pop(0)
+            job_id = self._pending.pop(0)
+            self._active.add(job_id)
+            return job_id
 
     def _worker_loop(self) -> None:
+        """Run jobs until stop(). No error ends this loop: each job ends recorded, or stays for the next start."""
         while True:
             job_id = self._next_job()
             if job_id is None:
                 return
             try:
-                self._run(job_id)
-            except Exception as exc:  # never lose a job silently: record why it failed
-                log.exception("job %s failed in the scheduler", job_id)
-                self._cleanup_partials(job_id)
-                self.store.update(job_id, only_from=(QUEUED, RUNNING), state=FAILED, stage="failed",
-                                  error=f"{type(exc).__name__}: {exc}", finished_at=now_ms())
+                self._work(job_id)
+            except Exception:  # an error in the error handling itself: the worker still goes on
+                log.exception("job %s: unexpected error in the training worker", job_id)
+            finally:
+                with self._lock:
+                    self._active.discard(job_id)
             self._report_finished(job_id)
+
+    def _work(self, job_id: str) -> None:
+        """Run one job; any error fails it with the cause, recorded once the database takes the write."""
+        try:
+            self._run(job_id)
+        except Exception as exc:
+            self._cleanup_partials(job_id)
+            cause = _cause(exc)
+            if isinstance(exc, Unavailable):
+                self._note_write(False)
+            if isinstance(exc, MlsignalError):
+                log.error("job %s failed: %s", job_id, cause)
+            else:
+                log.exception("job %s failed in the scheduler: %s", job_id, cause)
+            self._record_final(job_id, (QUEUED, RUNNING), logged=cause, state=FAILED, stage="failed", error=cause,
+                               finished_at=now_ms())
+
+    def _record_final(self, job_id: str, only_from: tuple[str, ...], logged: str = "", **values) -> bool | None:
+        """Write a job's final state, retrying with backoff while the database refuses it. Returns whether the job
+        changed, or None when the scheduler stopped first: the job then stays as the database has it (the next start
+        marks a RUNNING job interrupted). `logged` is a cause already logged for this job, not repeated."""
+        delay = RETRY_FIRST_DELAY
+        failing = False
+        while True:
+            try:
+                changed = self.store.update(job_id, only_from=only_from, **values)
+            except Exception as exc:
+                if not failing:
+                    failing = True
+                    self._note_write(False)
+                    self._mark_unrecorded(job_id, True)
+                    cause = _cause(exc)
+                    if cause == logged:
+                        log.warning("job %s is recorded %s once the database takes writes again", job_id,
+                                    values.get("state"))
+                    else:
+                        log.error("job %s: cannot record it %s: %s; retrying until the database takes writes again",
+                                  job_id, values.get("state"), cause)
+                if self._halt.wait(delay):
+                    self._mark_unrecorded(job_id, False)
+                    log.warning("job %s: the training service stopped before the database took its end; it stays "
+                                "RUNNING until the next start marks it interrupted", job_id)
+                    return None
+                delay = min(delay * 2, RETRY_MAX_DELAY)
+                continue
+            self._note_write(True)
+            if failing:
+                self._mark_unrecorded(job_id, False)
+                log.info("job %s recorded %s", job_id, values.get("state"))
+            return changed
 
     def _report_finished(self, job_id: str) -> None:
         if self.on_job_finished is None:
@@ -184,49 +330,72 @@ class Scheduler:
         if job is None or job.state != QUEUED:
             return
         with self._lock:
-            if job_id in self._cancel or self._stopping:
-                self._cancel.discard(job_id)
+            if self._stopping:
                 return
+            # conditional: a cancel that committed first leaves the job CANCELLED and it never starts
             if not self.store.update(job_id, only_from=(QUEUED,), state=RUNNING, stage="starting",
                                      progress=0.0, started_at=now_ms()):
                 return
             run = self.executor.submit(job_id, job.request.to_json())
             self._runs[job_id] = run
-        written_at, written_stage = 0.0, ""
-
-        def on_progress(stage: str, frac: float) -> None:
-            nonlocal written_at, written_stage
-            t = time.monotonic()
-            if stage != written_stage or t - written_at >= PROGRESS_WRITE_INTERVAL:
-                self.store.update(job_id, only_from=(RUNNING,), stage=stage, progress=float(frac))
-                written_at, written_stage = t, stage
-
+        self._note_write(True)
         try:
-            outcome = run.wait(on_progress)
+            outcome = run.wait(self._progress_writer(job_id))
         finally:
             with self._lock:
                 self._runs.pop(job_id, None)
 
-        with self._lock:
-            cancelled = job_id in self._cancel
-            self._cancel.discard(job_id)
-            if cancelled:
-                return
-            if outcome.kind == RESULT and outcome.result is not None:
+        if outcome.kind == RESULT and outcome.result is not None:
+            try:
                 self._register(job, outcome.result)
+            except _NotRunning:
+                self._note_write(True)  # the database answered: the job had already left RUNNING
+                log.info("job %s was cancelled or interrupted before its model was committed; the model was "
+                         "discarded", job_id)
+            return
+        if outcome.kind == RUN_CANCELLED and not self._stopping:
+            return  # cancelled on request: cancel() recorded it
+        if outcome.kind == RUN_CANCELLED or (outcome.kind == DIED and self._stopping):
+            error, stage = "interrupted: the training service stopped", "interrupted"
+        elif outcome.kind in (ERROR, DIED):
+            error, stage = outcome.message, "failed"
+        else:
+            error, stage = f"unexpected outcome {outcome.kind!r}: {outcome.message}", "failed"
+        self._record_final(job_id, (RUNNING,), state=FAILED, stage=stage, error=error, finished_at=now_ms())
+
+    def _progress_writer(self, job_id: str) -> Callable[[str, float], None]:
+        """on_progress for a run: writes at most every PROGRESS_WRITE_INTERVAL per stage. A write that fails is
+        skipped (and so are the next ones for PROGRESS_RETRY_INTERVAL); it is logged once until writes work again."""
+        written_at, written_stage = 0.0, ""
+        failing, retry_at = False, 0.0
+
+        def on_progress(stage: str, frac: float) -> None:
+            nonlocal written_at, written_stage, failing, retry_at
+            t = time.monotonic()
+            if t < retry_at or (stage == written_stage and t - written_at < PROGRESS_WRITE_INTERVAL):
                 return
-            if outcome.kind == RUN_CANCELLED or (outcome.kind == DIED and self._stopping):
-                error, stage = "interrupted: the training service stopped", "interrupted"
-            elif outcome.kind in (ERROR, DIED):
-                error, stage = outcome.message, "failed"
-            else:
-                error, stage = f"unexpected outcome {outcome.kind!r}: {outcome.message}", "failed"
-            self.store.update(job_id, only_from=(RUNNING,), state=FAILED, stage=stage, error=error,
-                              finished_at=now_ms())
+            try:
+                self.store.update(job_id, only_from=(RUNNING,), stage=stage, progress=float(frac))
+            except Exception as exc:  # progress is best effort: never let it end the run
+                retry_at = t + PROGRESS_RETRY_INTERVAL
+                self._note_write(False)
+                if not failing:
+                    failing = True
+                    log.warning("job %s: progress is not recorded while the database refuses writes: %s", job_id,
+                                _cause(exc))
+                return
+            written_at, written_stage = t, stage
+            self._note_write(True)
+            if failing:
+                failing = False
+                log.info("job %s: progress is recorded again", job_id)
+
+        return on_progress
 
     def _register(self, job: Job, result: dict) -> None:
-        """Write the artifact bytes to partial files, rename them into place, and insert the model row and the job's
-        success in one transaction. On any failure nothing of the job stays behind."""
+        """Write the artifact bytes to partial files, rename them into place, and record the job's success and the
+        model row in one transaction, only if the job is still RUNNING (else `_NotRunning`). On any failure nothing
+        of the job stays behind: the transaction rolls back and the files are removed."""
         req = job.request
         model_id = new_model_id(req.symbol, req.timeframe)
         onnx_tmp, skl_tmp = partial_paths(self.model_dir, job.job_id)
@@ -262,17 +431,23 @@ class Scheduler:
             os.replace(onnx_tmp, self.model_dir / onnx_name)
             os.replace(skl_tmp, self.model_dir / skl_name)
             _fsync_dir(self.model_dir)
+            if self.before_register is not None:
+                self.before_register(job.job_id)
             with self.store.engine.begin() as conn:
+                if not self.store.update(job.job_id, only_from=(RUNNING,), conn=conn, state=SUCCEEDED, stage="done",
+                                         progress=1.0, model_id=model_id, metrics=result["metrics"],
+                                         finished_at=now_ms()):
+                    raise _NotRunning(job.job_id)  # rolls the transaction back
                 insert_model(conn, record)
-                self.store.update(job.job_id, only_from=(RUNNING,), conn=conn, state=SUCCEEDED, stage="done",
-                                  progress=1.0, model_id=model_id, metrics=result["metrics"],
-                                  finished_at=now_ms())
+                if self.before_register_commit is not None:
+                    self.before_register_commit(job.job_id)
         except BaseException:
             self._cleanup_partials(job.job_id)
             (self.model_dir / onnx_name).unlink(missing_ok=True)
             (self.model_dir / skl_name).unlink(missing_ok=True)
             raise
         self.store._notify()
+        self._note_write(True)
         log.info("job %s registered model %s", job.job_id, model_id)
 
     def _cleanup_partials(self, job_id: str) -> None:

@@ -76,8 +76,8 @@ def start(settings: Settings, address: str | None = None) -> RunningTraining:
         try:
             handle = start_server(
                 address,
-                lambda server: training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(service),
-                                                                                       server),
+                lambda server: training_pb2_grpc.add_TrainingServiceServicer_to_server(
+                    TrainingServicer(service, settings.max_streams), server),
                 [SERVICE_NAME],
                 MAX_MESSAGE_BYTES,
                 interceptors=interceptors,

@@ -1,38 +1,62 @@
-"""gRPC TrainingService: converts messages and maps errors; the logic is in service.py."""
+"""gRPC TrainingService (asyncio): converts messages and maps errors; the logic is in service.py.
+
+Every call that reads or writes the database or talks to the scheduler runs in a worker thread, so the event loop
+only converts messages; WatchTrainingJob streams share one poller per job (`training_service.watches`).
+"""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
 
 from mlsignal.v1 import training_pb2, training_pb2_grpc
 from shared.converters import model_info
 from shared.errors import InvalidArgument
+from shared.server.limits import StreamLimit
 from shared.server.status import maps_errors
 from training_service import converters
 from training_service.service import TrainingService
+from training_service.watches import JobWatches
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
-    def __init__(self, service: TrainingService):
+    """At most `max_streams` WatchTrainingJob calls are open at once; the next is refused RESOURCE_EXHAUSTED."""
+
+    def __init__(self, service: TrainingService, max_streams: int = 10_000) -> None:
         self.service = service
+        self.streams = StreamLimit(max_streams, "WatchTrainingJob")
+        self.watches = JobWatches(service.get)
 
     @maps_errors
-    def StartTraining(self, request, context):
-        return converters.job_message(self.service.start(converters.training_request(request)))
+    async def StartTraining(self, request: training_pb2.StartTrainingRequest,
+                            context: grpc.aio.ServicerContext) -> training_pb2.TrainingJob:
+        job = await asyncio.to_thread(self.service.start, converters.training_request(request))
+        return converters.job_message(job)
 
     @maps_errors
-    def GetTrainingJob(self, request, context):
-        return converters.job_message(self.service.get(request.job_id))
+    async def GetTrainingJob(self, request: training_pb2.GetTrainingJobRequest,
+                             context: grpc.aio.ServicerContext) -> training_pb2.TrainingJob:
+        return converters.job_message(await asyncio.to_thread(self.service.get, request.job_id))
 
     @maps_errors
-    def WatchTrainingJob(self, request, context):
-        for job in self.service.watch(request.job_id, context.is_active):
-            yield converters.job_message(job)
+    async def WatchTrainingJob(self, request: training_pb2.GetTrainingJobRequest,
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[training_pb2.TrainingJob]:
+        """The job now and after each change, ending after a final state. An unknown job is NOT_FOUND; losing the
+        database ends the watch UNAVAILABLE (watch again to resume)."""
+        with self.streams.slot():
+            async for job in self.watches.watch(request.job_id):
+                yield converters.job_message(job)
 
     @maps_errors
-    def CancelTrainingJob(self, request, context):
-        return converters.job_message(self.service.cancel(request.job_id))
+    async def CancelTrainingJob(self, request: training_pb2.CancelTrainingJobRequest,
+                                context: grpc.aio.ServicerContext) -> training_pb2.TrainingJob:
+        return converters.job_message(await asyncio.to_thread(self.service.cancel, request.job_id))
 
     @maps_errors
-    def ListTrainingJobs(self, request, context):
+    async def ListTrainingJobs(self, request: training_pb2.ListTrainingJobsRequest,
+                               context: grpc.aio.ServicerContext) -> training_pb2.ListTrainingJobsResponse:
         states = []
         for s in request.states:
             if s not in converters.PROTO_TO_STATE:
@@ -41,10 +65,12 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         if request.limit < 0:
             raise InvalidArgument("limit: must be >= 0", field="limit")
         limit = min(request.limit or 100, 10_000)
-        jobs = self.service.list_jobs(request.symbol, request.timeframe, tuple(states), limit)
+        jobs = await asyncio.to_thread(self.service.list_jobs, request.symbol, request.timeframe, tuple(states), limit)
         return training_pb2.ListTrainingJobsResponse(jobs=[converters.job_message(j) for j in jobs])
 
     @maps_errors
-    def ListModels(self, request, context):
-        models = self.service.list_models(request.symbol, request.timeframe)
+    async def ListModels(self, request: training_pb2.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> training_pb2.ListModelsResponse:
+        models = await asyncio.to_thread(self.service.list_models, request.symbol, request.timeframe)
         return training_pb2.ListModelsResponse(models=[model_info(m) for m in models])
+

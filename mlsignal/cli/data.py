@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from shared.errors import Unavailable, one_line
 from shared.timeframes import TIMEFRAME_MS
 
 KINDS = ("candles", "funding-rate", "open-interest")
@@ -204,6 +205,7 @@ def _span(ms: int) -> str:
 def _list(args) -> int:
     import sqlalchemy as sa
 
+    from shared.server.startup import database_label
     from shared.settings import Settings
     from shared.store.marketdata import summarize, summarize_series
     from shared.timeframes import ms_to_iso
@@ -211,19 +213,19 @@ def _list(args) -> int:
     url = Settings.from_env().database_url
     db = sa.engine.make_url(url).database if url.startswith("sqlite") else None
     if db and db != ":memory:" and not Path(db).exists():  # do not create an empty database just to list it
-        print(f"no market data stored in {_redact(url)} (no such database file)")
+        print(f"no market data stored in {database_label(url)} (no such database file)")
         return 0
     engine = _connect(url, migrate=False)
     try:
         if not sa.inspect(engine).has_table("candles"):
-            print(f"no market data stored in {_redact(url)} (no schema yet; `mlsignal data import` creates it)")
+            print(f"no market data stored in {database_label(url)} (no schema yet; `mlsignal data import` creates it)")
             return 0
         candle_rows = summarize(engine)
         series_rows = summarize_series(engine)
     finally:
         engine.dispose()
     if not candle_rows and not series_rows:
-        print(f"no market data stored in {_redact(url)}")
+        print(f"no market data stored in {database_label(url)}")
         return 0
     if candle_rows:
         _table(
@@ -259,9 +261,6 @@ def _table(header: list[str], rows: list[list]) -> None:
 
 def _connect(url: str, migrate: bool):
     """An engine on the database; with migrate, the schema is created or upgraded first (idempotent)."""
-    import sqlalchemy as sa
-
-    from shared.errors import Unavailable
     from shared.store.db import make_engine
     from shared.store.migrate import upgrade
 
@@ -271,12 +270,14 @@ def _connect(url: str, migrate: bool):
         engine = make_engine(url)
         with engine.connect():
             pass
-    except sa.exc.OperationalError as exc:
-        raise Unavailable(f"cannot reach the database {_redact(url)}: {exc.orig}") from None
+    except Unavailable as exc:
+        raise unreachable(url, exc) from None
     return engine
 
 
-def _redact(url: str) -> str:
-    import sqlalchemy as sa
+def unreachable(url: str, exc: Unavailable) -> Unavailable:
+    """The store's Unavailable as one line naming the database (password hidden) and the driver's reason."""
+    from shared.server.startup import database_label
 
-    return sa.engine.make_url(url).render_as_string(hide_password=True)
+    reason = one_line(exc.__cause__ or exc)  # the store keeps the driver's error as the cause
+    return Unavailable(f"cannot reach the database {database_label(url)}: {reason}")

@@ -14,22 +14,16 @@ def register(sub) -> None:
 
 
 def _upgrade(args) -> int:
-    import sqlalchemy as sa
-
+    from mlsignal.cli.data import unreachable
     from shared.errors import Unavailable
+    from shared.server.startup import database_label
     from shared.settings import Settings
     from shared.store.migrate import upgrade
 
-    settings = Settings.from_env()
+    url = Settings.from_env().database_url
     try:
-        rev = upgrade(settings.database_url, args.revision)
-    except sa.exc.OperationalError as exc:
-        raise Unavailable(f"cannot reach the database {_redact(settings.database_url)}: {exc.orig}") from None
-    print(f"database {_redact(settings.database_url)} is at revision {rev}")
+        rev = upgrade(url, args.revision)
+    except Unavailable as exc:
+        raise unreachable(url, exc) from None
+    print(f"database {database_label(url)} is at revision {rev}")
     return 0
-
-
-def _redact(url: str) -> str:
-    import sqlalchemy as sa
-
-    return sa.engine.make_url(url).render_as_string(hide_password=True)

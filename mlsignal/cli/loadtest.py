@@ -91,29 +91,31 @@ def register(sub) -> None:
 
 
 def _candles(args):
-    import sqlalchemy as sa
-
     from mlsignal.loadtest import LoadTestError
-    from shared.settings import Settings
-    from shared.store.db import make_engine
     from shared.store.importers import read_candles
-    from shared.store.marketdata import load_candles
 
     if args.csv is not None:
         if not args.csv.is_file():
             raise LoadTestError(f"{args.csv}: no such file")
         return read_candles(args.csv, args.timeframe)
+
+    from shared.errors import Unavailable, one_line
+    from shared.server.startup import database_label
+    from shared.settings import Settings
+    from shared.store.db import make_engine
+    from shared.store.marketdata import load_candles
+
     url = Settings.from_env().database_url
     engine = make_engine(url)
     try:
         frame = load_candles(engine, args.symbol, args.timeframe)
-    except sa.exc.OperationalError as exc:
-        raise LoadTestError(f"cannot read candles from the database: {exc.orig}") from None
+    except Unavailable as exc:
+        reason = one_line(exc.__cause__ or exc)  # the store keeps the driver's error as the cause
+        raise LoadTestError(f"cannot read candles from the database: {reason}") from None
     finally:
         engine.dispose()
     if frame.empty:
-        shown = sa.engine.make_url(url).render_as_string(hide_password=True)
-        raise LoadTestError(f"no {args.symbol} {args.timeframe} candles in {shown}; import some with "
+        raise LoadTestError(f"no {args.symbol} {args.timeframe} candles in {database_label(url)}; import some with "
                             "`mlsignal data import` or pass --csv")
     return frame
 

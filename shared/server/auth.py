@@ -7,7 +7,7 @@ any other service. Tokens are compared in constant time. `shared.server.intercep
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
@@ -30,17 +30,17 @@ def bearer_token_ok(metadata: Iterable[tuple[str, str | bytes]] | None, token: b
     return False
 
 
-def _deny_unary(request: Any, context: grpc.ServicerContext) -> None:
-    context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+async def _deny_unary(request: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
 
-def _deny_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-    context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+async def _deny_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
     yield  # pragma: no cover - abort raises
 
 
 def denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that ends every call UNAUTHENTICATED."""
+    """A handler of the same shape as `handler` (asyncio server) that ends every call UNAUTHENTICATED."""
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(_deny_unary, handler.request_deserializer,
                                                    handler.response_serializer)

@@ -3,10 +3,14 @@ interceptor (auth, metrics, access logs), health and reflection, and a handle wh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from concurrent import futures
+import asyncio
+import errno
+import logging
+import socket
+import threading
+from collections.abc import Callable, Coroutine, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,6 +24,21 @@ if TYPE_CHECKING:
 
     from shared.settings import Settings
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: HTTP/2 keepalive: the server pings an idle connection every 60 s and drops a peer that does not answer within
+#: 20 s, so a client that vanished without closing its streams frees them. Clients may ping as often as every 10 s.
+#: There is deliberately no idle or age limit on connections: a healthy stream on daily candles is idle for a day.
+KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+]
+
 
 def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
     """Channel options that raise the receive and send limits to `max_bytes`."""
@@ -29,23 +48,90 @@ def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-class ServerHandle:
-    """A started server with its health servicer; `stop` flips health to NOT_SERVING before draining calls.
+def server_options(max_bytes: int) -> list[tuple[str, int]]:
+    """Every option of a server: message-size limits, keepalive, and no SO_REUSEPORT (a second server on a port
+    that is taken fails to bind instead of silently sharing it)."""
+    return [*message_size_options(max_bytes), *KEEPALIVE_OPTIONS, ("grpc.so_reuseport", 0)]
 
-    `metrics` is the server's `Metrics` when MLSIGNAL_METRICS_PORT is set (its `port` is the bound metrics port), else
-    None.
+
+class ServerLoop:
+    """The asyncio event loop that runs this process's gRPC servers, in a background thread.
+
+    Callers in other threads hand it coroutines with `run`. One loop serves every server of the process (gRPC's
+    asyncio support polls its completion queue from one loop best); it starts with the first server and stops
+    when the last one has stopped.
     """
 
-    def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer, port: int, services: list[str],
-                 metrics: Metrics | None = None) -> None:
+    _lock = threading.Lock()
+    _shared: ServerLoop | None = None
+    _users = 0
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, name="grpc-server-loop", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
+        finally:
+            self.loop.close()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run `coro` on the loop and wait for its result (call from any thread but the loop's)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @classmethod
+    def acquire(cls) -> ServerLoop:
+        with cls._lock:
+            if cls._shared is None:
+                cls._shared = ServerLoop()
+            cls._users += 1
+            return cls._shared
+
+    @classmethod
+    def release(cls) -> None:
+        with cls._lock:
+            cls._users -= 1
+            if cls._users > 0 or cls._shared is None:
+                return
+            runner, cls._shared = cls._shared, None
+            runner.loop.call_soon_threadsafe(runner.loop.stop)
+            runner._thread.join(10)
+
+
+class ServerHandle:
+    """A started asyncio server with its health servicer; `stop` flips health to NOT_SERVING before draining calls.
+
+    The server runs on the process's `ServerLoop`; the handle's methods are plain blocking calls for any other
+    thread. `metrics` is the server's `Metrics` when MLSIGNAL_METRICS_PORT is set (its `port` is the bound metrics
+    port), else None.
+    """
+
+    def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, port: int,
+                 services: list[str], runner: ServerLoop, metrics: Metrics | None = None) -> None:
         self.server = server
         self.health = health_servicer
         self.port = port
         self.services = services
         self.metrics = metrics
+        self.runner = runner
         self._on_stop: list[Callable[[float], object]] = []
         self._on_stopped: list[Callable[[], object]] = []
         self._stopped = False
+        self._terminated = threading.Event()
+        self._stop_task: asyncio.Future[None] | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.runner.loop
 
     def on_stop(self, fn: Callable[[float], object]) -> None:
         """Call fn(grace) right after the server stops taking new calls (running calls still drain meanwhile)."""
@@ -55,20 +141,34 @@ class ServerHandle:
         """Call fn() once every call has finished or was cancelled at the end of the grace period."""
         self._on_stopped.append(fn)
 
+    async def _begin_stop(self, grace: float) -> threading.Event:
+        await self.health.enter_graceful_shutdown()  # NOT_SERVING for every service, and it stays so
+        done = threading.Event()
+        self._stop_task = asyncio.ensure_future(self.server.stop(grace))
+        self._stop_task.add_done_callback(lambda _: done.set())
+        await asyncio.sleep(0)  # the stop has begun: new calls are refused from here on
+        return done
+
     def stop(self, grace: float) -> None:
+        """Refuse new calls, give running ones `grace` seconds, then cancel what is left (blocking)."""
         if self._stopped:
             return
         self._stopped = True
-        self.health.enter_graceful_shutdown()  # NOT_SERVING for every service, and it stays so
-        event = self.server.stop(grace)  # new calls are refused from here on; running calls get `grace` seconds
-        for stopping in self._on_stop:
-            stopping(grace)
-        event.wait(grace + 1)
-        for stopped in self._on_stopped:
-            stopped()
+        try:
+            done = self.runner.run(self._begin_stop(grace))
+            for stopping in self._on_stop:  # in this thread: they may block while calls drain on the loop
+                stopping(grace)
+            if not done.wait(grace + 5):
+                log.warning("the server did not finish stopping within %.1fs", grace + 5)
+            for stopped in self._on_stopped:
+                stopped()
+        finally:
+            ServerLoop.release()
+            self._terminated.set()
 
     def wait(self) -> None:
-        self.server.wait_for_termination()
+        """Block until `stop` has finished."""
+        self._terminated.wait()
 
 
 class RunningServer:
@@ -95,36 +195,74 @@ def server_credentials(tls_pair: tuple[bytes, bytes] | None) -> grpc.ServerCrede
     return grpc.ssl_server_credentials([(key, cert)])
 
 
-def start_server(address: str, add_servicers: Callable[[grpc.Server], object], service_names: list[str],
-                 max_message_bytes: int, max_workers: int = 32, *,
-                 interceptors: Sequence[grpc.ServerInterceptor] = (), credentials: grpc.ServerCredentials | None = None,
-                 metrics: Metrics | None = None) -> ServerHandle:
-    """Build, bind and start a server. `add_servicers(server)` registers the service implementations.
+def _address_in_use(address: str) -> bool:
+    """Whether a TCP listen address is taken by another listener (checked before gRPC binds, which would also fail
+    but log a line of its own first). Port 0, Unix sockets and unresolvable hosts are left to gRPC."""
+    if address.startswith("unix:"):
+        return False
+    host, _, port_text = address.rpartition(":")
+    host = host.strip("[]") or None
+    if not port_text.isdigit() or int(port_text) == 0:
+        return False
+    try:
+        infos = socket.getaddrinfo(host, int(port_text), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False
+    for family, kind, proto, _name, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is not "in use"
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
 
-    With `credentials` the port speaks TLS only. `interceptors` wrap every handler, health and reflection included.
-    """
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        options=message_size_options(max_message_bytes),
-        interceptors=list(interceptors),
-    )
+
+async def _start(address: str, add_servicers: Callable[[grpc.aio.Server], object], service_names: list[str],
+                 max_message_bytes: int, interceptors: Sequence[grpc.aio.ServerInterceptor],
+                 credentials: grpc.ServerCredentials | None) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    server = grpc.aio.server(interceptors=list(interceptors), options=server_options(max_message_bytes))
     add_servicers(server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     try:
-        if credentials is not None:
+        if _address_in_use(address):
+            port = 0
+        elif credentials is not None:
             port = server.add_secure_port(address, credentials)
         else:
             port = server.add_insecure_port(address)
-    except RuntimeError as exc:  # grpc raises RuntimeError for an address it cannot bind
-        raise OSError(f"cannot listen on {address}: {exc}") from None
+    except RuntimeError:  # grpc raises RuntimeError for an address it cannot bind
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {address}")
-    server.start()
+        await server.stop(None)
+        raise OSError(f"cannot listen on {address}: the address is in use or not available here "
+                      "(is another server running on it?)")
+    await server.start()
     for name in ["", *service_names]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return ServerHandle(server, health_servicer, port, service_names, metrics)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, health_servicer, port
+
+
+def start_server(address: str, add_servicers: Callable[[grpc.aio.Server], object], service_names: list[str],
+                 max_message_bytes: int, *, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                 credentials: grpc.ServerCredentials | None = None, metrics: Metrics | None = None) -> ServerHandle:
+    """Build, bind and start an asyncio server on the process's `ServerLoop`. `add_servicers(server)` registers the
+    service implementations (asyncio servicers); it runs on the loop.
+
+    With `credentials` the port speaks TLS only. `interceptors` wrap every handler, health and reflection included.
+    OSError names the address when it cannot be bound.
+    """
+    runner = ServerLoop.acquire()
+    try:
+        server, health_servicer, port = runner.run(
+            _start(address, add_servicers, service_names, max_message_bytes, interceptors, credentials), 60)
+    except BaseException:
+        ServerLoop.release()
+        raise
+    return ServerHandle(server, health_servicer, port, service_names, runner, metrics)
 
 
 def listen_host(address: str) -> str:

@@ -1,4 +1,5 @@
-"""The one interceptor every handler of a server goes through: the bearer-token check, RPC metrics, and access logs.
+"""The one interceptor (asyncio) every handler of a server goes through: the bearer-token check, RPC metrics, and
+access logs.
 
 - **auth** (with a token configured): see `shared.server.auth`; calls without the token end UNAUTHENTICATED.
 - **metrics** (when `Metrics` is given): RPCs started and handled by method and status code, messages received and
@@ -12,9 +13,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from time import perf_counter
 from typing import Any
 
@@ -91,13 +94,18 @@ class _Call:
         self.response: Any = None
 
 
-def _code_after_error(context: grpc.ServicerContext, exc: BaseException) -> grpc.StatusCode:
+def _code_after_error(context: grpc.aio.ServicerContext, exc: BaseException) -> grpc.StatusCode:
+    """The status a call ends with when its handler raised `exc` (an abort has set the code already)."""
     code = context.code()
     if code is not None and code != grpc.StatusCode.OK:
         return code
-    if isinstance(exc, GeneratorExit) or not context.is_active():
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.UNKNOWN
+
+
+def _final_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    return context.code() or grpc.StatusCode.OK
 
 
 def _ids(*messages: Any) -> dict[str, str]:
@@ -113,7 +121,7 @@ def _ids(*messages: Any) -> dict[str, str]:
     return out
 
 
-class ServerInterceptor(grpc.ServerInterceptor):
+class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Auth, metrics and access logging for every RPC of one server (see the module docstring)."""
 
     def __init__(self, metrics: Metrics | None = None, token: str | None = None,
@@ -129,12 +137,12 @@ class ServerInterceptor(grpc.ServerInterceptor):
             m = self._methods.setdefault(full, _Method(full, handler, self._metrics))
         return m
 
-    def intercept_service(
+    async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
         m = self._method(handler_call_details.method, handler)
@@ -149,7 +157,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
             m.started.inc()
         return _Call()
 
-    def _finish(self, m: _Method, call: _Call, code: grpc.StatusCode, context: grpc.ServicerContext) -> None:
+    def _finish(self, m: _Method, call: _Call, code: grpc.StatusCode, context: grpc.aio.ServicerContext) -> None:
         elapsed = perf_counter() - call.start
         if self._metrics is not None:
             m.handled(code).inc()
@@ -168,9 +176,9 @@ class ServerInterceptor(grpc.ServerInterceptor):
         ids = "".join(f" {k}={extra[k]}" for k in ("job_id", "model_id") if k in extra)
         self._log.log(level, "rpc %s %s %.1fms%s", m.full, code.name, elapsed * 1000.0, ids, extra=extra)
 
-    def _requests(self, m: _Method, call: _Call, iterator: Iterator[Any]) -> Iterator[Any]:
+    async def _requests(self, m: _Method, call: _Call, iterator: AsyncIterator[Any]) -> AsyncIterator[Any]:
         counting = self._metrics is not None
-        for request in iterator:
+        async for request in iterator:
             call.n_in += 1
             call.arrived = perf_counter()
             if call.request is None:
@@ -181,6 +189,12 @@ class ServerInterceptor(grpc.ServerInterceptor):
 
     # -- wrappers ------------------------------------------------------------------------------------------------
     def _wrap(self, handler: grpc.RpcMethodHandler, m: _Method) -> grpc.RpcMethodHandler:
+        behavior = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
+        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+            # a blocking handler runs in gRPC's thread pool and is passed through as it is (counted only)
+            if m.started is not None:
+                m.started.inc()
+            return handler
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, m), handler.request_deserializer, handler.response_serializer)
@@ -188,31 +202,31 @@ class ServerInterceptor(grpc.ServerInterceptor):
             return grpc.stream_unary_rpc_method_handler(
                 self._unary(handler.stream_unary, m, streaming_request=True),
                 handler.request_deserializer, handler.response_serializer)
-        behavior = handler.unary_stream or handler.stream_stream
-        if getattr(behavior, "experimental_non_blocking", False):
-            # The health service's Watch answers through callbacks; wrapping it would pin a thread per watcher.
-            if m.started is not None:
-                m.started.inc()
-            return handler
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(handler.unary_stream, m), handler.request_deserializer, handler.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(
-            self._streaming(handler.stream_stream, m, streaming_request=True),
-            handler.request_deserializer, handler.response_serializer)
+        streaming_request = handler.stream_stream is not None
+        wrap = self._streaming if inspect.isasyncgenfunction(behavior) else self._writing
+        wrapped = wrap(behavior, m, streaming_request)
+        if streaming_request:
+            return grpc.stream_stream_rpc_method_handler(wrapped, handler.request_deserializer,
+                                                         handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(wrapped, handler.request_deserializer,
+                                                    handler.response_serializer)
 
-    def _unary(self, behavior: Callable[..., Any], m: _Method,
-               streaming_request: bool = False) -> Callable[[Any, grpc.ServicerContext], Any]:
-        def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
-            call = self._begin(m)
-            if streaming_request:
-                request = self._requests(m, call, request)
-            else:
-                call.request = request
+    def _start_call(self, m: _Method, request: Any, streaming_request: bool) -> tuple[_Call, Any]:
+        call = self._begin(m)
+        if streaming_request:
+            request = self._requests(m, call, request)
+        else:
+            call.request = request
+        return call, request
+
+    def _unary(self, behavior: Callable[..., Awaitable[Any]], m: _Method,
+               streaming_request: bool = False) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call, request = self._start_call(m, request, streaming_request)
             code = grpc.StatusCode.OK
             try:
-                call.response = behavior(request, context)
-                code = context.code() or grpc.StatusCode.OK
+                call.response = await behavior(request, context)
+                code = _final_code(context)
                 return call.response
             except BaseException as exc:
                 code = _code_after_error(context, exc)
@@ -222,20 +236,17 @@ class ServerInterceptor(grpc.ServerInterceptor):
 
         return wrapper
 
-    def _streaming(self, behavior: Callable[..., Iterator[Any]], m: _Method,
-                   streaming_request: bool = False) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+    def _streaming(self, behavior: Callable[..., AsyncGenerator[Any, None]], m: _Method,
+                   streaming_request: bool = False) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+        """Wrap a handler that is an async generator of responses."""
         metrics = self._metrics
 
-        def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            call = self._begin(m)
-            if streaming_request:
-                request = self._requests(m, call, request)
-            else:
-                call.request = request
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            call, request = self._start_call(m, request, streaming_request)
             code = grpc.StatusCode.OK
             responses = behavior(request, context)
             try:
-                for response in responses:
+                async for response in responses:
                     call.n_out += 1
                     call.response = response
                     if metrics is not None:
@@ -244,15 +255,32 @@ class ServerInterceptor(grpc.ServerInterceptor):
                             m.stream_message.observe(perf_counter() - call.arrived)
                     call.arrived = None
                     yield response
-                code = context.code() or grpc.StatusCode.OK
+                code = _final_code(context)
             except BaseException as exc:
                 code = _code_after_error(context, exc)
                 raise
             finally:
-                close = getattr(responses, "close", None)
-                if close is not None:
-                    close()
+                with contextlib.suppress(Exception):
+                    await responses.aclose()
                 self._finish(m, call, code, context)
 
         return wrapper
 
+    def _writing(self, behavior: Callable[..., Awaitable[None]], m: _Method,
+                 streaming_request: bool = False) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
+        """Wrap a streaming handler that writes its responses with `context.write` (the health service's Watch);
+        its messages are not counted."""
+
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> None:
+            call, request = self._start_call(m, request, streaming_request)
+            code = grpc.StatusCode.OK
+            try:
+                await behavior(request, context)
+                code = _final_code(context)
+            except BaseException as exc:
+                code = _code_after_error(context, exc)
+                raise
+            finally:
+                self._finish(m, call, code, context)
+
+        return wrapper

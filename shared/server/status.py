@@ -1,21 +1,29 @@
-"""Domain errors to gRPC status codes: one table, and the decorator that applies it to servicer methods.
+"""Domain errors to gRPC status: one table, `status_proto` (a `google.rpc.Status` with `google.rpc.BadRequest` field
+violations), and the decorator `maps_errors` that applies them to servicer methods.
 
-The table only knows `shared.errors`; anything else a servicer raises (a bug) ends as UNKNOWN. Database failures reach
-this module already translated to `shared.errors.Unavailable` by the store.
+The table only knows `shared.errors`; database failures reach this module already translated to
+`shared.errors.Unavailable` by the store. Anything else a servicer raises is a bug: the call ends INTERNAL with a
+short error id, and the server logs that id with the traceback (the client never sees a traceback, and never
+UNKNOWN).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from shared import errors
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("mlsignal.errors")
 
 STATUS_OF: dict[type[errors.MlsignalError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -35,32 +43,114 @@ def status_for(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
-def _abort(context: grpc.ServicerContext, exc: errors.MlsignalError) -> None:
-    """End the call with the error's status code (context.abort raises); re-raise an error the table lacks."""
-    code = status_for(exc)
-    if code is None:
-        raise exc
-    context.abort(code, str(exc))
+def _rpc_code(code: grpc.StatusCode) -> int:
+    """The `google.rpc.Code` number of a gRPC status code."""
+    return int(code.value[0])
+
+
+def status_proto(exc: errors.MlsignalError) -> status_pb2.Status:
+    """The error as a `google.rpc.Status`: its code from the table, its message, and, when the error names a field,
+    a `google.rpc.BadRequest` field violation in the details. A domain error the table lacks counts as INTERNAL."""
+    code = status_for(exc) or grpc.StatusCode.INTERNAL
+    message = str(exc)
+    status = status_pb2.Status(code=_rpc_code(code), message=message)
+    if exc.field:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=message)])
+        status.details.add().Pack(bad_request)
+    return status
+
+
+def internal_status(exc: BaseException, where: str) -> status_pb2.Status:
+    """INTERNAL for an unexpected exception: logs it with its traceback under a new error id, which is all the
+    client is told."""
+    error_id = secrets.token_hex(4)
+    log.error("%s: internal error %s", where, error_id, exc_info=exc)
+    return status_pb2.Status(code=code_pb2.INTERNAL,
+                             message=f"internal error (error id {error_id}; the server log has the details)")
+
+
+def _aborted(context: Any) -> bool:
+    """Whether the call already has a final status (the servicer aborted it), so the exception is gRPC's own."""
+    try:
+        code = context.code()
+    except Exception:  # a context without code() (very old gRPC) cannot tell; assume not aborted
+        return False
+    return code is not None and code != grpc.StatusCode.OK
+
+
+def _status_of(exc: Exception, context: Any, where: str) -> status_pb2.Status | None:
+    """The status that ends the call for `exc`, or None when gRPC must see `exc` itself (an abort in progress)."""
+    if isinstance(exc, errors.MlsignalError):
+        return status_proto(exc)
+    if isinstance(exc, grpc.RpcError) or _aborted(context):
+        return None
+    return internal_status(exc, where)
 
 
 def maps_errors(method: F) -> F:
-    """Decorate a servicer method (unary or streaming) so domain errors end the call with their status code."""
+    """Decorate a servicer method so errors end the call with the right status and details.
+
+    Works for `async def` methods and async generators (the asyncio server) as well as plain functions and
+    generators (a thread-pool server). Domain errors end the call with their code, message and BadRequest
+    details (see `status_proto`); any other exception ends it INTERNAL with a logged error id.
+    """
+    where = method.__qualname__
+
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def async_stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            responses = method(self, request, context)
+            try:
+                async for response in responses:
+                    yield response
+            except Exception as exc:
+                status = _status_of(exc, context, where)
+                if status is None:
+                    raise
+                await context.abort_with_status(rpc_status.to_status(status))
+            finally:
+                await responses.aclose()
+
+        return async_stream  # type: ignore[return-value]
+
+    if inspect.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def async_unary(self: Any, request: Any, context: Any) -> Any:
+            try:
+                return await method(self, request, context)
+            except Exception as exc:
+                status = _status_of(exc, context, where)
+                if status is None:
+                    raise
+                await context.abort_with_status(rpc_status.to_status(status))
+
+        return async_unary  # type: ignore[return-value]
+
     if inspect.isgeneratorfunction(method):
 
         @functools.wraps(method)
-        def stream_wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        def stream(self: Any, request: Any, context: Any) -> Iterator[Any]:
             try:
                 yield from method(self, request, context)
-            except errors.MlsignalError as exc:
-                _abort(context, exc)
+            except Exception as exc:
+                status = _status_of(exc, context, where)
+                if status is None:
+                    raise
+                context.abort_with_status(rpc_status.to_status(status))
 
-        return stream_wrapper  # type: ignore[return-value]
+        return stream  # type: ignore[return-value]
 
     @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+    def unary(self: Any, request: Any, context: Any) -> Any:
         try:
             return method(self, request, context)
-        except errors.MlsignalError as exc:
-            _abort(context, exc)
+        except Exception as exc:
+            status = _status_of(exc, context, where)
+            if status is None:
+                raise
+            context.abort_with_status(rpc_status.to_status(status))
 
-    return wrapper  # type: ignore[return-value]
+    return unary  # type: ignore[return-value]

@@ -315,10 +315,10 @@ def _timestamps(col: pd.Series, checks: _Checks, name: str) -> np.ndarray:
         return ms
 
     parsed = pd.to_datetime(col, format="ISO8601", utc=True, errors="coerce")
-    arr = parsed.array
-    i8 = np.asarray(arr.asi8, dtype=np.int64)
+    naive = parsed.dt.tz_convert(None).to_numpy()  # UTC datetime64 in pandas' unit; NaT where unparsed
+    i8 = naive.view(np.int64)
     valid = ~np.asarray(parsed.isna(), dtype=bool)
-    per_ms = {"s": None, "ms": 1, "us": 1_000, "ns": 1_000_000}[arr.unit]
+    per_ms = {"s": None, "ms": 1, "us": 1_000, "ns": 1_000_000}[np.datetime_data(naive.dtype)[0]]
     if per_ms is None:
         ms = i8 * 1000
         whole = np.ones(len(i8), dtype=bool)
@@ -361,8 +361,11 @@ def _check_candle_values(
 ) -> None:
     """Prices finite and positive, volume finite and non-negative, high >= low (finiteness is checked on parsing)."""
     for name in PRICE_COLUMNS:
-        v = values[name]
-        checks.add(v <= 0, lambda i, n=name: f"{n} is {shown(n, i)}; prices must be positive", name)
+
+        def not_positive(i: int, n: str = name) -> str:
+            return f"{n} is {shown(n, i)}; prices must be positive"
+
+        checks.add(values[name] <= 0, not_positive, name)
     checks.add(
         values["volume"] < 0, lambda i: f"volume is {shown('volume', i)}; volume must not be negative", "volume"
     )
@@ -398,7 +401,11 @@ def check_candles(df: pd.DataFrame, timeframe: str) -> pd.DataFrame:
     values = {}
     for name in (*PRICE_COLUMNS, "volume"):
         v = pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-        checks.add(~np.isfinite(v), lambda i, n=name, v=v: f"{n} is {v[i]}; expected a finite number", name)
+
+        def not_finite(i: int, n: str = name, v: np.ndarray = v) -> str:
+            return f"{n} is {v[i]}; expected a finite number"
+
+        checks.add(~np.isfinite(v), not_finite, name)
         values[name] = v
     _check_candle_values(values, checks, lambda n, i: repr(float(values[n][i])))
     checks.add(

@@ -11,13 +11,15 @@ re-import changes nothing and a failed import stores nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
-from shared.errors import FailedPrecondition, InvalidArgument
+from shared.errors import FailedPrecondition, InvalidArgument, Unavailable
 from shared.store.db import candles, funding_rates, open_interest
 from shared.store.importers import SERIES_KINDS, check_candles, check_series
 from shared.symbols import validate_symbol
@@ -71,11 +73,11 @@ def load_candles(
     """
     validate_symbol(symbol)
     tf_ms = _timeframe(timeframe)
-    c = candles.c
+    col = candles.c
     query = (
-        sa.select(c.open_time, c.open, c.high, c.low, c.close, c.volume)
-        .where(c.symbol == symbol, c.timeframe == timeframe, *_range_filter(c.open_time, start_ms, end_ms))
-        .order_by(c.open_time)
+        sa.select(col.open_time, col.open, col.high, col.low, col.close, col.volume)
+        .where(col.symbol == symbol, col.timeframe == timeframe, *_range_filter(col.open_time, start_ms, end_ms))
+        .order_by(col.open_time)
     )
     with engine.connect() as conn:
         open_time, o, h, lo, c, v = _columns(conn.execute(query).all(), 6)
@@ -95,9 +97,9 @@ def load_candles(
     )
 
 
-def _columns(rows: list, n: int) -> list[np.ndarray]:
-    """Rows (time, value, ...) as column arrays: the first int64, the rest float64."""
-    cols = list(zip(*rows)) or [()] * n
+def _columns(rows: Sequence[Sequence[Any]], n: int) -> list[np.ndarray]:
+    """Rows (time, value, ...) of n columns each as column arrays: the first int64, the rest float64."""
+    cols = list(zip(*rows, strict=True)) or [()] * n
     return [np.array(col, dtype=np.int64 if i == 0 else np.float64) for i, col in enumerate(cols)]
 
 
@@ -217,7 +219,7 @@ def insert_candles(
     _timeframe(timeframe)
     frame = check_candles(df, timeframe)
     cols = [frame[name].tolist() for name in ("open_time_ms", "open", "high", "low", "close", "volume")]
-    records = [(symbol, timeframe, *values) for values in zip(*cols)]
+    records = [(symbol, timeframe, *values) for values in zip(*cols, strict=True)]
     added = _insert_ignoring_existing(engine, candles, records, progress)
     return added, len(records) - added
 
@@ -237,7 +239,7 @@ def insert_series(
     table = _series_table(kind)
     validate_symbol(symbol)
     frame = check_series(df, kind)
-    records = [(symbol, t, v) for t, v in zip(frame["time_ms"].tolist(), frame["value"].tolist())]
+    records = [(symbol, t, v) for t, v in zip(frame["time_ms"].tolist(), frame["value"].tolist(), strict=True)]
     added = _insert_ignoring_existing(engine, table, records, progress)
     return added, len(records) - added
 
@@ -254,33 +256,38 @@ def _insert_ignoring_existing(
     """
     if not records:
         return 0
-    dialect = engine.dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        raise FailedPrecondition(f"database dialect {dialect!r} is not supported; use SQLite or PostgreSQL")
+    insert = _insert_skipping_existing(engine.dialect.name, table)
     names = [c.name for c in table.columns]
     report = progress or (lambda n: None)
     with engine.begin() as conn:
-        if dialect == "postgresql" and engine.dialect.driver == "psycopg":
+        if engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg":
             stage = sa.table(f"_import_{table.name}", *(sa.column(n) for n in names))
             conn.exec_driver_sql(f"CREATE TEMP TABLE {stage.name} (LIKE {table.name}) ON COMMIT DROP")
             quoted = ", ".join(f'"{n}"' for n in names)
-            with conn.connection.driver_connection.cursor() as cur:
-                with cur.copy(f"COPY {stage.name} ({quoted}) FROM STDIN") as copy:
-                    for start in range(0, len(records), _CHUNK_ROWS):
-                        part = records[start : start + _CHUNK_ROWS]
-                        for record in part:
-                            copy.write_row(record)
-                        report(len(part))
-            stmt = insert(table).from_select(names, sa.select(stage)).on_conflict_do_nothing()
-            return conn.execute(stmt.execution_options(preserve_rowcount=True)).rowcount
-        stmt = insert(table).on_conflict_do_nothing().returning(*table.primary_key.columns)
+            driver_conn = conn.connection.driver_connection
+            if driver_conn is None:  # only an invalidated connection has none
+                raise Unavailable("the database connection was lost during the import")
+            with driver_conn.cursor() as cur, cur.copy(f"COPY {stage.name} ({quoted}) FROM STDIN") as copy:
+                for start in range(0, len(records), _CHUNK_ROWS):
+                    part = records[start : start + _CHUNK_ROWS]
+                    for record in part:
+                        copy.write_row(record)
+                    report(len(part))
+            from_stage = insert.from_select(names, sa.select(stage))
+            return conn.execute(from_stage.execution_options(preserve_rowcount=True)).rowcount
+        counting = insert.returning(*table.primary_key.columns)
         added = 0
         for start in range(0, len(records), _CHUNK_ROWS):
             part = records[start : start + _CHUNK_ROWS]
-            added += len(conn.execute(stmt, [dict(zip(names, r)) for r in part]).all())
+            added += len(conn.execute(counting, [dict(zip(names, r, strict=True)) for r in part]).all())
             report(len(part))
         return added
+
+
+def _insert_skipping_existing(dialect: str, table: sa.Table) -> sa.Insert:
+    """INSERT ... ON CONFLICT DO NOTHING into table for the dialect."""
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    if dialect == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing()
+    raise FailedPrecondition(f"database dialect {dialect!r} is not supported; use SQLite or PostgreSQL")

@@ -7,6 +7,7 @@ class order, prior and shrink weight, training window, library versions).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 
@@ -107,7 +108,9 @@ def insert_model(conn: sa.Connection, rec: ModelRecord) -> None:
 _NEWEST_FIRST = (models_table.c.created_at.desc(), models_table.c.model_id.desc())
 
 
-def list_models(engine: sa.Engine, symbol: str = "", timeframe: str = "", limit: int | None = None) -> list[ModelRecord]:
+def list_models(
+    engine: sa.Engine, symbol: str = "", timeframe: str = "", limit: int | None = None
+) -> list[ModelRecord]:
     q = sa.select(models_table).order_by(*_NEWEST_FIRST)
     if symbol:
         q = q.where(models_table.c.symbol == symbol)
@@ -140,3 +143,68 @@ def get_model(engine: sa.Engine, model_id: str) -> ModelRecord | None:
     with engine.connect() as conn:
         row = conn.execute(sa.select(models_table).where(models_table.c.model_id == model_id)).first()
     return _row_to_record(row) if row else None
+
+
+# -- light, bounded reads for inference ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One registry row as stored, before its manifest is parsed: enough to order, compare and locate a model.
+
+    `fingerprint` is the sha256 of every stored column, so it changes whenever the row does. `record()` parses the
+    row; it raises when the row cannot be read (for example a manifest written by a newer version).
+    """
+
+    model_id: str
+    symbol: str
+    timeframe: str
+    created_at_ms: int
+    warmup_bars: int
+    artifact: str
+    sha256: str
+    fingerprint: str
+    row: sa.Row = field(repr=False, compare=False)
+
+    def record(self) -> ModelRecord:
+        return _row_to_record(self.row)
+
+
+@dataclass(frozen=True)
+class MarketModels:
+    rows: list[ModelRow]  # newest first, at most the limit asked for
+    max_warmup_bars: int  # the largest warm-up of any model registered for the market (0 when there is none)
+
+
+def _model_row(row: sa.Row) -> ModelRow:
+    content = json.dumps([[k, v] for k, v in row._mapping.items()], default=str, sort_keys=True)
+    return ModelRow(
+        model_id=row.model_id, symbol=row.symbol, timeframe=row.timeframe, created_at_ms=int(row.created_at),
+        warmup_bars=int(row.warmup_bars), artifact=row.artifact, sha256=row.sha256,
+        fingerprint=hashlib.sha256(content.encode()).hexdigest(), row=row,
+    )
+
+
+def market_models(
+    engine: sa.Engine, symbol: str, timeframe: str, limit: int, offset: int = 0, since_ms: int | None = None
+) -> MarketModels:
+    """At most `limit` rows of one market, newest first (from `offset`; only rows created at or after `since_ms`
+    when given), unparsed, plus the largest warm-up over all its rows. `limit=0` reads only the warm-up."""
+    key = (models_table.c.symbol == symbol, models_table.c.timeframe == timeframe)
+    with engine.connect() as conn:
+        warmup = conn.execute(sa.select(sa.func.max(models_table.c.warmup_bars)).where(*key)).scalar()
+        rows: list[ModelRow] = []
+        if limit > 0:
+            q = sa.select(models_table).where(*key)
+            if since_ms is not None:
+                q = q.where(models_table.c.created_at >= since_ms)
+            q = q.order_by(*_NEWEST_FIRST).limit(limit).offset(offset)
+            rows = [_model_row(r) for r in conn.execute(q)]
+    return MarketModels(rows, int(warmup or 0))
+
+
+def model_row(engine: sa.Engine, model_id: str) -> ModelRow | None:
+    """The unparsed row of one model, or None."""
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(models_table).where(models_table.c.model_id == model_id)).first()
+    return _model_row(row) if row else None

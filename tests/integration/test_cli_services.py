@@ -66,7 +66,7 @@ def raw_predict(services, csv: pd.DataFrame, symbol: str = "BTC/USD") -> inferen
     else:
         times = pd.to_datetime(stamps, format="ISO8601", utc=True)
     candles = []
-    for t, r in zip(times, csv.itertuples(index=False)):
+    for t, r in zip(times, csv.itertuples(index=False), strict=True):
         c = common_pb2.Candle(open_time_ms=int(t.value // 1_000_000), open=r.open, high=r.high, low=r.low,
                               close=r.close, volume=r.volume)
         if not np.isnan(getattr(r, "funding_rate", np.nan)):
@@ -169,6 +169,26 @@ def test_unreachable_service_exits_2_unavailable(monkeypatch, capsys):
     monkeypatch.setenv("MLSIGNAL_TRAINING_ADDR", "127.0.0.1:1")
     assert cli_main(["jobs"]) == 2
     assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+
+
+@pytest.mark.parametrize("argv", [
+    ["db", "upgrade"],
+    ["data", "list"],
+    ["data", "import", "--symbol", "BTC/USDT", "--timeframe", "5m", "BINANCE_CSV"],
+    ["loadtest", "--symbol", "BTC/USD", "--timeframe", TF, "--requests", "1", "--target", "127.0.0.1:1"],
+])
+def test_unreachable_database_is_one_line_without_the_password(argv, binance_csv, monkeypatch, capsys):
+    pytest.importorskip("psycopg")
+    argv = [str(binance_csv) if a == "BINANCE_CSV" else a for a in argv]
+    monkeypatch.setenv("MLSIGNAL_DATABASE_URL", "postgresql+psycopg://mlsignal:s3cret@127.0.0.1:1/mlsignal")
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "s3cret" not in err, err
+    if argv[0] == "loadtest":
+        assert err.startswith("error: cannot read candles from the database: "), err
+    else:
+        assert err.startswith("error: cannot reach the database postgresql+psycopg://mlsignal:***@127.0.0.1:1/"), err
+    assert "connection" in err.lower(), err
 
 
 def test_bad_date_is_a_usage_error(capsys):

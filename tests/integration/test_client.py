@@ -181,7 +181,7 @@ class Recorder(grpc.ServerInterceptor):
 @pytest.fixture(scope="module")
 def observed(services):
     """The real InferenceServicer over the shared model store, on its own port, with a Recorder in front."""
-    from inference_service.servicer import InferenceServicer
+    from inference_service.servicer import BlockingInferenceServicer as InferenceServicer
 
     recorder = Recorder()
     servicer = InferenceServicer(services.inference.store, services.settings.max_batch)

@@ -137,7 +137,7 @@ def test_progress_moves_and_cancel_stops_the_task_on_the_worker(dask_services):
     assert final.state == training_pb2.JOB_STATE_CANCELLED and time.monotonic() - t0 < 2.0
     # the worker stops fitting at its next check (about every half second), and the service lets go of the job
     assert _wait_until(lambda: task_key(job.job_id) not in c.running_keys(), timeout=3), c.running_keys()
-    assert _wait_until(lambda: not c.training.scheduler._procs, timeout=5)
+    assert _wait_until(lambda: not c.training.scheduler.running_job_ids(), timeout=5)
     assert time.monotonic() - t0 < 5
     assert not c.model_rows(job.job_id)
     assert set(os.listdir(c.model_dir)) == files_before

@@ -167,10 +167,9 @@ def tls_files(tmp_path_factory):
 
 def _spawn(module: str, env: dict, tag: str, stderr_path: Path):
     """A server as a real process; returns (process, port). stderr goes to a file, stdout is drained."""
-    err = open(stderr_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", module], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=err,
-                            text=True)
-    err.close()
+    with open(stderr_path, "w") as err:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", module], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=err, text=True)
     for line in proc.stdout:
         if line.startswith(f"{tag} listening on port"):
             port = int(line.split()[-1])
@@ -472,7 +471,7 @@ def test_bearer_token_is_required_except_for_health(secured, capsys, monkeypatch
     request = _predict_request(secured.frame, 200)
     for metadata in (None, [("authorization", "Bearer wrong")], [("authorization", TOKEN)],
                      [("authorization", f"Basic {TOKEN}")], [("x-token", TOKEN)]):
-        assert _code(lambda: istub.Predict(request, timeout=10, metadata=metadata)) == \
+        assert _code(lambda md=metadata: istub.Predict(request, timeout=10, metadata=md)) == \
             grpc.StatusCode.UNAUTHENTICATED, metadata
     assert _code(lambda: list(istub.StreamPredict(iter([request]), timeout=10))) == grpc.StatusCode.UNAUTHENTICATED
     assert _code(lambda: tstub.ListModels(training_pb2.ListModelsRequest(), timeout=10)) == \
@@ -569,7 +568,7 @@ def test_tls_settings_are_checked(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="MLSIGNAL_TLS_CERT and MLSIGNAL_TLS_KEY"):
         Settings.from_env()
     monkeypatch.setenv("MLSIGNAL_TLS_KEY", str(tmp_path / "key.pem"))
-    with pytest.raises(ValueError, match="MLSIGNAL_TLS_CERT=.*cannot read"):
+    with pytest.raises(ValueError, match=r"MLSIGNAL_TLS_CERT=.*cannot read"):
         Settings.from_env().server_tls_pair()
     monkeypatch.delenv("MLSIGNAL_TLS_CERT")
     monkeypatch.delenv("MLSIGNAL_TLS_KEY")
@@ -690,7 +689,7 @@ def test_absurd_parameters_are_refused_and_the_services_keep_answering(secured):
     jobs_before = len(tstub.ListTrainingJobs(training_pb2.ListTrainingJobsRequest(), timeout=10,
                                              metadata=AUTH).jobs)
     for req in absurd:
-        code = _code(lambda: tstub.StartTraining(req, timeout=10, metadata=AUTH))
+        code = _code(lambda r=req: tstub.StartTraining(r, timeout=10, metadata=AUTH))
         assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
                         grpc.StatusCode.FAILED_PRECONDITION), (req, code)
     assert len(tstub.ListTrainingJobs(training_pb2.ListTrainingJobsRequest(), timeout=10,

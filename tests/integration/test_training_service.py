@@ -162,9 +162,9 @@ def test_watch_streams_real_progress_and_cancel_stops_fitting(services):
     assert final.state == training_pb2.JOB_STATE_CANCELLED and time.monotonic() - t0 < 2.0
     # the worker process is gone and left nothing behind
     deadline = time.monotonic() + 3
-    while services.training.scheduler._procs and time.monotonic() < deadline:
+    while services.training.scheduler.running_job_ids() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not services.training.scheduler._procs
+    assert not services.training.scheduler.running_job_ids()
     assert not list(services.model_dir.glob(f".{job.job_id}*"))
     with engine.connect() as conn:
         assert conn.execute(sa.select(models_table).where(models_table.c.job_id == job.job_id)).first() is None

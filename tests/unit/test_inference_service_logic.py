@@ -40,16 +40,17 @@ MAX_BATCH = 500
 DEFAULT_SPEC = FeatureSpec()
 
 
-def make_candles(n: int = N, seed: int = 0, funding: bool = False) -> CandleBatch:
-    """A random walk of valid hourly candles from T0."""
+def make_candles(n: int = N, seed: int = 0, funding: bool = False, open_interest: bool = False) -> CandleBatch:
+    """A random walk of valid hourly candles from T0 (with funding rate / open interest when asked)."""
     rng = np.random.default_rng(seed)
     close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, n)))
     opn = np.concatenate([[100.0], close[:-1]])
     high = np.maximum(opn, close) * (1 + rng.uniform(0, 0.005, n))
     low = np.minimum(opn, close) * (1 - rng.uniform(0, 0.005, n))
     funding_rate = rng.normal(1e-4, 3e-4, n) if funding else np.full(n, np.nan)
+    oi = 1e4 * np.exp(np.cumsum(rng.normal(0, 0.01, n))) if open_interest else np.full(n, np.nan)
     return CandleBatch(T0 + H * np.arange(n, dtype=np.int64), opn, high, low, close, rng.uniform(1, 10, n),
-                       funding_rate, np.full(n, np.nan))
+                       funding_rate, oi)
 
 
 def with_value(c: CandleBatch, field: str, i: int, value: float) -> CandleBatch:
@@ -67,7 +68,7 @@ class Registry:
     def register(self, symbol: str = SYMBOL, spec: FeatureSpec = DEFAULT_SPEC, seed: int = 0,
                  artifact_ok: bool = True) -> ModelRecord:
         """Fit a five-tree forest on synthetic candles, export it to ONNX and register it as the newest model."""
-        candles = make_candles(N, seed, funding=spec.use_funding_rate)
+        candles = make_candles(N, seed, funding=spec.use_funding_rate, open_interest=spec.use_open_interest)
         X = feature_matrix(candles.columns(), spec)
         rows = np.isfinite(X).all(axis=1)
         y = np.random.default_rng(seed).integers(0, 3, int(rows.sum()))
@@ -351,3 +352,175 @@ def test_a_batch_read_as_a_source_hides_unused_columns():
     assert np.isnan(batch.read(False, True).funding_rate).all()
     assert np.array_equal(batch.read(True, False).funding_rate, batch.funding_rate)
     assert np.array_equal(batch.slice(1, 3).concat(batch.slice(3)).close, batch.close[1:])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# streams: a refused message changes nothing; what a stream keeps does not depend on the model answering now
+
+
+def full_candles(n: int = N, seed: int = 0) -> CandleBatch:
+    """Valid candles with funding rate and open interest on every candle."""
+    return make_candles(n, seed, funding=True, open_interest=True)
+
+
+def tail(p, start: int):
+    """Predictions from row `start` on."""
+    return replace(p, open_time_ms=p.open_time_ms[start:], proba=p.proba[start:], ready=p.ready[start:],
+                   in_sample=p.in_sample[start:])
+
+
+def stream_steps(session: StreamSession, candles: CandleBatch, start: int, stop: int) -> list:
+    return [session.step("", "", "", candles.slice(i, i + 1))[1] for i in range(start, stop)]
+
+
+def assert_same(parts: list, expected) -> None:
+    assert np.array_equal(np.concatenate([p.open_time_ms for p in parts]), expected.open_time_ms)
+    assert np.array_equal(np.concatenate([p.ready for p in parts]), expected.ready)
+    assert np.array_equal(np.vstack([p.proba for p in parts]), expected.proba, equal_nan=True)  # bit for bit
+
+
+# (change to candle k, or to the message) -> a message the stream must refuse
+BAD_MESSAGES = {
+    "close NaN": lambda c, k: with_value(c.slice(k, k + 1), "close", 0, np.nan),
+    "open inf": lambda c, k: with_value(c.slice(k, k + 1), "open", 0, np.inf),
+    "low <= 0": lambda c, k: with_value(c.slice(k, k + 1), "low", 0, -1.0),
+    "high < low": lambda c, k: with_value(c.slice(k, k + 1), "high", 0, 1.0),
+    "open > high": lambda c, k: with_value(c.slice(k, k + 1), "open", 0, 1e6),
+    "close < low": lambda c, k: with_value(c.slice(k, k + 1), "close", 0, 1e-3),
+    "volume < 0": lambda c, k: with_value(c.slice(k, k + 1), "volume", 0, -1.0),
+    "funding inf": lambda c, k: with_value(c.slice(k, k + 1), "funding_rate", 0, np.inf),
+    "open interest <= 0": lambda c, k: with_value(c.slice(k, k + 1), "open_interest", 0, 0.0),
+    "time 0": lambda c, k: with_value(c.slice(k, k + 1), "open_time_ms", 0, 0),
+    "year 2200": lambda c, k: with_value(c.slice(k, k + 1), "open_time_ms", 0, 7_258_118_400_000),
+    "misaligned": lambda c, k: with_value(c.slice(k, k + 1), "open_time_ms", 0, T0 + k * H + 1),
+    "before the last": lambda c, k: c.slice(k - 5, k - 4),
+    "not increasing inside": lambda c, k: c.slice(k, k + 1).concat(c.slice(k, k + 1)),
+    "good then bad": lambda c, k: c.slice(k, k + 2).concat(with_value(c.slice(k + 2, k + 3), "close", 0, -1.0)),
+    "empty": lambda c, k: c.slice(0, 0),
+    "oversized": lambda c, k: make_candles(MAX_BATCH + 1),
+    "bad replacement": lambda c, k: with_value(c.slice(k - 1, k), "high", 0, 1.0),  # the forming candle, bad
+}
+
+
+@pytest.mark.parametrize("rule", list(BAD_MESSAGES))
+def test_a_refused_message_leaves_the_stream_as_if_it_was_not_sent(service, rule):
+    candles = full_candles(260)
+    k = 200
+    session = StreamSession(service)
+    parts = [session.step(SYMBOL, TF, "", candles.slice(0, k))[1]]
+    before = session.window
+    with pytest.raises(InvalidArgument):
+        session.step("", "", "", BAD_MESSAGES[rule](candles, k))
+    assert np.array_equal(session.window.open_time_ms, before.open_time_ms)
+    assert np.array_equal(session.window.close, before.close)
+    parts += stream_steps(session, candles, k, 260)
+    assert_same(parts, service.predict(SYMBOL, TF, "", candles)[1])
+
+
+def test_refused_keys_and_models_are_not_recorded(registry, store, model, service):
+    other = registry.register(symbol="ETH/USDT", seed=6)
+    candles = full_candles(260)
+    # a first message that fails leaves the stream unnamed: the next first message may name any key
+    session = StreamSession(service)
+    with pytest.raises(InvalidArgument):
+        session.step(SYMBOL, TF, "", with_value(candles.slice(0, 5), "close", 2, -1.0))
+    assert session.symbol == "" and session.model_id == ""
+    with pytest.raises(NotFound):
+        session.step(SYMBOL, TF, "no-such-model", candles.slice(0, 5))
+    assert session.symbol == "" and session.model_id == ""
+    parts = [session.step(SYMBOL, TF, "", candles.slice(0, 200))[1]]
+    # a pin that fails (unknown model, another market's model, or valid pin with a bad candle) is not kept
+    with pytest.raises(NotFound):
+        session.step("", "", "no-such-model", candles.slice(200, 201))
+    with pytest.raises(InvalidArgument, match="model_id"):
+        session.step("", "", other.model_id, candles.slice(200, 201))
+    newer = registry.register(seed=7)
+    with pytest.raises(InvalidArgument):
+        session.step("", "", newer.model_id, with_value(candles.slice(200, 201), "close", 0, np.nan))
+    assert session.model_id == ""
+    parts += stream_steps(session, candles, 200, 260)
+    assert all(session.step("", "", "", candles.slice(259, 260))[0].model_id == model.model_id for _ in range(2))
+    assert_same(parts, service.predict(SYMBOL, TF, model.model_id, candles)[1])
+
+
+def test_a_failure_after_the_checks_restores_the_replaced_candle(registry, store, model, service):
+    """A funding model pinned on a stream whose history lacks funding fails (FAILED_PRECONDITION) while predicting,
+    after the message replaced the last candle in place: the stream gets its old last candle back."""
+    funded = registry.register(spec=FeatureSpec(use_funding_rate=True), seed=8)
+    plain = make_candles(260)
+    session = StreamSession(service)
+    parts = [session.step(SYMBOL, TF, model.model_id, plain.slice(0, 200))[1]]
+    forming = with_value(with_value(plain.slice(199, 200), "funding_rate", 0, 1e-4), "close",
+                         0, float(plain.high[199]))
+    with pytest.raises(FailedPrecondition):
+        session.step("", "", funded.model_id, forming)
+    assert session.model_id == model.model_id
+    assert session.window.close[-1] == plain.close[199]
+    parts += stream_steps(session, plain, 200, 260)
+    assert_same(parts, service.predict(SYMBOL, TF, model.model_id, plain)[1])
+
+
+def test_after_a_swap_to_a_funding_model_the_stream_answers_like_predict(registry, store, model, service):
+    """The stream kept funding rate and open interest while a model that ignores them served; the newer model that
+    uses them answers at once what Predict with it answers over the same candles."""
+    candles = full_candles()
+    free = StreamSession(service)
+    assert free.step(SYMBOL, TF, "", candles.slice(0, 150))[0].model_id == model.model_id
+    stream_steps(free, candles, 150, 300)
+    funded = registry.register(spec=FeatureSpec(use_funding_rate=True, use_open_interest=True), seed=9)
+    assert store.refresh() == [funded.model_id]
+    answered, p = free.step("", "", "", candles.slice(300, 301))
+    assert answered.model_id == funded.model_id
+    parts = [p, *stream_steps(free, candles, 301, N)]
+    assert_same(parts, tail(service.predict(SYMBOL, TF, funded.model_id, candles)[1], 300))
+
+
+def test_a_pinned_funding_model_gets_the_history_a_plain_model_did_not_use(registry, store, model, service):
+    funded = registry.register(spec=FeatureSpec(use_funding_rate=True), seed=10)
+    registry.register(seed=11)  # the newest, plain, serves
+    store.refresh()
+    candles = full_candles()
+    session = StreamSession(service)
+    assert session.step(SYMBOL, TF, "", candles.slice(0, 250))[0].model_id != funded.model_id
+    stream_steps(session, candles, 250, 350)
+    answered, p = session.step("", "", funded.model_id, candles.slice(350, 351))
+    assert answered.model_id == funded.model_id
+    expected = service.predict(SYMBOL, TF, funded.model_id, candles)[1]
+    assert np.array_equal(p.proba[0], expected.proba[350])
+    assert_same([p, *stream_steps(session, candles, 351, N)], tail(expected, 350))
+
+
+def test_the_history_covers_the_longest_warm_up_of_the_market(registry, store, model, service):
+    long_spec = FeatureSpec(sma_windows=(10, 20, 50, 200))
+    long = registry.register(spec=long_spec, seed=12)  # registered, not serving
+    registry.register(seed=13)  # the newest serves, with the default (shorter) warm-up
+    assert long_spec.warmup_bars > DEFAULT_SPEC.warmup_bars
+    assert store.max_warmup_bars(SYMBOL, TF) == long_spec.warmup_bars
+    candles = make_candles(700)
+    session = StreamSession(service)
+    session.step(SYMBOL, TF, "", candles.slice(0, 10))
+    stream_steps(session, candles, 10, 650)
+    assert len(session.window) >= long_spec.warmup_bars
+    answered, p = session.step("", "", long.model_id, candles.slice(650, 651))
+    assert answered.model_id == long.model_id and p.ready[0]
+    assert np.array_equal(p.proba[0], service.predict(SYMBOL, TF, long.model_id, candles.slice(200, 651))[1].proba[-1])
+
+
+def test_the_memory_a_stream_holds_is_bounded(service):
+    candles = make_candles(N)
+    session = StreamSession(service)
+    session.step(SYMBOL, TF, "", candles.slice(0, 1))
+    stream_steps(session, candles, 1, N)
+    warmup = DEFAULT_SPEC.warmup_bars
+    capacity = session.history.capacity
+    assert warmup <= len(session.window) <= capacity <= warmup + 1 + max(32, warmup // 4)
+    assert session.nbytes == 8 * 8 * capacity
+    # a large message grows the arrays once; later messages shrink them back
+    big = StreamSession(service)
+    big.step(SYMBOL, TF, "", candles.slice(0, MAX_BATCH - 100))
+    assert big.history.capacity >= MAX_BATCH - 100
+    more = make_candles(N + 200)
+    later = replace(more, open_time_ms=more.open_time_ms + H * N)
+    for i in range(200):
+        big.step("", "", "", later.slice(i, i + 1))
+    assert big.history.capacity <= warmup + 1 + max(32, warmup // 4)

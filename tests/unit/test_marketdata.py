@@ -367,7 +367,7 @@ def test_asof_join_matches_brute_force(engine):
     insert_series(engine, "funding-rate", "BTC/USDT", series)
     for start in (None, int(times[40]), int(times[-1])):
         df = load_candles(engine, "BTC/USDT", "5m", start_ms=start)
-        for t, got in zip(df["open_time_ms"], df["funding_rate"]):
+        for t, got in zip(df["open_time_ms"], df["funding_rate"], strict=True):
             published = series[series["time_ms"] <= t + M5]
             want = published["value"].iloc[-1] if len(published) else np.nan
             assert (np.isnan(want) and np.isnan(got)) or got == want
