@@ -291,6 +291,10 @@ class Scheduler:
             try:
                 changed = self.store.update(job_id, only_from=only_from, **values)
             except Exception as exc:
+                if self._halt.is_set():  # stopping: stop() records the job, or says why it cannot
+                    if failing:
+                        self._mark_unrecorded(job_id, False)
+                    return None
                 if not failing:
                     failing = True
                     self._note_write(False)
@@ -304,8 +308,8 @@ class Scheduler:
                                   job_id, values.get("state"), cause)
                 if self._halt.wait(delay):
                     self._mark_unrecorded(job_id, False)
-                    log.warning("job %s: the training service stopped before the database took its end; it stays "
-                                "RUNNING until the next start marks it interrupted", job_id)
+                    log.info("job %s: no more retries of recording its end: the training service is stopping",
+                             job_id)
                     return None
                 delay = min(delay * 2, RETRY_MAX_DELAY)
                 continue

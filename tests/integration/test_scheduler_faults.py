@@ -133,6 +133,58 @@ def test_sqlite_refusing_writes_fails_the_running_job_and_the_next_one_runs(tmp_
     _outage_during_a_job(url, tmp_path / "models", immutable)
 
 
+def test_sqlite_job_that_cannot_be_recorded_before_a_stop_is_interrupted_at_the_next_start(tmp_path, sample_frame):
+    from training_service.jobs import FAILED, INTERRUPTED, RUNNING, JobStore
+    from training_service.server import start as start_training
+
+    if not _can_chattr(tmp_path):
+        pytest.skip("needs root and a filesystem with the immutable attribute (chattr +i)")
+    db = tmp_path / "mlsignal.db"
+    url = f"sqlite:///{db}"
+    load_market(url, sample_frame)
+    settings = Settings(database_url=url, model_dir=tmp_path / "models")
+    running = start_training(settings, "127.0.0.1:0")
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    stopped = False
+    try:
+        stub = training_pb2_grpc.TrainingServiceStub(channel)
+        job = stub.StartTraining(training_pb2.StartTrainingRequest(
+            symbol="BTC/USD", timeframe="1h", start_time=ts("2018-01-01"), end_time=ts("2019-01-01"),
+            params=SLOW), timeout=30)
+        get = lambda: stub.GetTrainingJob(training_pb2.GetTrainingJobRequest(job_id=job.job_id), timeout=10)  # noqa: E731
+        _wait_until(lambda: get().stage == "fitting", 120, "the job is fitting")
+        # the database and its write-ahead log; the shared-memory index stays writable, since closing the last
+        # connection writes into its memory mapping (an immutable one faults the process)
+        files = [str(p) for p in (db, db.with_name(db.name + "-wal")) if p.exists()]
+        subprocess.run(["chattr", "+i", *files], check=True)
+        try:
+            _wait_until(lambda: not running.scheduler.healthy, 30, "a progress write failed")
+            channel.close()
+            running.stop(0.5)  # the job's interruption cannot be written
+            stopped = True
+        finally:
+            subprocess.run(["chattr", "-i", *files], check=True)
+    finally:
+        channel.close()
+        if not stopped:
+            running.stop(0.5)
+
+    from shared.store.db import make_engine
+
+    engine = make_engine(url)
+    try:
+        assert JobStore(engine).get_existing(job.job_id).state == RUNNING  # as the database last had it
+        again = start_training(settings, "127.0.0.1:0")
+        try:
+            recovered = JobStore(engine).get_existing(job.job_id)
+            assert recovered.state == FAILED and recovered.error == INTERRUPTED, recovered
+            assert not list((tmp_path / "models").iterdir())
+        finally:
+            again.stop(0.5)
+    finally:
+        engine.dispose()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # PostgreSQL: the server stops and starts again
 
