@@ -96,22 +96,29 @@ def columns_batch(columns: common_pb2.CandleColumns) -> CandleBatch:
     The lengths are compared before any column is copied; then each column is one array copy.
     """
     n = len(columns.open_time_ms)
-    for name in VALUE_COLUMNS:
-        m = len(getattr(columns, name))
-        if m != n:
+    small = n <= SMALL_COLUMNS
+    # A few candles (a stream step) are read as Python lists into one 2-D array: cheaper than eight conversions.
+    values = [getattr(columns, name) for name in (*VALUE_COLUMNS, "funding_rate", "open_interest")]
+    if small:
+        values = [v[:] for v in values]
+    for k, v in enumerate(values):
+        m = len(v)
+        if m != n and (k < 5 or m):
+            name = (*VALUE_COLUMNS, "funding_rate", "open_interest")[k]
+            expected = f"{n}" if k < 5 else f"0 (none) or {n}"
             raise InvalidArgument(
-                f"columns.{name}: {m} values, expected {n} (one per columns.open_time_ms)", field=f"columns.{name}")
-    for name in ("funding_rate", "open_interest"):
-        m = len(getattr(columns, name))
-        if m not in (0, n):
-            raise InvalidArgument(
-                f"columns.{name}: {m} values, expected 0 (none) or {n} (one per columns.open_time_ms, NaN where "
-                "missing)", field=f"columns.{name}")
+                f"columns.{name}: {m} values, expected {expected} (one per columns.open_time_ms"
+                f"{', NaN where missing' if k >= 5 else ''})", field=f"columns.{name}")
+    if small:
+        missing = [math.nan] * n
+        block = np.array([v if len(v) else missing for v in values], dtype=np.float64)
+        return CandleBatch(np.array(columns.open_time_ms[:], dtype=np.int64), *block)
     t = np.asarray(columns.open_time_ms, dtype=np.int64)
-    values = [np.asarray(getattr(columns, name), dtype=np.float64) for name in VALUE_COLUMNS]
-    optional = [np.asarray(column, dtype=np.float64) if len(column) else np.full(n, math.nan)
-                for column in (columns.funding_rate, columns.open_interest)]
-    return CandleBatch(t, *values, *optional)
+    arrays = [np.asarray(v, dtype=np.float64) if len(v) else np.full(n, math.nan) for v in values]
+    return CandleBatch(t, *arrays)
+
+
+SMALL_COLUMNS = 32  # up to this many candles, columns are read through Python lists
 
 
 class ColumnCandles:
@@ -244,6 +251,24 @@ _COLUMNS_TAG = 0x1A
 _COL_T, _COL_UP, _COL_DOWN, _COL_RANGE, _COL_READY, _COL_IN_SAMPLE = 0x0A, 0x12, 0x1A, 0x22, 0x2A, 0x32
 
 
+_SHIFTS = np.arange(10, dtype=np.uint64) * np.uint64(7)
+_VARINT_LIMITS = np.uint64(1) << _SHIFTS[1:]  # 2**7 .. 2**63: a value below limit k takes k + 1 bytes
+
+
+def _packed_varints(values: np.ndarray) -> bytes:
+    """The varints of int64 values back to back (a packed repeated int64 field's payload)."""
+    u = np.ascontiguousarray(values, dtype=np.int64).view(np.uint64)
+    length = np.searchsorted(_VARINT_LIMITS, u, side="right") + 1
+    width, shortest = int(length.max()), int(length.min())
+    groups = ((u[:, None] >> _SHIFTS[:width]) & np.uint64(0x7F)).astype(np.uint8)
+    if shortest == width:  # the usual case: every open time takes the same number of bytes
+        groups[:, :width - 1] |= np.uint8(0x80)
+        return groups.tobytes()
+    more = np.arange(width)[None, :] < (length[:, None] - 1)
+    groups |= more.astype(np.uint8) << np.uint8(7)
+    return groups[np.arange(width)[None, :] < length[:, None]].tobytes()
+
+
 def _packed(tag: int, data: bytes) -> bytes:
     return bytes((tag,)) + _varint(len(data)) + data if data else b""
 
@@ -253,8 +278,7 @@ def encode_prediction_columns(r: Predictions) -> bytes:
     n = len(r.open_time_ms)
     if n == 0:
         return b""
-    tvar, tlen = _varint_bytes(r.open_time_ms)
-    times = tvar[np.arange(10)[None, :] < tlen[:, None]].tobytes()
+    times = _packed_varints(r.open_time_ms)
     doubles = [np.ascontiguousarray(r.proba[:, k], dtype="<f8").tobytes() for k in (UP, DOWN, RANGE)]
     return b"".join([
         _packed(_COL_T, times),

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: How long a stopping server lets health watchers hear NOT_SERVING before it stops taking calls.
+NOTICE_SECONDS = 0.1
+
 #: HTTP/2 keepalive: the server pings an idle connection every 60 s and drops a peer that does not answer within
 #: 20 s, so a client that vanished without closing its streams frees them. Clients may ping as often as every 10 s.
 #: There is deliberately no idle or age limit on connections: a healthy stream on daily candles is idle for a day.
@@ -143,6 +146,7 @@ class ServerHandle:
 
     async def _begin_stop(self, grace: float) -> threading.Event:
         await self.health.enter_graceful_shutdown()  # NOT_SERVING for every service, and it stays so
+        await asyncio.sleep(NOTICE_SECONDS)  # health watchers get NOT_SERVING before the server starts to stop
         done = threading.Event()
         self._stop_task = asyncio.ensure_future(self.server.stop(grace))
         self._stop_task.add_done_callback(lambda _: done.set())
@@ -200,8 +204,8 @@ def _address_in_use(address: str) -> bool:
     but log a line of its own first). Port 0, Unix sockets and unresolvable hosts are left to gRPC."""
     if address.startswith("unix:"):
         return False
-    host, _, port_text = address.rpartition(":")
-    host = host.strip("[]") or None
+    host_text, _, port_text = address.rpartition(":")
+    host = host_text.strip("[]") or None
     if not port_text.isdigit() or int(port_text) == 0:
         return False
     try:

@@ -1,5 +1,6 @@
 """Columnar batches: `PredictRequest.columns` in, `PredictResponse.columns` out, bit for bit the answers of rows."""
 
+# ruff: noqa: F811  (pytest fixtures imported from test_inference_service_logic are redefined as parameters)
 from __future__ import annotations
 
 import itertools
@@ -10,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_inference_service_logic import (  # noqa: F401  (fixtures)
     MAX_BATCH,
-    N,
     SYMBOL,
     TF,
+    N,
     make_candles,
     model,
     registry,

@@ -1,6 +1,7 @@
 """Request validation in the inference service, called directly: every rule refused with the field that is wrong,
 the batch size checked before anything is converted, and the shape of columnar requests."""
 
+# ruff: noqa: F811  (pytest fixtures imported from test_inference_service_logic are redefined as parameters)
 from __future__ import annotations
 
 import math
@@ -201,7 +202,7 @@ def test_empty_requests_are_refused_naming_their_field():
         batch_from_request(inference_pb2.PredictRequest(symbol=SYMBOL, timeframe=TF), MAX_BATCH)
     assert err.value.field == "candles"
     empty_columns = inference_pb2.PredictRequest(symbol=SYMBOL, timeframe=TF, columns=common_pb2.CandleColumns())
-    with pytest.raises(InvalidArgument, match="columns.open_time_ms: the request holds no candles") as err:
+    with pytest.raises(InvalidArgument, match=r"columns\.open_time_ms: the request holds no candles") as err:
         batch_from_request(empty_columns, MAX_BATCH)
     assert err.value.field == "columns.open_time_ms"
 
