@@ -27,9 +27,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: How long a stopping server lets health watchers hear NOT_SERVING before it stops taking calls.
-NOTICE_SECONDS = 0.1
-
 #: HTTP/2 keepalive: the server pings an idle connection every 60 s and drops a peer that does not answer within
 #: 20 s, so a client that vanished without closing its streams frees them. Clients may ping as often as every 10 s.
 #: There is deliberately no idle or age limit on connections: a healthy stream on daily candles is idle for a day.
@@ -146,7 +143,6 @@ class ServerHandle:
 
     async def _begin_stop(self, grace: float) -> threading.Event:
         await self.health.enter_graceful_shutdown()  # NOT_SERVING for every service, and it stays so
-        await asyncio.sleep(NOTICE_SECONDS)  # health watchers get NOT_SERVING before the server starts to stop
         done = threading.Event()
         self._stop_task = asyncio.ensure_future(self.server.stop(grace))
         self._stop_task.add_done_callback(lambda _: done.set())

@@ -23,6 +23,7 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=RunningServer)
+SIGNAL_POLL_SECONDS = 0.1
 
 
 def run_until_signalled(handle: ServerHandle, grace: float) -> None:
@@ -35,7 +36,10 @@ def run_until_signalled(handle: ServerHandle, grace: float) -> None:
 
     signal.signal(signal.SIGTERM, _handler)
     signal.signal(signal.SIGINT, _handler)
-    done.wait()
+    # Python runs signal handlers in the main thread only, and a signal that the kernel delivered to another thread
+    # (the server loop, a worker) does not wake a blocked wait here; waking up regularly bounds that delay.
+    while not done.wait(SIGNAL_POLL_SECONDS):
+        pass
     handle.stop(grace)
 
 
