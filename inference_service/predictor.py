@@ -43,13 +43,13 @@ def check_batch_size(n: int, max_batch: int, field: str = "candles") -> None:
 
 
 def read_candles(model: LoadedModel, candles: CandleSource, max_batch: int) -> CandleBatch:
-    """The batch with the columns this model needs (funding rate / open interest only when its features use them).
+    """The batch with every column the client sent, so Predict checks funding rate and open interest exactly as a
+    stream does, whichever model answers.
 
     The size is checked before anything is read: an empty or oversized request is refused (INVALID_ARGUMENT).
     """
     check_batch_size(len(candles), max_batch, candles_field(is_columnar(candles)))
-    spec = model.record.feature_spec
-    return candles.read(spec.use_funding_rate, spec.use_open_interest)
+    return candles.read(True, True)
 
 
 def latest_open_ms(timeframe_ms: int, now_ms: int | None = None) -> int:

@@ -41,20 +41,20 @@ class Answers:
         self.service = InferenceService(store, max_batch, on_predicted)
 
     def predict(self, request: inference_pb2.PredictRequest) -> inference_pb2.PredictResponse:
-        model, predictions = self.service.predict(request.symbol, request.timeframe, request.model_id,
-                                                  converters.request_candles(request))
-        return converters.predict_response(model.model_id, predictions)
+        candles = converters.batch_from_request(request, self.service.max_batch)
+        model, predictions = self.service.predict(request.symbol, request.timeframe, request.model_id, candles)
+        return converters.response_for(request, model.model_id, predictions)
 
     def stream_step(self, session: StreamSession,
                     request: inference_pb2.PredictRequest) -> inference_pb2.PredictResponse:
         """Answer one stream message. A domain error answers that message with `error` set and no predictions; the
         session is left as it was, so the stream goes on. Only unexpected errors (bugs) propagate."""
         try:
-            model, predictions = session.step(request.symbol, request.timeframe, request.model_id,
-                                              converters.request_candles(request))
+            candles = converters.batch_from_request(request, self.service.max_batch)
+            model, predictions = session.step(request.symbol, request.timeframe, request.model_id, candles)
         except MlsignalError as exc:
             return inference_pb2.PredictResponse(error=status_proto(exc))
-        return converters.predict_response(model.model_id, predictions)
+        return converters.response_for(request, model.model_id, predictions)
 
     def get_model(self, request: inference_pb2.GetModelRequest) -> common_pb2.ModelInfo:
         return model_info(self.service.serving_model(request.symbol, request.timeframe))

@@ -199,6 +199,12 @@ def _candle_messages(frame: pd.DataFrame) -> list[common_pb2.Candle]:
 # sessions: one per worker; prepare() does unmeasured set-up, call() is the measured request
 
 
+def _code_of_status(status) -> tuple[str, str]:
+    """(code name, message) of a StreamPredict answer's `error` (a google.rpc.Status)."""
+    names = {code.value[0]: code.name for code in grpc.StatusCode}
+    return names.get(int(status.code), "UNKNOWN"), status.message
+
+
 def _code_of(err: grpc.RpcError) -> tuple[str, str]:
     code = err.code() if callable(getattr(err, "code", None)) else None
     details = err.details() if callable(getattr(err, "details", None)) else None
@@ -295,6 +301,9 @@ class _Stream:
         except StopIteration:
             self.close()
             return "UNKNOWN", "the stream ended before answering its first message"
+        if resp.HasField("error"):  # a refused message: the server keeps the stream open, the warm-up failed
+            self.close()
+            return _code_of_status(resp.error)
         if len(resp.predictions) != len(warm.candles):
             self.close()
             return "WRONG_COUNT", f"{len(resp.predictions)} predictions for {len(warm.candles)} candles"
@@ -313,6 +322,8 @@ class _Stream:
         except StopIteration:
             self.close()
             return "UNKNOWN", "the stream ended before answering"
+        if resp.HasField("error"):  # the stream stays open; this message counts as failed with its code
+            return _code_of_status(resp.error)
         if len(resp.predictions) != self.batch:
             return "WRONG_COUNT", f"{len(resp.predictions)} predictions for {self.batch} candles"
         return None

@@ -91,6 +91,14 @@ def start(settings: Settings, address: str | None = None) -> RunningTraining:
         if metrics is not None:
             metrics.close()
         raise
+    def scheduler_health(healthy: bool) -> None:
+        # While the scheduler cannot record jobs (the database refuses writes), the service is not serving.
+        for service in ("", SERVICE_NAME):
+            handle.set_serving(service, healthy)
+
+    scheduler.on_health_change = scheduler_health
+    if not scheduler.healthy:
+        scheduler_health(False)
     handle.on_stop(scheduler.stop)
     if metrics is not None:
         handle.on_stopped(metrics.close)

@@ -43,6 +43,7 @@ from mlsignal.client.errors import (
     UnauthenticatedError,
     UnavailableError,
     error_from_rpc,
+    error_from_status,
 )
 from mlsignal.client.frames import (
     ML_COLUMNS,
@@ -78,6 +79,7 @@ __all__ = [
     "batch_plan",
     "connect_channel",
     "error_from_rpc",
+    "error_from_status",
     "frame_times_ms",
     "frame_to_candles",
     "is_final",

@@ -26,6 +26,7 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "error_from_rpc",
+    "error_from_status",
 ]
 
 
@@ -46,6 +47,7 @@ class MlsignalClientError(Exception):
         self.code = code
         self.details = details
         self.note = note
+        self.field = ""  # the request field at fault, when the server named one
         super().__init__(self._text())
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -148,3 +150,23 @@ def error_from_rpc(err: grpc.RpcError, note: str = "") -> MlsignalClientError:
         code = grpc.StatusCode.UNKNOWN
     cls = _ERROR_CLASSES.get(code, MlsignalClientError)
     return cls(code, details or str(err) or code.name, note=note)
+
+
+_CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def error_from_status(status: Any, note: str = "") -> MlsignalClientError:
+    """The typed exception for a `google.rpc.Status` (a StreamPredict answer's `error`), with the field that was
+    wrong in `field` when the status carries a BadRequest field violation."""
+    from google.rpc import error_details_pb2
+
+    code = _CODE_BY_NUMBER.get(int(status.code), grpc.StatusCode.UNKNOWN)
+    cls = _ERROR_CLASSES.get(code, MlsignalClientError)
+    exc = cls(code, status.message or code.name, note=note)
+    exc.field = ""
+    for detail in status.details:
+        violations = error_details_pb2.BadRequest()
+        if detail.Unpack(violations) and violations.field_violations:
+            exc.field = violations.field_violations[0].field
+            break
+    return exc

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from mlsignal.client.channel import DEFAULT_TIMEOUT, ServiceClient
-from mlsignal.client.errors import ProtocolError, error_from_rpc
+from mlsignal.client.errors import MlsignalClientError, ProtocolError, error_from_rpc, error_from_status
 from mlsignal.client.frames import batch_plan, candle_from_item, frame_to_candles, predictions_to_frame
 from mlsignal.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from shared.timeframes import ms_to_datetime, ms_to_iso
@@ -162,8 +162,8 @@ class InferenceClient(ServiceClient):
             raise ProtocolError(None, f"{len(resp.predictions)} predictions for {stop - start} candles", note=note)
         return resp
 
-    def stream(self, candles: Iterable[Any], symbol: str, timeframe: str,
-               model_id: str = "") -> Iterator[LivePrediction]:
+    def stream(self, candles: Iterable[Any], symbol: str, timeframe: str, model_id: str = "",
+               on_error: Callable[[MlsignalClientError], None] | None = None) -> Iterator[LivePrediction]:
         """Live predictions: each candle goes to the server as its own StreamPredict message as it arrives.
 
         `candles` may block between items (e.g. a generator reading an exchange feed). Items are Candle messages,
@@ -172,6 +172,10 @@ class InferenceClient(ServiceClient):
         df.itertuples() rows. Times must increase; a candle with the same time as the previous one replaces it (a
         still-forming candle). Yields one LivePrediction per candle, in order. Leaving the loop cancels the stream.
         A candle that cannot be read raises ValueError after the predictions for the candles before it.
+
+        A candle the server refuses (a bad value, no model yet) raises its typed error (InvalidArgumentError,
+        NotFoundError, ... with the field in `.field`). With `on_error`, the error is passed to it instead and the
+        stream goes on: the server keeps the stream open and its state as if the candle had not been sent.
 
         Example::
 
@@ -208,6 +212,13 @@ class InferenceClient(ServiceClient):
         try:
             try:
                 for resp in call:
+                    if resp.HasField("error"):
+                        refused = sent.popleft() if sent else None
+                        exc = error_from_status(resp.error, f"candle {refused} in the prediction stream")
+                        if on_error is None:
+                            raise exc
+                        on_error(exc)
+                        continue
                     yield self._live(resp, sent)
             except grpc.RpcError as err:
                 if failure:

@@ -51,7 +51,16 @@ def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
 def server_options(max_bytes: int) -> list[tuple[str, int]]:
     """Every option of a server: message-size limits, keepalive, and no SO_REUSEPORT (a second server on a port
     that is taken fails to bind instead of silently sharing it)."""
-    return [*message_size_options(max_bytes), *KEEPALIVE_OPTIONS, ("grpc.so_reuseport", 0)]
+    return [*message_size_options(max_bytes), *KEEPALIVE_OPTIONS, ("grpc.so_reuseport", 0), *PENDING_OPTIONS]
+
+
+# gRPC cancels calls that arrive while more than 1,000 (soft) / 3,000 (hard) are waiting to be accepted by the
+# application, which a candle-close burst of thousands of streams exceeds at once. The stream cap itself is
+# MLSIGNAL_MAX_STREAMS; these only keep a burst from being cut short.
+PENDING_OPTIONS = [
+    ("grpc.server.max_pending_requests", 100_000),
+    ("grpc.server.max_pending_requests_hard_limit", 100_000),
+]
 
 
 class ServerLoop:
@@ -132,6 +141,13 @@ class ServerHandle:
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         return self.runner.loop
+
+    def set_serving(self, service: str, serving: bool) -> None:
+        """Report `service` SERVING or NOT_SERVING from any thread; ignored once the server is stopping (then every
+        service reads NOT_SERVING)."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        if not self._stopped:
+            asyncio.run_coroutine_threadsafe(self.health.set(service, status), self.loop)
 
     def on_stop(self, fn: Callable[[float], object]) -> None:
         """Call fn(grace) right after the server stops taking new calls (running calls still drain meanwhile)."""

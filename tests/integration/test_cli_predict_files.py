@@ -31,7 +31,7 @@ def test_the_shipped_candles_csv_predicts(services, tmp_path, capsys):
 
 def test_binance_layout_gives_the_csv_layout_answers(services, tmp_path, capsys):
     csv = pd.read_csv(REPO / "data" / "candles.csv")
-    ms = pd.to_datetime(csv["timestamp"], utc=True).astype("int64") // 1_000_000
+    ms = pd.to_datetime(csv["timestamp"], utc=True).dt.as_unit("ms").astype("int64")
     kline = pd.DataFrame({
         "open_time": ms, "open": csv.open, "high": csv.high, "low": csv.low, "close": csv.close,
         "volume": csv.volume, "close_time": ms + 3_599_999, "quote": csv.volume * csv.close, "trades": 10,

@@ -764,6 +764,21 @@ def test_stream_server_errors_are_typed(inference, btc):
         list(inference.stream([btc.iloc[0]], "ETH/USD", TF))
 
 
+def test_stream_on_error_reports_a_refused_candle_and_goes_on(inference, btc):
+    """The server keeps the stream open after a refused candle; with on_error the client does too, and the answers
+    after it equal those of a stream that never saw the bad candle."""
+    bad = btc.iloc[5].copy()
+    bad["close"] = bad["high"] * 1.5  # close above high
+    feed = [btc.iloc[i] for i in range(5)] + [bad] + [btc.iloc[i] for i in range(5, 130)]
+    errors: list = []
+    got = list(inference.stream(iter(feed), "BTC/USD", TF, on_error=errors.append))
+    want = list(inference.stream((btc.iloc[i] for i in range(130)), "BTC/USD", TF))
+    assert len(errors) == 1 and isinstance(errors[0], mc.InvalidArgumentError)
+    assert errors[0].field == "candles[0].close" or errors[0].field.startswith("candles[0]")
+    assert [(p.open_time_ms, p.up, p.ready) for p in got] == [(p.open_time_ms, p.up, p.ready) for p in want]
+    assert sum(p.ready for p in got) == 130 - 99
+
+
 def test_leaving_a_live_stream_cancels_it(observed, btc):
     recorder, addr = observed
     feed_done = threading.Event()

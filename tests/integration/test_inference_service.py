@@ -210,10 +210,13 @@ def test_oversized_batch_is_rejected_and_max_batch_fits(services, sample_frame):
     assert len(resp.predictions) == n
 
 
-def test_bad_stream_message_ends_only_that_stream(services, y2019):
+def test_a_bad_stream_message_is_answered_and_the_stream_goes_on(services, y2019):
+    """A refused message gets `error` (code and field) and no predictions; the stream keeps its state, and its later
+    answers equal Predict over the good candles only. Another stream alongside is not disturbed."""
+    from google.rpc import code_pb2, error_details_pb2
+
     stub = services.infer_stub
     good = y2019.iloc[:120]
-    other = stub.StreamPredict.__call__  # a second, healthy stream runs alongside
     healthy_q: list = []
     done = threading.Event()
 
@@ -225,17 +228,26 @@ def test_bad_stream_message_ends_only_that_stream(services, y2019):
     th = threading.Thread(target=healthy)
     th.start()
     backwards = good.iloc[[50, 40]]
-    with pytest.raises(grpc.RpcError) as err:
-        stream_all(stub, [good.iloc[:50], backwards])
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "open_time_ms" in err.value.details()
-    with pytest.raises(grpc.RpcError) as err:
-        list(stub.StreamPredict(iter([inference_pb2.PredictRequest(candles=candles_of(good.iloc[:3]))]), timeout=10))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "symbol" in err.value.details()
+    answers = stream_all(stub, [good.iloc[:50], backwards, good.iloc[50:120]], model_id=services.btc_job.model_id)
+    assert len(answers) == 3
+    refused = answers[1]
+    assert refused.error.code == code_pb2.INVALID_ARGUMENT and not refused.predictions and not refused.model_id
+    assert "open_time_ms" in refused.error.message
+    violations = error_details_pb2.BadRequest()
+    assert refused.error.details[0].Unpack(violations)
+    assert violations.field_violations[0].field.startswith("candles[")
+    assert not answers[0].HasField("error") and not answers[2].HasField("error")
+    got = np.vstack([probs(answers[0]), probs(answers[2])])
+    want = probs(predict(stub, good, model_id=services.btc_job.model_id))
+    assert np.array_equal(got, want, equal_nan=True)
+
+    no_symbol = list(stub.StreamPredict(iter([inference_pb2.PredictRequest(candles=candles_of(good.iloc[:3]))]),
+                                        timeout=10))
+    assert no_symbol[0].error.code == code_pb2.INVALID_ARGUMENT and "symbol" in no_symbol[0].error.message
     th.join(60)
     assert done.is_set() and len(healthy_q) == 12
     got = np.vstack([probs(r) for r in healthy_q])
     assert np.array_equal(got, probs(predict(stub, good, model_id=services.btc_job.model_id)), equal_nan=True)
-    del other
 
 
 def test_sixteen_concurrent_streams_on_two_markets(services, sample_frame):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import PG_USER, _free_port, _pg_bindir, _run, _traversable_by_others
 from mlsignal.v1 import common_pb2, training_pb2, training_pb2_grpc
@@ -76,6 +77,10 @@ def _outage_during_a_job(url: str, model_dir: Path, refuse_writes: Callable[[], 
             time.sleep(1.5)  # a few retries fail meanwhile
             assert job.job_id in scheduler.unrecorded_job_ids() and not scheduler.healthy
             assert _workers_alive() == workers
+            check = health_pb2_grpc.HealthStub(channel).Check
+            for name in ("", "mlsignal.v1.TrainingService"):  # the service says it cannot run jobs now
+                status = check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
+                assert status == health_pb2.HealthCheckResponse.NOT_SERVING, name
 
         done = wait_job(stub, job.job_id, timeout=60)
         assert done.state == training_pb2.JOB_STATE_FAILED, done
@@ -91,6 +96,8 @@ def _outage_during_a_job(url: str, model_dir: Path, refuse_writes: Callable[[], 
         assert (model_dir / f"{nxt.model_id}.onnx").exists()
         assert get().state == training_pb2.JOB_STATE_FAILED  # the failed job stays as recorded
         assert _workers_alive() == workers and scheduler.healthy
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
     finally:
         channel.close()
         running.stop(0.5)
