@@ -98,6 +98,7 @@ class LoadTestConfig:
     history: int | None = None  # candles of history per Predict / stream warm-up; None: warmup_bars - 1
     timeout: float = 30.0  # deadline of one unary call, seconds
     connections: int = 1  # channels (TCP connections) the workers share, round robin
+    columns: bool = False  # Predict: send the candles as packed CandleColumns instead of Candle messages
     security: dict = field(default_factory=dict)  # tls / root_certificates / token for connect_channel
 
     def check(self) -> None:
@@ -235,8 +236,9 @@ class _Unary:
         except grpc.RpcError as err:
             return _code_of(err)
         if self.expect >= 0:
-            if len(resp.predictions) != self.expect:
-                return "WRONG_COUNT", f"{len(resp.predictions)} predictions for {self.expect} candles"
+            got = len(resp.predictions) or len(resp.columns.open_time_ms)
+            if got != self.expect:
+                return "WRONG_COUNT", f"{got} predictions for {self.expect} candles"
             if not self.model_id:
                 self.model_id = resp.model_id
         return None
@@ -497,9 +499,7 @@ def _sessions(cfg: LoadTestConfig, channels: list, candles: list, history: int, 
         pool = max(1, min(count, POOL_CANDLES // (H + B)))
         step = max(1, count // pool)
         requests = [
-            inference_pb2.PredictRequest(symbol=cfg.symbol, timeframe=cfg.timeframe,
-                                         candles=candles[k * B - H:(k + 1) * B])
-            for k in range(first, last, step)
+            _predict_request(cfg, candles[k * B - H:(k + 1) * B]) for k in range(first, last, step)
         ][:pool]
         return [
             _Unary(inference_pb2_grpc.InferenceServiceStub(channels[w % len(channels)]).Predict, requests, H + B,
@@ -527,6 +527,22 @@ def _sessions(cfg: LoadTestConfig, channels: list, candles: list, history: int, 
                 starts[w], B, registry, lock)
         for w in range(n_workers)
     ], H_warm
+
+
+def _predict_request(cfg: LoadTestConfig, candles: list) -> inference_pb2.PredictRequest:
+    """A Predict request for these Candle messages, as rows or (with cfg.columns) as packed columns."""
+    if not cfg.columns:
+        return inference_pb2.PredictRequest(symbol=cfg.symbol, timeframe=cfg.timeframe, candles=candles)
+    columns = common_pb2.CandleColumns(
+        open_time_ms=[c.open_time_ms for c in candles], open=[c.open for c in candles],
+        high=[c.high for c in candles], low=[c.low for c in candles], close=[c.close for c in candles],
+        volume=[c.volume for c in candles],
+    )
+    if any(c.HasField("funding_rate") for c in candles):
+        columns.funding_rate.extend(c.funding_rate if c.HasField("funding_rate") else math.nan for c in candles)
+    if any(c.HasField("open_interest") for c in candles):
+        columns.open_interest.extend(c.open_interest if c.HasField("open_interest") else math.nan for c in candles)
+    return inference_pb2.PredictRequest(symbol=cfg.symbol, timeframe=cfg.timeframe, columns=columns)
 
 
 def run_loadtest(cfg: LoadTestConfig, candles: pd.DataFrame | list | None = None) -> LoadTestResult:
