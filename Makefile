@@ -25,7 +25,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 PACKAGE_FILES := $(shell find mlsignal shared training_service inference_service -type f \
                    \( -name '*.py' -o -name '*.pyi' -o -name '*.mako' \) -not -path '*/__pycache__/*')
 
-.PHONY: venv client-venv node-modules test lint demo protos bench bench-desk clean
+.PHONY: venv client-venv node-modules test lint demo protos bench bench-desk clean fuzz
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ lint: $(STAMP)
 
 test: lint $(CLIENT_STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest -q
+
+# The RPC fuzzer at length (`make test` runs it with 300 examples): generated requests for every RPC of both services.
+FUZZ_EXAMPLES ?= 5000
+fuzz: $(STAMP)
+	MLSIGNAL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -s tests/integration/test_fuzz.py
 
 demo: $(STAMP)
 	$(BIN)/mlsignal demo

@@ -1,81 +1,219 @@
-"""Forest parameters vs out-of-sample probability quality on the bundled sample.
+"""Forest parameters and calibration vs out-of-sample probability quality on three bundled series.
 
-Trains with the real pipeline on 2017-07..2018-12 and scores the served (shrunk) probabilities on 2019 against
-the class-prior baseline. This is the measurement the default parameters in shared/params.py come from.
+Each series is trained with the real pipeline on 2017-10-01 .. 2018-10-01 and the served probabilities of every
+labelled candle of the following year (2018-10-01 .. 2019-10-01) are scored against the class-prior baseline of the
+training window. Labels whose horizon spans missing candles are dropped, in training and in scoring. The label is the
+product default, 24 bars and 2 %, on every series: the same bar count, so 24 hours on 1h candles and 12 hours on 30m
+candles (a 48-bar horizon on 30m would be a different product default, not a different series).
 
-    .venv/bin/python -m bench.param_sweep
+A candidate replaces the current choice only if it lowers the log-loss ratio (served log loss / prior log loss) on all
+three series, or on two of them without raising it on the third by more than 0.002.
+
+    .venv/bin/python -m bench.param_sweep                      # the candidates (100 trees each)
+    .venv/bin/python -m bench.param_sweep --grid uniqueness    # second round, around the best of the first
+    .venv/bin/python -m bench.param_sweep --grid defaults      # previous and current defaults (200 trees)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from shared.calibration import brier, log_loss, shrink_to_prior
+from shared.calibration import EPS, log_loss, shrink_to_prior
 from shared.features import feature_matrix
 from shared.labels import LabelSpec, make_labels
 from shared.onnxmodel import OnnxForest
-from shared.params import ForestParams
+from shared.params import UNIQUENESS, ForestParams
 from shared.store.importers import read_candles
-from shared.timeframes import parse_time
-from training_service.pipeline import train
+from shared.timeframes import parse_time, timeframe_ms
+from training_service.pipeline import TrainedModel, train
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "btcusd_1h_coinbase_2017-2019.csv.gz"
-GRID = [
-    ("unregularised: leaf 20, unlimited depth", ForestParams(min_samples_leaf=20, max_depth=None)),
-    ("leaf 50, depth 10", ForestParams(min_samples_leaf=50, max_depth=10)),
-    ("leaf 200, depth 6 (default)", ForestParams()),
-    ("leaf 200, depth 8", ForestParams(min_samples_leaf=200, max_depth=8)),
-    ("leaf 500, depth 4", ForestParams(min_samples_leaf=500, max_depth=4)),
-]
+DATA = Path(__file__).resolve().parents[1] / "data"
+SERIES = (
+    ("BTC 1h", DATA / "btcusd_1h_coinbase_2017-2019.csv.gz", "1h"),
+    ("BTC 30m", DATA / "btcusd_30m_gymcrypto_2017-2019.csv.gz", "30m"),
+    ("EOS 30m", DATA / "eosusd_30m_gymcrypto_2017-2019.csv.gz", "30m"),
+)
+TOLERANCE = 0.002  # the most a kept change may hurt one series
+
+# The defaults before this sweep: chosen on BTC 1h, trained to 2018-12, tested on 2019.
+PREVIOUS_DEFAULTS = ForestParams(min_samples_leaf=200, max_depth=6, max_samples=None)
+CANDIDATE_TREES = 100
 
 
-def out_of_sample(frame: pd.DataFrame, split_ms: int, label: LabelSpec, params: ForestParams) -> dict:
-    """Train before split_ms, score the served probabilities of every labelled candle from split_ms on."""
-    train_frame = frame[frame.open_time_ms < split_ms].reset_index(drop=True)
+def _candidates() -> list[tuple[str, ForestParams]]:
+    base = dataclasses.replace(PREVIOUS_DEFAULTS, n_estimators=CANDIDATE_TREES)
+
+    def with_(**kw) -> ForestParams:
+        return dataclasses.replace(base, **kw)
+
+    return [
+        ("leaf 200, depth 6 (previous default)", base),
+        ("(a) max_samples=uniqueness, leaf 10", with_(max_samples=UNIQUENESS, min_samples_leaf=10)),
+        ("(a) max_samples=uniqueness, leaf 25", with_(max_samples=UNIQUENESS, min_samples_leaf=25)),
+        ("(a) max_samples=0.25, leaf 100", with_(max_samples=0.25, min_samples_leaf=100)),
+        ("(d) leaf 400, depth 6", with_(min_samples_leaf=400)),
+        ("(d) leaf 500, depth 4", with_(min_samples_leaf=500, max_depth=4)),
+        ("(d) leaf 200, depth 4", with_(max_depth=4)),
+        ("(d) leaf 200, depth 6, max_features 0.5", with_(max_features=0.5)),
+    ]
+
+
+def _uniqueness() -> list[tuple[str, ForestParams]]:
+    """Second round, around the best of the first: each row against uniqueness-sized bootstraps with leaf 25."""
+    base = dataclasses.replace(PREVIOUS_DEFAULTS, n_estimators=CANDIDATE_TREES, max_samples=UNIQUENESS,
+                               min_samples_leaf=25)
+
+    def with_(**kw) -> ForestParams:
+        return dataclasses.replace(base, **kw)
+
+    return [
+        ("max_samples=uniqueness, leaf 25, depth 6", base),
+        ("(a+d) uniqueness, leaf 50, depth 6", with_(min_samples_leaf=50)),
+        ("(a+d) uniqueness, leaf 25, depth 4", with_(max_depth=4)),
+        ("(a+d) uniqueness, leaf 25, depth 8", with_(max_depth=8)),
+        ("(a+d) uniqueness, leaf 25, depth 6, max_features log2", with_(max_features="log2")),
+    ]
+
+
+def _defaults() -> list[tuple[str, ForestParams]]:
+    return [("previous defaults", PREVIOUS_DEFAULTS), ("current defaults", ForestParams())]
+
+
+GRIDS = {"candidates": _candidates, "uniqueness": _uniqueness, "defaults": _defaults}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# calibration alternatives, fitted on the rows the shrink weight was fitted on
+
+
+def _sigmoid(raw: np.ndarray, y: np.ndarray):
+    """Multinomial Platt scaling: softmax(a * log p + b), with a and the class offsets b fitted by log loss."""
+    from scipy.optimize import minimize
+
+    logp = np.log(np.clip(raw, 1e-6, 1.0))
+    k = raw.shape[1]
+
+    def probs(theta, lp):
+        z = theta[0] * lp + np.concatenate([[0.0], theta[1:]])
+        z -= z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    res = minimize(lambda t: log_loss(probs(t, logp), y), np.concatenate([[1.0], np.zeros(k - 1)]),
+                   method="L-BFGS-B")
+    theta = res.x
+    return lambda p: probs(theta, np.log(np.clip(p, 1e-6, 1.0)))
+
+
+def _isotonic(raw: np.ndarray, y: np.ndarray):
+    """One isotonic regression per class (probability -> frequency), rows renormalised."""
+    from sklearn.isotonic import IsotonicRegression
+
+    fits = [IsotonicRegression(y_min=1e-3, y_max=1.0, out_of_bounds="clip").fit(raw[:, k], (y == k).astype(float))
+            for k in range(raw.shape[1])]
+
+    def apply(p: np.ndarray) -> np.ndarray:
+        out = np.column_stack([f.predict(p[:, k]) for k, f in enumerate(fits)])
+        out = np.clip(out, EPS, None)
+        return out / out.sum(axis=1, keepdims=True)
+
+    return apply
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def out_of_sample(frame: pd.DataFrame, tf: str, train_start_ms: int, split_ms: int, end_ms: int, label: LabelSpec,
+                  params: ForestParams, calibrators: bool = False) -> dict:
+    """Train on [train_start_ms, split_ms), score the served probabilities of every labelled candle in
+    [split_ms, end_ms)."""
+    window = frame[(frame.open_time_ms >= train_start_ms) & (frame.open_time_ms < split_ms)].reset_index(drop=True)
     t0 = time.perf_counter()
-    model = train(train_frame, label, params)
+    model: TrainedModel = train(window, label, params, n_jobs=-1, timeframe_ms=timeframe_ms(tf), cv_folds=0,
+                                importance_repeats=0)
     seconds = time.perf_counter() - t0
+    frame = frame[frame.open_time_ms < end_ms].reset_index(drop=True)
     cols = {c: frame[c].to_numpy(np.float64) for c in ("open", "high", "low", "close", "volume")}
     X = feature_matrix(cols, model.spec)
-    y = make_labels(cols["close"], label)
-    test = (frame.open_time_ms.to_numpy() >= split_ms) & (y >= 0) & np.isfinite(X).all(axis=1)
-    raw = OnnxForest(model.onnx_bytes).predict_proba(X[test])
-    p = shrink_to_prior(raw, model.prior, model.shrink_weight)
+    times = frame.open_time_ms.to_numpy()
+    y = make_labels(cols["close"], label, times, timeframe_ms(tf))
+    test = (times >= split_ms) & (y >= 0) & np.isfinite(X).all(axis=1)
+    raw = OnnxForest(model.onnx_bytes).predict_proba(X[test].astype(np.float32))
     yt = y[test].astype(np.int64)
-    prior = np.tile(model.prior, (len(yt), 1))
-    return {
-        "log_loss": log_loss(p, yt),
+    out = {
+        "log_loss": log_loss(shrink_to_prior(raw, model.prior, model.shrink_weight), yt),
         "raw_log_loss": log_loss(raw, yt),
-        "prior_log_loss": log_loss(prior, yt),
-        "brier": brier(p, yt),
-        "prior_brier": brier(prior, yt),
+        "prior_log_loss": log_loss(np.tile(model.prior, (len(yt), 1)), yt),
         "shrink_weight": model.shrink_weight,
         "n_test": len(yt),
         "train_seconds": seconds,
     }
+    if calibrators and model.calibration_rows is not None:
+        cal_raw, cal_y, _ = model.calibration_rows
+        out["sigmoid_log_loss"] = log_loss(_sigmoid(cal_raw, cal_y)(raw), yt)
+        out["isotonic_log_loss"] = log_loss(_isotonic(cal_raw, cal_y)(raw), yt)
+    return out
+
+
+def keep(candidate: list[float], current: list[float], tolerance: float = TOLERANCE) -> bool:
+    """The rule: better on all series, or on all but one without hurting that one by more than `tolerance`."""
+    better = [c < b for c, b in zip(candidate, current, strict=True)]
+    if all(better):
+        return True
+    worse = [c - b for c, b in zip(candidate, current, strict=True) if c >= b]
+    return len(worse) == 1 and worse[0] <= tolerance and len(candidate) > 2
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--split", default="2019-01-01", help="first out-of-sample candle (default 2019-01-01)")
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="candidates")
+    ap.add_argument("--train-start", default="2017-10-01")
+    ap.add_argument("--split", default="2018-10-01", help="first out-of-sample candle (default 2018-10-01)")
+    ap.add_argument("--end", default="2019-10-01", help="end of the scored year, exclusive (default 2019-10-01)")
     ap.add_argument("--horizon", type=int, default=24)
     ap.add_argument("--threshold", type=float, default=0.02)
+    ap.add_argument("--label", choices=("fixed-horizon", "triple-barrier"), default="fixed-horizon")
     args = ap.parse_args(argv)
-    frame = read_candles(SAMPLE, "1h")
-    label = LabelSpec(args.horizon, args.threshold)
-    print(f"BTC/USD 1h, label horizon {label.horizon_bars} threshold {label.threshold}, "
-          f"train < {args.split}, test >= {args.split}")
-    print(f"{'parameters':42} {'raw LL':>8} {'served LL':>9} {'prior LL':>9} {'ratio':>7} {'w':>6} {'fit s':>6}")
-    for name, params in GRID:
-        r = out_of_sample(frame, parse_time(args.split), label, params)
-        print(f"{name:42} {r['raw_log_loss']:8.4f} {r['log_loss']:9.4f} {r['prior_log_loss']:9.4f} "
-              f"{r['log_loss'] / r['prior_log_loss']:7.4f} {r['shrink_weight']:6.3f} {r['train_seconds']:6.1f}",
-              flush=True)
+    label = LabelSpec(args.horizon, args.threshold, args.label.replace("-", "_"))
+    start, split, end = parse_time(args.train_start), parse_time(args.split), parse_time(args.end)
+    frames = {name: (read_candles(path, tf), tf) for name, path, tf in SERIES}
+    grid = GRIDS[args.grid]()
+    print(f"label {label.kind} {label.horizon_bars} bars, threshold {label.threshold}; train {args.train_start} .. "
+          f"{args.split}, score {args.split} .. {args.end}; ratio = served log loss / prior log loss")
+    names = [s[0] for s in SERIES]
+    head = " | ".join(f"{n} ratio (LL / prior, w)" for n in names)
+    print(f"| parameters | {head} | fit s |")
+    print("| --- | " + " | ".join("---" for _ in names) + " | --- |")
+    results: dict[str, list[dict]] = {}
+    for pname, params in grid:
+        rows = []
+        for sname in names:
+            frame, tf = frames[sname]
+            rows.append(out_of_sample(frame, tf, start, split, end, label, params, calibrators=pname == grid[0][0]))
+        results[pname] = rows
+        cells = " | ".join(f"{r['log_loss'] / r['prior_log_loss']:.4f} ({r['log_loss']:.4f} / "
+                           f"{r['prior_log_loss']:.4f}, {r['shrink_weight']:.2f})" for r in rows)
+        print(f"| {pname} | {cells} | {sum(r['train_seconds'] for r in rows):.0f} |", flush=True)
+        if "sigmoid_log_loss" in rows[0]:
+            for method in ("sigmoid", "isotonic"):
+                cells = " | ".join(f"{r[f'{method}_log_loss'] / r['prior_log_loss']:.4f} "
+                                   f"({r[f'{method}_log_loss']:.4f} / {r['prior_log_loss']:.4f})" for r in rows)
+                print(f"| (b) {pname}, {method} calibration | {cells} | |", flush=True)
+    base = grid[0][0]
+    base_ratios = [r["log_loss"] / r["prior_log_loss"] for r in results[base]]
+    print()
+    for pname, rows in results.items():
+        if pname == base:
+            continue
+        ratios = [r["log_loss"] / r["prior_log_loss"] for r in rows]
+        delta = " ".join(f"{c - b:+.4f}" for c, b in zip(ratios, base_ratios, strict=True))
+        print(f"{pname}: change in ratio {delta} -> {'keep' if keep(ratios, base_ratios) else 'reject'}")
     return 0
 
 

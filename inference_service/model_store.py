@@ -1,13 +1,18 @@
 """Which model serves each (symbol, timeframe): loaded on first use, verified, cached, and hot-swapped.
 
+The model that serves a market is the one the registry has in stage SERVING (not simply the newest); a market
+without one answers NOT_FOUND. The poll picks up a change of the SERVING model (a promotion, a rollback, a new
+model that passed the gate) without a restart; a request pinned by model_id may use any verified model of its
+market, whatever its stage.
+
 A loaded model is immutable. Swapping replaces a reference under a lock, so a call that already holds the old
 model finishes on it, and no call can see a half-loaded one. Files are read only from the model directory, only
 when their sha256 matches the registry, and only as ONNX (never unpickled).
 
 A model that cannot be used (its registry row cannot be read, its file is missing or fails its sha256 check, or
 ONNX Runtime rejects it) is refused: the reason is logged once, the model that served before keeps serving, and
-every other market goes on as before. A refused model is tried again when its registry row or its file changes
-(a restored file is served again without a restart).
+every other market goes on as before (a SERVING model refused on a cold load answers DATA_LOSS). A refused model
+is tried again when its registry row or its file changes (a restored file is served again without a restart).
 
 Cache: each market asked for keeps its serving model in memory, up to `cache_size` markets (then the least
 recently used is dropped, and reloaded and re-verified on its next use); pinned models have a cache of the same
@@ -36,9 +41,6 @@ from shared.store.registry import ModelRecord, ModelRow
 
 log = logging.getLogger(__name__)
 
-# Registry rows read per query for one market: a cold load reads the newest ones (and pages further only when all
-# of them are refused); a poll reads only the rows at least as new as the serving model.
-ROWS_PER_QUERY = 16
 # Cold loads of different markets run in parallel; two loads of one market never do (they share a lock stripe).
 _LOAD_STRIPES = 64
 # At most one warning per this many seconds that the cache is evicting models still in use.
@@ -115,7 +117,7 @@ class ModelStore:
 
     # -- serving -----------------------------------------------------------------------------------------
     def current(self, symbol: str, timeframe: str) -> LoadedModel:
-        """The newest usable model for a key (loads it on first use)."""
+        """The SERVING model of a key (loads it on first use)."""
         key = (symbol, timeframe)
         model = self._cached(key)
         if model is not None:
@@ -124,7 +126,7 @@ class ModelStore:
             model = self._cached(key)  # another call may have loaded it while this one waited
             if model is not None:
                 return model
-            return self._keep_serving(key, self._load_newest(symbol, timeframe))
+            return self._keep_serving(key, self._load_serving(symbol, timeframe))
 
     def _cached(self, key: tuple[str, str]) -> LoadedModel | None:
         with self._lock:
@@ -135,11 +137,12 @@ class ModelStore:
             return model
 
     def _keep_serving(self, key: tuple[str, str], model: LoadedModel) -> LoadedModel:
-        """Cache a freshly loaded model as the key's serving one (unless a newer one serves already); returns it."""
+        """Cache a freshly loaded model as the key's serving one (unless the poll put one there meanwhile: it read
+        the registry as recently); returns the one cached."""
         now = time.monotonic()
         with self._lock:
             existing = self._serving.get(key)
-            if existing is not None and existing.record.created_at_ms >= model.record.created_at_ms:
+            if existing is not None:
                 model = existing
             self._serving[key] = model
             self._serving.move_to_end(key)
@@ -241,31 +244,28 @@ class ModelStore:
             return self._loads
 
     # -- loading and refusing ----------------------------------------------------------------------------
-    def _load_newest(self, symbol: str, timeframe: str) -> LoadedModel:
-        reasons: list[str] = []
-        offset = 0
-        while True:
-            market = registry.market_models(self.engine, symbol, timeframe, limit=ROWS_PER_QUERY, offset=offset)
-            if market.max_warmup_bars:
-                with self._lock:
-                    self._warmup[(symbol, timeframe)] = market.max_warmup_bars
-            if offset == 0 and not market.rows:
+    def _load_serving(self, symbol: str, timeframe: str) -> LoadedModel:
+        row = registry.serving_row(self.engine, symbol, timeframe)
+        warmup = registry.market_models(self.engine, symbol, timeframe, limit=0).max_warmup_bars
+        if warmup:
+            with self._lock:
+                self._warmup[(symbol, timeframe)] = warmup
+        if row is None:
+            if not warmup:
                 raise NotFound(
                     f"no model registered for {symbol} {timeframe}; train one first (mlsignal train)", field="symbol"
                 )
-            for row in market.rows:
-                refusal = self._still_refused(row)
-                if refusal is not None:
-                    reasons.append(refusal.reason)
-                    continue
-                try:
-                    return self._load_row(row)
-                except DataLoss as exc:
-                    reasons.append(str(exc))
-            if len(market.rows) < ROWS_PER_QUERY:
-                break
-            offset += ROWS_PER_QUERY
-        raise DataLoss(f"no verifiable model for {symbol} {timeframe}: " + "; ".join(reasons[:3]))
+            raise NotFound(
+                f"no model is serving {symbol} {timeframe}: none of its models is SERVING; promote one "
+                "(mlsignal models promote MODEL_ID) or pin one by model_id", field="symbol",
+            )
+        refusal = self._still_refused(row)
+        if refusal is not None:
+            raise DataLoss(f"no verifiable model for {symbol} {timeframe}: {refusal.reason}", field="model_id")
+        try:
+            return self._load_row(row)
+        except DataLoss as exc:
+            raise DataLoss(f"no verifiable model for {symbol} {timeframe}: {exc}", field="model_id") from None
 
     def _load_row(self, row: ModelRow, serving: LoadedModel | None = None) -> LoadedModel:
         """Parse, verify and load one registry row; a failure of any kind refuses the model (DataLoss)."""
@@ -318,7 +318,7 @@ class ModelStore:
 
     # -- hot reload --------------------------------------------------------------------------------------
     def refresh(self) -> list[str]:
-        """Swap in newer models for every key being served; returns the ids swapped in.
+        """Swap in the SERVING model of every key being served where it changed; returns the ids swapped in.
 
         A model that cannot be used is refused (logged once) and the one serving keeps serving; the other markets
         are checked all the same. Also refreshes the largest warm-up of every market it remembers.
@@ -334,7 +334,7 @@ class ModelStore:
                 except (Unavailable, sa.exc.SQLAlchemyError):
                     raise
                 except Exception:  # an unexpected fault in one market must not stop the others
-                    log.exception("checking the registry for a newer %s %s model failed", *key)
+                    log.exception("checking the registry for the serving %s %s model failed", *key)
                     continue
                 if fresh is not None:
                     swapped.append(fresh.model_id)
@@ -351,27 +351,29 @@ class ModelStore:
 
     def _refresh_key(self, key: tuple[str, str], model: LoadedModel) -> LoadedModel | None:
         symbol, timeframe = key
-        market = registry.market_models(self.engine, symbol, timeframe, limit=ROWS_PER_QUERY,
-                                        since_ms=model.record.created_at_ms)
+        row = registry.serving_row(self.engine, symbol, timeframe)
+        warmup = registry.market_models(self.engine, symbol, timeframe, limit=0).max_warmup_bars
         with self._lock:
-            self._warmup[key] = max(market.max_warmup_bars, model.record.warmup_bars)
-        for row in market.rows:  # newest first; only rows at least as new as the serving model
-            if row.model_id == model.model_id:
-                return None
-            if self._still_refused(row) is not None:
-                continue
-            try:
-                fresh = self._load_row(row, serving=model)
-            except DataLoss:
-                continue  # refused and logged; try the next newest
+            self._warmup[key] = max(warmup, model.record.warmup_bars)
+        if row is None:  # nothing serves the market any more: its next request is NOT_FOUND
             with self._lock:
-                current = self._serving.get(key)
-                if current is None or current.record.created_at_ms > fresh.record.created_at_ms:
-                    return None  # dropped from the cache meanwhile, or something newer already serves
-                self._serving[key] = fresh
-            log.info("now serving model %s for %s %s (was %s)", fresh.model_id, symbol, timeframe, model.model_id)
-            return fresh
-        return None
+                if self._serving.get(key) is model:
+                    del self._serving[key]
+                    self._last_used.pop(key, None)
+            log.info("no model serves %s %s any more (was %s)", symbol, timeframe, model.model_id)
+            return None
+        if row.model_id == model.model_id or self._still_refused(row) is not None:
+            return None
+        try:
+            fresh = self._load_row(row, serving=model)
+        except DataLoss:
+            return None  # refused and logged; the model loaded keeps serving
+        with self._lock:
+            if self._serving.get(key) is not model:
+                return None  # dropped from the cache or swapped meanwhile; the next poll looks again
+            self._serving[key] = fresh
+        log.info("now serving model %s for %s %s (was %s)", fresh.model_id, symbol, timeframe, model.model_id)
+        return fresh
 
     def start_polling(self) -> None:
         def loop() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from inference_service.domain import CandleSource, Predictions, is_columnar
+from inference_service.domain import CandleBatch, CandleSource, Predictions, is_columnar
 from inference_service.model_store import LoadedModel, ModelStore
 from inference_service.predictor import predict_window, read_candles, require_optional_columns, validate
 from shared.errors import InvalidArgument
@@ -19,6 +19,9 @@ from shared.timeframes import timeframe_ms
 
 # Called after every answered request with the model that answered and the number of candles predicted.
 OnPredicted = Callable[[LoadedModel, int], None]
+# Called after every answered request with the model, its predictions and the candles the request carried (the
+# prediction journal, `inference_service.journal`); it must only queue them.
+OnServed = Callable[[LoadedModel, Predictions, CandleBatch], None]
 
 
 def validate_key(symbol: str, timeframe: str) -> int:
@@ -34,10 +37,12 @@ def validate_key(symbol: str, timeframe: str) -> int:
 
 
 class InferenceService:
-    def __init__(self, store: ModelStore, max_batch: int, on_predicted: OnPredicted | None = None) -> None:
+    def __init__(self, store: ModelStore, max_batch: int, on_predicted: OnPredicted | None = None,
+                 on_served: OnServed | None = None) -> None:
         self.store = store
         self.max_batch = max_batch
         self.on_predicted = on_predicted
+        self.on_served = on_served
 
     def model(self, symbol: str, timeframe: str, model_id: str = "") -> LoadedModel:
         """The model that answers for a validated key: the one pinned by model_id, else the one serving now."""
@@ -62,9 +67,15 @@ class InferenceService:
         require_optional_columns(model, batch, columnar)
         predictions = predict_window(model, batch, 0)
         self.predicted(model, len(batch))
+        self.served(model, predictions, batch)
         return model, predictions
 
     def predicted(self, model: LoadedModel, n_candles: int) -> None:
         """Report an answered request to the `on_predicted` hook, when there is one."""
         if self.on_predicted is not None:
             self.on_predicted(model, n_candles)
+
+    def served(self, model: LoadedModel, predictions: Predictions, candles: CandleBatch) -> None:
+        """Report what an answer served, and the candles it was computed from, to the `on_served` hook."""
+        if self.on_served is not None:
+            self.on_served(model, predictions, candles)

@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 
 from inference_service import converters
+from inference_service.live_scores import LivePerformance, live_performance
 from inference_service.model_store import ModelStore
-from inference_service.service import InferenceService, OnPredicted
+from inference_service.service import InferenceService, OnPredicted, OnServed
 from inference_service.stream_session import StreamSession
 from mlsignal.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from shared.converters import model_info
@@ -36,9 +37,10 @@ def candle_count(request: inference_pb2.PredictRequest) -> int:
 class Answers:
     """One response per request, the same for both servicers: the service calls and the message conversions."""
 
-    def __init__(self, store: ModelStore, max_batch: int, on_predicted: OnPredicted | None = None) -> None:
+    def __init__(self, store: ModelStore, max_batch: int, on_predicted: OnPredicted | None = None,
+                 on_served: OnServed | None = None) -> None:
         self.store = store
-        self.service = InferenceService(store, max_batch, on_predicted)
+        self.service = InferenceService(store, max_batch, on_predicted, on_served)
 
     def predict(self, request: inference_pb2.PredictRequest) -> inference_pb2.PredictResponse:
         candles = converters.batch_from_request(request, self.service.max_batch)
@@ -59,6 +61,10 @@ class Answers:
     def get_model(self, request: inference_pb2.GetModelRequest) -> common_pb2.ModelInfo:
         return model_info(self.service.serving_model(request.symbol, request.timeframe))
 
+    def get_live_performance(self, request: inference_pb2.GetLivePerformanceRequest) -> inference_pb2.LivePerformance:
+        perf = live_performance(self.store, request.symbol, request.timeframe, request.model_id)
+        return live_performance_message(perf)
+
     def in_memory(self, symbol: str, timeframe: str, model_id: str) -> bool:
         """Whether the model that would answer is loaded already, so answering needs neither database nor disk."""
         return self.store.is_loaded(symbol, timeframe, model_id)
@@ -68,8 +74,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """The asyncio InferenceService. At most `max_streams` StreamPredict calls are open at once."""
 
     def __init__(self, store: ModelStore, max_batch: int, on_predicted: OnPredicted | None = None,
-                 max_streams: int = 10_000) -> None:
-        self.answers = Answers(store, max_batch, on_predicted)
+                 max_streams: int = 10_000, on_served: OnServed | None = None) -> None:
+        self.answers = Answers(store, max_batch, on_predicted, on_served)
         self.streams = StreamLimit(max_streams, "StreamPredict")
 
     def _inline(self, request: inference_pb2.PredictRequest, symbol: str, timeframe: str, model_id: str) -> bool:
@@ -110,12 +116,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             return self.answers.get_model(request)
         return await asyncio.to_thread(self.answers.get_model, request)
 
+    @maps_errors
+    async def GetLivePerformance(
+        self, request: inference_pb2.GetLivePerformanceRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.LivePerformance:
+        """Reads the scores from the database, so it always runs in a worker thread."""
+        return await asyncio.to_thread(self.answers.get_live_performance, request)
+
 
 class BlockingInferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """The same InferenceService for a thread-pool `grpc.server` (each open stream holds one of its threads)."""
 
-    def __init__(self, store: ModelStore, max_batch: int, on_predicted: OnPredicted | None = None) -> None:
-        self.answers = Answers(store, max_batch, on_predicted)
+    def __init__(self, store: ModelStore, max_batch: int, on_predicted: OnPredicted | None = None,
+                 on_served: OnServed | None = None) -> None:
+        self.answers = Answers(store, max_batch, on_predicted, on_served)
 
     @maps_errors
     def Predict(
@@ -134,3 +148,19 @@ class BlockingInferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     @maps_errors
     def GetModel(self, request: inference_pb2.GetModelRequest, context: grpc.ServicerContext) -> common_pb2.ModelInfo:
         return self.answers.get_model(request)
+
+    @maps_errors
+    def GetLivePerformance(self, request: inference_pb2.GetLivePerformanceRequest,
+                           context: grpc.ServicerContext) -> inference_pb2.LivePerformance:
+        return self.answers.get_live_performance(request)
+
+
+def live_performance_message(perf: LivePerformance) -> inference_pb2.LivePerformance:
+    return inference_pb2.LivePerformance(
+        model_id=perf.model_id, scored=perf.scored, log_loss=perf.log_loss, prior_log_loss=perf.prior_log_loss,
+        brier=perf.brier, first_open_time_ms=perf.first_open_time_ms, last_open_time_ms=perf.last_open_time_ms,
+        reliability=[inference_pb2.ReliabilityBin(class_name=b.class_name, lower=b.lower, upper=b.upper,
+                                                  count=b.count, mean_predicted=b.mean_predicted,
+                                                  observed_frequency=b.observed_frequency)
+                     for b in perf.reliability],
+    )

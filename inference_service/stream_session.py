@@ -182,4 +182,5 @@ class StreamSession:
             self.symbol, self.timeframe, self.timeframe_ms = symbol, timeframe, timeframe_ms
         self.model_id = pin
         self.service.predicted(model, n)
+        self.service.served(model, predictions, new)
         return model, predictions

@@ -173,6 +173,12 @@ def run_demo(opts: DemoOptions) -> dict:
             _say(f"      model {job.model_id}")
             _say(f"      out-of-sample log loss {m['log_loss']:.4f} vs class prior {m['prior_log_loss']:.4f} "
                  f"(ratio {m['log_loss_ratio']:.4f}); Brier {m['brier']:.4f} vs {m['prior_brier']:.4f}")
+            if m.get("cv_folds"):
+                _say(f"      purged {int(m['cv_folds'])}-fold cross-validation: log-loss ratio "
+                     f"{m['cv_log_loss_ratio_mean']:.4f} ± {m['cv_log_loss_ratio_std']:.4f}")
+            report = _write_report(tc, job.model_id, opts.var_dir)
+            summary["report"] = report
+            _say(f"      evaluation report -> {report} (mlsignal report {job.model_id} --out DIR)")
 
             _say(f"[5/8] streaming {opts.split} .. {opts.end} through StreamPredict, one candle per message")
             info = ic.get_model(SYMBOL, TIMEFRAME)
@@ -200,6 +206,16 @@ def run_demo(opts: DemoOptions) -> dict:
             if code != 0:
                 raise DemoError(f"{s.name} exited with code {code}:\n" + "".join(s.lines[-20:]))
     return summary
+
+
+def _write_report(tc, model_id: str, out_dir: Path) -> Path:
+    """The model's evaluation report, from its ModelInfo as the training service lists it."""
+    from mlsignal.report import find_model, write_report
+
+    info = find_model(tc.list_models(SYMBOL, TIMEFRAME), model_id)
+    if info is None:
+        raise DemoError(f"the training service does not list model {model_id}")
+    return write_report(info, out_dir)
 
 
 def _print_table(streamed: pd.DataFrame, rows: int = 8) -> None:

@@ -2,7 +2,8 @@
 
 The evaluation period [start, end) is cut into steps of `step_ms`. For step k, covering [s_k, s_k + step):
 
-1. one model is trained through the training service on the candles with open time in
+1. one model is trained (purpose "research": registered as RESEARCH, so it never changes the model that serves
+   live) through the training service on the candles with open time in
    ``[s_k - train_window - purge, s_k - purge)``, where ``purge = horizon_bars * timeframe``. The label of a training
    candle looks `horizon_bars` candles ahead, so without the purge the labels of the last training candles would be
    computed from prices inside the step;
@@ -159,6 +160,7 @@ def walk_forward(
     min_samples_leaf: int = 0,
     class_weight: str | None = None,
     random_state: int | None = None,
+    label_kind: str | None = None,
     on_progress: Progress | None = None,
 ) -> pd.DataFrame:
     """Walk-forward signals for the candles of `candles` with open time in [start_ms, end_ms).
@@ -169,7 +171,8 @@ def walk_forward(
     candles); rows without enough history come back with ML_READY false. The models themselves are trained by the
     training service on the candles stored in its database.
 
-    Training parameters (0 / None: the service defaults) are the same for every step. `on_progress(done_steps,
+    Training parameters (0 / None: the service defaults) are the same for every step; `label_kind` is
+    "fixed_horizon" or "triple_barrier" (None: the service default). `on_progress(done_steps,
     total_steps, message)` is called once the jobs are submitted and after each step is trained and predicted.
 
     Returns one row per candle in [start_ms, end_ms), oldest first: open_time_ms, timestamp (UTC), open, high, low,
@@ -199,7 +202,7 @@ def walk_forward(
     try:
         for step, _ in work:
             handles.append(_submit(training, handles, symbol, timeframe, step, horizon, threshold, n_estimators,
-                                   max_depth, min_samples_leaf, class_weight, random_state))
+                                   max_depth, min_samples_leaf, class_weight, random_state, label_kind))
         report(0, total, f"submitted {total} training job(s)")
 
         infos: dict[str, object] = {}
@@ -227,7 +230,7 @@ def walk_forward(
 
 
 def _submit(training, handles, symbol, timeframe, step, horizon, threshold, n_estimators, max_depth,
-            min_samples_leaf, class_weight, random_state) -> TrainingJobHandle:
+            min_samples_leaf, class_weight, random_state, label_kind=None) -> TrainingJobHandle:
     """Queue the step's training; when the service queue is full, wait for the oldest unfinished job and retry."""
     waited = 0
     while True:
@@ -236,6 +239,7 @@ def _submit(training, handles, symbol, timeframe, step, horizon, threshold, n_es
                 symbol, timeframe, int(step.train_start_ms), int(step.train_end_ms),
                 horizon_bars=horizon, threshold=threshold, n_estimators=n_estimators, max_depth=max_depth,
                 min_samples_leaf=min_samples_leaf, class_weight=class_weight, random_state=random_state,
+                purpose="research", label_kind=label_kind,
             )
         except ResourceExhaustedError:
             if waited >= len(handles):

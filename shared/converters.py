@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 from mlsignal.v1 import common_pb2
+from shared.labels import FIXED_HORIZON, TRIPLE_BARRIER, LabelSpec
 from shared.params import ForestParams
+from shared.store import registry
 from shared.store.registry import ModelRecord
 from shared.timeframes import ms_to_timestamp
 
 CLASS_WEIGHT_TO_PROTO = {"none": common_pb2.CLASS_WEIGHT_NONE, "balanced": common_pb2.CLASS_WEIGHT_BALANCED}
+LABEL_KIND_TO_PROTO = {
+    FIXED_HORIZON: common_pb2.LABEL_KIND_FIXED_HORIZON,
+    TRIPLE_BARRIER: common_pb2.LABEL_KIND_TRIPLE_BARRIER,
+}
+STAGE_TO_PROTO = {
+    registry.CANDIDATE: common_pb2.MODEL_STAGE_CANDIDATE,
+    registry.SERVING: common_pb2.MODEL_STAGE_SERVING,
+    registry.REJECTED: common_pb2.MODEL_STAGE_REJECTED,
+    registry.RETIRED: common_pb2.MODEL_STAGE_RETIRED,
+    registry.RESEARCH: common_pb2.MODEL_STAGE_RESEARCH,
+}
+
+
+def label_message(label: LabelSpec) -> common_pb2.LabelSpec:
+    return common_pb2.LabelSpec(horizon_bars=label.horizon_bars, threshold=label.threshold,
+                                kind=LABEL_KIND_TO_PROTO[label.kind])
 
 
 def params_message(p: ForestParams) -> common_pb2.ModelParams:
@@ -30,7 +48,7 @@ def model_info(rec: ModelRecord) -> common_pb2.ModelInfo:
         created_at=ms_to_timestamp(rec.created_at_ms),
         train_start=ms_to_timestamp(rec.train_start_ms),
         train_end=ms_to_timestamp(rec.train_end_ms),
-        label=common_pb2.LabelSpec(horizon_bars=rec.label.horizon_bars, threshold=rec.label.threshold),
+        label=label_message(rec.label),
         features=list(rec.feature_spec.feature_names),
         warmup_bars=rec.warmup_bars,
         metrics={k: float(v) for k, v in rec.metrics.items()},
@@ -38,4 +56,6 @@ def model_info(rec: ModelRecord) -> common_pb2.ModelInfo:
         params=params_message(p),
         feature_set=rec.feature_spec.key,
         classes=list(rec.classes),
+        stage=STAGE_TO_PROTO.get(rec.stage, common_pb2.MODEL_STAGE_UNSPECIFIED),
+        stage_reason=rec.stage_reason,
     )

@@ -13,6 +13,13 @@
 | MLSIGNAL_DASK_SPREAD_FIT | 0 | `1`: with Dask, grow each forest's trees as tasks across the cluster |
 | MLSIGNAL_MODEL_POLL_SECONDS | 2 | how often inference checks the registry for newer models |
 | MLSIGNAL_MODEL_CACHE_SIZE | 1024 | models inference keeps in memory; set it above the number of markets followed |
+| MLSIGNAL_MODEL_MAX_AGE | (none) | e.g. `30d`: an older serving model makes health `mlsignal.staleness` NOT_SERVING |
+| MLSIGNAL_LIVE_MONITORING | 1 | `0`: inference does not journal predictions, so nothing is scored live |
+| MLSIGNAL_LIVE_FLUSH_SECONDS | 1 | how often the prediction journal writes what inference served and received |
+| MLSIGNAL_LIVE_RETENTION_DAYS | 90 | days live scores (and predictions never scored) are kept after they are written |
+| MLSIGNAL_PROMOTION | auto | `auto`: a production model that passes the gate serves; `manual`: it waits as CANDIDATE |
+| MLSIGNAL_PROMOTION_TOLERANCE | 0 | gate: `log_loss <= prior_log_loss * (1 + tolerance)`; negative is stricter; > -1 |
+| MLSIGNAL_RESEARCH_KEEP | 50 | research models kept per market; older ones are retired and their files deleted |
 | MLSIGNAL_MAX_BATCH | 10000 | most candles in one PredictRequest |
 | MLSIGNAL_GRACE_SECONDS | 5 | how long a stopping server lets calls finish |
 | MLSIGNAL_MAX_STREAMS | 10000 | open streams per server (StreamPredict, WatchTrainingJob); more: RESOURCE_EXHAUSTED |
@@ -23,6 +30,11 @@
 | MLSIGNAL_TLS_CERT | (none) | server certificate chain (PEM file); with MLSIGNAL_TLS_KEY the server speaks TLS only |
 | MLSIGNAL_TLS_KEY | (none) | server private key (PEM file) |
 | MLSIGNAL_TLS_CA | (none) | clients: CA certificate (PEM) that signed the server certificate; setting it turns TLS on |
+| MLSIGNAL_ALLOW_PLAINTEXT_TOKEN | 0 | `1`: a server with a token but no TLS may listen off loopback (else it exits) |
+| MLSIGNAL_DASK_TLS_CA | (none) | CA (PEM) of the Dask cluster; with _CERT and _KEY: mutual TLS (`tls://` address) |
+| MLSIGNAL_DASK_TLS_CERT | (none) | the training service's certificate for the Dask cluster (PEM, signed by that CA) |
+| MLSIGNAL_DASK_TLS_KEY | (none) | its private key (PEM) |
+| MLSIGNAL_DASK_ALLOW_PLAINTEXT | 0 | `1`: accept a `tcp://` Dask scheduler off loopback (else refused at start-up) |
 
 Training on Dask (MLSIGNAL_DASK_SCHEDULER set): the service keeps its queue, the jobs table and the registry, and
 submits at most MLSIGNAL_TRAINING_WORKERS jobs at once to the cluster (set it to at least the cluster's worker
@@ -31,12 +43,17 @@ candles from the database itself and returns the artifact bytes, which the servi
 and registers. Workers therefore need the mlsignal package (the same versions as the service) and read access to
 the database, but no model volume. A worker uses its own MLSIGNAL_DATABASE_URL when set; otherwise the service's
 URL is sent with the task, except that a URL with a password is never sent (set it on the workers then).
+Dask workers are trusted code: the service deserialises what the cluster returns, and whoever can submit tasks to the
+scheduler runs code on every worker. A scheduler off this machine must therefore use TLS with client certificates
+(a `tls://` address with MLSIGNAL_DASK_TLS_CA/_CERT/_KEY; scheduler and workers started with the same CA and
+`--tls-ca-file/--tls-cert/--tls-key`), or be explicitly accepted in clear text with MLSIGNAL_DASK_ALLOW_PLAINTEXT=1.
 The forest fit uses MLSIGNAL_TRAINING_FIT_JOBS cores of the worker; when that asks for more cores than the worker
 machine has, or with MLSIGNAL_DASK_SPREAD_FIT=1, the trees are grown as tasks across the cluster instead.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -94,6 +111,13 @@ class Settings:
     dask_spread_fit: bool = False
     model_poll_seconds: float = 2.0
     model_cache_size: int = 1024
+    model_max_age: str | None = None
+    live_monitoring: bool = True
+    live_flush_seconds: float = 1.0
+    live_retention_days: float = 90.0
+    promotion: str = "auto"
+    promotion_tolerance: float = 0.0
+    research_keep: int = 50
     max_batch: int = 10_000
     grace_seconds: float = 5.0
     max_streams: int = 10_000
@@ -104,6 +128,11 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    allow_plaintext_token: bool = False
+    dask_tls_ca: Path | None = None
+    dask_tls_cert: Path | None = None
+    dask_tls_key: Path | None = None
+    dask_allow_plaintext: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -120,6 +149,13 @@ class Settings:
             dask_spread_fit=_bool("MLSIGNAL_DASK_SPREAD_FIT", d.dask_spread_fit),
             model_poll_seconds=_float("MLSIGNAL_MODEL_POLL_SECONDS", d.model_poll_seconds),
             model_cache_size=_int("MLSIGNAL_MODEL_CACHE_SIZE", d.model_cache_size),
+            model_max_age=_optional("MLSIGNAL_MODEL_MAX_AGE"),
+            live_monitoring=_bool("MLSIGNAL_LIVE_MONITORING", d.live_monitoring),
+            live_flush_seconds=_float("MLSIGNAL_LIVE_FLUSH_SECONDS", d.live_flush_seconds),
+            live_retention_days=_float("MLSIGNAL_LIVE_RETENTION_DAYS", d.live_retention_days),
+            promotion=_str("MLSIGNAL_PROMOTION", d.promotion).strip().lower(),
+            promotion_tolerance=_float("MLSIGNAL_PROMOTION_TOLERANCE", d.promotion_tolerance),
+            research_keep=_int("MLSIGNAL_RESEARCH_KEEP", d.research_keep),
             max_batch=_int("MLSIGNAL_MAX_BATCH", d.max_batch),
             grace_seconds=_float("MLSIGNAL_GRACE_SECONDS", d.grace_seconds),
             max_streams=_int("MLSIGNAL_MAX_STREAMS", d.max_streams),
@@ -130,6 +166,11 @@ class Settings:
             tls_cert=_path("MLSIGNAL_TLS_CERT"),
             tls_key=_path("MLSIGNAL_TLS_KEY"),
             tls_ca=_path("MLSIGNAL_TLS_CA"),
+            allow_plaintext_token=_bool("MLSIGNAL_ALLOW_PLAINTEXT_TOKEN", d.allow_plaintext_token),
+            dask_tls_ca=_path("MLSIGNAL_DASK_TLS_CA"),
+            dask_tls_cert=_path("MLSIGNAL_DASK_TLS_CERT"),
+            dask_tls_key=_path("MLSIGNAL_DASK_TLS_KEY"),
+            dask_allow_plaintext=_bool("MLSIGNAL_DASK_ALLOW_PLAINTEXT", d.dask_allow_plaintext),
         )
         s.validate()
         return s
@@ -141,10 +182,25 @@ class Settings:
             raise ValueError("MLSIGNAL_TRAINING_QUEUE_SIZE must be >= 1")
         if self.dask_scheduler is not None:
             check_dask_address(self.dask_scheduler)
+        tls_files = self.dask_tls_files()
+        if self.dask_scheduler is not None:
+            check_dask_security(self.dask_scheduler, tls_files is not None, self.dask_allow_plaintext)
         if self.model_poll_seconds <= 0:
             raise ValueError("MLSIGNAL_MODEL_POLL_SECONDS must be > 0")
         if self.model_cache_size < 1:
             raise ValueError("MLSIGNAL_MODEL_CACHE_SIZE must be >= 1")
+        self.model_max_age_ms()
+        if not 0 < self.live_flush_seconds <= 3600:
+            raise ValueError("MLSIGNAL_LIVE_FLUSH_SECONDS must be > 0 and at most 3600")
+        if not 0 < self.live_retention_days <= 36_500:
+            raise ValueError("MLSIGNAL_LIVE_RETENTION_DAYS must be > 0 (days) and at most 36500")
+        if self.promotion not in ("auto", "manual"):
+            raise ValueError(f"MLSIGNAL_PROMOTION={self.promotion!r}: expected 'auto' or 'manual'")
+        if not (math.isfinite(self.promotion_tolerance) and self.promotion_tolerance > -1):
+            raise ValueError(f"MLSIGNAL_PROMOTION_TOLERANCE={self.promotion_tolerance!r}: expected a number above -1 "
+                             "(0: the model must not be worse than the prior; negative is stricter)")
+        if self.research_keep < 1:
+            raise ValueError("MLSIGNAL_RESEARCH_KEEP must be >= 1")
         if not 1 <= self.max_batch <= 1_000_000:
             raise ValueError("MLSIGNAL_MAX_BATCH must be between 1 and 1000000")
         if self.max_streams < 1:
@@ -157,6 +213,28 @@ class Settings:
             check_token(self.auth_token, "MLSIGNAL_AUTH_TOKEN")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("MLSIGNAL_TLS_CERT and MLSIGNAL_TLS_KEY must be set together")
+
+    def dask_tls_files(self) -> tuple[Path, Path, Path] | None:
+        """(CA, certificate, key) for mutual TLS with the Dask cluster, or None; ValueError unless all three or none
+        are set."""
+        files = (self.dask_tls_ca, self.dask_tls_cert, self.dask_tls_key)
+        if all(f is None for f in files):
+            return None
+        if any(f is None for f in files):
+            raise ValueError("MLSIGNAL_DASK_TLS_CA, MLSIGNAL_DASK_TLS_CERT and MLSIGNAL_DASK_TLS_KEY must be set "
+                             "together (mutual TLS: the cluster's CA, and the service's certificate and key)")
+        return files  # type: ignore[return-value]
+
+    def model_max_age_ms(self) -> int | None:
+        """MLSIGNAL_MODEL_MAX_AGE in milliseconds (None when unset); ValueError for a malformed duration."""
+        if self.model_max_age is None:
+            return None
+        from shared.timeframes import parse_duration
+
+        try:
+            return parse_duration(self.model_max_age)
+        except ValueError as exc:
+            raise ValueError(f"MLSIGNAL_MODEL_MAX_AGE: {exc}") from None
 
     @property
     def tls(self) -> bool:
@@ -200,6 +278,39 @@ def check_dask_address(address: str, what: str = "MLSIGNAL_DASK_SCHEDULER") -> s
     if not sep or scheme not in DASK_SCHEMES or not colon or not host or not port.isdigit() \
             or not 0 < int(port) < 65536:
         raise ValueError(f"{what}={address!r}: expected a Dask scheduler address like tcp://dask-scheduler:8786")
+    return address
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a host name or address is this machine's loopback: localhost, 127.0.0.0/8 or ::1."""
+    import ipaddress
+
+    host = host.strip().strip("[]")
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_dask_security(address: str, tls: bool, allow_plaintext: bool,
+                        what: str = "MLSIGNAL_DASK_SCHEDULER") -> str:
+    """Refuse a Dask scheduler address that would expose the training service: a `tls://` address needs the TLS
+    files, TLS files need a `tls://` address, and a `tcp://` scheduler off this machine needs `allow_plaintext`
+    (MLSIGNAL_DASK_ALLOW_PLAINTEXT=1). Nothing is contacted; ValueError says what to change."""
+    scheme, _, rest = address.partition("://")
+    host = rest.rpartition(":")[0]
+    if scheme == "tls" and not tls:
+        raise ValueError(f"{what}={address!r}: a tls:// scheduler needs MLSIGNAL_DASK_TLS_CA, MLSIGNAL_DASK_TLS_CERT "
+                         "and MLSIGNAL_DASK_TLS_KEY")
+    if scheme == "tcp" and tls:
+        raise ValueError(f"{what}={address!r}: MLSIGNAL_DASK_TLS_* are set, so the scheduler address must be "
+                         f"tls://{rest}")
+    if scheme == "tcp" and not allow_plaintext and not is_loopback_host(host):
+        raise ValueError(f"{what}={address!r}: refusing an unencrypted, unauthenticated Dask scheduler on another "
+                         "machine (whoever reaches it can run code on the training service); use tls:// with "
+                         "MLSIGNAL_DASK_TLS_CA/_CERT/_KEY, or set MLSIGNAL_DASK_ALLOW_PLAINTEXT=1 to accept it")
     return address
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 from mlsignal.v1 import common_pb2, training_pb2
-from shared.converters import CLASS_WEIGHT_TO_PROTO, params_message
+from shared.converters import CLASS_WEIGHT_TO_PROTO, LABEL_KIND_TO_PROTO, label_message, params_message
 from shared.errors import InvalidArgument
-from shared.labels import LabelSpec
+from shared.labels import FIXED_HORIZON, LabelSpec
 from shared.params import (
     DEFAULT_MAX_DEPTH,
     DEFAULT_MIN_SAMPLES_LEAF,
@@ -17,12 +17,19 @@ from shared.params import (
     MAX_N_ESTIMATORS,
     ForestParams,
 )
+from shared.store.registry import PRODUCTION, RESEARCH_PURPOSE
 from shared.symbols import validate_symbol
-from shared.timeframes import ms_to_timestamp, timeframe_ms
+from shared.timeframes import ms_to_iso, ms_to_timestamp, timeframe_ms
 from training_service.jobs import Job, TrainingRequest
 
 MAX_HORIZON_BARS = 10_000
 MAX_RANGE_MS = 50 * 366 * 86_400_000  # fifty years
+# start_time and end_time must lie in the range of times candles can be stored with (the importers' range).
+EARLIEST_TIME_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+LATEST_TIME_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
+# google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z.
+PROTO_MIN_SECONDS = -62_135_596_800
+PROTO_MAX_SECONDS = 253_402_300_799
 
 STATE_TO_PROTO = {
     "QUEUED": training_pb2.JOB_STATE_QUEUED,
@@ -32,24 +39,54 @@ STATE_TO_PROTO = {
     "CANCELLED": training_pb2.JOB_STATE_CANCELLED,
 }
 PROTO_TO_STATE = {v: k for k, v in STATE_TO_PROTO.items()}
+PURPOSE_TO_PROTO = {
+    PRODUCTION: training_pb2.TRAINING_PURPOSE_PRODUCTION,
+    RESEARCH_PURPOSE: training_pb2.TRAINING_PURPOSE_RESEARCH,
+}
+PROTO_TO_PURPOSE = {v: k for k, v in PURPOSE_TO_PROTO.items()} | {training_pb2.TRAINING_PURPOSE_UNSPECIFIED: PRODUCTION}
+PROTO_TO_LABEL_KIND = {v: k for k, v in LABEL_KIND_TO_PROTO.items()} | {
+    common_pb2.LABEL_KIND_UNSPECIFIED: FIXED_HORIZON
+}
 
 
 def _bad(field: str, message: str) -> InvalidArgument:
     return InvalidArgument(f"{field}: {message}", field=field)
 
 
-def training_request(msg: training_pb2.StartTrainingRequest) -> TrainingRequest:
-    """Validate a StartTrainingRequest and fill in the documented defaults; InvalidArgument names the field."""
+def market(symbol: str, timeframe: str) -> tuple[str, str]:
+    """A validated (symbol, timeframe); InvalidArgument names the field."""
     try:
-        symbol = validate_symbol(msg.symbol)
+        symbol = validate_symbol(symbol)
     except InvalidArgument as exc:
         raise _bad("symbol", str(exc)) from None
     try:
-        timeframe_ms(msg.timeframe)
+        timeframe_ms(timeframe)
     except ValueError as exc:
         raise _bad("timeframe", str(exc)) from None
-    start_ms = msg.start_time.ToMilliseconds() if msg.HasField("start_time") else None
-    end_ms = msg.end_time.ToMilliseconds() if msg.HasField("end_time") else None
+    return symbol, timeframe
+
+
+def _time_ms(msg: training_pb2.StartTrainingRequest, field: str) -> int | None:
+    """A Timestamp field as epoch milliseconds (None when unset); InvalidArgument names the field when it is not a
+    valid Timestamp or lies outside EARLIEST_TIME_MS..LATEST_TIME_MS."""
+    if not msg.HasField(field):
+        return None
+    t = getattr(msg, field)
+    if not (0 <= t.nanos <= 999_999_999 and PROTO_MIN_SECONDS <= t.seconds <= PROTO_MAX_SECONDS):
+        raise _bad(field, f"is not a valid Timestamp (seconds {t.seconds}, nanos {t.nanos}); expected a time "
+                          f"between {ms_to_iso(EARLIEST_TIME_MS)} and {ms_to_iso(LATEST_TIME_MS)}")
+    ms = t.ToMilliseconds()
+    if not EARLIEST_TIME_MS <= ms < LATEST_TIME_MS:
+        raise _bad(field, f"{t.ToJsonString()} is outside {ms_to_iso(EARLIEST_TIME_MS)} .. "
+                          f"{ms_to_iso(LATEST_TIME_MS)}")
+    return ms
+
+
+def training_request(msg: training_pb2.StartTrainingRequest) -> TrainingRequest:
+    """Validate a StartTrainingRequest and fill in the documented defaults; InvalidArgument names the field."""
+    symbol, _ = market(msg.symbol, msg.timeframe)
+    start_ms = _time_ms(msg, "start_time")
+    end_ms = _time_ms(msg, "end_time")
     if start_ms is not None and end_ms is not None:
         if start_ms >= end_ms:
             raise _bad("start_time", f"must be before end_time ({msg.start_time.ToJsonString()} is not before "
@@ -64,6 +101,11 @@ def training_request(msg: training_pb2.StartTrainingRequest) -> TrainingRequest:
     if not (math.isfinite(threshold) and 0 < threshold < 1):
         raise _bad("label.threshold",
                    f"must be a fraction in (0, 1), e.g. 0.02 for 2 % (0 means 0.02), got {threshold}")
+    if msg.label.kind not in PROTO_TO_LABEL_KIND:
+        raise _bad("label.kind", f"unknown label kind {msg.label.kind}")
+    kind = PROTO_TO_LABEL_KIND[msg.label.kind]
+    if msg.purpose not in PROTO_TO_PURPOSE:
+        raise _bad("purpose", f"unknown training purpose {msg.purpose}")
 
     p = msg.params
     n_estimators = p.n_estimators or DEFAULT_N_ESTIMATORS
@@ -100,9 +142,10 @@ def training_request(msg: training_pb2.StartTrainingRequest) -> TrainingRequest:
         timeframe=msg.timeframe,
         start_ms=start_ms,
         end_ms=end_ms,
-        label=LabelSpec(horizon_bars=horizon, threshold=threshold),
+        label=LabelSpec(horizon_bars=horizon, threshold=threshold, kind=kind),
         params=ForestParams(n_estimators=n_estimators, max_depth=max_depth, min_samples_leaf=leaf,
                             class_weight=class_weight, random_state=seed),
+        purpose=PROTO_TO_PURPOSE[msg.purpose],
     )
 
 
@@ -112,8 +155,9 @@ def request_message(req: TrainingRequest) -> training_pb2.StartTrainingRequest:
         timeframe=req.timeframe,
         start_time=ms_to_timestamp(req.start_ms),
         end_time=ms_to_timestamp(req.end_ms),
-        label=common_pb2.LabelSpec(horizon_bars=req.label.horizon_bars, threshold=req.label.threshold),
+        label=label_message(req.label),
         params=params_message(req.params),
+        purpose=PURPOSE_TO_PROTO[req.purpose],
     )
 
 

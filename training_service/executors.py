@@ -30,11 +30,13 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
 from shared.errors import one_line
+from shared.settings import Settings, check_dask_address, check_dask_security
 from training_service.worker import (
     cancel_event_name,
     progress_queue_name,
@@ -195,8 +197,48 @@ def shareable_database_url(database_url: str) -> str | None:
     return url.render_as_string(hide_password=False)
 
 
+def dask_security(tls_files: tuple[Path, Path, Path] | None) -> Any:
+    """`distributed.Security` for mutual TLS with the cluster from (CA, certificate, key) PEM files, or None (plain
+    tcp://). The service presents its certificate and accepts only a scheduler whose certificate the CA signed;
+    encryption is required on every connection. ValueError names an unreadable file."""
+    if tls_files is None:
+        return None
+    from distributed import Security
+
+    ca, cert, key = tls_files
+    for name, path in zip(("MLSIGNAL_DASK_TLS_CA", "MLSIGNAL_DASK_TLS_CERT", "MLSIGNAL_DASK_TLS_KEY"), tls_files,
+                          strict=True):
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{name}={str(path)!r}: cannot read: {exc.strerror or exc}") from None
+        if b"-----BEGIN" not in data:
+            raise ValueError(f"{name}={str(path)!r}: not a PEM file")
+    return Security(tls_ca_file=str(ca), tls_client_cert=str(cert), tls_client_key=str(key),
+                    require_encryption=True)
+
+
+def _dask_settings_from_env() -> tuple[tuple[Path, Path, Path] | None, bool]:
+    """The Dask TLS files and MLSIGNAL_DASK_ALLOW_PLAINTEXT from the environment (for callers that pass neither)."""
+    settings = Settings(dask_tls_ca=_env_path("MLSIGNAL_DASK_TLS_CA"),
+                        dask_tls_cert=_env_path("MLSIGNAL_DASK_TLS_CERT"),
+                        dask_tls_key=_env_path("MLSIGNAL_DASK_TLS_KEY"))
+    allow = os.environ.get("MLSIGNAL_DASK_ALLOW_PLAINTEXT", "").strip().lower() in ("1", "true", "yes", "on")
+    return settings.dask_tls_files(), allow
+
+
+def _env_path(name: str) -> Path | None:
+    raw = os.environ.get(name)
+    return Path(raw) if raw else None
+
+
 class DaskExecutor(Executor):
     """Each job's whole pipeline as one task on a Dask distributed cluster.
+
+    Security: `tls_files` (CA, certificate, key) make every connection to the cluster mutual TLS (a ``tls://``
+    address); a ``tcp://`` address off this machine is refused here, before anything connects, unless
+    `allow_plaintext`. When neither is given they come from MLSIGNAL_DASK_TLS_CA/_CERT/_KEY and
+    MLSIGNAL_DASK_ALLOW_PLAINTEXT. The cluster's workers are trusted: the service deserialises their results.
 
     Progress comes back over ``distributed.Queue("mlsignal-progress-<job_id>")``; cancelling sets
     ``distributed.Event("mlsignal-cancel-<job_id>")``, which the task checks between chunks of trees (about every
@@ -205,12 +247,18 @@ class DaskExecutor(Executor):
     dying training worker is running out of memory, and a retry would take down the next worker the same way.
     """
 
-    def __init__(self, address: str, database_url: str, fit_jobs: int = -1, spread_fit: bool = False):
+    def __init__(self, address: str, database_url: str, fit_jobs: int = -1, spread_fit: bool = False, *,
+                 tls_files: tuple[Path, Path, Path] | None = None, allow_plaintext: bool | None = None):
+        if tls_files is None and allow_plaintext is None:
+            tls_files, allow_plaintext = _dask_settings_from_env()
+        check_dask_address(address)
+        check_dask_security(address, tls_files is not None, bool(allow_plaintext))
+        self.security = dask_security(tls_files)
         self.address = address
         self.database_url = shareable_database_url(database_url)
         self.fit_jobs = fit_jobs
         self.spread_fit = spread_fit
-        self.description = f"the Dask cluster at {address}"
+        self.description = f"the Dask cluster at {address}{' (mutual TLS)' if self.security else ''}"
         self._client = None
         self._client_lock = threading.Lock()
 
@@ -231,7 +279,7 @@ class DaskExecutor(Executor):
                 self._client = None
             if self._client is None:
                 self._client = Client(self.address, timeout=CONNECT_TIMEOUT, set_as_default=False,
-                                      name="mlsignal-training")
+                                      name="mlsignal-training", security=self.security)
                 log.info("connected to the Dask scheduler at %s", self.address)
             return self._client
 

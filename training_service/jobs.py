@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from shared.labels import LabelSpec
 from shared.params import ForestParams
 from shared.store.db import training_jobs as jobs_table
+from shared.store.registry import PRODUCTION
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
@@ -34,6 +35,7 @@ class TrainingRequest:
     end_ms: int | None
     label: LabelSpec = LabelSpec()
     params: ForestParams = ForestParams()
+    purpose: str = PRODUCTION  # "production" (passes the promotion gate) or "research" (never serves unless pinned)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -42,8 +44,10 @@ class TrainingRequest:
                 "timeframe": self.timeframe,
                 "start_ms": self.start_ms,
                 "end_ms": self.end_ms,
-                "label": {"horizon_bars": self.label.horizon_bars, "threshold": self.label.threshold},
+                "label": {"horizon_bars": self.label.horizon_bars, "threshold": self.label.threshold,
+                          "kind": self.label.kind},
                 "params": self.params.to_dict(),
+                "purpose": self.purpose,
             },
             sort_keys=True,
         )
@@ -58,6 +62,7 @@ class TrainingRequest:
             end_ms=d["end_ms"],
             label=LabelSpec(**d["label"]),
             params=ForestParams.from_dict(d["params"]),
+            purpose=d.get("purpose", PRODUCTION),
         )
 
 

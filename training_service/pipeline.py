@@ -1,12 +1,19 @@
 """The training pipeline: candles in, an evaluated, calibrated, ONNX-exported forest out.
 
+Labels follow the request's `LabelSpec` (fixed horizon or triple barrier); a label whose horizon spans missing
+candles is dropped, and the model reports how many were (`dropped_gap_labels`) and the holes in its window
+(`window_gaps`, `window_missing_candles`).
+
 Time order is respected everywhere. The labelled rows are split as
 
     [ fit | gap | calibration | gap | test ]      gap = horizon_bars rows (purge: labels look ahead h bars)
 
 1. evaluation: a forest fitted on `fit`, shrunk toward the prior with a weight fitted on `calibration`, scored on
-   `test` only, next to the class-prior baseline; permutation importance on `test`;
-2. the registered model: a forest fitted on `fit + calibration` gives the shrink weight on `test` (the slice at
+   `test` only, next to the class-prior baseline; permutation importance and a reliability diagram on `test`;
+2. cross-validation: purged, embargoed k-fold CV over the whole window (training_service.evaluation) gives the
+   spread of the log-loss ratio (`cv_folds`, `cv_log_loss_ratio_mean`, `cv_log_loss_ratio_std`, one
+   `cv_fold_<k>_log_loss_ratio` per fold);
+3. the registered model: a forest fitted on `fit + calibration` gives the shrink weight on `test` (the slice at
    the end of the window), then the forest is refitted on every labelled row of the window.
 """
 
@@ -26,7 +33,8 @@ from shared import calibration as cal
 from shared.errors import FailedPrecondition
 from shared.features import FeatureSpec, feature_matrix, spec_for_frame
 from shared.labels import CLASSES, LabelSpec, class_balance, make_labels
-from shared.params import ForestParams
+from shared.params import UNIQUENESS, ForestParams
+from training_service import evaluation
 
 MIN_LABELLED_ROWS = 1000
 TEST_FRACTION = 0.2
@@ -50,6 +58,10 @@ class Dataset:
     y: np.ndarray  # int codes into CLASSES
     open_time_ms: np.ndarray
     spec: FeatureSpec
+    timeframe_ms: int = 0
+    dropped_gap_labels: int = 0  # labels dropped because their horizon spans missing candles
+    window_gaps: int = 0  # holes in the window's candles
+    window_missing_candles: int = 0  # candles missing in those holes
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,9 @@ class TrainedModel:
     onnx_bytes: bytes
     sklearn_bytes: bytes
     versions: dict[str, str]
+    # The held-out probabilities the shrink weight was fitted on: (raw forest probabilities, labels, prior per row).
+    # Not part of the artifact; for research on calibration methods.
+    calibration_rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 def min_candles_needed(spec: FeatureSpec, label: LabelSpec) -> int:
@@ -72,21 +87,42 @@ def min_candles_needed(spec: FeatureSpec, label: LabelSpec) -> int:
     return spec.warmup_bars - 1 + label.horizon_bars + MIN_LABELLED_ROWS
 
 
-def build_dataset(frame: pd.DataFrame, label: LabelSpec, base_spec: FeatureSpec = FeatureSpec()) -> Dataset:
-    """Features and labels for every candle that has both (warm-up and the last h rows drop out)."""
+def infer_timeframe_ms(open_time_ms: np.ndarray) -> int:
+    """The candle spacing of sorted open times: the smallest step between two of them."""
+    steps = np.diff(np.asarray(open_time_ms, dtype=np.int64))
+    steps = steps[steps > 0]
+    if steps.size == 0:
+        raise ValueError("cannot tell the timeframe from fewer than two distinct open times")
+    return int(steps.min())
+
+
+def build_dataset(frame: pd.DataFrame, label: LabelSpec, base_spec: FeatureSpec = FeatureSpec(),
+                  timeframe_ms: int | None = None) -> Dataset:
+    """Features and labels for every candle that has both (warm-up and the last h rows drop out, and so does every
+    label whose horizon spans missing candles). `timeframe_ms` defaults to the candles' spacing."""
     spec = spec_for_frame(frame, base_spec)
     cols = {c: frame[c].to_numpy(dtype=np.float64) for c in ("open", "high", "low", "close", "volume")}
     for c in ("funding_rate", "open_interest"):
         if c in frame:
             cols[c] = frame[c].to_numpy(dtype=np.float64)
+    times = frame["open_time_ms"].to_numpy(dtype=np.int64)
+    tf_ms = int(timeframe_ms) if timeframe_ms else infer_timeframe_ms(times)
     X = feature_matrix(cols, spec)
-    y = make_labels(cols["close"], label)
-    keep = (y >= 0) & np.isfinite(X).all(axis=1)
+    y_all = make_labels(cols["close"], label)
+    y = make_labels(cols["close"], label, times, tf_ms)
+    finite = np.isfinite(X).all(axis=1)
+    keep = (y >= 0) & finite
+    steps = np.diff(times)
+    holes = steps > tf_ms
     return Dataset(
         X=X[keep].astype(np.float32),
         y=y[keep].astype(np.int64),
-        open_time_ms=frame["open_time_ms"].to_numpy(dtype=np.int64)[keep],
+        open_time_ms=times[keep],
         spec=spec,
+        timeframe_ms=tf_ms,
+        dropped_gap_labels=int(((y_all >= 0) & (y < 0) & finite).sum()),
+        window_gaps=int(holes.sum()),
+        window_missing_candles=int((steps[holes] // tf_ms - 1).sum()),
     )
 
 
@@ -128,14 +164,16 @@ def _require_all_classes(y: np.ndarray, where: str) -> None:
 
 
 def fit_forest(X, y, params: ForestParams, n_jobs: int, on_progress: Callable[[float], None],
-               should_stop: ShouldStop | None = None, fit_context: FitContext | None = None):
+               should_stop: ShouldStop | None = None, fit_context: FitContext | None = None,
+               uniqueness: float | None = None):
     """Fit a RandomForest in chunks of trees (warm start), reporting the fraction of trees grown.
 
     Growing the same trees in chunks gives exactly the forest of one fit: scikit-learn draws each tree's seed
     from random_state in order either way. Without `should_stop` the trees grow in 10 chunks. With it, chunks are
     sized from the measured time per tree so that `should_stop()` is asked about every STOP_CHECK_SECONDS, and
     TrainingStopped is raised when it answers True. `fit_context()`, when given, wraps every fit call (e.g. a joblib
-    backend that grows the trees elsewhere).
+    backend that grows the trees elsewhere). `uniqueness` is the average label uniqueness of these rows, which
+    `max_samples="uniqueness"` needs.
     """
     from contextlib import nullcontext
 
@@ -144,7 +182,8 @@ def fit_forest(X, y, params: ForestParams, n_jobs: int, on_progress: Callable[[f
     context = fit_context or nullcontext
 
     total = params.n_estimators
-    forest = RandomForestClassifier(n_jobs=n_jobs, warm_start=True, **{**params.sklearn_kwargs(), "n_estimators": 0})
+    kwargs = {**params.sklearn_kwargs(uniqueness), "n_estimators": 0}
+    forest = RandomForestClassifier(n_jobs=n_jobs, warm_start=True, **kwargs)
     if should_stop is None:
         steps = min(10, total)
         for i in range(1, steps + 1):
@@ -249,12 +288,18 @@ def train(
     base_spec: FeatureSpec = FeatureSpec(),
     should_stop: ShouldStop | None = None,
     fit_context: FitContext | None = None,
+    timeframe_ms: int | None = None,
+    cv_folds: int = evaluation.DEFAULT_CV_FOLDS,
+    importance_repeats: int = IMPORTANCE_REPEATS,
 ) -> TrainedModel:
     """Train, evaluate, calibrate and export one model from a candle frame (see the module docstring).
 
     `should_stop`, when given, is asked between stages, between chunks of trees (about every STOP_CHECK_SECONDS)
     and between permutation-importance rounds; when it answers True, TrainingStopped is raised. `fit_context()`,
     when given, wraps every forest fit (and nothing else), e.g. ``lambda: joblib.parallel_config(backend="dask")``.
+    `timeframe_ms` is the candles' timeframe (default: their spacing), which tells where candles are missing;
+    `cv_folds` the folds of the cross-validation (fewer when the window is too short, 0 for none);
+    `importance_repeats` the rounds of permutation importance (0 for none).
     """
     import joblib
     from sklearn.inspection import permutation_importance
@@ -268,7 +313,7 @@ def train(
             report(stage, frac)
 
     progress("features", 0.05)
-    data = build_dataset(frame, label, base_spec)
+    data = build_dataset(frame, label, base_spec, timeframe_ms)
     progress("labels", 0.10)
     n = len(data.y)
     if n < MIN_LABELLED_ROWS:
@@ -277,18 +322,24 @@ def train(
             "use a longer time range",
             field="start_time",
         )
-    fit, calib, test = purged_splits(n, label.horizon_bars)
+    h = label.horizon_bars
+    fit, calib, test = purged_splits(n, h)
     X, y = data.X, data.y
     _require_all_classes(y[fit], "fitting")
+    uniq = (evaluation.average_uniqueness(data.open_time_ms, h, data.timeframe_ms)
+            if params.max_samples == UNIQUENESS else None)
 
     def stage(name: str, lo: float, hi: float) -> Callable[[float], None]:
         return lambda f: progress(name, lo + (hi - lo) * f)
 
-    # 1. Honest evaluation.
+    def forest_on(rows, name: str, lo: float, hi: float):
+        u = None if uniq is None else float(np.mean(uniq[rows]))
+        return fit_forest(X[rows], y[rows], params, n_jobs, stage(name, lo, hi), should_stop, fit_context, u)
+
+    # 1. Honest evaluation on the held-back test part.
     progress("fitting", 0.10)
-    forest = fit_forest(X[fit], y[fit], params, n_jobs, stage("fitting", 0.10, 0.40), should_stop,
-                        fit_context)
-    progress("evaluating", 0.40)
+    forest = forest_on(fit, "fitting", 0.10, 0.30)
+    progress("evaluating", 0.30)
     prior_fit = cal.class_prior(y[fit], len(CLASSES))
     raw_calib = _proba(forest, X[calib])
     w_eval = cal.fit_shrink_weight(raw_calib, y[calib], prior_fit)
@@ -307,44 +358,79 @@ def train(
         metrics[f"test_class_{name}"] = frac
     for name, frac in class_balance(y[fit]).items():
         metrics[f"train_class_{name}"] = frac
+    for name, frac in class_balance(y).items():
+        metrics[f"window_class_{name}"] = frac
+    metrics["n_rows"] = float(n)
     metrics["n_fit"] = float(fit.stop - fit.start)
     metrics["n_calibration"] = float(calib.stop - calib.start)
     metrics["n_test"] = float(len(yt))
     metrics["test_start_ms"] = float(data.open_time_ms[test.start])
+    metrics["dropped_gap_labels"] = float(data.dropped_gap_labels)
+    metrics["window_gaps"] = float(data.window_gaps)
+    metrics["window_missing_candles"] = float(data.window_missing_candles)
+    metrics.update(evaluation.reliability(p_test, yt, CLASSES))
 
     def scoring(est, Xs, ys) -> float:
         _stop_check(should_stop)
         return -cal.log_loss(est.predict_proba(Xs), ys)
 
-    imp = permutation_importance(
-        _ShrunkForest(forest, prior_fit, w_eval),
-        X[test],
-        yt,
-        scoring=scoring,
-        n_repeats=IMPORTANCE_REPEATS,
-        random_state=params.random_state,
-        n_jobs=1,
-    )
-    for name, value in zip(data.spec.feature_names, imp.importances_mean, strict=True):
-        metrics[f"importance.{name}"] = float(value)
-    progress("evaluating", 0.50)
+    if importance_repeats > 0:
+        imp = permutation_importance(
+            _ShrunkForest(forest, prior_fit, w_eval),
+            X[test],
+            yt,
+            scoring=scoring,
+            n_repeats=importance_repeats,
+            random_state=params.random_state,
+            n_jobs=1,
+        )
+        for name, value in zip(data.spec.feature_names, imp.importances_mean, strict=True):
+            metrics[f"importance.{name}"] = float(value)
+    del forest
+    progress("evaluating", 0.36)
 
-    # 2. The registered model: the shrink weight comes from both purged out-of-sample slices (the evaluation
+    # 2. Purged, embargoed k-fold cross-validation over the whole window: the spread of the log-loss ratio.
+    folds = evaluation.folds_that_fit(n, h, cv_folds) if cv_folds >= 2 else []
+    ratios = []
+    for k, fold in enumerate(folds):
+        lo = 0.36 + 0.24 * k / len(folds)
+        f_forest = forest_on(fold.fit, "cross-validating", lo, lo + 0.24 / len(folds))
+        f_prior = cal.class_prior(y[fold.fit], len(CLASSES))
+        f_w = cal.fit_shrink_weight(_proba(f_forest, X[fold.calibration]), y[fold.calibration], f_prior)
+        f_p = cal.shrink_to_prior(_proba(f_forest, X[fold.test]), f_prior, f_w)
+        del f_forest
+        f_y = y[fold.test]
+        ll, prior_ll = cal.log_loss(f_p, f_y), cal.log_loss(np.tile(f_prior, (len(f_y), 1)), f_y)
+        ratios.append(ll / prior_ll)
+        metrics[f"cv_fold_{k}_log_loss"] = ll
+        metrics[f"cv_fold_{k}_prior_log_loss"] = prior_ll
+        metrics[f"cv_fold_{k}_log_loss_ratio"] = ll / prior_ll
+        metrics[f"cv_fold_{k}_shrink_weight"] = f_w
+        metrics[f"cv_fold_{k}_start_ms"] = float(data.open_time_ms[fold.test[0]])
+        metrics[f"cv_fold_{k}_end_ms"] = float(data.open_time_ms[fold.test[-1]])
+        metrics[f"cv_fold_{k}_n_fit"] = float(len(fold.fit))
+        metrics[f"cv_fold_{k}_n_test"] = float(len(fold.test))
+    metrics["cv_folds"] = float(len(folds))
+    if ratios:
+        metrics["cv_log_loss_ratio_mean"] = float(np.mean(ratios))
+        metrics["cv_log_loss_ratio_std"] = float(np.std(ratios, ddof=1)) if len(ratios) > 1 else 0.0
+        metrics["cv_embargo_rows"] = float(evaluation.embargo_rows(n))
+    progress("cross-validating", 0.60)
+
+    # 3. The registered model: the shrink weight comes from both purged out-of-sample slices (the evaluation
     # forest on `calibration`, and a forest fitted on everything before `test` on `test`, the end of the window),
     # which halves its variance compared with one slice; then the forest is refitted on everything.
-    head = slice(0, test.start - label.horizon_bars)
+    head = slice(0, test.start - h)
     _require_all_classes(y[head], "calibration-fit")
-    forest_cal = fit_forest(X[head], y[head], params, n_jobs, stage("calibrating", 0.50, 0.70), should_stop,
-                            fit_context)
+    forest_cal = forest_on(head, "calibrating", 0.60, 0.72)
     prior_head = cal.class_prior(y[head], len(CLASSES))
-    weight = cal.fit_shrink_weight(
-        np.vstack([raw_calib, _proba(forest_cal, X[test])]),
-        np.concatenate([y[calib], yt]),
-        np.vstack([np.tile(prior_fit, (len(raw_calib), 1)), np.tile(prior_head, (len(yt), 1))]),
-    )
+    cal_raw = np.vstack([raw_calib, _proba(forest_cal, X[test])])
+    cal_y = np.concatenate([y[calib], yt])
+    cal_prior = np.vstack([np.tile(prior_fit, (len(raw_calib), 1)), np.tile(prior_head, (len(yt), 1))])
+    weight = cal.fit_shrink_weight(cal_raw, cal_y, cal_prior)
     metrics["shrink_weight"] = weight
     del forest_cal
-    final = fit_forest(X, y, params, n_jobs, stage("refitting", 0.70, 0.92), should_stop, fit_context)
+    final = forest_on(slice(0, n), "refitting", 0.72, 0.92)
     prior_all = cal.class_prior(y, len(CLASSES))
 
     progress("saving", 0.92)
@@ -369,4 +455,5 @@ def train(
         onnx_bytes=onnx_bytes,
         sklearn_bytes=buf.getvalue(),
         versions=library_versions(),
+        calibration_rows=(cal_raw, cal_y, cal_prior),
     )

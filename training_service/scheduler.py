@@ -21,6 +21,7 @@ model's job is always SUCCEEDED and a cancelled or interrupted job never leaves 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import threading
@@ -33,7 +34,14 @@ from shared.artifacts import sha256_bytes
 from shared.errors import FailedPrecondition, MlsignalError, NotFound, ResourceExhausted, Unavailable, one_line
 from shared.features import FeatureSpec
 from shared.labels import CLASSES
-from shared.store.registry import ModelRecord, insert_model
+from shared.store.registry import (
+    PROMOTION_MODES,
+    RESEARCH_PURPOSE,
+    ModelRecord,
+    insert_model,
+    registration_stage,
+    retire_old_research,
+)
 from training_service.executors import CANCELLED as RUN_CANCELLED
 from training_service.executors import DIED, ERROR, RESULT, Executor, LocalProcessExecutor, Run
 from training_service.jobs import (
@@ -55,6 +63,8 @@ PROGRESS_WRITE_INTERVAL = 0.2  # seconds between progress writes of the same sta
 PROGRESS_RETRY_INTERVAL = 1.0  # seconds progress writes are skipped after one failed
 RETRY_FIRST_DELAY = 0.2  # seconds before the first retry of a job's final write; doubles up to RETRY_MAX_DELAY
 RETRY_MAX_DELAY = 5.0
+# Research retention spares models younger than this, so a long walk-forward keeps every model it still predicts with.
+RESEARCH_GRACE_MS = 24 * 3_600_000
 
 
 def partial_paths(model_dir: Path, job_id: str) -> tuple[Path, Path]:
@@ -77,7 +87,19 @@ class _NotRunning(Exception):
 
 class Scheduler:
     def __init__(self, store: JobStore, database_url: str, model_dir: Path, workers: int = 1,
-                 queue_size: int = 16, fit_jobs: int = -1, executor: Executor | None = None):
+                 queue_size: int = 16, fit_jobs: int = -1, executor: Executor | None = None,
+                 promotion: str = "auto", promotion_tolerance: float = 0.0, research_keep: int = 50):
+        if promotion not in PROMOTION_MODES:
+            raise ValueError(f"MLSIGNAL_PROMOTION={promotion!r}: expected 'auto' or 'manual'")
+        if not (math.isfinite(promotion_tolerance) and promotion_tolerance > -1):
+            raise ValueError(f"MLSIGNAL_PROMOTION_TOLERANCE={promotion_tolerance!r}: expected a number above -1")
+        if research_keep < 1:
+            raise ValueError(f"MLSIGNAL_RESEARCH_KEEP={research_keep!r}: expected an integer >= 1")
+        # The promotion gate and research retention applied at registration (shared.store.registry).
+        self.promotion = promotion
+        self.promotion_tolerance = promotion_tolerance
+        self.research_keep = research_keep
+        self.research_grace_ms = RESEARCH_GRACE_MS  # research models younger than this are never retired
         self.store = store
         self.database_url = database_url
         self.model_dir = Path(model_dir)
@@ -399,8 +421,15 @@ class Scheduler:
     def _register(self, job: Job, result: dict) -> None:
         """Write the artifact bytes to partial files, rename them into place, and record the job's success and the
         model row in one transaction, only if the job is still RUNNING (else `_NotRunning`). On any failure nothing
-        of the job stays behind: the transaction rolls back and the files are removed."""
+        of the job stays behind: the transaction rolls back and the files are removed.
+
+        The same transaction gives the model its stage: the promotion gate for a production model (SERVING, which
+        retires the model serving before it, or REJECTED; CANDIDATE with MLSIGNAL_PROMOTION=manual), RESEARCH for a
+        research model, and then retires research models beyond the newest `research_keep` of the market, whose
+        files are deleted once the transaction has committed."""
         req = job.request
+        stage, stage_reason = registration_stage(req.purpose, result["metrics"], self.promotion,
+                                                 self.promotion_tolerance)
         model_id = new_model_id(req.symbol, req.timeframe)
         onnx_tmp, skl_tmp = partial_paths(self.model_dir, job.job_id)
         onnx_name, skl_name = f"{model_id}.onnx", f"{model_id}.joblib"
@@ -428,7 +457,10 @@ class Scheduler:
             sklearn_sha256=skl_sha,
             job_id=job.job_id,
             versions=result["versions"],
+            stage=stage,
+            stage_reason=stage_reason,
         )
+        retired_files: list[str] = []
         try:
             _write(onnx_tmp, onnx_bytes)
             _write(skl_tmp, skl_bytes)
@@ -443,6 +475,9 @@ class Scheduler:
                                          finished_at=now_ms()):
                     raise _NotRunning(job.job_id)  # rolls the transaction back
                 insert_model(conn, record)
+                if req.purpose == RESEARCH_PURPOSE:
+                    retired_files = retire_old_research(conn, req.symbol, req.timeframe, self.research_keep,
+                                                         record.created_at_ms - self.research_grace_ms)
                 if self.before_register_commit is not None:
                     self.before_register_commit(job.job_id)
         except BaseException:
@@ -452,7 +487,12 @@ class Scheduler:
             raise
         self.store._notify()
         self._note_write(True)
-        log.info("job %s registered model %s", job.job_id, model_id)
+        log.info("job %s registered model %s as %s (%s)", job.job_id, model_id, stage, stage_reason)
+        for name in retired_files:  # research retention: the rows are RETIRED, their files go
+            try:
+                (self.model_dir / name).unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("research retention: cannot delete %s: %s", name, one_line(exc))
 
     def _cleanup_partials(self, job_id: str) -> None:
         for p in partial_paths(self.model_dir, job_id):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
@@ -10,9 +11,9 @@ import sqlalchemy as sa
 from mlsignal.v1 import training_pb2, training_pb2_grpc
 from shared.server.builder import RunningServer, ServerHandle, observability, server_credentials, start_server
 from shared.server.lifecycle import server_main
+from shared.server.startup import DatabaseGate
 from shared.settings import Settings
 from shared.store.db import make_engine, training_jobs
-from shared.store.migrate import upgrade
 from training_service.executors import DaskExecutor, Executor, LocalProcessExecutor
 from training_service.jobs import JobStore
 from training_service.scheduler import Scheduler
@@ -25,9 +26,10 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 class RunningTraining(RunningServer):
-    def __init__(self, handle: ServerHandle, scheduler: Scheduler, engine: sa.Engine):
+    def __init__(self, handle: ServerHandle, scheduler: Scheduler, engine: sa.Engine, database_gate: DatabaseGate):
         super().__init__(handle, engine)
         self.scheduler = scheduler
+        self.database_gate = database_gate
 
 
 def job_counts(engine: sa.Engine) -> dict[str, int]:
@@ -41,21 +43,27 @@ def make_executor(settings: Settings) -> Executor:
     """Where jobs run: one task per job on the Dask cluster at MLSIGNAL_DASK_SCHEDULER, else local processes."""
     if settings.dask_scheduler:
         return DaskExecutor(settings.dask_scheduler, settings.database_url, settings.training_fit_jobs,
-                            settings.dask_spread_fit)
+                            settings.dask_spread_fit, tls_files=settings.dask_tls_files(),
+                            allow_plaintext=settings.dask_allow_plaintext)
     return LocalProcessExecutor(settings.database_url, settings.training_fit_jobs)
 
 
 def start(settings: Settings, address: str | None = None) -> RunningTraining:
-    """Migrate the database, recover jobs, start the workers and the server. Used by main() and by tests.
+    """Check the database, recover jobs, start the workers and the server. Used by main() and by tests.
+
+    The database must hold the current schema (`mlsignal db upgrade` creates or migrates it; the server never does):
+    StartupError otherwise. When it cannot be reached, the server starts NOT_SERVING and recovers jobs and starts the
+    workers once it answers (`shared.server.startup.DatabaseGate`).
 
     Also serves metrics on MLSIGNAL_METRICS_PORT, requires MLSIGNAL_AUTH_TOKEN and speaks TLS with
     MLSIGNAL_TLS_CERT/KEY when those are set, and runs jobs on the Dask cluster at MLSIGNAL_DASK_SCHEDULER.
     """
     address = address or settings.training_addr
     credentials = server_credentials(settings.server_tls_pair())
+    gate = DatabaseGate(settings.database_url)
+    ready = gate.check()
     metrics, interceptors = observability(settings, "training", address)
     try:
-        upgrade(settings.database_url)
         engine = make_engine(settings.database_url)
         store = JobStore(engine)
         scheduler = Scheduler(
@@ -66,12 +74,14 @@ def start(settings: Settings, address: str | None = None) -> RunningTraining:
             queue_size=settings.training_queue_size,
             fit_jobs=settings.training_fit_jobs,
             executor=make_executor(settings),
+            promotion=settings.promotion,
+            promotion_tolerance=settings.promotion_tolerance,
+            research_keep=settings.research_keep,
         )
         if metrics is not None:
             from shared.server.metrics import training_metrics
 
             scheduler.on_job_finished = training_metrics(metrics, lambda: job_counts(engine))
-        scheduler.start()
         service = TrainingService(store, scheduler)
         try:
             handle = start_server(
@@ -83,6 +93,7 @@ def start(settings: Settings, address: str | None = None) -> RunningTraining:
                 interceptors=interceptors,
                 credentials=credentials,
                 metrics=metrics,
+                serving=False,  # until the scheduler has started (bound first: a taken port changes no job)
             )
         except BaseException:
             scheduler.stop(0)
@@ -96,13 +107,27 @@ def start(settings: Settings, address: str | None = None) -> RunningTraining:
         for service in ("", SERVICE_NAME):
             handle.set_serving(service, healthy)
 
-    scheduler.on_health_change = scheduler_health
-    if not scheduler.healthy:
-        scheduler_health(False)
+    def on_database_ready() -> None:
+        scheduler.start()
+        scheduler.on_health_change = scheduler_health
+        scheduler_health(scheduler.healthy)
+        handle.runner.run(asyncio.sleep(0), 10)  # the health status is set once this returns
+
+    handle.on_stop(gate.stop)
     handle.on_stop(scheduler.stop)
     if metrics is not None:
         handle.on_stopped(metrics.close)
-    return RunningTraining(handle, scheduler, engine)
+    if not ready:
+        gate.wait_in_background(on_database_ready)
+    else:
+        try:
+            on_database_ready()
+        except BaseException:
+            handle.stop(0)
+            if metrics is not None:
+                metrics.close()
+            raise
+    return RunningTraining(handle, scheduler, engine, gate)
 
 
 def _describe(settings: Settings, running: RunningTraining) -> str:

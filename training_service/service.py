@@ -67,3 +67,13 @@ class TrainingService:
 
     def list_models(self, symbol: str, timeframe: str) -> list[registry.ModelRecord]:
         return registry.list_models(self.engine, symbol, timeframe)
+
+    def promote(self, model_id: str, reason: str) -> registry.ModelRecord:
+        """Make a model of any stage the SERVING one of its market; NotFound for an unknown id."""
+        if not model_id:
+            raise NotFound("model_id: no model id given", field="model_id")
+        return registry.promote(self.engine, model_id, reason)
+
+    def rollback(self, symbol: str, timeframe: str, reason: str) -> registry.ModelRecord:
+        """Bring back the model that served before the serving one; FailedPrecondition when there is none."""
+        return registry.rollback(self.engine, symbol, timeframe, reason)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from mlsignal.v1 import training_pb2, training_pb2_grpc
+from mlsignal.v1 import common_pb2, training_pb2, training_pb2_grpc
 from shared.converters import model_info
 from shared.errors import InvalidArgument
 from shared.server.limits import StreamLimit
@@ -73,4 +73,19 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                          context: grpc.aio.ServicerContext) -> training_pb2.ListModelsResponse:
         models = await asyncio.to_thread(self.service.list_models, request.symbol, request.timeframe)
         return training_pb2.ListModelsResponse(models=[model_info(m) for m in models])
+
+    @maps_errors
+    async def PromoteModel(self, request: training_pb2.PromoteModelRequest,
+                           context: grpc.aio.ServicerContext) -> common_pb2.ModelInfo:
+        """The model, now SERVING; NOT_FOUND for an unknown id."""
+        record = await asyncio.to_thread(self.service.promote, request.model_id, request.reason)
+        return model_info(record)
+
+    @maps_errors
+    async def RollbackModel(self, request: training_pb2.RollbackModelRequest,
+                            context: grpc.aio.ServicerContext) -> common_pb2.ModelInfo:
+        """The model SERVING again; FAILED_PRECONDITION when nothing serves or nothing served before."""
+        symbol, timeframe = converters.market(request.symbol, request.timeframe)
+        record = await asyncio.to_thread(self.service.rollback, symbol, timeframe, request.reason)
+        return model_info(record)
 

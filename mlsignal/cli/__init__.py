@@ -12,9 +12,11 @@ import importlib
 import importlib.util
 import logging
 import sys
+import traceback
 
 # Modules under mlsignal.cli that each define register(subparsers).
-COMMAND_MODULES = ("db", "data", "training", "inference", "demo", "backtest", "health", "loadtest")
+COMMAND_MODULES = ("db", "data", "training", "inference", "monitor", "demo", "backtest", "health", "loadtest",
+                   "report")
 
 # Top-level modules that only an extra brings: module -> (extra, what the extra is for in messages).
 EXTRA_MODULES: dict[str, tuple[str, str]] = {
@@ -46,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mlsignal",
         description="Operate mlsignal: database, market data, training, inference and backtests.",
     )
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show the traceback of an error (by default an error is one line)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # a database error is reported once, as the command's error line
+        logging.getLogger("shared.store.db").setLevel(logging.ERROR)
     missing = _missing(getattr(args, "needs", ()))
     if missing:
         print(missing_extras_message(command_name(args), missing), file=sys.stderr)
@@ -110,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MlsignalError as exc:
+        if args.verbose:
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:

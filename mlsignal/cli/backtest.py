@@ -52,6 +52,10 @@ def register(sub) -> None:
                      help="label horizon in candles (default: the service default, 24); also the purge")
     sig.add_argument("--threshold", type=float, default=0.0,
                      help="label threshold as a fraction, 0.02 means 2%% (default: the service default, 0.02)")
+    sig.add_argument("--label", choices=("fixed-horizon", "triple-barrier"), default=None,
+                     help="label of every step's model: the return --horizon candles later (fixed-horizon) or the "
+                          "first of +-threshold crossed within --horizon candles (triple-barrier) "
+                          "(default: fixed-horizon)")
     sig.add_argument("--trees", type=int, default=0, metavar="N", help="number of trees (default: 200)")
     sig.add_argument("--seed", type=int, help="random seed of every forest (default: the service default, 42)")
     sig.add_argument("--out", required=True, metavar="FILE", help="output file, .csv (or .csv.gz) or .parquet")
@@ -136,7 +140,7 @@ def _signals(args) -> int:
             signals = walk_forward(
                 training, inference, candles, args.symbol, args.timeframe, args.start, args.end,
                 args.train_window, args.step, horizon_bars=horizon, threshold=args.threshold,
-                n_estimators=args.trees, random_state=args.seed, on_progress=on_progress,
+                n_estimators=args.trees, random_state=args.seed, label_kind=args.label, on_progress=on_progress,
             )
     except (LeakageError, TrainingFailedError) as exc:
         print(f"error: {exc}", file=sys.stderr)

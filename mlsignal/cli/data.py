@@ -221,6 +221,7 @@ def _list(args) -> int:
             print(f"no market data stored in {database_label(url)} (no schema yet; `mlsignal data import` creates it)")
             return 0
         candle_rows = summarize(engine)
+        stretches = _gap_stretches(engine) if candle_rows else {}
         series_rows = summarize_series(engine)
     finally:
         engine.dispose()
@@ -228,10 +229,12 @@ def _list(args) -> int:
         print(f"no market data stored in {database_label(url)}")
         return 0
     if candle_rows:
+        # gaps: stretches of missing candles between the first and the last; missing: the candles they lack
         _table(
-            ["symbol", "timeframe", "first", "last", "rows", "gaps"],
+            ["symbol", "timeframe", "first", "last", "rows", "gaps", "missing"],
             [
                 [r["symbol"], r["timeframe"], ms_to_iso(r["first_ms"]), ms_to_iso(r["last_ms"]), r["rows"],
+                 "?" if r["gaps"] is None else stretches.get((r["symbol"], r["timeframe"]), 0),
                  "?" if r["gaps"] is None else r["gaps"]]
                 for r in candle_rows
             ],
@@ -247,6 +250,30 @@ def _list(args) -> int:
             ],
         )
     return 0
+
+
+def _gap_stretches(engine) -> dict[tuple[str, str], int]:
+    """(symbol, timeframe) -> number of gaps, a gap being a stretch of one or more missing candles between two
+    stored ones. Counted in the database from the distinct steps between neighbouring candles."""
+    import sqlalchemy as sa
+
+    from shared.store.db import candles
+
+    c = candles.c
+    following = sa.func.lead(c.open_time).over(partition_by=(c.symbol, c.timeframe), order_by=c.open_time)
+    pairs = sa.select(c.symbol, c.timeframe, (following - c.open_time).label("step")).subquery()
+    query = (
+        sa.select(pairs.c.symbol, pairs.c.timeframe, pairs.c.step, sa.func.count())
+        .where(pairs.c.step.is_not(None))
+        .group_by(pairs.c.symbol, pairs.c.timeframe, pairs.c.step)
+    )
+    out: dict[tuple[str, str], int] = {}
+    with engine.connect() as conn:
+        for symbol, timeframe, step, n in conn.execute(query):
+            tf_ms = TIMEFRAME_MS.get(timeframe)
+            if tf_ms is not None and int(step) > tf_ms:
+                out[(symbol, timeframe)] = out.get((symbol, timeframe), 0) + int(n)
+    return out
 
 
 def _table(header: list[str], rows: list[list]) -> None:

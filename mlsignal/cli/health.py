@@ -56,7 +56,7 @@ def _health(args) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    metadata = [("authorization", f"Bearer {security['token']}")] if security["token"] else None
+    # grpc.health.v1 needs no token, so none is sent: a health probe never puts a credential on the wire.
     target = args.target
     if not target:
         from shared.settings import Settings
@@ -66,7 +66,7 @@ def _health(args) -> int:
     channel = _channel(target, security, args.server_name)
     try:
         reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout, metadata=metadata)
+            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.NOT_FOUND:
             print(f"error: {target} has no health status for service {args.service!r}; known names are '' (the "

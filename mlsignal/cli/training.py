@@ -1,14 +1,17 @@
-"""`mlsignal train|jobs|models|cancel`: start and follow training jobs, list jobs and registered models."""
+"""`mlsignal train|jobs|models|cancel`: start and follow training jobs, list jobs and registered models, and change
+or show which model serves (`models promote|rollback|history`)."""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 
 from shared.timeframes import TIMEFRAME_MS, ms_to_datetime, parse_time
 
 ERROR_WIDTH = 60
+REASON_WIDTH = 60
 # Rows of the metrics table: (label, model metric, prior metric).
 METRIC_ROWS = (
     ("log_loss", "log_loss", "prior_log_loss"),
@@ -16,6 +19,7 @@ METRIC_ROWS = (
     ("balanced_accuracy", "balanced_accuracy", "prior_balanced_accuracy"),
 )
 CLASS_NAMES = ("down", "range", "up")
+LABEL_CHOICES = ("fixed-horizon", "triple-barrier")
 
 
 def register(sub) -> None:
@@ -37,10 +41,14 @@ def register(sub) -> None:
                     help="label horizon in candles (default: the service default, 24)")
     tr.add_argument("--threshold", type=float, default=0.0,
                     help="label threshold as a fraction, 0.02 means 2%% (default: the service default, 0.02)")
+    tr.add_argument("--label", choices=LABEL_CHOICES, default=None,
+                    help="fixed-horizon: the return to the close --horizon candles later decides; triple-barrier: "
+                         "whichever of +-threshold the closes cross first within --horizon candles "
+                         "(default: fixed-horizon)")
     tr.add_argument("--trees", type=int, default=0, metavar="N", help="number of trees (default: 200)")
     tr.add_argument("--max-depth", type=int, default=0, metavar="N", help="tree depth, -1 for unlimited (default: 6)")
     tr.add_argument("--min-samples-leaf", type=int, default=0, metavar="N",
-                    help="minimum samples per leaf (default: 200)")
+                    help="minimum samples per leaf (default: 25; each tree sees about 1/horizon of the rows)")
     tr.add_argument("--class-weight", choices=("none", "balanced"), help="class weighting (default: none)")
     tr.add_argument("--seed", type=int, help="random seed of the forest (default: 42)")
     _target_arg(tr)
@@ -61,7 +69,36 @@ def register(sub) -> None:
     _target_arg(jobs)
     jobs.set_defaults(func=_jobs)
 
-    models = sub.add_parser("models", help="list registered models, newest first")
+    from mlsignal.cli import DATABASE
+
+    models = sub.add_parser(
+        "models",
+        help="list registered models, newest first, with their stage; `*` marks the one serving "
+             "(`models promote|rollback|history`: change or show which model serves)",
+    )
+    models_sub = models.add_subparsers(dest="models_command", metavar="promote|rollback|history")
+    promote = models_sub.add_parser(
+        "promote", help="make a model (any stage) the one serving its symbol and timeframe; the one serving before "
+                        "is retired")
+    promote.add_argument("model_id", metavar="MODEL_ID")
+    promote.add_argument("--reason", default="", help="why, kept in the stage history (default: promoted by operator)")
+    _target_arg(promote)
+    promote.set_defaults(func=_models_promote)
+    rollback = models_sub.add_parser(
+        "rollback", help="retire the serving model and bring back the one that served before it")
+    rollback.add_argument("--symbol", required=True, help="market symbol, like BTC/USDT")
+    rollback.add_argument("--timeframe", required=True, metavar="TF", help=f"one of {' '.join(TIMEFRAME_MS)}")
+    rollback.add_argument("--reason", default="",
+                          help="why, kept in the stage history (default: rolled back by operator)")
+    _target_arg(rollback)
+    rollback.set_defaults(func=_models_rollback)
+    history = models_sub.add_parser(
+        "history", help="every stage change of a market's models, oldest first, with its time and reason "
+                        "(reads MLSIGNAL_DATABASE_URL)")
+    history.add_argument("--symbol", required=True, help="market symbol, like BTC/USDT")
+    history.add_argument("--timeframe", required=True, metavar="TF", help=f"one of {' '.join(TIMEFRAME_MS)}")
+    history.add_argument("--limit", type=int, default=0, help="only the newest N changes (default: all)")
+    history.set_defaults(func=_models_history, needs=DATABASE)
     models.add_argument("--symbol", default="", help="only this symbol")
     models.add_argument("--timeframe", default="", metavar="TF", help="only this timeframe")
     _target_arg(models)
@@ -138,6 +175,7 @@ def _train(args) -> int:
             min_samples_leaf=args.min_samples_leaf,
             class_weight=args.class_weight,
             random_state=args.seed,
+            label_kind=args.label,
         )
         if args.no_wait:
             print(f"job {handle.job_id} queued")
@@ -188,6 +226,13 @@ def metrics_table(metrics) -> str:
         ("log_loss_ratio", _num(metrics.get("log_loss_ratio")), "model / prior log loss; below 1 beats the prior"),
         ("shrink_weight", _num(metrics.get("shrink_weight")), "weight on the forest against the prior"),
     ]
+    if metrics.get("cv_folds"):
+        extra.append(("cv log_loss_ratio", f"{_num(metrics.get('cv_log_loss_ratio_mean'))} ± "
+                      f"{_num(metrics.get('cv_log_loss_ratio_std'))}",
+                      f"purged {int(metrics['cv_folds'])}-fold cross-validation: mean ± std"))
+    if metrics.get("dropped_gap_labels"):
+        extra.append(("dropped labels", f"{int(metrics['dropped_gap_labels'])}",
+                      f"horizon spans missing candles ({int(metrics.get('window_missing_candles', 0))} missing)"))
     balance = " ".join(f"{name} {_pct(metrics.get(f'test_class_{name}'))}" for name in CLASS_NAMES)
     extra.append(("test classes", balance, "class balance of the test part"))
     lines.append(table(("", "value", "meaning"), extra))
@@ -260,6 +305,8 @@ def _job_show(args) -> int:
 
 @client_errors
 def _models(args) -> int:
+    from mlsignal.v1 import common_pb2
+
     with _training_client(args) as client:
         models = client.list_models(args.symbol, args.timeframe)
     if not models:
@@ -269,11 +316,74 @@ def _models(args) -> int:
     for m in models:
         window = f"{_ts(m, 'train_start')} .. {_ts(m, 'train_end')}"
         loss = f"{_num(m.metrics.get('log_loss'))} vs {_num(m.metrics.get('prior_log_loss'))}"
-        rows.append((m.model_id, m.symbol, m.timeframe, _ts(m, "created_at"), window, str(m.label.horizon_bars),
-                     f"{m.label.threshold:g}", loss))
-    print(table(("model id", "symbol", "tf", "created", "train window", "horizon", "threshold",
-                 "log_loss vs prior"), rows))
+        serving = "*" if m.stage == common_pb2.MODEL_STAGE_SERVING else ""
+        rows.append((serving, m.model_id, m.symbol, m.timeframe, stage_name(m.stage), _ts(m, "created_at"), window,
+                     str(m.label.horizon_bars), f"{m.label.threshold:g}", loss,
+                     _truncate(m.stage_reason, REASON_WIDTH)))
+    print(table(("", "model id", "symbol", "tf", "stage", "created", "train window", "horizon", "threshold",
+                 "log_loss vs prior", "stage reason"), rows))
     return 0
+
+
+def stage_name(stage: int) -> str:
+    """CANDIDATE, SERVING, REJECTED, RETIRED or RESEARCH ("-" for a service that does not report stages)."""
+    from mlsignal.v1 import common_pb2
+
+    if stage == common_pb2.MODEL_STAGE_UNSPECIFIED:
+        return "-"
+    return common_pb2.ModelStage.Name(stage).removeprefix("MODEL_STAGE_")
+
+
+@client_errors
+def _models_promote(args) -> int:
+    with _training_client(args) as client:
+        m = client.promote(args.model_id, args.reason)
+    print(f"model {m.model_id} is now {stage_name(m.stage)} for {m.symbol} {m.timeframe}: {m.stage_reason}")
+    return 0
+
+
+@client_errors
+def _models_rollback(args) -> int:
+    with _training_client(args) as client:
+        m = client.rollback(args.symbol, args.timeframe, args.reason)
+    print(f"model {m.model_id} is {stage_name(m.stage)} again for {m.symbol} {m.timeframe}: {m.stage_reason}")
+    return 0
+
+
+def _models_history(args) -> int:
+    from mlsignal.cli.data import unreachable
+    from shared.errors import Unavailable
+    from shared.server.startup import database_label
+    from shared.settings import Settings
+    from shared.store.db import make_engine
+    from shared.store.registry import stage_history
+
+    url = Settings.from_env().database_url
+    db = sa_database(url)
+    if db and db != ":memory:" and not os.path.exists(db):  # never create an empty database just to read it
+        raise Unavailable(f"no database at {database_label(url)}: set MLSIGNAL_DATABASE_URL, or create it with "
+                          "mlsignal db upgrade")
+    engine = make_engine(url)
+    try:
+        changes = stage_history(engine, args.symbol, args.timeframe, limit=max(args.limit, 0) or None)
+    except Unavailable as exc:
+        raise unreachable(url, exc) from None
+    finally:
+        engine.dispose()
+    if not changes:
+        print(f"no stage changes for {args.symbol} {args.timeframe}")
+        return 0
+    rows = [(ms_to_datetime(c.changed_at_ms).strftime("%Y-%m-%d %H:%M:%S"), c.model_id, c.stage, c.reason)
+            for c in changes]
+    print(table(("changed (UTC)", "model id", "stage", "reason"), rows))
+    return 0
+
+
+def sa_database(url: str) -> str | None:
+    """The file of an SQLite URL, else None."""
+    import sqlalchemy as sa
+
+    return sa.engine.make_url(url).database if url.startswith("sqlite") else None
 
 
 @client_errors

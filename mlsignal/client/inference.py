@@ -69,11 +69,11 @@ class InferenceClient(ServiceClient):
 
     def __init__(self, target: str, *, tls: bool = False, root_certificates: bytes | None = None,
                  token: str | None = None, timeout: float | None = DEFAULT_TIMEOUT, max_batch: int = 10_000,
-                 options: Sequence[tuple[str, Any]] = ()):
+                 options: Sequence[tuple[str, Any]] = (), allow_insecure_token: bool = False):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         super().__init__(target, tls=tls, root_certificates=root_certificates, token=token, timeout=timeout,
-                         options=options)
+                         options=options, allow_insecure_token=allow_insecure_token)
         self.max_batch = max_batch
         self._stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
 
@@ -88,6 +88,21 @@ class InferenceClient(ServiceClient):
         info: common_pb2.ModelInfo = self._unary(self._stub.GetModel,
                                                  inference_pb2.GetModelRequest(symbol=symbol, timeframe=timeframe))
         return info
+
+    def live_performance(self, symbol: str, timeframe: str, model_id: str = "") -> inference_pb2.LivePerformance:
+        """How the model's served predictions scored on the outcomes realised since: `scored` candles, live
+        `log_loss` next to the training prior's `prior_log_loss` on the same candles, multiclass `brier`, and
+        `reliability` bins per class. `model_id` empty: the model serving now. NotFoundError for an unknown model.
+
+        Example::
+
+            >>> live = c.live_performance("BTC/USDT", "1h")                  # doctest: +SKIP
+            >>> live.scored, live.log_loss / live.prior_log_loss               # doctest: +SKIP
+        """
+        perf: inference_pb2.LivePerformance = self._unary(
+            self._stub.GetLivePerformance,
+            inference_pb2.GetLivePerformanceRequest(symbol=symbol, timeframe=timeframe, model_id=model_id))
+        return perf
 
     def predict(self, df: pd.DataFrame, symbol: str, timeframe: str, model_id: str = "") -> pd.DataFrame:
         """A copy of `df` with ML_UP_PROB, ML_DOWN_PROB, ML_RANGE_PROB, ML_READY, ML_IN_SAMPLE and ML_MODEL_ID.

@@ -26,6 +26,16 @@ _CLASS_WEIGHTS = {
     "none": common_pb2.CLASS_WEIGHT_NONE,
     "balanced": common_pb2.CLASS_WEIGHT_BALANCED,
 }
+_LABEL_KINDS = {
+    None: common_pb2.LABEL_KIND_UNSPECIFIED,
+    "fixed_horizon": common_pb2.LABEL_KIND_FIXED_HORIZON,
+    "triple_barrier": common_pb2.LABEL_KIND_TRIPLE_BARRIER,
+}
+
+_PURPOSES = {
+    "production": training_pb2.TRAINING_PURPOSE_PRODUCTION,
+    "research": training_pb2.TRAINING_PURPOSE_RESEARCH,
+}
 
 ProgressCallback = Callable[[training_pb2.TrainingJob], None]
 
@@ -103,9 +113,9 @@ class TrainingClient(ServiceClient):
 
     def __init__(self, target: str, *, tls: bool = False, root_certificates: bytes | None = None,
                  token: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
-                 options: Sequence[tuple[str, Any]] = ()):
+                 options: Sequence[tuple[str, Any]] = (), allow_insecure_token: bool = False):
         super().__init__(target, tls=tls, root_certificates=root_certificates, token=token, timeout=timeout,
-                         options=options)
+                         options=options, allow_insecure_token=allow_insecure_token)
         self._stub = training_pb2_grpc.TrainingServiceStub(self.channel)
 
     def train(
@@ -122,13 +132,17 @@ class TrainingClient(ServiceClient):
         min_samples_leaf: int = 0,
         class_weight: str | None = None,
         random_state: int | None = None,
+        purpose: str = "production",
+        label_kind: str | None = None,
     ) -> TrainingJobHandle:
         """Queue a training job and return its handle at once.
 
         `start` (inclusive) and `end` (exclusive) bound the candle open times: tz-aware datetime or pandas Timestamp,
         ISO-8601 string (UTC unless it has an offset) or int epoch ms; None means the first / after the last stored
         candle. `max_depth` -1 means unlimited. `class_weight` is None (service default: "none"), "none" or
-        "balanced".
+        "balanced". `purpose` "production" (the default) registers the model through the promotion gate, so it may
+        serve; "research" registers it as RESEARCH, which never serves unless a request pins it by model_id.
+        `label_kind` is None (service default: fixed horizon), "fixed_horizon" or "triple_barrier" (hyphens work too).
 
         Example::
 
@@ -147,12 +161,19 @@ class TrainingClient(ServiceClient):
             params.random_state = _int_arg(random_state, "random_state")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)):
             raise ValueError(f"threshold must be a number (a fraction: 0.02 means 2 %), got {threshold!r}")
+        kind = label_kind.replace("-", "_") if isinstance(label_kind, str) else label_kind
+        if kind not in _LABEL_KINDS:
+            raise ValueError(f"label_kind must be None, 'fixed_horizon' or 'triple_barrier', got {label_kind!r}")
         request = training_pb2.StartTrainingRequest(
             symbol=symbol,
             timeframe=timeframe,
-            label=common_pb2.LabelSpec(horizon_bars=_int_arg(horizon_bars, "horizon_bars"), threshold=float(threshold)),
+            label=common_pb2.LabelSpec(horizon_bars=_int_arg(horizon_bars, "horizon_bars"), threshold=float(threshold),
+                                       kind=_LABEL_KINDS[kind]),
             params=params,
         )
+        if purpose not in _PURPOSES:
+            raise ValueError(f"purpose must be 'production' or 'research', got {purpose!r}")
+        request.purpose = _PURPOSES[purpose]
         if start is not None:
             request.start_time.CopyFrom(ms_to_timestamp(to_epoch_ms(start, "start")))
         if end is not None:
@@ -215,6 +236,41 @@ class TrainingClient(ServiceClient):
         """
         request = training_pb2.ListModelsRequest(symbol=symbol, timeframe=timeframe)
         return list(self._unary(self._stub.ListModels, request).models)
+
+    def promote(self, model_id: str, reason: str = "") -> common_pb2.ModelInfo:
+        """Make a model of any stage the one serving its symbol and timeframe (the one serving before is retired);
+        returns its ModelInfo, now SERVING. NotFoundError for an unknown id. An empty reason is recorded as
+        "promoted by operator".
+
+        Example::
+
+            >>> t.promote(model_id, reason="beats the prior on 2024").stage_reason  # doctest: +SKIP
+            'beats the prior on 2024'
+        """
+        info: common_pb2.ModelInfo = self._unary(
+            self._stub.PromoteModel, training_pb2.PromoteModelRequest(model_id=model_id, reason=reason))
+        return info
+
+    def rollback(self, symbol: str, timeframe: str, reason: str = "") -> common_pb2.ModelInfo:
+        """Retire the serving model of a market and bring back the one that served before it; returns its ModelInfo,
+        SERVING again. FailedPreconditionError when there is none. An empty reason is recorded as "rolled back by
+        operator".
+
+        Example::
+
+            >>> t.rollback("BTC/USDT", "1h", reason="live log loss worse than the prior").model_id  # doctest: +SKIP
+        """
+        info: common_pb2.ModelInfo = self._unary(
+            self._stub.RollbackModel,
+            training_pb2.RollbackModelRequest(symbol=symbol, timeframe=timeframe, reason=reason))
+        return info
+
+    def serving_model(self, symbol: str, timeframe: str) -> common_pb2.ModelInfo | None:
+        """The market's SERVING model as the training service lists it, or None."""
+        for m in self.list_models(symbol, timeframe):
+            if m.stage == common_pb2.MODEL_STAGE_SERVING:
+                return m
+        return None
 
     def _watch(self, job_id: str, timeout: float | None = None) -> Iterator[training_pb2.TrainingJob]:
         call = self._stub.WatchTrainingJob(training_pb2.GetTrainingJobRequest(job_id=job_id), timeout=timeout)

@@ -237,7 +237,8 @@ def _address_in_use(address: str) -> bool:
 
 async def _start(address: str, add_servicers: Callable[[grpc.aio.Server], object], service_names: list[str],
                  max_message_bytes: int, interceptors: Sequence[grpc.aio.ServerInterceptor],
-                 credentials: grpc.ServerCredentials | None) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+                 credentials: grpc.ServerCredentials | None,
+                 serving: bool = True) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     server = grpc.aio.server(interceptors=list(interceptors), options=server_options(max_message_bytes))
     add_servicers(server)
     health_servicer = health.aio.HealthServicer()
@@ -256,25 +257,28 @@ async def _start(address: str, add_servicers: Callable[[grpc.aio.Server], object
         await server.stop(None)
         raise OSError(f"cannot listen on {address}: the address is in use or not available here "
                       "(is another server running on it?)")
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ["", *service_names]:  # before the first call can ask
+        await health_servicer.set(name, status)
     await server.start()
-    for name in ["", *service_names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, health_servicer, port
 
 
 def start_server(address: str, add_servicers: Callable[[grpc.aio.Server], object], service_names: list[str],
                  max_message_bytes: int, *, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-                 credentials: grpc.ServerCredentials | None = None, metrics: Metrics | None = None) -> ServerHandle:
+                 credentials: grpc.ServerCredentials | None = None, metrics: Metrics | None = None,
+                 serving: bool = True) -> ServerHandle:
     """Build, bind and start an asyncio server on the process's `ServerLoop`. `add_servicers(server)` registers the
     service implementations (asyncio servicers); it runs on the loop.
 
     With `credentials` the port speaks TLS only. `interceptors` wrap every handler, health and reflection included.
-    OSError names the address when it cannot be bound.
+    OSError names the address when it cannot be bound. Health reads SERVING from the start, or NOT_SERVING with
+    `serving=False` (until `set_serving`).
     """
     runner = ServerLoop.acquire()
     try:
         server, health_servicer, port = runner.run(
-            _start(address, add_servicers, service_names, max_message_bytes, interceptors, credentials), 60)
+            _start(address, add_servicers, service_names, max_message_bytes, interceptors, credentials, serving), 60)
     except BaseException:
         ServerLoop.release()
         raise
@@ -289,9 +293,35 @@ def listen_host(address: str) -> str:
     return host or "0.0.0.0"
 
 
-def observability(settings: Settings, service: str, address: str) -> tuple[Metrics | None, list[ServerInterceptor]]:
+def plaintext_token_problem(settings: Settings, address: str) -> str | None:
+    """Why a server must not start with these settings on `address`, or None: a bearer token (MLSIGNAL_AUTH_TOKEN)
+    without TLS on an address other machines reach sends every client's token in clear text. Loopback addresses and
+    Unix sockets are fine; MLSIGNAL_ALLOW_PLAINTEXT_TOKEN=1 accepts the risk (e.g. behind a TLS-terminating proxy)."""
+    from shared.settings import is_loopback_host
+
+    if not settings.auth_token or settings.tls or settings.allow_plaintext_token:
+        return None
+    if address.startswith("unix:") or is_loopback_host(listen_host(address)):
+        return None
+    return (f"refusing to serve a bearer token (MLSIGNAL_AUTH_TOKEN) over plaintext on {address}: clients would send "
+            "it unencrypted; set MLSIGNAL_TLS_CERT and MLSIGNAL_TLS_KEY, listen on a loopback address, or set "
+            "MLSIGNAL_ALLOW_PLAINTEXT_TOKEN=1 to accept it")
+
+
+def observability(settings: Settings, service: str,
+                  address: str) -> tuple[Metrics | None, list[grpc.aio.ServerInterceptor]]:
     """(Metrics or None, interceptors) for a server: metrics when MLSIGNAL_METRICS_PORT is set, the bearer-token check
-    when MLSIGNAL_AUTH_TOKEN is set, and the access log always. The metrics endpoint is served at once."""
+    when MLSIGNAL_AUTH_TOKEN is set, and the access log always, behind the check that turns undecodable requests into
+    INVALID_ARGUMENT. The metrics endpoint is served at once.
+
+    Refuses (StartupError, after a warning in the log) a token without TLS on a non-loopback address; see
+    `plaintext_token_problem`."""
+    problem = plaintext_token_problem(settings, address)
+    if problem is not None:
+        from shared.server.startup import StartupError
+
+        log.warning("%s", problem)
+        raise StartupError(problem)
     metrics = None
     if settings.metrics_port:
         try:
@@ -303,4 +333,6 @@ def observability(settings: Settings, service: str, address: str) -> tuple[Metri
             metrics.serve(listen_host(address), settings.metrics_port)
         except OSError as exc:
             raise OSError(f"cannot serve metrics on port {settings.metrics_port}: {exc.strerror or exc}") from None
-    return metrics, [ServerInterceptor(metrics, settings.auth_token)]
+    from shared.server.status import DecodingInterceptor
+
+    return metrics, [DecodingInterceptor(), ServerInterceptor(metrics, settings.auth_token)]

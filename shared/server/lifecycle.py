@@ -17,7 +17,7 @@ from alembic.util.exc import CommandError
 from shared.errors import Unavailable, one_line
 from shared.server.builder import RunningServer, ServerHandle
 from shared.server.logs import configure_logging
-from shared.server.startup import StartupError, check_database, database_problem
+from shared.server.startup import DatabaseGate, StartupError, database_problem
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -26,8 +26,8 @@ R = TypeVar("R", bound=RunningServer)
 SIGNAL_POLL_SECONDS = 0.1
 
 
-def run_until_signalled(handle: ServerHandle, grace: float) -> None:
-    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+def run_until_signalled(handle: ServerHandle, grace: float, failed: threading.Event | None = None) -> None:
+    """Serve until SIGTERM or SIGINT (or until `failed` is set), then stop gracefully."""
     done = threading.Event()
 
     def _handler(signum: int, _frame: FrameType | None) -> None:
@@ -39,15 +39,20 @@ def run_until_signalled(handle: ServerHandle, grace: float) -> None:
     # Python runs signal handlers in the main thread only, and a signal that the kernel delivered to another thread
     # (the server loop, a worker) does not wake a blocked wait here; waking up regularly bounds that delay.
     while not done.wait(SIGNAL_POLL_SECONDS):
-        pass
+        if failed is not None and failed.is_set():
+            break
     handle.stop(grace)
 
 
 def server_main(prog: str, start: Callable[[Settings], R], describe: Callable[[Settings, R], str]) -> int:
-    """The body of `mlsignal-training` / `mlsignal-inference`: read settings, set up logging, check the database,
-    start, print `<prog> listening on port N`, serve until SIGTERM/SIGINT and drain. Start-up failures the operator
-    must fix (configuration, database, address in use, unreadable TLS files) print one line on stderr and exit 2
-    (configuration) or 1 (anything else), without a traceback."""
+    """The body of `mlsignal-training` / `mlsignal-inference`: read settings, set up logging, start (which checks
+    the database), print `<prog> listening on port N`, serve until SIGTERM/SIGINT and drain. Start-up failures the
+    operator must fix (configuration, a database without the current schema, address in use, unreadable TLS files)
+    print one line on stderr and exit 2 (configuration) or 1 (anything else), without a traceback.
+
+    A database server that cannot be reached at start-up is an outage: the server listens NOT_SERVING and retries
+    (`shared.server.startup.DatabaseGate`, the `database_gate` of the running server); if the database then turns
+    out to lack the schema, the server stops and exits 1 with that line on stderr."""
     try:
         settings = Settings.from_env()
         settings.server_tls_pair()  # the PEM files are readable
@@ -56,7 +61,6 @@ def server_main(prog: str, start: Callable[[Settings], R], describe: Callable[[S
         return 2
     configure_logging(settings.log_level, settings.log_format)
     try:
-        check_database(settings.database_url)
         running = start(settings)
     except StartupError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
@@ -71,6 +75,10 @@ def server_main(prog: str, start: Callable[[Settings], R], describe: Callable[[S
     print(f"{prog} listening on port {running.port}", flush=True)
     if running.handle.metrics is not None:
         print(f"{prog} metrics on port {running.handle.metrics.port}", flush=True)
-    run_until_signalled(running.handle, settings.grace_seconds)
+    gate: DatabaseGate | None = getattr(running, "database_gate", None)
+    run_until_signalled(running.handle, settings.grace_seconds, gate.failed if gate is not None else None)
     running.engine.dispose()
+    if gate is not None and gate.failure is not None:
+        print(f"{prog}: {gate.failure}", file=sys.stderr)
+        return 1
     return 0

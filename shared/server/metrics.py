@@ -23,7 +23,7 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from shared.errors import one_line
@@ -130,6 +130,48 @@ def inference_metrics(metrics: Metrics,
         child.inc(n)
 
     return on_predicted
+
+
+def live_metrics(metrics: Metrics, serving: Callable[[], Iterable[tuple[str, str, str]]],
+                 summary: Callable[[str], tuple[int, float, float]], dropped: Callable[[], int]) -> None:
+    """Live outcome monitoring gauges, computed at scrape time for every serving model in memory.
+
+    `serving()` yields (symbol, timeframe, model_id) of the serving models; `summary(model_id)` gives (scored,
+    sum of live log loss, sum of the prior's log loss); `dropped()` the answers the journal could not keep.
+    """
+
+    def collect() -> Iterator[Metric]:
+        labels = ("symbol", "timeframe", "model_id")
+        ratio = GaugeMetricFamily(
+            "mlsignal_live_log_loss_ratio",
+            "Live log loss over the training class prior's log loss on the same scored candles, per serving model "
+            "(above 1: worse than the prior). Absent until a prediction is scored.", labels=labels)
+        scored = GaugeMetricFamily("mlsignal_live_scored_candles",
+                                   "Served predictions scored on realised labels, per serving model.", labels=labels)
+        loss = GaugeMetricFamily("mlsignal_live_log_loss", "Live log loss per serving model.", labels=labels)
+        prior = GaugeMetricFamily("mlsignal_live_prior_log_loss",
+                                  "Log loss of the training class prior on the same candles, per serving model.",
+                                  labels=labels)
+        for symbol, timeframe, model_id in serving():
+            try:
+                n, loss_sum, prior_sum = summary(model_id)
+            except Exception as exc:  # a scrape must not fail because the database is down
+                log.warning("metrics: cannot read the live scores of %s: %s", model_id, one_line(exc))
+                continue
+            key = (symbol, timeframe, model_id)
+            scored.add_metric(key, n)
+            if n:
+                loss.add_metric(key, loss_sum / n)
+                prior.add_metric(key, prior_sum / n)
+                if prior_sum > 0:
+                    ratio.add_metric(key, loss_sum / prior_sum)
+        yield from (ratio, scored, loss, prior)
+        lost = CounterMetricFamily("mlsignal_journal_dropped",
+                                   "Answers the prediction journal could not keep (queue full or database down).")
+        lost.add_metric((), dropped())
+        yield lost
+
+    metrics.add_callback(collect)
 
 
 def training_metrics(metrics: Metrics, job_counts: Callable[[], dict[str, int]]) -> Callable[[Any], None]:

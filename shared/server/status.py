@@ -4,7 +4,8 @@ violations), and the decorator `maps_errors` that applies them to servicer metho
 The table only knows `shared.errors`; database failures reach this module already translated to
 `shared.errors.Unavailable` by the store. Anything else a servicer raises is a bug: the call ends INTERNAL with a
 short error id, and the server logs that id with the traceback (the client never sees a traceback, and never
-UNKNOWN).
+UNKNOWN). Request bytes that are not a valid message end INVALID_ARGUMENT (`DecodingInterceptor`), where gRPC
+itself would answer UNKNOWN.
 """
 
 from __future__ import annotations
@@ -154,3 +155,110 @@ def maps_errors(method: F) -> F:
             context.abort_with_status(rpc_status.to_status(status))
 
     return unary  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# requests that are not protobuf
+
+#: The status message of a request whose bytes are not a valid message of the method's request type.
+UNDECODABLE_MESSAGE = "the request is not a valid protobuf message of this method's request type"
+
+
+class _Undecodable:
+    """Stands in for a request message that failed to decode, so the handler can end the call INVALID_ARGUMENT."""
+
+    __slots__ = ()
+
+
+_UNDECODABLE = _Undecodable()
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def safe(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:  # DecodeError, or anything a corrupt message makes the parser raise
+            return _UNDECODABLE
+
+    return safe
+
+
+async def _decoded(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+    async for request in requests:
+        if request is _UNDECODABLE:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE)
+        yield request
+
+
+def _unary_request(behavior: Callable[..., Any], stream: bool) -> Callable[..., Any]:
+    if stream:
+
+        async def stream_wrapper(request: Any, context: Any) -> AsyncIterator[Any]:
+            if request is _UNDECODABLE:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE)
+            responses = behavior(request, context)
+            try:
+                async for response in responses:
+                    yield response
+            finally:
+                await responses.aclose()
+
+        return stream_wrapper
+
+    async def wrapper(request: Any, context: Any) -> Any:
+        if request is _UNDECODABLE:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE)
+        return await behavior(request, context)
+
+    return wrapper
+
+
+def _stream_request(behavior: Callable[..., Any], stream: bool) -> Callable[..., Any]:
+    if stream:
+
+        async def stream_wrapper(requests: Any, context: Any) -> AsyncIterator[Any]:
+            responses = behavior(_decoded(requests, context), context)
+            try:
+                async for response in responses:
+                    yield response
+            finally:
+                await responses.aclose()
+
+        return stream_wrapper
+
+    async def wrapper(requests: Any, context: Any) -> Any:
+        return await behavior(_decoded(requests, context), context)
+
+    return wrapper
+
+
+def decoding_checked(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler` (asyncio) with a request deserializer that never raises: bytes that are not a valid request message
+    end the call INVALID_ARGUMENT instead of gRPC's UNKNOWN. Blocking handlers are returned unchanged."""
+    behavior = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
+    if handler.request_deserializer is None or not (
+            inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+        return handler
+    deserialize = _safe_deserializer(handler.request_deserializer)
+    generator = inspect.isasyncgenfunction(behavior)
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(_unary_request(handler.unary_unary, False), deserialize,
+                                                   handler.response_serializer)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(_stream_request(handler.stream_unary, False), deserialize,
+                                                    handler.response_serializer)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(_unary_request(handler.unary_stream, generator), deserialize,
+                                                    handler.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(_stream_request(handler.stream_stream, generator), deserialize,
+                                                 handler.response_serializer)
+
+
+class DecodingInterceptor(grpc.aio.ServerInterceptor):
+    """Applies `decoding_checked` to every handler. It must come first among a server's interceptors, so that it
+    also covers the handlers the others substitute (the UNAUTHENTICATED one decodes the request too)."""
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
+                                handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        return None if handler is None else decoding_checked(handler)

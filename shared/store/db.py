@@ -7,6 +7,12 @@ domain errors.
 
 from __future__ import annotations
 
+import logging
+import os
+import sqlite3
+import threading
+import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -14,6 +20,7 @@ from sqlalchemy import event
 
 from shared.errors import Unavailable, one_line
 
+log = logging.getLogger(__name__)
 metadata = sa.MetaData()
 
 # Times are UTC epoch milliseconds (BigInteger): exact, portable between SQLite and PostgreSQL.
@@ -82,32 +89,126 @@ models = sa.Table(
     sa.Column("artifact", sa.String(255), nullable=False),  # file name inside the model directory
     sa.Column("sha256", sa.String(64), nullable=False),
     sa.Column("job_id", sa.String(64), nullable=True),
+    # Lifecycle (shared.store.registry): CANDIDATE, SERVING, REJECTED, RETIRED or RESEARCH, and why.
+    sa.Column("stage", sa.String(16), nullable=False, server_default="CANDIDATE"),
+    sa.Column("stage_reason", sa.Text, nullable=False, server_default=""),
     sa.Index("ix_models_key_created", "symbol", "timeframe", "created_at"),
+    # At most one SERVING model per (symbol, timeframe).
+    sa.Index(
+        "ux_models_serving", "symbol", "timeframe", unique=True,
+        sqlite_where=sa.text("stage = 'SERVING'"), postgresql_where=sa.text("stage = 'SERVING'"),
+    ),
+)
+
+# Every stage change of every model, with its time (epoch ms) and reason.
+model_stage_changes = sa.Table(
+    "model_stage_changes",
+    metadata,
+    sa.Column("change_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model_id", sa.String(64), nullable=False),
+    sa.Column("symbol", sa.String(64), nullable=False),
+    sa.Column("timeframe", sa.String(8), nullable=False),
+    sa.Column("stage", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("changed_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_model_stage_changes_key", "symbol", "timeframe", "changed_at"),
+    sa.Index("ix_model_stage_changes_model", "model_id"),
 )
 
 
-def make_engine(url: str) -> sa.Engine:
-    """Engine for a URL; creates the directory of a SQLite file and sets SQLite up for concurrent readers.
+def make_engine(url: str, *, create: bool = False) -> sa.Engine:
+    """Engine for a URL; sets SQLite up for concurrent readers.
 
-    Errors that mean the database cannot be used are raised as `Unavailable` (see `unavailable_error`).
+    A SQLite file is only opened, never created: a missing file (never created, deleted or moved away while the
+    service runs) raises `Unavailable` "the database file is missing". Only `create=True` (`mlsignal db upgrade`,
+    `mlsignal data import`) creates the file and its directory. A connection whose file was deleted or replaced
+    (a restored backup) is dropped at its next checkout, so every session uses the file now at the path.
+
+    Errors that mean the database cannot be used are raised as `Unavailable` (see `unavailable_error`); the first of
+    an incident is logged once (a warning naming the cause), and so is the first success after it.
     """
-    engine = _sqlite_engine(url) if url.startswith("sqlite") else sa.create_engine(url, pool_pre_ping=True)
+    engine = _sqlite_engine(url, create) if url.startswith("sqlite") else sa.create_engine(url, pool_pre_ping=True)
     password = engine.url.password
+    incidents = _Incidents(engine.url.render_as_string(hide_password=True))
 
     @event.listens_for(engine, "handle_error")
     def _translate(ctx: sa.engine.ExceptionContext) -> BaseException | None:
         if ctx.is_pre_ping:  # a failed ping makes the pool reconnect; that attempt reports its own failure
             return None
-        return unavailable_error(ctx.sqlalchemy_exception, ctx.original_exception, password)
+        error = unavailable_error(ctx.sqlalchemy_exception, ctx.original_exception, password)
+        if error is not None:
+            incidents.failed(str(error))
+        return error
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def _succeeded(*_args: object) -> None:
+        if incidents.current is not None:
+            incidents.succeeded()
 
     return engine
 
 
-def _sqlite_engine(url: str) -> sa.Engine:
+class _Incidents:
+    """Logs a database outage once: the cause when the first call fails, and the first success after it."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.current: str | None = None
+        self._lock = threading.Lock()
+
+    def failed(self, reason: str) -> None:
+        with self._lock:
+            if self.current is not None:
+                return
+            self.current = reason
+        log.warning("database %s: %s (logged once until it works again)", self.label, reason)
+
+    def succeeded(self) -> None:
+        with self._lock:
+            if self.current is None:
+                return
+            self.current = None
+        log.warning("database %s works again", self.label)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (None for other databases, in-memory ones and `file:` URIs)."""
+    if not url.startswith("sqlite"):
+        return None
     db = sa.engine.make_url(url).database
-    if db and db != ":memory:":
-        Path(db).parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(url, connect_args={"timeout": 30})
+    if not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return Path(db)
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _sqlite_engine(url: str, create: bool) -> sa.Engine:
+    path = sqlite_path(url)
+    if path is None:
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+    elif create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+    else:
+        engine = sa.create_engine(url, creator=_open_existing(str(path.absolute())))
+    if path is not None:
+        watched = str(path.absolute())
+
+        @event.listens_for(engine, "connect")
+        def _remember_file(_dbapi_conn, record):  # pragma: no cover - trivial
+            record.info["sqlite_file"] = _file_id(watched)
+
+        @event.listens_for(engine, "checkout")
+        def _same_file(_dbapi_conn, record, _proxy):
+            if _file_id(watched) != record.info.get("sqlite_file"):  # deleted, moved away or replaced meanwhile
+                raise sa.exc.DisconnectionError(f"the database file {watched} was removed or replaced")
 
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial
@@ -118,6 +219,18 @@ def _sqlite_engine(url: str) -> sa.Engine:
         cur.close()
 
     return engine
+
+
+def _open_existing(path: str) -> Callable[[], sqlite3.Connection]:
+    """A connection factory that opens the SQLite file at `path` read-write but never creates it."""
+    uri = f"file:{urllib.parse.quote(path)}?mode=rw"
+
+    def connect() -> sqlite3.Connection:
+        if not os.path.exists(path):
+            raise sqlite3.OperationalError(f"the database file is missing: {path}")
+        return sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
+
+    return connect
 
 
 # SQLSTATE of a missing table on PostgreSQL (SQLite reports it as an OperationalError).
@@ -141,6 +254,8 @@ def unavailable_error(error: BaseException | None, driver_error: BaseException |
     reason = _driver_message(driver_error) if driver_error is not None else one_line(error)
     if password:
         reason = reason.replace(password, "***")
+    if isinstance(error, sa.exc.ProgrammingError) or reason.startswith("no such table"):
+        reason += " (the schema is missing or older than this version: run `mlsignal db upgrade`)"
     return Unavailable(f"the database is unavailable: {reason}")
 
 
@@ -151,3 +266,52 @@ def _driver_message(driver_error: BaseException) -> str:
     if isinstance(primary, str) and primary.strip():
         return " ".join(primary.split())
     return one_line(driver_error)
+
+
+# -- live outcome monitoring (shared.store.live; written by inference_service.journal) ------------------------------
+# Candles inference received, kept while a pending prediction may need them: the last close received per candle.
+live_candles = sa.Table(
+    "live_candles",
+    metadata,
+    sa.Column("symbol", sa.String(64), primary_key=True),
+    sa.Column("timeframe", sa.String(8), primary_key=True),
+    sa.Column("open_time", sa.BigInteger, primary_key=True),
+    sa.Column("close", sa.Float(53), nullable=False),
+    sa.Column("received_at", sa.BigInteger, nullable=False),
+)
+
+# Ready, out-of-sample predictions served and not scored yet: the last probabilities served per model and candle.
+live_predictions = sa.Table(
+    "live_predictions",
+    metadata,
+    sa.Column("model_id", sa.String(64), primary_key=True),
+    sa.Column("open_time", sa.BigInteger, primary_key=True),
+    sa.Column("symbol", sa.String(64), nullable=False),
+    sa.Column("timeframe", sa.String(8), nullable=False),
+    sa.Column("p_down", sa.Float(53), nullable=False),
+    sa.Column("p_range", sa.Float(53), nullable=False),
+    sa.Column("p_up", sa.Float(53), nullable=False),
+    sa.Column("served_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_live_predictions_market", "symbol", "timeframe", "open_time"),
+    sa.Index("ix_live_predictions_served", "served_at"),
+)
+
+# One score per model and candle: the probabilities served (final version), the realised label (0 down, 1 range,
+# 2 up), and per row the log loss, the training prior's log loss and the multiclass Brier score.
+live_scores = sa.Table(
+    "live_scores",
+    metadata,
+    sa.Column("model_id", sa.String(64), primary_key=True),
+    sa.Column("open_time", sa.BigInteger, primary_key=True),
+    sa.Column("symbol", sa.String(64), nullable=False),
+    sa.Column("timeframe", sa.String(8), nullable=False),
+    sa.Column("label", sa.SmallInteger, nullable=False),
+    sa.Column("p_down", sa.Float(53), nullable=False),
+    sa.Column("p_range", sa.Float(53), nullable=False),
+    sa.Column("p_up", sa.Float(53), nullable=False),
+    sa.Column("loss", sa.Float(53), nullable=False),
+    sa.Column("prior_loss", sa.Float(53), nullable=False),
+    sa.Column("brier", sa.Float(53), nullable=False),
+    sa.Column("scored_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_live_scores_scored", "scored_at"),
+)

@@ -374,6 +374,14 @@ def _check_candle_values(
         lambda i: f"high {shown('high', i)} is below low {shown('low', i)}",
         "high",
     )
+    # A consistent candle has low <= min(open, close) and max(open, close) <= high.
+    for name in ("open", "close"):
+
+        def outside(i: int, n: str = name) -> str:
+            side, bound = ("below", "low") if values[n][i] < values["low"][i] else ("above", "high")
+            return f"{n} {shown(n, i)} is {side} {bound} {shown(bound, i)}; expected low <= {n} <= high"
+
+        checks.add((values[name] < values["low"]) | (values[name] > values["high"]), outside, name)
 
 
 def _check_duplicates(ts: np.ndarray, checks: _Checks, name: str) -> None:

@@ -1,22 +1,41 @@
-"""The model registry: one row per registered model, newest first per (symbol, timeframe).
+"""The model registry: one row per registered model, newest first per (symbol, timeframe), and its lifecycle.
 
 A row is the only way a model becomes visible to inference; it carries the artifact's file name and sha256, and
 a JSON manifest with everything needed to reproduce the features and the probabilities (feature spec, label,
 class order, prior and shrink weight, training window, library versions).
+
+Lifecycle: every model has a stage. CANDIDATE waits for an operator; SERVING is the one model of its (symbol,
+timeframe) that inference uses (the database enforces at most one); REJECTED failed the promotion gate; RETIRED
+served before or was cleared away; RESEARCH was trained for research and serves only when pinned by model_id.
+Every change of stage is written to `model_stage_changes` with its time and reason, in the same transaction as the
+change itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+import math
+import time
+from dataclasses import dataclass, field, replace
 
 import sqlalchemy as sa
 
+from shared.errors import FailedPrecondition, NotFound
 from shared.features import FeatureSpec
-from shared.labels import LabelSpec
+from shared.labels import FIXED_HORIZON, LabelSpec
 from shared.params import ForestParams
+from shared.store.db import model_stage_changes as changes_table
 from shared.store.db import models as models_table
+
+CANDIDATE, SERVING, REJECTED, RETIRED, RESEARCH = "CANDIDATE", "SERVING", "REJECTED", "RETIRED", "RESEARCH"
+STAGES = (CANDIDATE, SERVING, REJECTED, RETIRED, RESEARCH)
+PRODUCTION = "production"  # training purposes
+RESEARCH_PURPOSE = "research"
+PROMOTION_MODES = ("auto", "manual")
+PROMOTED_BY_OPERATOR = "promoted by operator"  # the reasons used when an operator gives none
+ROLLED_BACK_BY_OPERATOR = "rolled back by operator"
+RESEARCH_RETENTION = "research retention"
 
 
 @dataclass(frozen=True)
@@ -40,6 +59,8 @@ class ModelRecord:
     sklearn_sha256: str = ""
     job_id: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    stage: str = CANDIDATE
+    stage_reason: str = ""
 
     @property
     def warmup_bars(self) -> int:
@@ -55,6 +76,7 @@ class ModelRecord:
             "sklearn_artifact": self.sklearn_artifact,
             "sklearn_sha256": self.sklearn_sha256,
             "versions": self.versions,
+            "label_kind": self.label.kind,
         }
 
 
@@ -67,7 +89,8 @@ def _row_to_record(row) -> ModelRecord:
         created_at_ms=row.created_at,
         train_start_ms=row.train_start,
         train_end_ms=row.train_end,
-        label=LabelSpec(horizon_bars=row.horizon_bars, threshold=row.threshold),
+        label=LabelSpec(horizon_bars=row.horizon_bars, threshold=row.threshold,
+                        kind=m.get("label_kind", FIXED_HORIZON)),
         feature_spec=FeatureSpec.from_dict(m["feature_spec"]),
         params=ForestParams.from_dict(m["params"]),
         classes=tuple(m["classes"]),
@@ -80,11 +103,20 @@ def _row_to_record(row) -> ModelRecord:
         sklearn_sha256=m.get("sklearn_sha256", ""),
         job_id=row.job_id,
         versions=m.get("versions", {}),
+        stage=row.stage,
+        stage_reason=row.stage_reason,
     )
 
 
 def insert_model(conn: sa.Connection, rec: ModelRecord) -> None:
-    """Insert a model row inside the caller's transaction."""
+    """Insert a model row in its stage (`rec.stage`) inside the caller's transaction, with its first history row.
+
+    A SERVING model retires the one serving before it."""
+    if rec.stage not in STAGES:
+        raise ValueError(f"unknown model stage {rec.stage!r}")
+    changed_at = now_ms()
+    if rec.stage == SERVING:
+        _retire_serving(conn, rec.symbol, rec.timeframe, f"replaced by {rec.model_id}", changed_at)
     conn.execute(
         models_table.insert().values(
             model_id=rec.model_id,
@@ -101,8 +133,11 @@ def insert_model(conn: sa.Connection, rec: ModelRecord) -> None:
             artifact=rec.artifact,
             sha256=rec.sha256,
             job_id=rec.job_id,
+            stage=rec.stage,
+            stage_reason=rec.stage_reason,
         )
     )
+    _record_change(conn, rec.model_id, rec.symbol, rec.timeframe, rec.stage, rec.stage_reason, changed_at)
 
 
 _NEWEST_FIRST = (models_table.c.created_at.desc(), models_table.c.model_id.desc())
@@ -208,3 +243,209 @@ def model_row(engine: sa.Engine, model_id: str) -> ModelRow | None:
     with engine.connect() as conn:
         row = conn.execute(sa.select(models_table).where(models_table.c.model_id == model_id)).first()
     return _model_row(row) if row else None
+
+
+# -- lifecycle -------------------------------------------------------------------------------------------------------
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class StageChange:
+    """One row of a model's stage history."""
+
+    model_id: str
+    symbol: str
+    timeframe: str
+    stage: str
+    reason: str
+    changed_at_ms: int
+
+
+def gate(metrics: dict[str, float], tolerance: float = 0.0) -> tuple[str, str]:
+    """The promotion gate for a new production model: SERVING when its out-of-sample log loss is at most the
+    prior's times (1 + tolerance), else REJECTED; the reason gives both numbers."""
+    loss, prior = metrics.get("log_loss"), metrics.get("prior_log_loss")
+    if loss is None or prior is None or not (math.isfinite(loss) and math.isfinite(prior)):
+        return REJECTED, "no out-of-sample log loss to compare with the prior's"
+    rule = f"prior {prior:.4f} \u00d7 (1 + {tolerance:g})"
+    if loss <= prior * (1 + tolerance):
+        return SERVING, f"out-of-sample log loss {loss:.4f} <= {rule}"
+    return REJECTED, f"out-of-sample log loss {loss:.4f} > {rule}"
+
+
+def registration_stage(purpose: str, metrics: dict[str, float], promotion: str = "auto",
+                       tolerance: float = 0.0) -> tuple[str, str]:
+    """The stage a newly trained model is registered in, and why (see `gate`)."""
+    if purpose == RESEARCH_PURPOSE:
+        return RESEARCH, "trained for research; serves only when pinned by model_id"
+    if promotion not in PROMOTION_MODES:
+        raise ValueError(f"promotion must be one of {', '.join(PROMOTION_MODES)}, got {promotion!r}")
+    if promotion == "manual":
+        return CANDIDATE, "waits for an operator to promote it (MLSIGNAL_PROMOTION=manual)"
+    return gate(metrics, tolerance)
+
+
+def _lock_market(conn: sa.Connection, symbol: str, timeframe: str) -> None:
+    """Serialize stage changes of one market until the transaction ends, so two of them never both see the same
+    SERVING model: a transaction-scoped advisory lock on PostgreSQL; on SQLite a write, which takes the database's
+    write lock before anything is read."""
+    if conn.dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(f"mlsignal-models|{symbol}|{timeframe}".encode()).digest()[:8], "big",
+                             signed=True)
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    else:
+        conn.execute(models_table.update().where(sa.false()).values(stage=models_table.c.stage))
+
+
+def _record_change(conn: sa.Connection, model_id: str, symbol: str, timeframe: str, stage: str, reason: str,
+                   changed_at: int) -> None:
+    conn.execute(changes_table.insert().values(model_id=model_id, symbol=symbol, timeframe=timeframe, stage=stage,
+                                               reason=reason, changed_at=changed_at))
+
+
+def _set_stage(conn: sa.Connection, model_id: str, symbol: str, timeframe: str, stage: str, reason: str,
+               changed_at: int) -> None:
+    conn.execute(models_table.update().where(models_table.c.model_id == model_id)
+                 .values(stage=stage, stage_reason=reason))
+    _record_change(conn, model_id, symbol, timeframe, stage, reason, changed_at)
+
+
+def _serving_id(conn: sa.Connection, symbol: str, timeframe: str) -> str | None:
+    q = sa.select(models_table.c.model_id).where(
+        models_table.c.symbol == symbol, models_table.c.timeframe == timeframe, models_table.c.stage == SERVING
+    )
+    return conn.execute(q).scalar()
+
+
+def _retire_serving(conn: sa.Connection, symbol: str, timeframe: str, reason: str, changed_at: int) -> str | None:
+    """Retire the market's SERVING model, if any; returns its id. Takes the market's lock first."""
+    _lock_market(conn, symbol, timeframe)
+    current = _serving_id(conn, symbol, timeframe)
+    if current is not None:
+        _set_stage(conn, current, symbol, timeframe, RETIRED, reason, changed_at)
+    return current
+
+
+def promote(engine: sa.Engine, model_id: str, reason: str = "") -> ModelRecord:
+    """Make a model of any stage the SERVING one of its market (the one serving before becomes RETIRED).
+
+    An empty reason is recorded as "promoted by operator". Promoting the serving model changes nothing.
+    NotFound for an unknown id."""
+    reason = reason.strip() or PROMOTED_BY_OPERATOR
+    with engine.begin() as conn:
+        row = conn.execute(sa.select(models_table.c.symbol, models_table.c.timeframe)
+                           .where(models_table.c.model_id == model_id)).first()
+        if row is None:
+            raise NotFound(f"model_id: no model {model_id!r} in the registry", field="model_id")
+        _lock_market(conn, row.symbol, row.timeframe)
+        if _serving_id(conn, row.symbol, row.timeframe) != model_id:
+            at = now_ms()
+            _retire_serving(conn, row.symbol, row.timeframe, f"replaced by {model_id}: {reason}", at)
+            _set_stage(conn, model_id, row.symbol, row.timeframe, SERVING, reason, at)
+    found = get_model(engine, model_id)
+    assert found is not None  # rows are never deleted
+    return found
+
+
+def rollback(engine: sa.Engine, symbol: str, timeframe: str, reason: str = "") -> ModelRecord:
+    """Retire the market's SERVING model and make the one that served before it SERVING again: the most recent
+    model in the history, other than the current one, that was SERVING. An empty reason is recorded as
+    "rolled back by operator". FailedPrecondition when nothing serves or nothing served before."""
+    reason = reason.strip() or ROLLED_BACK_BY_OPERATOR
+    with engine.begin() as conn:
+        _lock_market(conn, symbol, timeframe)
+        current = _serving_id(conn, symbol, timeframe)
+        if current is None:
+            raise FailedPrecondition(f"no model is serving {symbol} {timeframe}: there is nothing to roll back",
+                                     field="symbol")
+        previous = conn.execute(
+            sa.select(changes_table.c.model_id)
+            .join(models_table, models_table.c.model_id == changes_table.c.model_id)
+            .where(changes_table.c.symbol == symbol, changes_table.c.timeframe == timeframe,
+                   changes_table.c.stage == SERVING, changes_table.c.model_id != current)
+            .order_by(changes_table.c.changed_at.desc(), changes_table.c.change_id.desc())
+            .limit(1)
+        ).scalar()
+        if previous is None:
+            raise FailedPrecondition(f"no model served {symbol} {timeframe} before {current}: there is nothing to "
+                                     "roll back to", field="symbol")
+        at = now_ms()
+        _set_stage(conn, current, symbol, timeframe, RETIRED, f"rolled back to {previous}: {reason}", at)
+        _set_stage(conn, previous, symbol, timeframe, SERVING, f"rolled back from {current}: {reason}", at)
+    found = get_model(engine, previous)
+    assert found is not None
+    return found
+
+
+def retire_old_research(conn: sa.Connection, symbol: str, timeframe: str, keep: int,
+                        created_before_ms: int | None = None) -> list[str]:
+    """Inside the caller's transaction: retire the market's RESEARCH models beyond the newest `keep` (only those
+    created before `created_before_ms` when given, so a running walk-forward keeps the models it still has to
+    predict with), with the reason "research retention"; returns the names of their artifact files, for the caller
+    to delete after the commit."""
+    _lock_market(conn, symbol, timeframe)
+    q = (
+        sa.select(models_table.c.model_id, models_table.c.artifact, models_table.c.manifest,
+                  models_table.c.created_at)
+        .where(models_table.c.symbol == symbol, models_table.c.timeframe == timeframe,
+               models_table.c.stage == RESEARCH)
+        .order_by(*_NEWEST_FIRST)
+        .offset(max(keep, 0))
+    )
+    files: list[str] = []
+    at = now_ms()
+    for model_id, artifact, manifest, created_at in conn.execute(q).all():
+        if created_before_ms is not None and created_at >= created_before_ms:
+            continue
+        _set_stage(conn, model_id, symbol, timeframe, RETIRED, RESEARCH_RETENTION, at)
+        files.append(artifact)
+        try:
+            sklearn_artifact = json.loads(manifest).get("sklearn_artifact", "")
+        except ValueError:
+            sklearn_artifact = ""
+        if sklearn_artifact:
+            files.append(sklearn_artifact)
+    return files
+
+
+def serving_model(engine: sa.Engine, symbol: str, timeframe: str) -> ModelRecord | None:
+    """The market's SERVING model, or None."""
+    found = serving_row(engine, symbol, timeframe)
+    return found.record() if found is not None else None
+
+
+def serving_row(engine: sa.Engine, symbol: str, timeframe: str) -> ModelRow | None:
+    """The unparsed row of the market's SERVING model, or None."""
+    q = sa.select(models_table).where(
+        models_table.c.symbol == symbol, models_table.c.timeframe == timeframe, models_table.c.stage == SERVING
+    )
+    with engine.connect() as conn:
+        row = conn.execute(q).first()
+    return _model_row(row) if row else None
+
+
+def stage_history(engine: sa.Engine, symbol: str = "", timeframe: str = "", model_id: str = "",
+                  limit: int | None = None) -> list[StageChange]:
+    """Stage changes, oldest first (the newest `limit` when given), optionally of one market or one model."""
+    q = sa.select(changes_table)
+    if symbol:
+        q = q.where(changes_table.c.symbol == symbol)
+    if timeframe:
+        q = q.where(changes_table.c.timeframe == timeframe)
+    if model_id:
+        q = q.where(changes_table.c.model_id == model_id)
+    q = q.order_by(changes_table.c.changed_at.desc(), changes_table.c.change_id.desc())
+    if limit:
+        q = q.limit(limit)
+    with engine.connect() as conn:
+        rows = conn.execute(q).all()
+    return [StageChange(r.model_id, r.symbol, r.timeframe, r.stage, r.reason, int(r.changed_at))
+            for r in reversed(rows)]
+
+
+def with_stage(rec: ModelRecord, stage: str, reason: str) -> ModelRecord:
+    """A copy of a record in another stage (for registering it)."""
+    return replace(rec, stage=stage, stage_reason=reason)

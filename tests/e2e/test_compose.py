@@ -200,7 +200,14 @@ def test_the_dask_cluster_is_optional_and_wired_to_the_training_service(services
     port = int(sched_cmd[sched_cmd.index("--port") + 1])
     assert port in container_ports(scheduler)
     work_cmd = commands(worker)[0]
-    assert work_cmd[:2] == ["dask", "worker"] and work_cmd[2] == f"tcp://dask-scheduler:{port}"
+    assert work_cmd[:2] == ["dask", "worker"] and work_cmd[2] == f"tls://dask-scheduler:{port}"
+    # mutual TLS on the cluster: scheduler and workers present certificates signed by the CA the service trusts
+    training_env = environment(services["training"])
+    assert sched_cmd[sched_cmd.index("--protocol") + 1] == "tls"
+    for cmd in (sched_cmd, work_cmd):
+        for flag, variable in (("--tls-ca-file", "MLSIGNAL_DASK_TLS_CA"), ("--tls-cert", "MLSIGNAL_DASK_TLS_CERT"),
+                               ("--tls-key", "MLSIGNAL_DASK_TLS_KEY")):
+            assert cmd[cmd.index(flag) + 1] == training_env[variable], (cmd, flag)
     assert "container_name" not in worker and not worker.get("ports"), "dask-worker must scale"
     # workers read the database and return the artifacts; they need no model volume
     assert MODEL_DIR not in volume_mounts(worker) and "MLSIGNAL_MODEL_DIR" not in environment(worker)
@@ -280,3 +287,50 @@ def test_dockerignore_keeps_the_context_small():
                if line.strip() and not line.startswith("#")}
     assert {".git", ".venv", "var"} <= ignored
     assert "README.md" not in ignored and "pyproject.toml" not in ignored  # the wheel build needs both
+
+
+REQUIRED = re.compile(r"^\$\{(?P<name>[A-Z0-9_]+):?\?(?P<message>[^}]+)\}$")
+
+
+def _references(value: str, name: str) -> list[str]:
+    """Every `${name...}` interpolation in a value."""
+    return re.findall(r"\$\{" + name + r"(?:[:?\-+][^}]*)?\}", value)
+
+
+def test_every_secret_is_required_and_has_no_default(compose):
+    text = (REPO / "docker-compose.yml").read_text()
+    secrets = {"MLSIGNAL_AUTH_TOKEN", "POSTGRES_PASSWORD"}
+    for secret in secrets:
+        uses = _references(text, secret)
+        assert uses, f"{secret} is not used"
+        for use in uses:
+            m = REQUIRED.match(use)
+            assert m and m.group("name") == secret, f"{use}: {secret} must be required (${{{secret}:?message}})"
+            assert "openssl rand" in m.group("message"), f"{use}: the message should say how to make a secret"
+    # every value in any service that carries a secret takes it from the environment, never a literal
+    for name, service in compose["services"].items():
+        for key, value in environment(service).items():
+            if re.search(r"(^|_)(AUTH_TOKEN|PASSWORD|SECRET)$", key):
+                assert REQUIRED.match(value), f"{name}: {key}={value!r} must be a required variable"
+            assert "://mlsignal:mlsignal@" not in value, f"{name}: {key} carries a default password"
+            if "://" in value and "@" in value:  # a URL with credentials: its password is a required variable
+                password = value.split("://", 1)[1].rsplit("@", 1)[0].partition(":")[2]
+                assert REQUIRED.match(password), f"{name}: {key}: the password must be a required variable"
+
+
+def test_compose_without_secrets_is_refused():
+    """What `docker compose config` does with the variables unset: each `${NAME:?message}` stops it with the message;
+    the required variables are exactly the secrets, and no secret has a `:-` default anywhere."""
+    text = (REPO / "docker-compose.yml").read_text()
+    required = {m.group(1) for m in re.finditer(r"\$\{([A-Z0-9_]+):?\?[^}]+\}", text)}
+    assert required == {"MLSIGNAL_AUTH_TOKEN", "POSTGRES_PASSWORD"}
+    for secret in required:
+        assert not re.search(r"\$\{" + secret + r":?[-=+]", text), f"{secret} has a default or alternative value"
+
+
+def test_servers_do_not_accept_a_plaintext_token_by_default(services):
+    for name in ("training", "inference"):
+        env = environment(services[name])
+        assert env.get("MLSIGNAL_ALLOW_PLAINTEXT_TOKEN") == "${MLSIGNAL_ALLOW_PLAINTEXT_TOKEN:-0}", name
+        assert env.get("MLSIGNAL_TLS_CERT", "").startswith("${MLSIGNAL_TLS_CERT"), name
+        assert env.get("MLSIGNAL_TLS_KEY", "").startswith("${MLSIGNAL_TLS_KEY"), name

@@ -202,6 +202,7 @@ def test_a_killed_worker_fails_the_job_without_a_model_and_the_cluster_recovers(
 
 
 def test_dask_settings_are_validated(monkeypatch):
+    monkeypatch.setenv("MLSIGNAL_DASK_ALLOW_PLAINTEXT", "1")  # a tcp:// scheduler on another host is opt-in
     monkeypatch.setenv("MLSIGNAL_DASK_SCHEDULER", "tcp://dask-scheduler:8786")
     monkeypatch.setenv("MLSIGNAL_DASK_SPREAD_FIT", "1")
     s = Settings.from_env()

@@ -330,10 +330,10 @@ def test_data_list(cli, tmp_path, sample_csv, binance_csv):
     candles_part, series_part = out.split("\n\n")
     lines = candles_part.splitlines()
     assert [line.split() for line in lines] == [
-        ["symbol", "timeframe", "first", "last", "rows", "gaps"],
-        ["BTC/USD", "1h", "2017-07-01T11:00:00Z", "2019-10-17T09:00:00Z", "20111", "0"],
-        ["BTC/USDT", "5m", "2023-03-20T00:00:00Z", "2023-03-28T23:55:00Z", "2576", "16"],
-        ["BTC/USDT", "1h", "2023-03-20T00:00:00Z", "2023-03-28T23:00:00Z", "214", "2"],
+        ["symbol", "timeframe", "first", "last", "rows", "gaps", "missing"],
+        ["BTC/USD", "1h", "2017-07-01T11:00:00Z", "2019-10-17T09:00:00Z", "20111", "0", "0"],
+        ["BTC/USDT", "5m", "2023-03-20T00:00:00Z", "2023-03-28T23:55:00Z", "2576", "1", "16"],  # one gap, 16 candles
+        ["BTC/USDT", "1h", "2023-03-20T00:00:00Z", "2023-03-28T23:00:00Z", "214", "1", "2"],
     ]
     # aligned: every column starts at the same offset on every line, numbers are right-aligned
     for word in ("first", "last"):

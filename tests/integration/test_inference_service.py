@@ -369,12 +369,12 @@ def test_corrupted_newer_model_is_refused_and_previous_keeps_serving(services, y
     import dataclasses
     import shutil
 
-    from shared.store.registry import insert_model, newest_model
+    from shared.store.registry import insert_model, promote, serving_model
 
     stub = services.infer_stub
     serving = stub.GetModel(inference_pb2.GetModelRequest(symbol=SYMBOL, timeframe=TF)).model_id
     engine = make_engine(services.url)
-    rec = newest_model(engine, SYMBOL, TF)
+    rec = serving_model(engine, SYMBOL, TF)
     assert rec.model_id == serving
     bad_name = "corrupt-copy.onnx"
     shutil.copy(services.model_dir / rec.artifact, services.model_dir / bad_name)
@@ -396,6 +396,7 @@ def test_corrupted_newer_model_is_refused_and_previous_keeps_serving(services, y
     finally:
         from shared.store.db import models as models_table
 
+        promote(engine, serving, "the corrupted copy is removed")
         with engine.begin() as conn:
             conn.execute(models_table.delete().where(models_table.c.model_id == "corrupt-copy"))
         engine.dispose()

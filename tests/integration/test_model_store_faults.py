@@ -27,7 +27,7 @@ from shared.settings import Settings
 from shared.store.db import make_engine
 from shared.store.db import models as models_table
 from shared.store.migrate import upgrade
-from shared.store.registry import ModelRecord, insert_model
+from shared.store.registry import SERVING, ModelRecord, insert_model
 from training_service.pipeline import export_onnx
 
 H = 3_600_000
@@ -55,6 +55,7 @@ class Registry:
             train_end_ms=T0 + 100 * H, label=LabelSpec(), feature_spec=FeatureSpec(),
             params=ForestParams(n_estimators=5, max_depth=3), classes=CLASSES, prior=(0.3, 0.4, 0.3),
             shrink_weight=0.6, metrics={}, artifact=f"{model_id}.onnx", sha256=sha256 or sha,
+            stage=SERVING,  # registered as the serving model, as a model that passed the gate is
         )
         with self.engine.begin() as conn:
             insert_model(conn, record)

@@ -317,12 +317,9 @@ def test_sigterm_with_a_running_job_exits_0_and_leaves_no_partial_files(tmp_path
 # the database
 
 
-def test_unreachable_database_at_start_is_one_clear_line(tmp_path):
-    closed = _free_port()
-    urls = {
-        "postgresql": f"postgresql+psycopg://mlsignal:hunter2@127.0.0.1:{closed}/mlsignal",
-        "sqlite": "sqlite:////proc/mlsignal-does-not-exist/mlsignal.db",
-    }
+def test_unusable_database_at_start_is_one_clear_line(tmp_path):
+    # (an unreachable PostgreSQL is an outage, not a start-up error: tests/integration/test_postgres_outage.py)
+    urls = {"sqlite": "sqlite:////proc/mlsignal-does-not-exist/mlsignal.db"}
     procs = {}
     for kind, url in urls.items():
         for module, tag in (("training_service.server", "mlsignal-training"),
@@ -338,12 +335,8 @@ def test_unreachable_database_at_start_is_one_clear_line(tmp_path):
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1, (kind, tag, err)
         assert lines[0].startswith(f"{tag}: cannot use the database "), lines[0]
-        assert "hunter2" not in err  # the password is never printed
         assert "listening" not in out
-        if kind == "postgresql":
-            assert f"127.0.0.1:{closed}" in lines[0] and "refused" in lines[0].lower(), lines[0]
-        else:
-            assert "/proc/mlsignal-does-not-exist" in lines[0], lines[0]
+        assert "/proc/mlsignal-does-not-exist" in lines[0] and "mlsignal db upgrade" in lines[0], lines[0]
 
 
 class Cluster:

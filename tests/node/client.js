@@ -30,6 +30,11 @@
 //                    (Timestamp, Any) are built into protobufjs.
 //
 // --no-keep-case loads the protos without keepCase, to show what goes wrong without it.
+//
+// Security: --token TOKEN (default: MLSIGNAL_AUTH_TOKEN) is sent as `authorization: Bearer <token>`, --ca-cert PEM
+// (default: MLSIGNAL_TLS_CA) connects with TLS. Without TLS the token is only sent to a loopback target (localhost,
+// 127.0.0.0/8, ::1) or a unix: socket; any other plaintext target with a token is refused before connecting, unless
+// --insecure-token accepts sending it in clear text. The same rule as the Python client.
 
 'use strict';
 
@@ -51,6 +56,9 @@ function parseArgs(argv) {
     include: [path.join(HERE, 'protos')],
     keepCase: true,
     deadlineSeconds: 60,
+    token: process.env.MLSIGNAL_AUTH_TOKEN || '',
+    caCert: process.env.MLSIGNAL_TLS_CA || '',
+    insecureToken: false,
   };
   for (let i = 0; i < argv.length; i++) {
     const flag = argv[i];
@@ -67,6 +75,9 @@ function parseArgs(argv) {
       case '--include': args.include.push(value()); break;
       case '--deadline': args.deadlineSeconds = Number(value()); break;
       case '--no-keep-case': args.keepCase = false; break;
+      case '--token': args.token = value(); break;
+      case '--ca-cert': args.caCert = value(); break;
+      case '--insecure-token': args.insecureToken = true; break;
       default: throw new Error(`unknown argument ${flag}`);
     }
   }
@@ -74,6 +85,65 @@ function parseArgs(argv) {
     throw new Error('usage: node client.js --target HOST:PORT --candles FILE.json [--symbol S] [--timeframe TF]');
   }
   return args;
+}
+
+// Whether every address of a gRPC target is on this machine: unix: sockets, localhost, 127.0.0.0/8 and ::1, also in
+// the dns:///, ipv4: and ipv6: forms.
+function isLocalTarget(target) {
+  let t = target.trim();
+  if (t.startsWith('unix:') || t.startsWith('unix-abstract:')) return true;
+  let addresses;
+  if (t.startsWith('ipv4:') || t.startsWith('ipv6:')) {
+    addresses = t.slice(5).split(',');
+  } else {
+    if (t.startsWith('dns:')) {
+      t = t.slice(4);
+      if (t.startsWith('//')) t = t.slice(2).split('/').slice(1).join('/');
+    }
+    addresses = [t];
+  }
+  const loopback = (host) => {
+    const h = host.toLowerCase().replace(/\.$/, '');
+    if (h === 'localhost' || h === '::1' || h === '0:0:0:0:0:0:0:1') return true;
+    const m = /^(\d+)\.(\d+)\.(\d+)\.(\d+)$/.exec(h);
+    return m !== null && Number(m[1]) === 127 && m.slice(2).every((x) => Number(x) <= 255);
+  };
+  return addresses.length > 0 && addresses.every((a) => {
+    a = a.trim();
+    let host;
+    if (a.startsWith('[')) host = a.slice(1, a.indexOf(']'));
+    else if ((a.match(/:/g) || []).length > 1) host = a;
+    else host = a.split(':')[0];
+    return loopback(host);
+  });
+}
+
+// Channel credentials and per-call metadata for the security options; throws before anything connects when a token
+// would travel in clear text to another machine.
+function security(args) {
+  const metadata = new grpc.Metadata();
+  if (args.caCert) {
+    let creds = grpc.credentials.createSsl(fs.readFileSync(args.caCert));
+    if (args.token) {
+      creds = grpc.credentials.combineChannelCredentials(creds, grpc.credentials.createFromMetadataGenerator(
+        (_params, callback) => {
+          const md = new grpc.Metadata();
+          md.add('authorization', `Bearer ${args.token}`);
+          callback(null, md);
+        }));
+    }
+    return { credentials: creds, metadata };
+  }
+  if (args.token) {
+    if (!isLocalTarget(args.target) && !args.insecureToken) {
+      throw new Error(`refusing to send the bearer token in clear text to ${args.target}: use --ca-cert (TLS), or ` +
+                      '--insecure-token to accept plaintext; without TLS a token is only sent to loopback or unix: ' +
+                      'targets');
+    }
+    // plaintext: grpc-js attaches call credentials only to secure channels, so the token goes as call metadata
+    metadata.add('authorization', `Bearer ${args.token}`);
+  }
+  return { credentials: grpc.credentials.createInsecure(), metadata };
 }
 
 function loadService(args) {
@@ -133,10 +203,10 @@ class CallError extends Error {
   }
 }
 
-function predict(client, args, candles) {
+function predict(client, args, candles, metadata) {
   const request = { symbol: args.symbol, timeframe: args.timeframe, candles: candles.map(toCandle) };
   return new Promise((resolve, reject) => {
-    client.Predict(request, { deadline: deadline(args.deadlineSeconds) }, (err, resp) => {
+    client.Predict(request, metadata, { deadline: deadline(args.deadlineSeconds) }, (err, resp) => {
       if (err) {
         reject(new CallError('Predict', err.code, err.details));
         return;
@@ -148,9 +218,9 @@ function predict(client, args, candles) {
 }
 
 // One StreamPredict, one candle per message; each message is sent once the answer to the previous one arrived.
-function stream(client, args, candles) {
+function stream(client, args, candles, metadata) {
   return new Promise((resolve, reject) => {
-    const call = client.StreamPredict({ deadline: deadline(args.deadlineSeconds) });
+    const call = client.StreamPredict(metadata, { deadline: deadline(args.deadlineSeconds) });
     const out = { model_ids: [], predictions: [] };
     let next = 0;
     let settled = false;
@@ -203,11 +273,12 @@ async function main() {
   const args = parseArgs(process.argv.slice(2));
   const candles = JSON.parse(fs.readFileSync(args.candles, 'utf8'));
   if (!Array.isArray(candles) || candles.length === 0) throw new Error(`${args.candles}: expected a non-empty array`);
+  const { credentials, metadata } = security(args);  // before any channel exists
   const InferenceService = loadService(args);
-  const client = new InferenceService(args.target, grpc.credentials.createInsecure());
+  const client = new InferenceService(args.target, credentials);
   try {
-    const result = { predict: await predict(client, args, candles) };
-    result.stream = await stream(client, args, candles);
+    const result = { predict: await predict(client, args, candles, metadata) };
+    result.stream = await stream(client, args, candles, metadata);
     process.stdout.write(JSON.stringify(result) + '\n');
   } finally {
     client.close();

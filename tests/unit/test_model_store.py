@@ -28,7 +28,7 @@ from shared.params import ForestParams
 from shared.store.db import make_engine
 from shared.store.db import models as models_table
 from shared.store.migrate import upgrade
-from shared.store.registry import ModelRecord, insert_model
+from shared.store.registry import CANDIDATE, SERVING, ModelRecord, insert_model
 from training_service.pipeline import export_onnx
 
 H = 3_600_000
@@ -55,8 +55,9 @@ class Registry:
     created_ms: int = 1_000
 
     def register(self, symbol: str = BTC, timeframe: str = "1h", seed: int = 0, spec: FeatureSpec | None = None,
-                 data: bytes | None = None) -> ModelRecord:
-        """Register a model as the newest of its market; `data` replaces its ONNX bytes (sha256 kept consistent)."""
+                 data: bytes | None = None, stage: str = SERVING) -> ModelRecord:
+        """Register a model as the newest of its market, SERVING unless `stage` says otherwise; `data` replaces its
+        ONNX bytes (sha256 kept consistent)."""
         self.created_ms += 1
         model_id = f"{symbol.replace('/', '-')}_{timeframe}_{self.created_ms}"
         payload = tiny_onnx(seed) if data is None else data
@@ -66,6 +67,7 @@ class Registry:
             train_start_ms=T0, train_end_ms=T0 + 100 * H, label=LabelSpec(), feature_spec=spec or FeatureSpec(),
             params=ForestParams(n_estimators=5, max_depth=3), classes=CLASSES, prior=(0.3, 0.4, 0.3),
             shrink_weight=0.6, metrics={}, artifact=f"{model_id}.onnx", sha256=sha,
+            stage=stage,
         )
         with self.engine.begin() as conn:
             insert_model(conn, record)
@@ -139,10 +141,11 @@ def test_an_unreadable_row_and_a_rejected_file_do_not_stop_hot_reload(registry, 
     [file_refusal] = refusals(caplog, eth_b.model_id)
     assert "cannot be loaded" in file_refusal and f"{eth_a.model_id} keeps serving" in file_refusal
 
-    # a cold load (a new process) serves the previous model instead of failing
+    # a cold load (a new process) serves only the SERVING model: a refused one is DATA_LOSS, never an older model
     cold = ModelStore(registry.engine, registry.model_dir)
-    assert cold.current(BTC, "1h").model_id == btc_a.model_id
-    assert cold.current(ETH, "1h").model_id == eth_a.model_id
+    for symbol in (BTC, ETH):
+        with pytest.raises(DataLoss):
+            cold.current(symbol, "1h")
     assert cold.current(SOL, "1h").model_id == sol_b.model_id
 
     # fixed: the row is readable again, the file is replaced by a good one -> picked up without a restart
@@ -236,9 +239,9 @@ def test_a_pinned_model_of_another_market_is_refused_before_it_is_loaded(registr
 
 def test_a_pinned_refused_model_is_data_loss_without_the_server_path(registry, store, caplog):
     good = registry.register(seed=0)
-    bad = registry.register(seed=1)
+    bad = registry.register(seed=1, stage=CANDIDATE)
     registry.update(bad.model_id, sha256="0" * 64)
-    assert store.current(BTC, "1h").model_id == good.model_id  # the newest is refused, the previous serves
+    assert store.current(BTC, "1h").model_id == good.model_id  # the SERVING one, not the newest
     for _ in range(2):
         with pytest.raises(DataLoss, match=f"model {bad.model_id} refused") as err:
             store.pinned(bad.model_id, BTC, "1h")
@@ -259,7 +262,8 @@ def test_a_pinned_refused_model_is_data_loss_without_the_server_path(registry, s
 
 def test_max_warmup_bars_covers_every_registered_model_and_needs_no_query_when_cached(registry, store):
     serving_model = registry.register(seed=0)
-    longer = registry.register(seed=1, spec=LONG_SPEC, data=b"refused, but it could serve once fixed")
+    longer = registry.register(seed=1, spec=LONG_SPEC, data=b"refused, but it could serve once fixed",
+                               stage=CANDIDATE)
     assert store.current(BTC, "1h").model_id == serving_model.model_id
     queries: list[str] = []
     sa.event.listen(registry.engine, "before_cursor_execute", lambda *args: queries.append(args[2]))
