@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for sname in names:
             frame, tf = frames[sname]
-            rows.append(out_of_sample(frame, tf, start, split, end, label, params, calibrators=pname == grid[0][0]))
+            rows.append(out_of_sample(frame, tf, start, split, end, label, params,
+                                     calibrators=args.grid == "defaults" or pname == grid[0][0]))
         results[pname] = rows
         cells = " | ".join(f"{r['log_loss'] / r['prior_log_loss']:.4f} ({r['log_loss']:.4f} / "
                            f"{r['prior_log_loss']:.4f}, {r['shrink_weight']:.2f})" for r in rows)

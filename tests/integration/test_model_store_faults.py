@@ -27,7 +27,7 @@ from shared.settings import Settings
 from shared.store.db import make_engine
 from shared.store.db import models as models_table
 from shared.store.migrate import upgrade
-from shared.store.registry import SERVING, ModelRecord, insert_model
+from shared.store.registry import CANDIDATE, SERVING, ModelRecord, insert_model
 from training_service.pipeline import export_onnx
 
 H = 3_600_000
@@ -46,7 +46,7 @@ class Registry:
             rng.normal(size=(300, n)), rng.integers(0, 3, 300))
         self.onnx = export_onnx(forest, n)
 
-    def register(self, symbol: str, sha256: str = "") -> str:
+    def register(self, symbol: str, sha256: str = "", stage: str = SERVING) -> str:
         self.created_ms += 1
         model_id = f"{symbol.replace('/', '-')}_1h_{self.created_ms}"
         sha = write_atomic(self.model_dir / f"{model_id}.onnx", self.onnx)
@@ -55,7 +55,7 @@ class Registry:
             train_end_ms=T0 + 100 * H, label=LabelSpec(), feature_spec=FeatureSpec(),
             params=ForestParams(n_estimators=5, max_depth=3), classes=CLASSES, prior=(0.3, 0.4, 0.3),
             shrink_weight=0.6, metrics={}, artifact=f"{model_id}.onnx", sha256=sha256 or sha,
-            stage=SERVING,  # registered as the serving model, as a model that passed the gate is
+            stage=stage,
         )
         with self.engine.begin() as conn:
             insert_model(conn, record)
@@ -110,7 +110,7 @@ def server(tmp_path):
 def test_an_unreadable_registry_row_does_not_stop_hot_reload(server, caplog):
     caplog.set_level(logging.INFO, logger="inference_service.model_store")
     registry, stub = server
-    btc_old, eth_old, sol_old = registry.register(BTC), registry.register(ETH), registry.register(SOL)
+    btc_old, eth_old, _ = registry.register(BTC), registry.register(ETH), registry.register(SOL)
     assert predict(stub, BTC).model_id == btc_old
     assert predict(stub, ETH).model_id == eth_old
     btc_new = registry.register(BTC)
@@ -122,7 +122,9 @@ def test_an_unreadable_registry_row_does_not_stop_hot_reload(server, caplog):
     wait_for(stub, ETH, eth_new)  # another market still hot-reloads
     time.sleep(1.0)  # several polls
     assert predict(stub, BTC).model_id == btc_old  # the previous model keeps serving
-    assert predict(stub, SOL).model_id == sol_old  # a cold load serves the previous model too
+    with pytest.raises(grpc.RpcError) as err:  # a cold load serves only the SERVING model, never an older one
+        predict(stub, SOL)
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS and f"model {sol_new} refused" in err.value.details()
     refusals = [r.getMessage() for r in caplog.records if f"model {btc_new} refused" in r.getMessage()]
     assert len(refusals) == 1 and "registry row cannot be read" in refusals[0], refusals
 
@@ -143,7 +145,7 @@ def test_an_unreadable_registry_row_does_not_stop_hot_reload(server, caplog):
 def test_a_pinned_model_that_fails_verification_is_data_loss_without_the_server_path(server):
     registry, stub = server
     good = registry.register(BTC)
-    bad = registry.register(BTC, sha256="0" * 64)
+    bad = registry.register(BTC, sha256="0" * 64, stage=CANDIDATE)
     assert predict(stub, BTC).model_id == good
     with pytest.raises(grpc.RpcError) as err:
         predict(stub, BTC, model_id=bad)

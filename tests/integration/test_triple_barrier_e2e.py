@@ -1,0 +1,51 @@
+"""A triple-barrier model trained and served end to end through gRPC, on the bundled BTC/USD 1h sample."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mlsignal.v1 import common_pb2, inference_pb2, training_pb2
+from service_fixtures import train, ts
+from shared.calibration import log_loss
+from shared.labels import LabelSpec, make_labels
+from shared.store.db import make_engine
+
+TRAIN = ("2017-07-01", "2018-04-01")  # a split the default parameters were not chosen on
+END = "2018-10-01"
+
+
+def test_triple_barrier_model_records_its_kind_and_beats_the_prior_out_of_sample(services, sample_frame):
+    from test_inference_service import candles_of, probs
+
+    from shared.store.registry import get_model
+
+    start, split = TRAIN
+    job = train(services.train_stub, start=start, end=split, params=common_pb2.ModelParams(),
+                kind=common_pb2.LABEL_KIND_TRIPLE_BARRIER)
+    assert job.request.label.kind == common_pb2.LABEL_KIND_TRIPLE_BARRIER
+    models = services.train_stub.ListModels(training_pb2.ListModelsRequest(symbol="BTC/USD", timeframe="1h")).models
+    info = next(m for m in models if m.model_id == job.model_id)
+    assert info.label.kind == common_pb2.LABEL_KIND_TRIPLE_BARRIER
+    assert (info.label.horizon_bars, info.label.threshold) == (24, 0.02)
+    assert info.metrics["cv_folds"] >= 4
+    assert info.metrics["dropped_gap_labels"] == 0 and info.metrics["window_gaps"] == 0
+
+    engine = make_engine(services.url)
+    rec = get_model(engine, job.model_id)
+    engine.dispose()
+    assert rec.label.kind == "triple_barrier"
+    t = sample_frame.open_time_ms
+    frame = sample_frame[(t >= ts("2018-03-01").ToMilliseconds()) & (t < ts(END).ToMilliseconds())]
+    frame = frame.reset_index(drop=True)
+    resp = services.infer_stub.Predict(inference_pb2.PredictRequest(
+        symbol="BTC/USD", timeframe="1h", model_id=job.model_id, candles=candles_of(frame)), timeout=60)
+    assert resp.model_id == job.model_id
+    P = probs(resp)
+    label = LabelSpec(24, 0.02, "triple_barrier")
+    y = make_labels(frame.close.to_numpy(), label, frame.open_time_ms.to_numpy(), 3_600_000)
+    test = (frame.open_time_ms >= ts(split).ToMilliseconds()).to_numpy() & (y >= 0)
+    assert test.sum() > 4000
+    assert not np.array([p.in_sample for p in resp.predictions])[test].any()
+    served = log_loss(P[test], y[test].astype(int))
+    prior = log_loss(np.tile(rec.prior, (test.sum(), 1)), y[test].astype(int))
+    assert served <= 1.01 * prior, (served, prior)
