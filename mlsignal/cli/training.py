@@ -73,7 +73,7 @@ def register(sub) -> None:
 
     models = sub.add_parser(
         "models",
-        help="list registered models, newest first, with their stage; `*` marks the one serving "
+        help="list registered models, newest first, with their stage (`SERVING *` marks the one serving) "
              "(`models promote|rollback|history`: change or show which model serves)",
     )
     models_sub = models.add_subparsers(dest="models_command", metavar="promote|rollback|history")
@@ -316,11 +316,11 @@ def _models(args) -> int:
     for m in models:
         window = f"{_ts(m, 'train_start')} .. {_ts(m, 'train_end')}"
         loss = f"{_num(m.metrics.get('log_loss'))} vs {_num(m.metrics.get('prior_log_loss'))}"
-        serving = "*" if m.stage == common_pb2.MODEL_STAGE_SERVING else ""
-        rows.append((serving, m.model_id, m.symbol, m.timeframe, stage_name(m.stage), _ts(m, "created_at"), window,
+        stage = stage_name(m.stage) + (" *" if m.stage == common_pb2.MODEL_STAGE_SERVING else "")
+        rows.append((m.model_id, m.symbol, m.timeframe, stage, _ts(m, "created_at"), window,
                      str(m.label.horizon_bars), f"{m.label.threshold:g}", loss,
                      _truncate(m.stage_reason, REASON_WIDTH)))
-    print(table(("", "model id", "symbol", "tf", "stage", "created", "train window", "horizon", "threshold",
+    print(table(("model id", "symbol", "tf", "stage", "created", "train window", "horizon", "threshold",
                  "log_loss vs prior", "stage reason"), rows))
     return 0
 
