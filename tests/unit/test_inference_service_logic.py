@@ -161,7 +161,9 @@ def test_no_look_ahead(service):
     assert not np.array_equal(after[t + 1:], base[t + 1:], equal_nan=True)
 
 
-def test_only_the_optional_columns_the_model_uses_are_read(registry, store):
+def test_every_column_sent_is_read_and_checked_whichever_model_answers(registry, store):
+    """Predict checks funding rate and open interest exactly as a stream does, so a value a stream refuses is
+    refused by Predict too, even when the answering model does not use that column."""
     plain = registry.register()
     funded = registry.register(symbol="ETH/USDT", spec=FeatureSpec(use_funding_rate=True), seed=1)
     service = InferenceService(store, MAX_BATCH)
@@ -169,7 +171,9 @@ def test_only_the_optional_columns_the_model_uses_are_read(registry, store):
     assert service.predict(SYMBOL, TF, "", spy)[0].model_id == plain.model_id
     spy_funded = Spy(make_candles(funding=True))
     assert service.predict("ETH/USDT", TF, "", spy_funded)[0].model_id == funded.model_id
-    assert spy.asked == [(False, False)] and spy_funded.asked == [(True, False)]
+    assert spy.asked == [(True, True)] and spy_funded.asked == [(True, True)]
+    with pytest.raises(InvalidArgument, match=r"candles\[5\]\.funding_rate"):
+        service.predict(SYMBOL, TF, "", with_value(make_candles(funding=True), "funding_rate", 5, np.inf))
 
 
 def test_a_funding_model_needs_funding_on_every_candle(registry, store):
