@@ -5,7 +5,13 @@ from __future__ import annotations
 import math
 
 from mlsignal.v1 import common_pb2, training_pb2
-from shared.converters import CLASS_WEIGHT_TO_PROTO, LABEL_KIND_TO_PROTO, label_message, params_message
+from shared.converters import (
+    CLASS_WEIGHT_TO_PROTO,
+    LABEL_KIND_TO_PROTO,
+    STAGE_TO_PROTO,
+    label_message,
+    params_message,
+)
 from shared.errors import InvalidArgument
 from shared.labels import FIXED_HORIZON, LabelSpec
 from shared.params import (
@@ -175,3 +181,15 @@ def job_message(job: Job) -> training_pb2.TrainingJob:
         finished_at=ms_to_timestamp(job.finished_at_ms),
         metrics={k: float(v) for k, v in job.metrics.items()},
     )
+
+
+def stage_changes_response(changes: list) -> training_pb2.ListModelStageChangesResponse:
+    """Stage changes (registry.StageChange, oldest first) as a ListModelStageChangesResponse."""
+    return training_pb2.ListModelStageChangesResponse(changes=[
+        training_pb2.ModelStageChange(
+            model_id=c.model_id, symbol=c.symbol, timeframe=c.timeframe,
+            stage=STAGE_TO_PROTO.get(c.stage, common_pb2.MODEL_STAGE_UNSPECIFIED), reason=c.reason,
+            changed_at=ms_to_timestamp(c.changed_at_ms),
+        )
+        for c in changes
+    ])

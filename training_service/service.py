@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.errors import FailedPrecondition, NotFound
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.features import FeatureSpec
 from shared.store import registry
 from shared.store.marketdata import count_candles
@@ -73,6 +73,12 @@ class TrainingService:
         if not model_id:
             raise NotFound("model_id: no model id given", field="model_id")
         return registry.promote(self.engine, model_id, reason)
+
+    def stage_changes(self, symbol: str, timeframe: str, model_id: str, limit: int) -> list[registry.StageChange]:
+        """Stage changes of a market's models (or one model's), oldest first; the newest `limit` when > 0."""
+        if limit < 0:
+            raise InvalidArgument(f"limit: must be 0 (all) or positive, got {limit}", field="limit")
+        return registry.stage_history(self.engine, symbol, timeframe, model_id, limit=limit or None)
 
     def rollback(self, symbol: str, timeframe: str, reason: str) -> registry.ModelRecord:
         """Bring back the model that served before the serving one; FailedPrecondition when there is none."""

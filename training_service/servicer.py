@@ -89,3 +89,11 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         record = await asyncio.to_thread(self.service.rollback, symbol, timeframe, request.reason)
         return model_info(record)
 
+    @maps_errors
+    async def ListModelStageChanges(self, request: training_pb2.ListModelStageChangesRequest,
+                                    context: grpc.aio.ServicerContext) -> training_pb2.ListModelStageChangesResponse:
+        symbol, timeframe = converters.market(request.symbol, request.timeframe)
+        changes = await asyncio.to_thread(self.service.stage_changes, symbol, timeframe, request.model_id,
+                                          request.limit)
+        return converters.stage_changes_response(changes)
+

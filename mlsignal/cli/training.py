@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 
 from shared.timeframes import TIMEFRAME_MS, ms_to_datetime, parse_time
@@ -69,7 +68,6 @@ def register(sub) -> None:
     _target_arg(jobs)
     jobs.set_defaults(func=_jobs)
 
-    from mlsignal.cli import DATABASE
 
     models = sub.add_parser(
         "models",
@@ -98,7 +96,8 @@ def register(sub) -> None:
     history.add_argument("--symbol", required=True, help="market symbol, like BTC/USDT")
     history.add_argument("--timeframe", required=True, metavar="TF", help=f"one of {' '.join(TIMEFRAME_MS)}")
     history.add_argument("--limit", type=int, default=0, help="only the newest N changes (default: all)")
-    history.set_defaults(func=_models_history, needs=DATABASE)
+    _target_arg(history)
+    history.set_defaults(func=_models_history)
     models.add_argument("--symbol", default="", help="only this symbol")
     models.add_argument("--timeframe", default="", metavar="TF", help="only this timeframe")
     _target_arg(models)
@@ -350,40 +349,19 @@ def _models_rollback(args) -> int:
     return 0
 
 
+@client_errors
 def _models_history(args) -> int:
-    from mlsignal.cli.data import unreachable
-    from shared.errors import Unavailable
-    from shared.server.startup import database_label
-    from shared.settings import Settings
-    from shared.store.db import make_engine
-    from shared.store.registry import stage_history
+    from mlsignal.v1 import common_pb2
 
-    url = Settings.from_env().database_url
-    db = sa_database(url)
-    if db and db != ":memory:" and not os.path.exists(db):  # never create an empty database just to read it
-        raise Unavailable(f"no database at {database_label(url)}: set MLSIGNAL_DATABASE_URL, or create it with "
-                          "mlsignal db upgrade")
-    engine = make_engine(url)
-    try:
-        changes = stage_history(engine, args.symbol, args.timeframe, limit=max(args.limit, 0) or None)
-    except Unavailable as exc:
-        raise unreachable(url, exc) from None
-    finally:
-        engine.dispose()
+    with _training_client(args) as client:
+        changes = client.stage_changes(args.symbol, args.timeframe, limit=max(args.limit, 0))
     if not changes:
         print(f"no stage changes for {args.symbol} {args.timeframe}")
         return 0
-    rows = [(ms_to_datetime(c.changed_at_ms).strftime("%Y-%m-%d %H:%M:%S"), c.model_id, c.stage, c.reason)
-            for c in changes]
+    rows = [(_ts(c, "changed_at"), c.model_id, common_pb2.ModelStage.Name(c.stage).removeprefix("MODEL_STAGE_"),
+             c.reason) for c in changes]
     print(table(("changed (UTC)", "model id", "stage", "reason"), rows))
     return 0
-
-
-def sa_database(url: str) -> str | None:
-    """The file of an SQLite URL, else None."""
-    import sqlalchemy as sa
-
-    return sa.engine.make_url(url).database if url.startswith("sqlite") else None
 
 
 @client_errors

@@ -265,6 +265,16 @@ class TrainingClient(ServiceClient):
             training_pb2.RollbackModelRequest(symbol=symbol, timeframe=timeframe, reason=reason))
         return info
 
+    def stage_changes(self, symbol: str, timeframe: str, model_id: str = "",
+                      limit: int = 0) -> list[training_pb2.ModelStageChange]:
+        """Every stage change of a market's models (or of one model), oldest first, with its time and reason; the
+        newest `limit` when > 0."""
+        resp: training_pb2.ListModelStageChangesResponse = self._unary(
+            self._stub.ListModelStageChanges,
+            training_pb2.ListModelStageChangesRequest(symbol=symbol, timeframe=timeframe, model_id=model_id,
+                                                      limit=_int_arg(limit, "limit")))
+        return list(resp.changes)
+
     def serving_model(self, symbol: str, timeframe: str) -> common_pb2.ModelInfo | None:
         """The market's SERVING model as the training service lists it, or None."""
         for m in self.list_models(symbol, timeframe):

@@ -144,3 +144,37 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModelInfo]
     def __init__(self, models: _Optional[_Iterable[_Union[_common_pb2.ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class ListModelStageChangesRequest(_message.Message):
+    __slots__ = ("symbol", "timeframe", "model_id", "limit")
+    SYMBOL_FIELD_NUMBER: _ClassVar[int]
+    TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    symbol: str
+    timeframe: str
+    model_id: str
+    limit: int
+    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[str] = ..., model_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ModelStageChange(_message.Message):
+    __slots__ = ("model_id", "symbol", "timeframe", "stage", "reason", "changed_at")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    SYMBOL_FIELD_NUMBER: _ClassVar[int]
+    TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_AT_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    symbol: str
+    timeframe: str
+    stage: _common_pb2.ModelStage
+    reason: str
+    changed_at: _timestamp_pb2.Timestamp
+    def __init__(self, model_id: _Optional[str] = ..., symbol: _Optional[str] = ..., timeframe: _Optional[str] = ..., stage: _Optional[_Union[_common_pb2.ModelStage, str]] = ..., reason: _Optional[str] = ..., changed_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListModelStageChangesResponse(_message.Message):
+    __slots__ = ("changes",)
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    changes: _containers.RepeatedCompositeFieldContainer[ModelStageChange]
+    def __init__(self, changes: _Optional[_Iterable[_Union[ModelStageChange, _Mapping]]] = ...) -> None: ...

@@ -76,6 +76,11 @@ class TrainingServiceStub(object):
                 request_serializer=mlsignal_dot_v1_dot_training__pb2.RollbackModelRequest.SerializeToString,
                 response_deserializer=mlsignal_dot_v1_dot_common__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModelStageChanges = channel.unary_unary(
+                '/mlsignal.v1.TrainingService/ListModelStageChanges',
+                request_serializer=mlsignal_dot_v1_dot_training__pb2.ListModelStageChangesRequest.SerializeToString,
+                response_deserializer=mlsignal_dot_v1_dot_training__pb2.ListModelStageChangesResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer(object):
@@ -138,6 +143,13 @@ class TrainingServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModelStageChanges(self, request, context):
+        """Every stage change of a market's models (or of one model), oldest first, with its time and reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +192,11 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.RollbackModel,
                     request_deserializer=mlsignal_dot_v1_dot_training__pb2.RollbackModelRequest.FromString,
                     response_serializer=mlsignal_dot_v1_dot_common__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModelStageChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModelStageChanges,
+                    request_deserializer=mlsignal_dot_v1_dot_training__pb2.ListModelStageChangesRequest.FromString,
+                    response_serializer=mlsignal_dot_v1_dot_training__pb2.ListModelStageChangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +416,33 @@ class TrainingService(object):
             '/mlsignal.v1.TrainingService/RollbackModel',
             mlsignal_dot_v1_dot_training__pb2.RollbackModelRequest.SerializeToString,
             mlsignal_dot_v1_dot_common__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModelStageChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlsignal.v1.TrainingService/ListModelStageChanges',
+            mlsignal_dot_v1_dot_training__pb2.ListModelStageChangesRequest.SerializeToString,
+            mlsignal_dot_v1_dot_training__pb2.ListModelStageChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,7 +43,7 @@ def test_contract_names_are_the_documented_ones():
     svc = training_pb2.DESCRIPTOR.services_by_name["TrainingService"]
     assert [m.name for m in svc.methods] == [
         "StartTraining", "GetTrainingJob", "WatchTrainingJob", "CancelTrainingJob", "ListTrainingJobs", "ListModels",
-        "PromoteModel", "RollbackModel"]
+        "PromoteModel", "RollbackModel", "ListModelStageChanges"]
     inf = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
     assert [m.name for m in inf.methods] == ["Predict", "StreamPredict", "GetModel", "GetLivePerformance"]
     stream = inf.methods_by_name["StreamPredict"]
