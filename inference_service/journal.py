@@ -250,19 +250,20 @@ class Journal:
         market = self._market(key)
 
         # 1. The new predictions per model: ready and out of sample, last version per candle, not scored yet.
-        served: dict[str, tuple[list, list]] = {}
+        served: dict[str, list[Predictions]] = {}
         candle_t: list[np.ndarray] = []
         candle_c: list[np.ndarray] = []
-        for rec, pred, times, closes in items:
+        for rec, pred, times, closes in items:  # no array work per answer: a stream sends one candle at a time
             candle_t.append(times)
             candle_c.append(closes)
-            keep = pred.ready & ~pred.in_sample
-            if keep.any():
-                t_list, p_list = served.setdefault(rec.model_id, ([], []))
-                t_list.append(pred.open_time_ms[keep])
-                p_list.append(pred.proba[keep])
-        for model_id, (t_list, p_list) in served.items():
-            t, p = last_per_time(np.concatenate(t_list), np.concatenate(p_list))
+            served.setdefault(rec.model_id, []).append(pred)
+        for model_id, preds in served.items():
+            keep = np.concatenate([q.ready for q in preds]) & ~np.concatenate([q.in_sample for q in preds])
+            if not keep.any():
+                continue
+            t = np.concatenate([q.open_time_ms for q in preds])[keep]
+            p = np.concatenate([q.proba for q in preds])[keep]
+            t, p = last_per_time(t, p)
             fresh = ~np.isin(t, self._scored_times(model_id), assume_unique=True)
             t, p = t[fresh], p[fresh]
             if not len(t):
