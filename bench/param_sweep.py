@@ -94,7 +94,7 @@ GRIDS = {"candidates": _candidates, "uniqueness": _uniqueness, "defaults": _defa
 
 def _sigmoid(raw: np.ndarray, y: np.ndarray):
     """Multinomial Platt scaling: softmax(a * log p + b), with a and the class offsets b fitted by log loss."""
-    from scipy.optimize import minimize
+    from scipy.optimize import minimize  # type: ignore[import-untyped]
 
     logp = np.log(np.clip(raw, 1e-6, 1.0))
     k = raw.shape[1]

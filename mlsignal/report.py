@@ -183,14 +183,13 @@ def chart_log_loss(m: Mapping[str, float]) -> str | None:
 
 
 def chart_class_balance(m: Mapping[str, float]) -> str | None:
-    parts = [(label, prefix) for label, prefix in (("training window", "window_class_"), ("fitting part", "train_class_"),
-                                                   ("test part", "test_class_"))
-             if all(_get(m, prefix + c) is not None for c in CLASSES)]
+    candidates = (("training window", "window_class_"), ("fitting part", "train_class_"), ("test part", "test_class_"))
+    parts = [(label, prefix) for label, prefix in candidates if all(_get(m, prefix + c) is not None for c in CLASSES)]
     if not parts:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(11, 0.75 * len(parts) + 1.0))
-    for i, (label, prefix) in enumerate(parts):
+    for i, (_, prefix) in enumerate(parts):
         left = 0.0
         for c in CLASSES:
             v = float(m[prefix + c])

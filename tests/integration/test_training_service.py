@@ -273,7 +273,10 @@ def test_default_parameters_against_the_prior_on_an_untouched_split(services, sa
     from shared.store.registry import get_model
 
     start, split = UNTOUCHED_TRAIN
-    job = train(services.train_stub, start=start, end=split, params=common_pb2.ModelParams())
+    req = R(symbol="BTC/USD", timeframe="1h", start_time=ts(start), end_time=ts(split),
+            purpose=training_pb2.TRAINING_PURPOSE_RESEARCH)  # research: the session's serving model stays
+    job = wait_job(services.train_stub, services.train_stub.StartTraining(req, timeout=30).job_id)
+    assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
     assert job.request.params.n_estimators == 200
     engine = make_engine(services.url)
     rec = get_model(engine, job.model_id)

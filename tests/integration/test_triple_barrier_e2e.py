@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from mlsignal.v1 import common_pb2, inference_pb2, training_pb2
-from service_fixtures import train, ts
+from service_fixtures import ts, wait_job
 from shared.calibration import log_loss
 from shared.labels import LabelSpec, make_labels
 from shared.store.db import make_engine
@@ -14,14 +14,25 @@ TRAIN = ("2017-07-01", "2018-04-01")  # a split the default parameters were not 
 END = "2018-10-01"
 
 
+def train_research(stub, start: str, end: str, **label) -> training_pb2.TrainingJob:
+    """A research model (it never takes over serving from the session's models; requests pin it by id)."""
+    req = training_pb2.StartTrainingRequest(
+        symbol="BTC/USD", timeframe="1h", start_time=ts(start), end_time=ts(end),
+        label=common_pb2.LabelSpec(**label), params=common_pb2.ModelParams(),
+        purpose=training_pb2.TRAINING_PURPOSE_RESEARCH,
+    )
+    done = wait_job(stub, stub.StartTraining(req, timeout=30).job_id)
+    assert done.state == training_pb2.JOB_STATE_SUCCEEDED, done.error
+    return done
+
+
 def test_triple_barrier_model_records_its_kind_and_beats_the_prior_out_of_sample(services, sample_frame):
     from test_inference_service import candles_of, probs
 
     from shared.store.registry import get_model
 
     start, split = TRAIN
-    job = train(services.train_stub, start=start, end=split, params=common_pb2.ModelParams(),
-                kind=common_pb2.LABEL_KIND_TRIPLE_BARRIER)
+    job = train_research(services.train_stub, start, split, kind=common_pb2.LABEL_KIND_TRIPLE_BARRIER)
     assert job.request.label.kind == common_pb2.LABEL_KIND_TRIPLE_BARRIER
     models = services.train_stub.ListModels(training_pb2.ListModelsRequest(symbol="BTC/USD", timeframe="1h")).models
     info = next(m for m in models if m.model_id == job.model_id)

@@ -154,7 +154,7 @@ def recorded():
 
 
 def test_evaluation_fits_and_calibrates_away_from_the_test_rows(recorded):
-    model, data, label, fits, probas = recorded
+    _, data, label, fits, probas = recorded
     h, n = label.horizon_bars, len(data.y)
     fit, calib, test = purged_splits(n, h)
     assert np.array_equal(fits[0], rows(fit))
@@ -199,7 +199,7 @@ def test_the_prior_is_learned_from_the_fitting_rows_only(recorded):
 
 
 def test_reliability_metrics_cover_the_test_part(recorded):
-    model, data, label, _, _ = recorded
+    model = recorded[0]
     n_test = model.metrics["n_test"]
     for name in CLASSES:
         counts = [model.metrics[f"oos_reliability_{name}_{b}_count"] for b in range(evaluation.RELIABILITY_BINS)]
