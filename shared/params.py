@@ -57,7 +57,9 @@ class ForestParams:
 
     @classmethod
     def from_dict(cls, d: dict) -> ForestParams:
-        return cls(**d)
+        """Parameters as stored. A record written before `max_samples` existed grew every tree on a full bootstrap,
+        so a missing key reads as None, not as today's default."""
+        return cls(**{"max_samples": None, **d})
 
     def sklearn_kwargs(self, uniqueness: float | None = None) -> dict:
         """RandomForestClassifier keyword arguments; `uniqueness` (the average uniqueness of the fitting rows'

@@ -101,7 +101,7 @@ class TrainingClient(ServiceClient):
     """Client of the TrainingService: start, follow and cancel training jobs, list jobs and models.
 
     Zero or None arguments take the service's documented defaults (horizon 24, threshold 0.02, 200 trees, depth 6,
-    200 samples per leaf, seed 42); the job's `request` shows the values used. Unary calls get `timeout` seconds
+    25 samples per leaf, uniqueness-sized bootstraps, seed 42); the job's `request` shows the values used. Unary calls get `timeout` seconds
     (None: no deadline); watching a job has no deadline.
 
     Example::
