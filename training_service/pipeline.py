@@ -214,7 +214,7 @@ def _stop_check(should_stop: ShouldStop | None) -> None:
         raise TrainingStopped("stopped on request while scoring feature importance")
 
 
-def _proba(forest, X: np.ndarray) -> np.ndarray:
+def class_proba(forest, X: np.ndarray) -> np.ndarray:
     """predict_proba with columns in CLASSES order."""
     p = forest.predict_proba(X)
     out = np.zeros((len(X), len(CLASSES)))
@@ -240,7 +240,7 @@ class _ShrunkForest:
         return self
 
     def predict_proba(self, X):
-        return cal.shrink_to_prior(_proba(self.forest, X), self.prior, self.weight)
+        return cal.shrink_to_prior(class_proba(self.forest, X), self.prior, self.weight)
 
 
 def export_onnx(forest, n_features: int) -> bytes:
@@ -261,7 +261,7 @@ def onnx_max_abs_diff(onnx_bytes: bytes, forest, X: np.ndarray) -> float:
     from shared.onnxmodel import OnnxForest
 
     served = OnnxForest(onnx_bytes).predict_proba(X)
-    return float(np.max(np.abs(served - _proba(forest, X)))) if len(X) else 0.0
+    return float(np.max(np.abs(served - class_proba(forest, X)))) if len(X) else 0.0
 
 
 def library_versions() -> dict[str, str]:
@@ -341,9 +341,9 @@ def train(
     forest = forest_on(fit, "fitting", 0.10, 0.30)
     progress("evaluating", 0.30)
     prior_fit = cal.class_prior(y[fit], len(CLASSES))
-    raw_calib = _proba(forest, X[calib])
+    raw_calib = class_proba(forest, X[calib])
     w_eval = cal.fit_shrink_weight(raw_calib, y[calib], prior_fit)
-    raw_test = _proba(forest, X[test])
+    raw_test = class_proba(forest, X[test])
     p_test = cal.shrink_to_prior(raw_test, prior_fit, w_eval)
     yt = y[test]
     prior_test = np.tile(prior_fit, (len(yt), 1))
@@ -396,8 +396,8 @@ def train(
         lo = 0.36 + 0.24 * k / len(folds)
         f_forest = forest_on(fold.fit, "cross-validating", lo, lo + 0.24 / len(folds))
         f_prior = cal.class_prior(y[fold.fit], len(CLASSES))
-        f_w = cal.fit_shrink_weight(_proba(f_forest, X[fold.calibration]), y[fold.calibration], f_prior)
-        f_p = cal.shrink_to_prior(_proba(f_forest, X[fold.test]), f_prior, f_w)
+        f_w = cal.fit_shrink_weight(class_proba(f_forest, X[fold.calibration]), y[fold.calibration], f_prior)
+        f_p = cal.shrink_to_prior(class_proba(f_forest, X[fold.test]), f_prior, f_w)
         del f_forest
         f_y = y[fold.test]
         ll, prior_ll = cal.log_loss(f_p, f_y), cal.log_loss(np.tile(f_prior, (len(f_y), 1)), f_y)
@@ -424,7 +424,7 @@ def train(
     _require_all_classes(y[head], "calibration-fit")
     forest_cal = forest_on(head, "calibrating", 0.60, 0.72)
     prior_head = cal.class_prior(y[head], len(CLASSES))
-    cal_raw = np.vstack([raw_calib, _proba(forest_cal, X[test])])
+    cal_raw = np.vstack([raw_calib, class_proba(forest_cal, X[test])])
     cal_y = np.concatenate([y[calib], yt])
     cal_prior = np.vstack([np.tile(prior_fit, (len(raw_calib), 1)), np.tile(prior_head, (len(yt), 1))])
     weight = cal.fit_shrink_weight(cal_raw, cal_y, cal_prior)

@@ -125,7 +125,7 @@ def recorded():
     label = LabelSpec(horizon_bars=12, threshold=0.02)
     fits: list[np.ndarray] = []
     probas: list[np.ndarray] = []
-    real_build, real_fit, real_proba = pipeline.build_dataset, pipeline.fit_forest, pipeline._proba
+    real_build, real_fit, real_proba = pipeline.build_dataset, pipeline.fit_forest, pipeline.class_proba
 
     def build(*args, **kw):
         data = real_build(*args, **kw)
@@ -143,7 +143,7 @@ def recorded():
     mp = pytest.MonkeyPatch()
     mp.setattr(pipeline, "build_dataset", build)
     mp.setattr(pipeline, "fit_forest", fit)
-    mp.setattr(pipeline, "_proba", proba)
+    mp.setattr(pipeline, "class_proba", proba)
     try:
         model = train(frame, label, ForestParams(n_estimators=4, min_samples_leaf=20), n_jobs=1, cv_folds=4,
                       importance_repeats=0)
