@@ -101,8 +101,8 @@ class TrainingClient(ServiceClient):
     """Client of the TrainingService: start, follow and cancel training jobs, list jobs and models.
 
     Zero or None arguments take the service's documented defaults (horizon 24, threshold 0.02, 200 trees, depth 6,
-    25 samples per leaf, uniqueness-sized bootstraps, seed 42); the job's `request` shows the values used. Unary calls get `timeout` seconds
-    (None: no deadline); watching a job has no deadline.
+    25 samples per leaf, uniqueness-sized bootstraps, seed 42); the job's `request` shows the values used. Unary
+    calls get `timeout` seconds (None: no deadline); watching a job has no deadline unless `wait`/`watch` get one.
 
     Example::
 
