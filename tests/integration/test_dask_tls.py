@@ -5,8 +5,6 @@ another CA is refused; and a tcp:// scheduler on another machine is refused at s
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import os
 import re
 import subprocess
@@ -24,6 +22,7 @@ except ImportError:  # a dependency; on CI its absence is an error, not a reason
         raise
     pytest.skip("dask[distributed] is not installed", allow_module_level=True)
 
+from certificates import make_ca
 from mlsignal.v1 import common_pb2, training_pb2, training_pb2_grpc
 from service_fixtures import load_market, train
 from shared.settings import Settings
@@ -31,54 +30,6 @@ from shared.store.migrate import upgrade
 from training_service.executors import DaskExecutor
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def make_ca(root: Path, name: str) -> dict[str, Path]:
-    """A CA and one certificate for 127.0.0.1 and localhost, usable as server and client (PEM files in `root`)."""
-    if os.environ.get("CI", "").lower() != "true":
-        pytest.importorskip("cryptography", reason="the test generates its certificates with `cryptography`")
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = dt.datetime.now(dt.UTC)
-    root.mkdir(parents=True, exist_ok=True)
-
-    def write(path: Path, data: bytes) -> Path:
-        path.write_bytes(data)
-        return path
-
-    def key_pem(key) -> bytes:
-        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-          .not_valid_after(now + dt.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} node")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    return {
-        "ca": write(root / "ca.pem", ca.public_bytes(serialization.Encoding.PEM)),
-        "cert": write(root / "node.pem", cert.public_bytes(serialization.Encoding.PEM)),
-        "key": write(root / "node-key.pem", key_pem(key)),
-    }
 
 
 def security(files: dict[str, Path]) -> distributed.Security:

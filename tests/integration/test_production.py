@@ -6,7 +6,6 @@ Models are tiny (5 trees on 4,000 candles), so the whole file runs in about a mi
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from test_inference_service import candles_of
 
+from certificates import make_ca
 from conftest import PG_USER, _free_port, _pg_bindir, _run, _traversable_by_others
 from mlsignal.client import connect_channel
 from mlsignal.v1 import common_pb2, inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
@@ -124,48 +124,7 @@ def secured(tmp_path_factory, sample_frame):
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory):
     """A CA and a server certificate for 127.0.0.1 and localhost signed by it (PEM files)."""
-    import ipaddress
-
-    if os.environ.get("CI", "").lower() != "true":
-        pytest.importorskip("cryptography", reason="the TLS test generates its certificates with `cryptography`")
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    root = tmp_path_factory.mktemp("tls")
-    now = dt.datetime.now(dt.UTC)
-
-    def pem_key(key):
-        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mlsignal test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-          .not_valid_after(now + dt.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mlsignal-inference")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    files = {"ca": root / "ca.pem", "cert": root / "server.pem", "key": root / "server.key"}
-    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files["key"].write_bytes(pem_key(key))
-    return files
+    return make_ca(tmp_path_factory.mktemp("tls"), "mlsignal")
 
 
 def _spawn(module: str, env: dict, tag: str, stderr_path: Path):
