@@ -1,8 +1,8 @@
 """PredictRequest candles to domain candle batches, and predictions to PredictResponse messages.
 
 Both directions avoid Python work per candle where they can. Reading a request's candles costs an attribute access
-per candle and field, so `request_candles` defers the reading until the service knows which optional columns its
-model uses, and then reads the required fields in one pass. Building one Prediction object per candle costs about
+per candle and field, so `RequestCandles` defers the reading until the batch size has been checked, and then reads
+every field in one pass. Building one Prediction object per candle costs about
 4 µs each, more than the model itself on a large batch, so `predict_response` writes the protobuf wire format of
 the repeated predictions with numpy and lets the C parser build the message (`response_wire`); `response_slow` is
 the plain reference it is tested against, and the faster way for small results.
@@ -80,10 +80,6 @@ class RequestCandles:
 
     def read(self, funding_rate: bool, open_interest: bool) -> CandleBatch:
         return candle_batch(self._candles, funding_rate, open_interest)
-
-
-def request_candles(request: inference_pb2.PredictRequest) -> RequestCandles:
-    return RequestCandles(request.candles)
 
 
 VALUE_COLUMNS = ("open", "high", "low", "close", "volume")
