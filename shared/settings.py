@@ -25,7 +25,8 @@
 | MLSIGNAL_MAX_STREAMS | 10000 | open streams per server (StreamPredict, WatchTrainingJob); more: RESOURCE_EXHAUSTED |
 | MLSIGNAL_LOG_LEVEL | INFO | log level |
 | MLSIGNAL_LOG_FORMAT | text | `text` or `json` (one object per line) |
-| MLSIGNAL_METRICS_PORT | 0 | Prometheus metrics port of this server (0: none); served on the host of its gRPC address |
+| MLSIGNAL_METRICS_PORT | 0 | Prometheus metrics port (0: none); with MLSIGNAL_AUTH_TOKEN a scrape must send the token |
+| MLSIGNAL_METRICS_HOST | 127.0.0.1 | address the metrics port listens on; `0.0.0.0` or `::` for every interface |
 | MLSIGNAL_AUTH_TOKEN | (none) | servers: bearer token every RPC but grpc.health.v1 needs; clients: the token sent |
 | MLSIGNAL_TLS_CERT | (none) | server certificate chain (PEM file); with MLSIGNAL_TLS_KEY the server speaks TLS only |
 | MLSIGNAL_TLS_KEY | (none) | server private key (PEM file) |
@@ -124,6 +125,7 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     auth_token: str | None = field(default=None, repr=False)
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -162,6 +164,7 @@ class Settings:
             log_level=_str("MLSIGNAL_LOG_LEVEL", d.log_level).upper(),
             log_format=_str("MLSIGNAL_LOG_FORMAT", d.log_format).lower(),
             metrics_port=_int("MLSIGNAL_METRICS_PORT", d.metrics_port),
+            metrics_host=_str("MLSIGNAL_METRICS_HOST", d.metrics_host).strip(),
             auth_token=_optional("MLSIGNAL_AUTH_TOKEN"),
             tls_cert=_path("MLSIGNAL_TLS_CERT"),
             tls_key=_path("MLSIGNAL_TLS_KEY"),
@@ -209,6 +212,8 @@ class Settings:
             raise ValueError("MLSIGNAL_LOG_FORMAT must be 'text' or 'json'")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError("MLSIGNAL_METRICS_PORT must be between 0 (no metrics) and 65535")
+        if not self.metrics_host.strip():
+            raise ValueError("MLSIGNAL_METRICS_HOST must be an address, e.g. 127.0.0.1 or 0.0.0.0")
         if self.auth_token is not None:
             check_token(self.auth_token, "MLSIGNAL_AUTH_TOKEN")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -286,7 +286,7 @@ def start_server(address: str, add_servicers: Callable[[grpc.aio.Server], object
 
 
 def listen_host(address: str) -> str:
-    """The host part of a gRPC listen address (`0.0.0.0:50051`, `[::]:50051`); metrics listen on the same host."""
+    """The host part of a gRPC listen address (`0.0.0.0:50051`, `[::]:50051`; loopback for a Unix socket)."""
     if address.startswith("unix:"):
         return "127.0.0.1"
     host = address.rpartition(":")[0].strip("[]")
@@ -295,24 +295,33 @@ def listen_host(address: str) -> str:
 
 def plaintext_token_problem(settings: Settings, address: str) -> str | None:
     """Why a server must not start with these settings on `address`, or None: a bearer token (MLSIGNAL_AUTH_TOKEN)
-    without TLS on an address other machines reach sends every client's token in clear text. Loopback addresses and
-    Unix sockets are fine; MLSIGNAL_ALLOW_PLAINTEXT_TOKEN=1 accepts the risk (e.g. behind a TLS-terminating proxy)."""
+    without TLS on an address other machines reach sends every client's token in clear text, and so does a
+    token-protected metrics endpoint (MLSIGNAL_METRICS_PORT) on such a host (MLSIGNAL_METRICS_HOST): Prometheus
+    sends the token with every scrape. Loopback addresses and Unix sockets are fine; MLSIGNAL_ALLOW_PLAINTEXT_TOKEN=1
+    accepts the risk (e.g. behind a TLS-terminating proxy)."""
     from shared.settings import is_loopback_host
 
     if not settings.auth_token or settings.tls or settings.allow_plaintext_token:
         return None
-    if address.startswith("unix:") or is_loopback_host(listen_host(address)):
-        return None
-    return (f"refusing to serve a bearer token (MLSIGNAL_AUTH_TOKEN) over plaintext on {address}: clients would send "
-            "it unencrypted; set MLSIGNAL_TLS_CERT and MLSIGNAL_TLS_KEY, listen on a loopback address, or set "
-            "MLSIGNAL_ALLOW_PLAINTEXT_TOKEN=1 to accept it")
+    if not (address.startswith("unix:") or is_loopback_host(listen_host(address))):
+        return (f"refusing to serve a bearer token (MLSIGNAL_AUTH_TOKEN) over plaintext on {address}: clients would "
+                "send it unencrypted; set MLSIGNAL_TLS_CERT and MLSIGNAL_TLS_KEY, listen on a loopback address, or "
+                "set MLSIGNAL_ALLOW_PLAINTEXT_TOKEN=1 to accept it")
+    if settings.metrics_port and not is_loopback_host(settings.metrics_host):
+        return (f"refusing to serve metrics that need the bearer token (MLSIGNAL_AUTH_TOKEN) over plaintext HTTP on "
+                f"{settings.metrics_host}:{settings.metrics_port}: Prometheus would send it unencrypted; set "
+                "MLSIGNAL_TLS_CERT and MLSIGNAL_TLS_KEY (the metrics endpoint then speaks HTTPS), set "
+                "MLSIGNAL_METRICS_HOST=127.0.0.1, or set MLSIGNAL_ALLOW_PLAINTEXT_TOKEN=1 to accept it")
+    return None
 
 
 def observability(settings: Settings, service: str,
                   address: str) -> tuple[Metrics | None, list[grpc.aio.ServerInterceptor]]:
-    """(Metrics or None, interceptors) for a server: metrics when MLSIGNAL_METRICS_PORT is set, the bearer-token check
-    when MLSIGNAL_AUTH_TOKEN is set, and the access log always, behind the check that turns undecodable requests into
-    INVALID_ARGUMENT. The metrics endpoint is served at once.
+    """(Metrics or None, interceptors) for a server: metrics when MLSIGNAL_METRICS_PORT is set, and the interceptor
+    that authenticates (MLSIGNAL_AUTH_TOKEN), counts and logs every call, undecodable requests included.
+
+    The metrics endpoint is served at once, on MLSIGNAL_METRICS_HOST (loopback unless configured), behind the bearer
+    token when one is set, and over HTTPS with the server's certificate when TLS is configured.
 
     Refuses (StartupError, after a warning in the log) a token without TLS on a non-loopback address; see
     `plaintext_token_problem`."""
@@ -329,10 +338,13 @@ def observability(settings: Settings, service: str,
         except PackageNotFoundError:  # pragma: no cover - running from a source tree that is not installed
             v = ""
         metrics = Metrics(service, v)
+        tls_files = (settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
+        where = f"{settings.metrics_host}:{settings.metrics_port}"
         try:
-            metrics.serve(listen_host(address), settings.metrics_port)
-        except OSError as exc:
-            raise OSError(f"cannot serve metrics on port {settings.metrics_port}: {exc.strerror or exc}") from None
+            metrics.serve(settings.metrics_host, settings.metrics_port, token=settings.auth_token,
+                          tls_files=tls_files)
+        except OSError as exc:  # the address, or (ssl.SSLError) the certificate
+            raise OSError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None
     from shared.server.status import DecodingInterceptor
 
     return metrics, [DecodingInterceptor(), ServerInterceptor(metrics, settings.auth_token)]

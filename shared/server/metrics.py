@@ -1,17 +1,23 @@
 """Prometheus metrics of one server process: RPC counters and latencies, and each service's own gauges and counters.
 
 Each server process has its own `CollectorRegistry`, so two servers in one process never clash; the registry is
-served over HTTP on MLSIGNAL_METRICS_PORT (0 disables metrics altogether). The RPC metrics follow the usual gRPC names
-(`grpc_server_handled_total` with `grpc_service`, `grpc_method`, `grpc_type`, `grpc_code`), so existing dashboards
-work; `shared.server.interceptors` records them.
+served over HTTP on MLSIGNAL_METRICS_HOST:MLSIGNAL_METRICS_PORT (loopback by default; port 0 disables metrics
+altogether). With a bearer token (MLSIGNAL_AUTH_TOKEN) a scrape must send ``Authorization: Bearer <token>`` or is
+answered 401; with the server's TLS certificate (MLSIGNAL_TLS_CERT/KEY) the endpoint speaks HTTPS. The RPC metrics
+follow the usual gRPC names (`grpc_server_handled_total` with `grpc_service`, `grpc_method`, `grpc_type`,
+`grpc_code`), so existing dashboards work; `shared.server.interceptors` records them.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,12 +27,14 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from shared.errors import one_line
+from shared.server.auth import bearer_token_ok
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +70,41 @@ class Metrics:
             ("grpc_service", "grpc_method"), buckets=LATENCY_BUCKETS, registry=r)
         Gauge("mlsignal_build_info", "Always 1; the labels name the service and the package version.",
               ("service", "version"), registry=r).labels(service, version).set(1)
-        self._httpd: Any = None  # the WSGI server of start_http_server
+        self._httpd: Any = None  # the WSGI server of `serve`
         self._thread: threading.Thread | None = None
         self.port = 0
+        self.address: tuple[str, int] | None = None  # the (host, port) the endpoint is bound to, once serving
 
     def add_callback(self, fn: Callable[[], Iterable[Metric]]) -> None:
         """Register `fn`, which yields metric families computed at scrape time."""
         self.registry.register(_Callback(fn))
 
-    def serve(self, host: str, port: int) -> int:
-        """Serve /metrics on host:port in a background thread; returns the bound port."""
-        self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        self.port = self._httpd.server_address[1]
+    def serve(self, host: str, port: int, *, token: str | None = None,
+              tls_files: tuple[Path, Path] | None = None) -> int:
+        """Serve /metrics on host:port in a background thread; returns the bound port.
+
+        With `token` every request needs ``Authorization: Bearer <token>`` (else 401). With `tls_files`
+        (certificate chain, private key: PEM files) the endpoint speaks HTTPS only."""
+        app = make_wsgi_app(self.registry)
+        if token is not None:
+            app = bearer_protected(app, token)
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                       flags=socket.AI_PASSIVE)[0]
+        server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+        httpd: Any = make_server(str(sockaddr[0]), port, app, server_class, handler_class=_QuietHandler)
+        if tls_files is not None:
+            try:
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                context.load_cert_chain(certfile=str(tls_files[0]), keyfile=str(tls_files[1]))
+                httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+            except BaseException:
+                httpd.server_close()
+                raise
+        self._httpd = httpd
+        self._thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
+        self.address = (str(httpd.server_address[0]), int(httpd.server_address[1]))
+        self.port = self.address[1]
         return self.port
 
     def close(self) -> None:
@@ -81,6 +112,34 @@ class Metrics:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Request handler that writes no line per scrape to stderr."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+#: The answer to a scrape without the bearer token.
+UNAUTHORIZED_BODY = b"authorization: a valid 'Bearer <token>' is required (MLSIGNAL_AUTH_TOKEN)\n"
+
+
+def bearer_protected(app: Callable[..., Any], token: str) -> Callable[..., Any]:
+    """The WSGI `app` behind a bearer-token check: a request without ``Authorization: Bearer <token>`` is answered
+    401 (the comparison takes constant time; see `shared.server.auth.bearer_token_ok`)."""
+    expected = token.encode("ascii")
+
+    def protected(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        if bearer_token_ok([("authorization", header)], expected):
+            return app(environ, start_response)
+        start_response("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
+                                            ("Content-Length", str(len(UNAUTHORIZED_BODY))),
+                                            ("WWW-Authenticate", 'Bearer realm="mlsignal metrics"')])
+        return [UNAUTHORIZED_BODY]
+
+    return protected
 
 
 class _Callback(Collector):

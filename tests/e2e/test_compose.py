@@ -232,6 +232,9 @@ def test_service_ports_match_the_listen_addresses(services):
         metrics = int(environment(service).get("MLSIGNAL_METRICS_PORT", "0"))
         if metrics:
             assert metrics in container_ports(service), f"{name}: metrics port {metrics} is not exposed"
+            metrics_host = environment(service).get("MLSIGNAL_METRICS_HOST", "127.0.0.1")
+            assert metrics_host in ("0.0.0.0", "::"), f"{name}: metrics on {metrics_host} are not reachable from " \
+                "other containers"
 
 
 def test_inference_scales_without_host_port_conflicts(services):
