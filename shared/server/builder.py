@@ -345,6 +345,4 @@ def observability(settings: Settings, service: str,
                           tls_files=tls_files)
         except OSError as exc:  # the address, or (ssl.SSLError) the certificate
             raise OSError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None
-    from shared.server.status import DecodingInterceptor
-
-    return metrics, [DecodingInterceptor(), ServerInterceptor(metrics, settings.auth_token)]
+    return metrics, [ServerInterceptor(metrics, settings.auth_token)]

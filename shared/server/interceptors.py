@@ -1,7 +1,11 @@
 """The one interceptor (asyncio) every handler of a server goes through: the bearer-token check, RPC metrics, and
-access logs.
+access logs, for every call, including one whose request bytes are not a valid message.
 
-- **auth** (with a token configured): see `shared.server.auth`; calls without the token end UNAUTHENTICATED.
+- **decoding**: the handler's request deserializer never raises (`shared.server.status.decoding_checked`), so a call
+  with undecodable bytes is authenticated, counted and logged like any other; when it is let through, it ends
+  INVALID_ARGUMENT (where gRPC alone would answer UNKNOWN without the interceptor seeing the call).
+- **auth** (with a token configured): see `shared.server.auth`; calls without the token end UNAUTHENTICATED, whatever
+  their request bytes.
 - **metrics** (when `Metrics` is given): RPCs started and handled by method and status code, messages received and
   sent on streams, the handling time of each RPC, and for bidirectional streams the time of each message from its
   request arriving to its response leaving.
@@ -25,6 +29,7 @@ import grpc
 
 from shared.server.auth import OPEN_SERVICES, bearer_token_ok, denied
 from shared.server.metrics import Metrics
+from shared.server.status import decoding_checked
 
 ACCESS_LOG = logging.getLogger("mlsignal.access")
 #: Services whose access-log lines are DEBUG rather than INFO (orchestrators poll them every few seconds).
@@ -145,6 +150,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        handler = decoding_checked(handler)  # first, so that no request bytes can end a call before it is counted
         m = self._method(handler_call_details.method, handler)
         if self._token is not None and not m.open and not bearer_token_ok(
                 handler_call_details.invocation_metadata, self._token):

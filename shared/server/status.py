@@ -4,8 +4,8 @@ violations), and the decorator `maps_errors` that applies them to servicer metho
 The table only knows `shared.errors`; database failures reach this module already translated to
 `shared.errors.Unavailable` by the store. Anything else a servicer raises is a bug: the call ends INTERNAL with a
 short error id, and the server logs that id with the traceback (the client never sees a traceback, and never
-UNKNOWN). Request bytes that are not a valid message end INVALID_ARGUMENT (`DecodingInterceptor`), where gRPC
-itself would answer UNKNOWN.
+UNKNOWN). Request bytes that are not a valid message end INVALID_ARGUMENT (`decoding_checked`, which the server
+interceptor applies to every handler), where gRPC itself would answer UNKNOWN.
 """
 
 from __future__ import annotations
@@ -234,7 +234,11 @@ def _stream_request(behavior: Callable[..., Any], stream: bool) -> Callable[...,
 
 def decoding_checked(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """`handler` (asyncio) with a request deserializer that never raises: bytes that are not a valid request message
-    end the call INVALID_ARGUMENT instead of gRPC's UNKNOWN. Blocking handlers are returned unchanged."""
+    end the call INVALID_ARGUMENT instead of gRPC's UNKNOWN. Blocking handlers are returned unchanged.
+
+    Interceptors that wrap the result see every call, undecodable ones included (gRPC would otherwise fail the call
+    while reading the request, before any of them runs), and a handler built on its deserializer (the
+    UNAUTHENTICATED one of `shared.server.auth.denied`) answers without ever decoding."""
     behavior = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
     if handler.request_deserializer is None or not (
             inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
@@ -252,13 +256,3 @@ def decoding_checked(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
                                                     handler.response_serializer)
     return grpc.stream_stream_rpc_method_handler(_stream_request(handler.stream_stream, generator), deserialize,
                                                  handler.response_serializer)
-
-
-class DecodingInterceptor(grpc.aio.ServerInterceptor):
-    """Applies `decoding_checked` to every handler. It must come first among a server's interceptors, so that it
-    also covers the handlers the others substitute (the UNAUTHENTICATED one decodes the request too)."""
-
-    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
-                                handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        return None if handler is None else decoding_checked(handler)

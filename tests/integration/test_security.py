@@ -1,6 +1,7 @@
 """Security rules end to end: a bearer token only travels over TLS or to this machine (Python and Node.js clients),
-a server refuses to serve a token in plaintext on the network, out-of-range times are INVALID_ARGUMENT naming the
-field, and error messages do not show server paths.
+a server refuses to serve a token in plaintext on the network, a request whose bytes are not a message is
+authenticated, counted and logged like any other, out-of-range times are INVALID_ARGUMENT naming the field, and error
+messages do not show server paths.
 
 Servers are in-process on 127.0.0.1:0 over their own SQLite database, except where process behaviour (exit status,
 stderr) is the point.
@@ -8,10 +9,12 @@ stderr) is the point.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -22,6 +25,7 @@ from test_model_store_faults import BTC, Registry
 from test_model_store_faults import predict as predict_btc
 from test_production import _env, tls_files  # noqa: F401 - the module fixture with a test CA
 
+from conftest import _free_port
 from mlsignal import client as mc
 from mlsignal.client.channel import is_local_target
 from mlsignal.v1 import inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
@@ -181,6 +185,66 @@ def test_a_server_refuses_a_plaintext_token_on_the_network(tmp_path):
     finally:
         proc2.terminate()
         proc2.wait(30)
+
+
+UNDECODABLE = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, length-delimited, longer than the message: never decodes
+
+
+def test_an_undecodable_request_is_authenticated_counted_and_logged(secured, caplog):
+    """Garbage bytes without the token are UNAUTHENTICATED (not INVALID_ARGUMENT, which would tell a caller without
+    the token how the server parses); with the token INVALID_ARGUMENT. Either way the call is counted in the RPC
+    metrics and has its access-log line, for a unary, a server-streaming and a bidirectional method."""
+    from inference_service.server import start as start_inference
+    from training_service.server import start as start_training
+
+    settings, _training, _inference = secured
+    settings = replace(settings, metrics_port=_free_port())
+    training = start_training(settings, "127.0.0.1:0")
+    inference = start_inference(replace(settings, metrics_port=_free_port()), "127.0.0.1:0")
+    caplog.set_level(logging.INFO, logger="mlsignal.access")
+    cases = [(inference, "mlsignal.v1.InferenceService", "Predict", "unary_unary"),
+             (inference, "mlsignal.v1.InferenceService", "StreamPredict", "stream_stream"),
+             (training, "mlsignal.v1.TrainingService", "WatchTrainingJob", "unary_stream"),
+             (training, "mlsignal.v1.TrainingService", "GetTrainingJob", "unary_unary")]
+    try:
+        for running, service, method, shape in cases:
+            registry = running.handle.metrics.registry
+
+            def handled(code: str, service=service, method=method, registry=registry) -> float:
+                return registry.get_sample_value("grpc_server_handled_total", {
+                    "grpc_service": service, "grpc_method": method, "grpc_code": code,
+                    "grpc_type": "bidi_stream" if method == "StreamPredict" else
+                    "server_stream" if method == "WatchTrainingJob" else "unary"}) or 0.0
+
+            before = {code: handled(code) for code in ("UNAUTHENTICATED", "INVALID_ARGUMENT")}
+            with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                call = getattr(channel, shape)(f"/{service}/{method}")
+                for metadata, expected in ((None, grpc.StatusCode.UNAUTHENTICATED),
+                                           ([("authorization", "Bearer wrong")], grpc.StatusCode.UNAUTHENTICATED),
+                                           ([("authorization", f"Bearer {TOKEN}")],
+                                            grpc.StatusCode.INVALID_ARGUMENT)):
+                    request = iter([UNDECODABLE]) if shape.startswith("stream") else UNDECODABLE
+                    with pytest.raises(grpc.RpcError) as err:
+                        answer = call(request, timeout=10, metadata=metadata)
+                        if shape.endswith("stream"):
+                            list(answer)
+                    assert err.value.code() == expected, (method, metadata, err.value)
+
+            def counted(method=method, service=service, handled=handled, before=before) -> tuple:
+                logged = [r.status for r in caplog.records
+                          if r.name == "mlsignal.access" and r.method == f"/{service}/{method}"]
+                return (handled("UNAUTHENTICATED") - before["UNAUTHENTICATED"],
+                        handled("INVALID_ARGUMENT") - before["INVALID_ARGUMENT"],
+                        logged.count("UNAUTHENTICATED"), logged.count("INVALID_ARGUMENT"))
+
+            # an aborted call's status reaches the client before the server has finished its bookkeeping
+            deadline = time.monotonic() + 10
+            while counted() != (2, 1, 2, 1) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert counted() == (2, 1, 2, 1), (method, counted())
+    finally:
+        inference.stop(0.5)
+        training.stop(0.5)
 
 
 def _bad_request_fields(err: grpc.RpcError) -> list[str]:
