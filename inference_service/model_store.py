@@ -14,9 +14,15 @@ ONNX Runtime rejects it) is refused: the reason is logged once, the model that s
 every other market goes on as before (a SERVING model refused on a cold load answers DATA_LOSS). A refused model
 is tried again when its registry row or its file changes (a restored file is served again without a restart).
 
-Cache: each market asked for keeps its serving model in memory, up to `cache_size` markets (then the least
-recently used is dropped, and reloaded and re-verified on its next use); pinned models have a cache of the same
-size. Set the size above the number of markets clients follow.
+Watching the registry costs one read per poll whatever the size of the fleet: the registry keeps a version that
+every change bumps (`registry.version`), and only the markets changed since the last poll are read again. A refused
+model is the exception: its row and file are looked at on every poll, so a fix is noticed (there are few of them).
+
+Cache: by default (`cache_size` 0) every market asked for keeps its serving model in memory; a positive size keeps
+that many markets (the least recently used is dropped, and reloaded and re-verified in a worker thread on its next
+use). Pinned models are kept up to `cache_size`, or `PINNED_CACHE` when the serving cache is unbounded.
+
+Nothing here is called on the event loop except `in_memory`, which never touches the database or the disk.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ _LOAD_STRIPES = 64
 # At most one warning per this many seconds that the cache is evicting models still in use.
 _EVICTION_WARNING_SECONDS = 60.0
 _REASON_CHARS = 300
+#: Pinned models kept in memory when the serving cache is unbounded.
+PINNED_CACHE = 1024
 
 
 @dataclass(frozen=True)
@@ -91,17 +99,27 @@ def client_reason(text: str, model_dir: Path) -> str:
 
 
 @dataclass(frozen=True)
+class Resolved:
+    """The model that answers a request and the candles of history a stream of its market keeps."""
+
+    model: LoadedModel
+    keep: int
+
+
+@dataclass(frozen=True)
 class _Refusal:
     row: str  # the registry row's fingerprint when the model was refused
     file: tuple[int, int, int] | None  # (inode, size, mtime_ns) of its file then; None when it was not there
     reason: str  # for clients: no server paths
+    market: tuple[str, str]
 
 
 class ModelStore:
-    def __init__(self, engine: sa.Engine, model_dir: Path, cache_size: int = 1024, poll_seconds: float = 2.0) -> None:
+    def __init__(self, engine: sa.Engine, model_dir: Path, cache_size: int = 0, poll_seconds: float = 2.0) -> None:
         self.engine = engine
         self.model_dir = Path(model_dir)
-        self.cache_size = cache_size
+        self.cache_size = cache_size  # 0: unbounded
+        self.pinned_cache_size = cache_size or PINNED_CACHE
         self.poll_seconds = poll_seconds
         self._lock = threading.Lock()
         self._serving: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()  # LRU over keys
@@ -114,6 +132,10 @@ class ModelStore:
         self._evicted_warning_at = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Registry versions: every change up to `_seen` has been applied to what is cached; `_floor` is the oldest
+        # version a model cached since the last poll was read at (changes after it must be looked at again).
+        self._seen: int | None = None
+        self._floor: int | None = None
 
     # -- serving -----------------------------------------------------------------------------------------
     def current(self, symbol: str, timeframe: str) -> LoadedModel:
@@ -126,7 +148,14 @@ class ModelStore:
             model = self._cached(key)  # another call may have loaded it while this one waited
             if model is not None:
                 return model
-            return self._keep_serving(key, self._load_serving(symbol, timeframe))
+            as_of = registry.version(self.engine)  # read before the row: the poll looks again at changes after it
+            model = self._load_serving(symbol, timeframe)
+            self._note_read_at(as_of)
+            return self._keep_serving(key, model)
+
+    def _note_read_at(self, as_of: int) -> None:
+        with self._lock:
+            self._floor = as_of if self._floor is None else min(self._floor, as_of)
 
     def _cached(self, key: tuple[str, str]) -> LoadedModel | None:
         with self._lock:
@@ -149,7 +178,7 @@ class ModelStore:
             self._last_used[key] = now
             self._warmup[key] = max(self._warmup.get(key, 0), model.record.warmup_bars)
             evicted_in_use = 0
-            while len(self._serving) > self.cache_size:
+            while self.cache_size and len(self._serving) > self.cache_size:
                 old_key, _ = self._serving.popitem(last=False)
                 if now - self._last_used.pop(old_key, 0.0) < self.poll_seconds * 5:
                     evicted_in_use += 1
@@ -186,11 +215,15 @@ class ModelStore:
         refusal = self._still_refused(row)
         if refusal is not None:
             raise DataLoss(refusal.reason, field="model_id")
+        as_of = registry.version(self.engine)
+        self._warmup_of(symbol, timeframe)  # a stream pinned to this model then keeps its history without a query
         model = self._load_row(row)
+        self._note_read_at(as_of)
         with self._lock:
+            self._warmup[(symbol, timeframe)] = max(self._warmup.get((symbol, timeframe), 0), model.record.warmup_bars)
             self._pinned[model_id] = model
             self._pinned.move_to_end(model_id)
-            while len(self._pinned) > self.cache_size:
+            while len(self._pinned) > self.pinned_cache_size:
                 self._pinned.popitem(last=False)
         return model
 
@@ -213,6 +246,11 @@ class ModelStore:
             cached = self._warmup.get(key)
         if cached is not None:
             return cached
+        return self._warmup_of(symbol, timeframe)
+
+    def _warmup_of(self, symbol: str, timeframe: str) -> int:
+        """Read and remember a market's largest warm-up (a market without models is not remembered)."""
+        key = (symbol, timeframe)
         found = registry.market_models(self.engine, symbol, timeframe, limit=0).max_warmup_bars
         with self._lock:
             model = self._serving.get(key)
@@ -226,16 +264,38 @@ class ModelStore:
         with self._lock:
             return [("serving", m) for m in self._serving.values()] + [("pinned", m) for m in self._pinned.values()]
 
-    def is_loaded(self, symbol: str, timeframe: str, model_id: str = "") -> bool:
-        """Whether the model that would answer (pinned by `model_id`, else the serving one) is in memory already,
-        so answering needs neither the database nor the disk. Constant time."""
+    def in_memory(self, symbol: str, timeframe: str, model_id: str = "") -> Resolved | None:
+        """The model that would answer (pinned by `model_id`, else the serving one) and the history a stream keeps,
+        when both are in memory; else None. Never touches the database or the disk, so the event loop may call it;
+        the model returned stays usable even if the cache drops it right after."""
+        key = (symbol, timeframe)
         with self._lock:
+            keep = self._warmup.get(key)
+            if keep is None:
+                return None
             if model_id:
-                if model_id in self._pinned:
-                    return True
-                model = self._serving.get((symbol, timeframe))
-                return model is not None and model.model_id == model_id
-            return (symbol, timeframe) in self._serving
+                model = self._pinned.get(model_id)
+                if model is not None:
+                    self._pinned.move_to_end(model_id)
+                else:
+                    model = self._serving.get(key)
+                    if model is not None and model.model_id != model_id:
+                        model = None
+            else:
+                model = self._serving.get(key)
+                if model is not None:
+                    self._serving.move_to_end(key)
+                    self._last_used[key] = time.monotonic()
+        if model is None:
+            return None
+        if model_id:
+            self._check_key(model_id, model.record.symbol, model.record.timeframe, symbol, timeframe)
+        return Resolved(model, max(keep, model.record.warmup_bars, 1))
+
+    def resolve(self, symbol: str, timeframe: str, model_id: str = "") -> Resolved:
+        """Like `in_memory`, but loads what is missing (may read the database and the disk: call it in a thread)."""
+        model = self.pinned(model_id, symbol, timeframe) if model_id else self.current(symbol, timeframe)
+        return Resolved(model, max(self.max_warmup_bars(symbol, timeframe), model.record.warmup_bars, 1))
 
     @property
     def loads(self) -> int:
@@ -292,7 +352,7 @@ class ModelStore:
     def _refuse(self, row: ModelRow, file: tuple[int, int, int] | None, detail: str,
                 serving: LoadedModel | None) -> DataLoss:
         """Remember and log (once) why a model is refused; the DataLoss to raise, without server paths."""
-        refusal = _Refusal(row.fingerprint, file, client_reason(detail, self.model_dir))
+        refusal = _Refusal(row.fingerprint, file, client_reason(detail, self.model_dir), (row.symbol, row.timeframe))
         with self._lock:
             self._refused[row.model_id] = refusal
         keeps = f"; {serving.model_id} keeps serving" if serving is not None else ""
@@ -318,36 +378,70 @@ class ModelStore:
 
     # -- hot reload --------------------------------------------------------------------------------------
     def refresh(self) -> list[str]:
-        """Swap in the SERVING model of every key being served where it changed; returns the ids swapped in.
+        """Swap in the SERVING model of every cached market where it changed; returns the ids swapped in.
 
-        A model that cannot be used is refused (logged once) and the one serving keeps serving; the other markets
-        are checked all the same. Also refreshes the largest warm-up of every market it remembers.
+        One read of the registry's version when nothing changed; otherwise only the markets changed since the last
+        poll (and those of refused models whose row or file changed) are read again. A model that cannot be used is
+        refused (logged once) and the one serving keeps serving; the other markets are checked all the same. Also
+        refreshes the largest warm-up of the markets it remembers.
         """
         with self._lock:
-            serving = dict(self._serving)
-            others = [key for key in self._warmup if key not in serving]
-        swapped: list[str] = []
+            floor, self._floor = self._floor, None
         try:
-            for key, model in serving.items():
-                try:
-                    fresh = self._refresh_key(key, model)
-                except (Unavailable, sa.exc.SQLAlchemyError):
-                    raise
-                except Exception:  # an unexpected fault in one market must not stop the others
-                    log.exception("checking the registry for the serving %s %s model failed", *key)
-                    continue
-                if fresh is not None:
-                    swapped.append(fresh.model_id)
-            for key in others:
+            now = registry.version(self.engine)
+            with self._lock:
+                serving = dict(self._serving)
+                known = set(serving) | set(self._warmup)
+            if self._seen is None:
+                due = known
+            else:
+                after = self._seen if floor is None else min(self._seen, floor)
+                due = registry.changed_markets(self.engine, after, now) & known if now > after else set()
+            due |= self._markets_of_changed_refusals() & known
+            swapped = self._refresh_markets(due, serving)
+            self._seen = now
+        except (Unavailable, sa.exc.SQLAlchemyError) as exc:  # keep serving what is loaded; the next poll retries
+            with self._lock:
+                if floor is not None:
+                    self._floor = floor if self._floor is None else min(floor, self._floor)
+            log.warning("checking the registry for newer models failed: %s", one_line(exc))
+            return []
+        return swapped
+
+    def _refresh_markets(self, keys: set[tuple[str, str]], serving: dict[tuple[str, str], LoadedModel]) -> list[str]:
+        swapped: list[str] = []
+        for key in sorted(keys):
+            model = serving.get(key)
+            if model is None:  # remembered for its warm-up only
                 found = registry.market_models(self.engine, *key, limit=0).max_warmup_bars
                 with self._lock:
                     if found:
                         self._warmup[key] = found
                     else:
                         self._warmup.pop(key, None)
-        except (Unavailable, sa.exc.SQLAlchemyError) as exc:  # keep serving what is loaded; the next poll retries
-            log.warning("checking the registry for newer models failed: %s", one_line(exc))
+                continue
+            try:
+                fresh = self._refresh_key(key, model)
+            except (Unavailable, sa.exc.SQLAlchemyError):
+                raise
+            except Exception:  # an unexpected fault in one market must not stop the others
+                log.exception("checking the registry for the serving %s %s model failed", *key)
+                continue
+            if fresh is not None:
+                swapped.append(fresh.model_id)
         return swapped
+
+    def _markets_of_changed_refusals(self) -> set[tuple[str, str]]:
+        """Markets of refused models whose registry row or file changed since the refusal (one read by primary key
+        and one stat per refused model)."""
+        with self._lock:
+            refused = dict(self._refused)
+        markets = set()
+        for model_id, refusal in refused.items():
+            row = registry.model_row(self.engine, model_id)
+            if row is None or row.fingerprint != refusal.row or self._file_signature(row.artifact) != refusal.file:
+                markets.add(refusal.market)
+        return markets
 
     def _refresh_key(self, key: tuple[str, str], model: LoadedModel) -> LoadedModel | None:
         symbol, timeframe = key

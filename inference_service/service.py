@@ -1,8 +1,13 @@
 """The inference service's logic behind the gRPC layer: which model answers, and stateless predictions.
 
-Every check runs in the same order for every request: the key (symbol and timeframe), then the model (NOT_FOUND or
-DATA_LOSS), then the batch size, then each candle, then the optional columns the model needs. (The gRPC layer checks
-the batch size once more before it converts a request at all: `converters.batch_from_request`.)
+Predict checks in this order: the key (symbol and timeframe), then the model (NOT_FOUND or DATA_LOSS), then the batch
+size, then each candle, then the optional columns the model needs. (The gRPC layer checks the batch size once more
+before it converts a request at all: `converters.batch_from_request`.) A stream checks its candles before the model,
+because a valid candle joins the stream's history whatever happens to its prediction (`stream_session`).
+
+Every call that may need a model takes an optional `Resolved`: the model found in memory by the event loop
+(`ModelStore.in_memory`), used as it is. Without one, the model is looked up and loaded, which may read the database
+and the disk, so those calls run in a worker thread.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from inference_service.domain import CandleBatch, CandleSource, Predictions, is_columnar
-from inference_service.model_store import LoadedModel, ModelStore
+from inference_service.model_store import LoadedModel, ModelStore, Resolved
 from inference_service.predictor import predict_window, read_candles, require_optional_columns, validate
 from shared.errors import InvalidArgument
 from shared.store.registry import ModelRecord
@@ -44,23 +49,22 @@ class InferenceService:
         self.on_predicted = on_predicted
         self.on_served = on_served
 
-    def model(self, symbol: str, timeframe: str, model_id: str = "") -> LoadedModel:
-        """The model that answers for a validated key: the one pinned by model_id, else the one serving now."""
-        if model_id:
-            return self.store.pinned(model_id, symbol, timeframe)
-        return self.store.current(symbol, timeframe)
+    def resolve(self, symbol: str, timeframe: str, model_id: str = "", found: Resolved | None = None) -> Resolved:
+        """The model that answers for a validated key (the one pinned by model_id, else the one serving now) and the
+        history a stream keeps: `found` when given, else looked up (blocking)."""
+        return found if found is not None else self.store.resolve(symbol, timeframe, model_id)
 
-    def serving_model(self, symbol: str, timeframe: str) -> ModelRecord:
+    def serving_model(self, symbol: str, timeframe: str, found: Resolved | None = None) -> ModelRecord:
         """The record of the model serving a key now (loaded and verified on first use)."""
         validate_key(symbol, timeframe)
-        return self.store.current(symbol, timeframe).record
+        return self.resolve(symbol, timeframe, "", found).model.record
 
     def predict(
-        self, symbol: str, timeframe: str, model_id: str, candles: CandleSource
+        self, symbol: str, timeframe: str, model_id: str, candles: CandleSource, found: Resolved | None = None
     ) -> tuple[LoadedModel, Predictions]:
         """Stateless prediction: every candle's history is the candles before it in the same batch."""
         tf_ms = validate_key(symbol, timeframe)
-        model = self.model(symbol, timeframe, model_id)
+        model = self.resolve(symbol, timeframe, model_id, found).model
         columnar = is_columnar(candles)
         batch = read_candles(model, candles, self.max_batch)
         validate(batch, tf_ms, columnar=columnar)

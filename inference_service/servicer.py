@@ -1,22 +1,23 @@
 """gRPC InferenceService: converts messages and maps errors; the logic is in service.py and stream_session.py.
 
-`InferenceServicer` is what the server runs (asyncio). Predictions are short CPU work, so a small request whose
-model is already in memory is answered inline on the event loop; a large batch (more than `INLINE_CANDLES`
-candles), or one whose model must first be read from the registry and disk, runs in a worker thread so the loop
-keeps serving every other call meanwhile. `BlockingInferenceServicer` answers the same way for a thread-pool
-`grpc.server`.
+The server runs on asyncio. Predictions are short CPU work, so a small request whose model is already in memory is
+answered inline on the event loop, with the very model found there (`ModelStore.in_memory`: no gap between the check
+and the use in which an eviction or a swap could make the loop load a model). A large batch (more than
+`INLINE_CANDLES` candles), or one whose model must first be read from the registry and disk, runs in a worker thread
+so the loop keeps serving every other call meanwhile. Nothing that can reach the database, the disk or a model load
+runs on the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 
 from inference_service import converters
 from inference_service.live_scores import LivePerformance, live_performance
-from inference_service.model_store import ModelStore
+from inference_service.model_store import ModelStore, Resolved
 from inference_service.service import InferenceService, OnPredicted, OnServed
 from inference_service.stream_session import StreamSession
 from mlsignal.v1 import common_pb2, inference_pb2, inference_pb2_grpc
@@ -42,32 +43,39 @@ class Answers:
         self.store = store
         self.service = InferenceService(store, max_batch, on_predicted, on_served)
 
-    def predict(self, request: inference_pb2.PredictRequest) -> inference_pb2.PredictResponse:
+    def predict(self, request: inference_pb2.PredictRequest,
+                found: Resolved | None = None) -> inference_pb2.PredictResponse:
         candles = converters.batch_from_request(request, self.service.max_batch)
-        model, predictions = self.service.predict(request.symbol, request.timeframe, request.model_id, candles)
+        model, predictions = self.service.predict(request.symbol, request.timeframe, request.model_id, candles,
+                                                  found)
         return converters.response_for(request, model.model_id, predictions)
 
-    def stream_step(self, session: StreamSession,
-                    request: inference_pb2.PredictRequest) -> inference_pb2.PredictResponse:
-        """Answer one stream message. A domain error answers that message with `error` set and no predictions; the
-        session is left as it was, so the stream goes on. Only unexpected errors (bugs) propagate."""
+    def stream_step(self, session: StreamSession, request: inference_pb2.PredictRequest,
+                    found: Resolved | None = None) -> inference_pb2.PredictResponse:
+        """Answer one stream message. A domain error answers that message with `error` set and no predictions, and
+        the stream goes on (see `StreamSession.step` for what it keeps). Only unexpected errors (bugs) propagate."""
         try:
             candles = converters.batch_from_request(request, self.service.max_batch)
-            model, predictions = session.step(request.symbol, request.timeframe, request.model_id, candles)
+            model, predictions = session.step(request.symbol, request.timeframe, request.model_id, candles, found)
         except MlsignalError as exc:
             return inference_pb2.PredictResponse(error=status_proto(exc))
         return converters.response_for(request, model.model_id, predictions)
 
-    def get_model(self, request: inference_pb2.GetModelRequest) -> common_pb2.ModelInfo:
-        return model_info(self.service.serving_model(request.symbol, request.timeframe))
+    def get_model(self, request: inference_pb2.GetModelRequest,
+                  found: Resolved | None = None) -> common_pb2.ModelInfo:
+        return model_info(self.service.serving_model(request.symbol, request.timeframe, found))
 
     def get_live_performance(self, request: inference_pb2.GetLivePerformanceRequest) -> inference_pb2.LivePerformance:
         perf = live_performance(self.store, request.symbol, request.timeframe, request.model_id)
         return live_performance_message(perf)
 
-    def in_memory(self, symbol: str, timeframe: str, model_id: str) -> bool:
-        """Whether the model that would answer is loaded already, so answering needs neither database nor disk."""
-        return self.store.is_loaded(symbol, timeframe, model_id)
+    def in_memory(self, symbol: str, timeframe: str, model_id: str) -> Resolved | None:
+        """The model that would answer, when it is in memory (answering then needs neither database nor disk).
+        A malformed pin (a model of another market) found in memory raises InvalidArgument."""
+        try:
+            return self.store.in_memory(symbol, timeframe, model_id)
+        except MlsignalError:
+            return None  # the worker thread answers with the error, in the one place errors are answered
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -78,15 +86,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.answers = Answers(store, max_batch, on_predicted, on_served)
         self.streams = StreamLimit(max_streams, "StreamPredict")
 
-    def _inline(self, request: inference_pb2.PredictRequest, symbol: str, timeframe: str, model_id: str) -> bool:
-        return candle_count(request) <= INLINE_CANDLES and self.answers.in_memory(symbol, timeframe, model_id)
+    def _inline(self, request: inference_pb2.PredictRequest, symbol: str, timeframe: str,
+                model_id: str) -> Resolved | None:
+        """The model to answer with on the event loop, or None: answer in a worker thread."""
+        if candle_count(request) > INLINE_CANDLES:
+            return None
+        return self.answers.in_memory(symbol, timeframe, model_id)
 
     @maps_errors
     async def Predict(
         self, request: inference_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.PredictResponse:
-        if self._inline(request, request.symbol, request.timeframe, request.model_id):
-            return self.answers.predict(request)
+        found = self._inline(request, request.symbol, request.timeframe, request.model_id)
+        if found is not None:
+            return self.answers.predict(request, found)
         return await asyncio.to_thread(self.answers.predict, request)
 
     @maps_errors
@@ -103,8 +116,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 symbol = session.symbol or request.symbol
                 timeframe = session.timeframe or request.timeframe
                 model_id = request.model_id or session.model_id
-                if self._inline(request, symbol, timeframe, model_id):
-                    yield self.answers.stream_step(session, request)
+                found = self._inline(request, symbol, timeframe, model_id)
+                if found is not None:
+                    yield self.answers.stream_step(session, request, found)
                 else:
                     yield await asyncio.to_thread(self.answers.stream_step, session, request)
 
@@ -112,8 +126,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GetModel(
         self, request: inference_pb2.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.ModelInfo:
-        if self.answers.in_memory(request.symbol, request.timeframe, ""):
-            return self.answers.get_model(request)
+        found = self.answers.in_memory(request.symbol, request.timeframe, "")
+        if found is not None:
+            return self.answers.get_model(request, found)
         return await asyncio.to_thread(self.answers.get_model, request)
 
     @maps_errors
@@ -122,37 +137,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> inference_pb2.LivePerformance:
         """Reads the scores from the database, so it always runs in a worker thread."""
         return await asyncio.to_thread(self.answers.get_live_performance, request)
-
-
-class BlockingInferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    """The same InferenceService for a thread-pool `grpc.server` (each open stream holds one of its threads)."""
-
-    def __init__(self, store: ModelStore, max_batch: int, on_predicted: OnPredicted | None = None,
-                 on_served: OnServed | None = None) -> None:
-        self.answers = Answers(store, max_batch, on_predicted, on_served)
-
-    @maps_errors
-    def Predict(
-        self, request: inference_pb2.PredictRequest, context: grpc.ServicerContext
-    ) -> inference_pb2.PredictResponse:
-        return self.answers.predict(request)
-
-    @maps_errors
-    def StreamPredict(
-        self, request_iterator: Iterator[inference_pb2.PredictRequest], context: grpc.ServicerContext
-    ) -> Iterator[inference_pb2.PredictResponse]:
-        session = StreamSession(self.answers.service)
-        for request in request_iterator:
-            yield self.answers.stream_step(session, request)
-
-    @maps_errors
-    def GetModel(self, request: inference_pb2.GetModelRequest, context: grpc.ServicerContext) -> common_pb2.ModelInfo:
-        return self.answers.get_model(request)
-
-    @maps_errors
-    def GetLivePerformance(self, request: inference_pb2.GetLivePerformanceRequest,
-                           context: grpc.ServicerContext) -> inference_pb2.LivePerformance:
-        return self.answers.get_live_performance(request)
 
 
 def live_performance_message(perf: LivePerformance) -> inference_pb2.LivePerformance:

@@ -9,8 +9,11 @@ open interest included) and at least as many candles as the longest warm-up of a
 (`ModelStore.max_warmup_bars`). After a swap to a model with other columns or a longer warm-up, the stream answers
 exactly what one Predict with that model over the same candles answers.
 
-A message is checked in full (key, model, size, every candle, times against the history) before anything changes;
-a message that fails leaves the stream as if it had not been sent, and the next message goes on from there.
+A message is checked in full (key, size, every candle, times against the history, a pinned model's market) before
+anything changes; a refused message (INVALID_ARGUMENT) leaves the stream as if it had not been sent. A valid candle
+always joins the history, even when its prediction fails for a reason that is not the candle's fault (no model yet,
+the database unreachable, a model that needs funding rate or open interest the history lacks): the message is
+answered with that error, and the stream recovers by itself once the cause is gone, without a reconnect.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ from __future__ import annotations
 import numpy as np
 
 from inference_service.domain import CandleBatch, CandleSource, Predictions, candles_field, is_columnar
-from inference_service.model_store import LoadedModel
+from inference_service.model_store import LoadedModel, Resolved
 from inference_service.predictor import check_batch_size, predict_window, require_optional_columns, validate
 from inference_service.service import InferenceService, validate_key
-from shared.errors import InvalidArgument
+from shared.errors import InvalidArgument, MlsignalError
+from shared.features import FeatureSpec
 
 # Spare rows a history holds beyond what it must keep, so that it moves its rows only once every SLACK messages.
 MIN_SLACK = 32
+# Candles a stream keeps while no model tells it how many it needs: the default feature set's warm-up.
+DEFAULT_KEEP = FeatureSpec().warmup_bars
 
 
 class History:
@@ -102,6 +108,7 @@ class StreamSession:
         self.timeframe = ""
         self.timeframe_ms = 0
         self.model_id = ""  # the pinned model, or "" for the serving one
+        self.keep = 0  # candles of history to keep, from the last model that answered (0: none yet)
         self.history: History | None = None
 
     @property
@@ -114,18 +121,15 @@ class StreamSession:
         """Bytes of candle history this stream holds."""
         return self.history.nbytes if self.history is not None else 0
 
-    def _keep(self, symbol: str, timeframe: str, model: LoadedModel) -> int:
-        """Candles of history to keep: the longest warm-up of any model that could answer this stream."""
-        return max(self.service.store.max_warmup_bars(symbol, timeframe), model.record.warmup_bars, 1)
-
     def step(
-        self, symbol: str, timeframe: str, model_id: str, candles: CandleSource
+        self, symbol: str, timeframe: str, model_id: str, candles: CandleSource, found: Resolved | None = None
     ) -> tuple[LoadedModel, Predictions]:
         """Handle one message: validate it in full, merge it into the history, predict the message's candles.
 
         Empty symbol, timeframe and model_id mean "as before". A candle whose open time equals the history's last
-        replaces it (a still-forming candle); every other candle must be later. Any error leaves the stream as it
-        was before the message.
+        replaces it (a still-forming candle); every other candle must be later. `found` is the model the event loop
+        found in memory; without it the model is looked up (which may block). A refused message (INVALID_ARGUMENT)
+        leaves the stream as it was; after any other error the message's candles are part of the history.
         """
         # 1. The whole message is checked; nothing of the stream changes here.
         if not self.symbol:
@@ -144,43 +148,45 @@ class StreamSession:
                     f"timeframe: this stream is for {self.timeframe}, a message may not switch to {timeframe}",
                     field="timeframe")
             symbol, timeframe, timeframe_ms = self.symbol, self.timeframe, self.timeframe_ms
-        pin = model_id or self.model_id
-        model = self.service.model(symbol, timeframe, pin)
         columnar = is_columnar(candles)
         check_batch_size(len(candles), self.service.max_batch, candles_field(columnar))
         new = candles.read(True, True)  # every column: kept for whichever model answers later
         history = self.history
         last = history.last_ms() if history is not None else None
         validate(new, timeframe_ms, previous_ms=last, columnar=columnar)
-        require_optional_columns(model, new, columnar)
+        pin = model_id or self.model_id
+        resolved: Resolved | None = None
+        failure: MlsignalError | None = None
+        try:
+            resolved = self.service.resolve(symbol, timeframe, pin, found)
+        except InvalidArgument:  # a pinned model of another market: the message is refused
+            raise
+        except MlsignalError as exc:  # not the candles' fault: they join the history all the same
+            failure = exc
 
-        # 2. Room for the new candles: rows may move, but the stream still holds the same candles.
+        # 2. The candles join the history: rows may move, but the stream still holds the same candles.
+        keep = resolved.keep if resolved is not None else max(self.keep, DEFAULT_KEEP)
         n = len(new)
         if history is None:
-            keep = self._keep(symbol, timeframe, model)
             history = History(max(keep + max(MIN_SLACK, keep // 4), n + 1))
         elif history.size + n > history.capacity:
-            # + 1: this message may replace the last candle
-            history.make_room(n, self._keep(symbol, timeframe, model) + 1)
+            history.make_room(n, keep + 1)  # + 1: this message may replace the last candle
         replaces = last is not None and int(new.open_time_ms[0]) == last
         base = history.size - 1 if replaces else history.size
-
-        # 3. Predict over the history and the new candles; a failure restores the one row it overwrote.
-        saved = (int(history.times[base]), history.values[:, base].copy()) if replaces else None
         history.write(base, new)
-        try:
-            predictions = predict_window(model, history.window(base + n), base)
-        except BaseException:
-            if saved is not None:
-                history.times[base], history.values[:, base] = saved
-            raise
-
-        # 4. Commit.
         history.size = base + n
         self.history = history
         if not self.symbol:
             self.symbol, self.timeframe, self.timeframe_ms = symbol, timeframe, timeframe_ms
-        self.model_id = pin
+        if failure is not None or resolved is None:
+            assert failure is not None
+            raise failure
+        self.keep, self.model_id = resolved.keep, pin
+
+        # 3. Predict the message's candles over the history.
+        model = resolved.model
+        require_optional_columns(model, new, columnar)
+        predictions = predict_window(model, history.window(base + n), base)
         self.service.predicted(model, n)
         self.service.served(model, predictions, new)
         return model, predictions

@@ -111,8 +111,20 @@ model_stage_changes = sa.Table(
     sa.Column("stage", sa.String(16), nullable=False),
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("changed_at", sa.BigInteger, nullable=False),
+    # The registry version this change bumped to (`registry_version`); NULL for changes older than migration 0004.
+    sa.Column("version", sa.BigInteger, nullable=True),
     sa.Index("ix_model_stage_changes_key", "symbol", "timeframe", "changed_at"),
     sa.Index("ix_model_stage_changes_model", "model_id"),
+    sa.Index("ix_model_stage_changes_version", "version"),
+)
+
+# One row (id 1): a counter that every registry change bumps inside its own transaction. On PostgreSQL the row lock
+# orders the bumps as the commits, so a reader that sees version V sees every change up to V.
+registry_version = sa.Table(
+    "registry_version",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
 )
 
 

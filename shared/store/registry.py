@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
@@ -27,6 +27,7 @@ from shared.labels import FIXED_HORIZON, LabelSpec
 from shared.params import ForestParams
 from shared.store.db import model_stage_changes as changes_table
 from shared.store.db import models as models_table
+from shared.store.db import registry_version as version_table
 
 CANDIDATE, SERVING, REJECTED, RETIRED, RESEARCH = "CANDIDATE", "SERVING", "REJECTED", "RETIRED", "RESEARCH"
 STAGES = (CANDIDATE, SERVING, REJECTED, RETIRED, RESEARCH)
@@ -157,23 +158,6 @@ def list_models(
         return [_row_to_record(r) for r in conn.execute(q)]
 
 
-def newest_model(engine: sa.Engine, symbol: str, timeframe: str) -> ModelRecord | None:
-    found = list_models(engine, symbol, timeframe, limit=1)
-    return found[0] if found else None
-
-
-def newest_model_id(engine: sa.Engine, symbol: str, timeframe: str) -> str | None:
-    """Cheap poll for hot reload: only the id of the newest model."""
-    q = (
-        sa.select(models_table.c.model_id)
-        .where(models_table.c.symbol == symbol, models_table.c.timeframe == timeframe)
-        .order_by(*_NEWEST_FIRST)
-        .limit(1)
-    )
-    with engine.connect() as conn:
-        return conn.execute(q).scalar()
-
-
 def get_model(engine: sa.Engine, model_id: str) -> ModelRecord | None:
     with engine.connect() as conn:
         row = conn.execute(sa.select(models_table).where(models_table.c.model_id == model_id)).first()
@@ -302,8 +286,38 @@ def _lock_market(conn: sa.Connection, symbol: str, timeframe: str) -> None:
 
 def _record_change(conn: sa.Connection, model_id: str, symbol: str, timeframe: str, stage: str, reason: str,
                    changed_at: int) -> None:
+    version = _bump_version(conn)
     conn.execute(changes_table.insert().values(model_id=model_id, symbol=symbol, timeframe=timeframe, stage=stage,
-                                               reason=reason, changed_at=changed_at))
+                                               reason=reason, changed_at=changed_at, version=version))
+
+
+def _bump_version(conn: sa.Connection) -> int:
+    """Inside the caller's transaction: the registry's next version. The row stays locked until the commit (a write
+    lock on SQLite, a row lock on PostgreSQL), so versions become visible in the order they were taken."""
+    conn.execute(version_table.update().where(version_table.c.id == 1)
+                 .values(version=version_table.c.version + 1))
+    version = conn.execute(sa.select(version_table.c.version).where(version_table.c.id == 1)).scalar()
+    if version is None:
+        raise RuntimeError("the registry_version row is missing; run `mlsignal db upgrade`")
+    return int(version)
+
+
+# -- watching the registry -------------------------------------------------------------------------------------------
+
+
+def version(engine: sa.Engine) -> int:
+    """The registry's version: it grows with every change of any model's stage and every model registered."""
+    with engine.connect() as conn:
+        found = conn.execute(sa.select(version_table.c.version).where(version_table.c.id == 1)).scalar()
+    return int(found or 0)
+
+
+def changed_markets(engine: sa.Engine, after: int, upto: int) -> set[tuple[str, str]]:
+    """The (symbol, timeframe) of every market with a change in versions after..upto (an index range scan)."""
+    q = (sa.select(changes_table.c.symbol, changes_table.c.timeframe).distinct()
+         .where(changes_table.c.version > after, changes_table.c.version <= upto))
+    with engine.connect() as conn:
+        return {(r.symbol, r.timeframe) for r in conn.execute(q)}
 
 
 def _set_stage(conn: sa.Connection, model_id: str, symbol: str, timeframe: str, stage: str, reason: str,
@@ -444,8 +458,3 @@ def stage_history(engine: sa.Engine, symbol: str = "", timeframe: str = "", mode
         rows = conn.execute(q).all()
     return [StageChange(r.model_id, r.symbol, r.timeframe, r.stage, r.reason, int(r.changed_at))
             for r in reversed(rows)]
-
-
-def with_stage(rec: ModelRecord, stage: str, reason: str) -> ModelRecord:
-    """A copy of a record in another stage (for registering it)."""
-    return replace(rec, stage=stage, stage_reason=reason)

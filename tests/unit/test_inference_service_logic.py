@@ -422,47 +422,97 @@ def test_a_refused_message_leaves_the_stream_as_if_it_was_not_sent(service, rule
     assert_same(parts, service.predict(SYMBOL, TF, "", candles)[1])
 
 
-def test_refused_keys_and_models_are_not_recorded(registry, store, model, service):
+def test_refused_messages_are_not_recorded_and_valid_candles_always_are(registry, store, model, service):
     other = registry.register(symbol="ETH/USDT", seed=6)
     candles = full_candles(260)
-    # a first message that fails leaves the stream unnamed: the next first message may name any key
+    # a refused first message leaves the stream unnamed: the next first message may name any key
     session = StreamSession(service)
     with pytest.raises(InvalidArgument):
         session.step(SYMBOL, TF, "", with_value(candles.slice(0, 5), "close", 2, -1.0))
-    assert session.symbol == "" and session.model_id == ""
+    assert session.symbol == "" and session.model_id == "" and len(session.window) == 0
+    # an unknown pin is not the candles' fault: they join the history, the pin is not kept
     with pytest.raises(NotFound):
         session.step(SYMBOL, TF, "no-such-model", candles.slice(0, 5))
-    assert session.symbol == "" and session.model_id == ""
-    parts = [session.step(SYMBOL, TF, "", candles.slice(0, 200))[1]]
-    # a pin that fails (unknown model, another market's model, or valid pin with a bad candle) is not kept
+    assert session.symbol == SYMBOL and session.model_id == "" and len(session.window) == 5
+    parts = [session.step("", "", "", candles.slice(5, 200))[1]]
     with pytest.raises(NotFound):
         session.step("", "", "no-such-model", candles.slice(200, 201))
+    assert session.window.open_time_ms[-1] == candles.open_time_ms[200]
+    # another market's model, or a valid pin with a bad candle: refused, nothing kept
     with pytest.raises(InvalidArgument, match="model_id"):
-        session.step("", "", other.model_id, candles.slice(200, 201))
+        session.step("", "", other.model_id, candles.slice(201, 202))
     newer = registry.register(seed=7)
     with pytest.raises(InvalidArgument):
-        session.step("", "", newer.model_id, with_value(candles.slice(200, 201), "close", 0, np.nan))
-    assert session.model_id == ""
-    parts += stream_steps(session, candles, 200, 260)
+        session.step("", "", newer.model_id, with_value(candles.slice(201, 202), "close", 0, np.nan))
+    assert session.model_id == "" and session.window.open_time_ms[-1] == candles.open_time_ms[200]
+    parts += stream_steps(session, candles, 200, 260)  # candle 200 again: replaces itself
     assert all(session.step("", "", "", candles.slice(259, 260))[0].model_id == model.model_id for _ in range(2))
-    assert_same(parts, service.predict(SYMBOL, TF, model.model_id, candles)[1])
+    assert_same(parts, tail(service.predict(SYMBOL, TF, model.model_id, candles)[1], 5))
 
 
-def test_a_failure_after_the_checks_restores_the_replaced_candle(registry, store, model, service):
+def test_a_failure_after_the_checks_keeps_the_replacing_candle(registry, store, model, service):
     """A funding model pinned on a stream whose history lacks funding fails (FAILED_PRECONDITION) while predicting,
-    after the message replaced the last candle in place: the stream gets its old last candle back."""
+    after the message replaced the still-forming last candle: the new version of the candle is kept (it is valid),
+    and so is the pin (the model exists for this market; the stream answers with it once its history allows). The
+    final version of the candle, pinned back to the plain model, answers as Predict does."""
     funded = registry.register(spec=FeatureSpec(use_funding_rate=True), seed=8)
     plain = make_candles(260)
     session = StreamSession(service)
-    parts = [session.step(SYMBOL, TF, model.model_id, plain.slice(0, 200))[1]]
+    parts = [session.step(SYMBOL, TF, model.model_id, plain.slice(0, 199))[1]]
     forming = with_value(with_value(plain.slice(199, 200), "funding_rate", 0, 1e-4), "close",
                          0, float(plain.high[199]))
+    session.step("", "", "", plain.slice(199, 200))  # the first version of candle 199
     with pytest.raises(FailedPrecondition):
         session.step("", "", funded.model_id, forming)
-    assert session.model_id == model.model_id
-    assert session.window.close[-1] == plain.close[199]
+    assert session.model_id == funded.model_id
+    assert session.window.close[-1] == plain.high[199] and session.window.funding_rate[-1] == 1e-4
+    parts.append(session.step("", "", model.model_id, plain.slice(199, 200))[1])  # the closed candle 199
     parts += stream_steps(session, plain, 200, 260)
     assert_same(parts, service.predict(SYMBOL, TF, model.model_id, plain)[1])
+
+
+def test_a_stream_on_a_market_without_a_model_recovers_when_one_serves(registry, store, model, service):
+    """No model yet is NOT_FOUND for each message, but the candles join the history: once a model serves, the very
+    next message answers ready, exactly as Predict over the same candles."""
+    candles = make_candles(300)
+    session = StreamSession(service)
+    for i in range(0, 150, 10):
+        with pytest.raises(NotFound, match="no model registered for SOL/USDT"):
+            session.step("SOL/USDT", TF, "", candles.slice(i, i + 10))
+    sol = registry.register(symbol="SOL/USDT", seed=14)
+    answered, p = session.step("", "", "", candles.slice(150, 151))
+    assert answered.model_id == sol.model_id and p.ready.all()
+    parts = [p, *stream_steps(session, candles, 151, 300)]
+    assert_same(parts, tail(service.predict("SOL/USDT", TF, "", candles)[1], 150))
+
+
+def test_a_stream_recovers_by_itself_after_a_swap_to_a_funding_model(registry, store, model, service):
+    """The client sends funding rate only from candle 300 on; a funding model starts serving then. Its first
+    answers fail (the history lacks funding for its window), and once the candles with funding cover the window the
+    same stream answers, without reconnecting; from the first candle whose whole warm-up carries funding on, exactly
+    what Predict answers over those candles."""
+    candles = make_candles(N + 100, funding=True)
+    candles = replace(candles, funding_rate=np.where(np.arange(len(candles)) < 300, np.nan, candles.funding_rate))
+    session = StreamSession(service)
+    session.step(SYMBOL, TF, "", candles.slice(0, 200))
+    stream_steps(session, candles, 200, 300)
+    funded = registry.register(spec=FeatureSpec(use_funding_rate=True), seed=15)
+    assert store.refresh() == [funded.model_id]
+    failed, answered = [], []
+    for i in range(300, len(candles)):
+        try:
+            model_used, p = session.step("", "", "", candles.slice(i, i + 1))
+        except FailedPrecondition:
+            assert not answered, "once recovered, the stream keeps answering"
+            failed.append(i)
+            continue
+        assert model_used.model_id == funded.model_id
+        answered.append((i, p))
+    assert failed and answered and failed[-1] + 1 == answered[0][0]
+    assert all(p.ready.all() and np.isfinite(p.proba).all() for _, p in answered)
+    full = 300 + funded.warmup_bars - 1  # the first candle whose warm-up lies in the candles with funding
+    expected = tail(service.predict(SYMBOL, TF, funded.model_id, candles.slice(300, len(candles)))[1], full - 300)
+    assert_same([p for i, p in answered if i >= full], expected)
 
 
 def test_after_a_swap_to_a_funding_model_the_stream_answers_like_predict(registry, store, model, service):
