@@ -12,7 +12,8 @@ import os
 import queue
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -124,6 +125,31 @@ def _refused(call) -> grpc.RpcError:
     return err.value
 
 
+def _reopen_all(open_one: Callable[[int], object], close: Callable[[object], None], timeout: float = 60) -> list:
+    """Open LIMIT streams (`open_one(i)` returns one that has answered, or raises) right after others were closed:
+    the server frees a closed stream's slot when it has seen the cancellation, so a refusal (RESOURCE_EXHAUSTED) is
+    retried until `timeout`. A slot that is never freed fails here. Returns the open streams."""
+    deadline = time.monotonic() + timeout
+    opened: list = []
+    try:
+        for i in range(LIMIT):
+            while True:
+                try:
+                    opened.append(open_one(i))
+                    break
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+                    assert time.monotonic() < deadline, (
+                        f"only {len(opened)} of MLSIGNAL_MAX_STREAMS={LIMIT} streams open again: "
+                        f"{LIMIT - len(opened)} slots of closed streams were never freed")
+                    time.sleep(0.05)
+    except BaseException:
+        for stream in opened:
+            close(stream)
+        raise
+    return opened
+
+
 def _violations(err: grpc.RpcError) -> list[error_details_pb2.BadRequest.FieldViolation]:
     status = rpc_status.from_call(err)
     assert status is not None, "the status carries no google.rpc.Status details"
@@ -172,12 +198,25 @@ def test_open_streams_leave_health_and_predict_prompt_and_the_limit_refuses_at_o
         for stream in streams:
             stream.close()
 
-    # closed streams free their slots
-    again = Stream(stub, timeout=30)
+    # closed streams free every slot: all MLSIGNAL_MAX_STREAMS streams open again, and the next one is refused
+    def open_one(i: int) -> Stream:
+        stream = Stream(stub, timeout=120)
+        try:
+            assert stream.ask(servers.first_message(i)).model_id == servers.model_id
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
+    reopened = _reopen_all(open_one, Stream.close)
     try:
-        assert again.ask(servers.first_message(0)).model_id == servers.model_id
+        extra = Stream(stub, timeout=2)
+        err = _refused(lambda: extra.ask(servers.first_message(0)))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+        extra.close()
     finally:
-        again.close()
+        for stream in reopened:
+            stream.close()
 
 
 def test_open_watches_leave_health_and_unary_calls_prompt_and_the_limit_refuses_at_once(servers):
@@ -217,6 +256,32 @@ def test_open_watches_leave_health_and_unary_calls_prompt_and_the_limit_refuses_
             watch.cancel()
         for job in (queued, running):
             with contextlib.suppress(grpc.RpcError):  # already final
+                stub.CancelTrainingJob(training_pb2.CancelTrainingJobRequest(job_id=job.job_id), timeout=10)
+
+    # closed watches free every slot: MLSIGNAL_MAX_STREAMS watches of a new queued job open again, the next is refused
+    running = stub.StartTraining(request, timeout=30)
+    queued = stub.StartTraining(request, timeout=30)
+    get = training_pb2.GetTrainingJobRequest(job_id=queued.job_id)
+
+    def open_one(i: int):
+        watch = stub.WatchTrainingJob(get, timeout=120)
+        try:
+            assert next(watch).job_id == queued.job_id
+        except BaseException:
+            watch.cancel()
+            raise
+        return watch
+
+    watches = []
+    try:
+        watches = _reopen_all(open_one, lambda watch: watch.cancel())
+        err = _refused(lambda: next(stub.WatchTrainingJob(get, timeout=2)))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+    finally:
+        for watch in watches:
+            watch.cancel()
+        for job in (queued, running):
+            with contextlib.suppress(grpc.RpcError):
                 stub.CancelTrainingJob(training_pb2.CancelTrainingJobRequest(job_id=job.job_id), timeout=10)
 
 
