@@ -135,8 +135,10 @@ def training(services):
 # the real inference servicer behind a recording interceptor
 
 
-class Recorder(grpc.ServerInterceptor):
-    """Records each call's method and metadata, the size of each Predict and how many StreamPredict calls are open."""
+class Recorder(grpc.aio.ServerInterceptor):
+    """Records each call's method and metadata, the size of each Predict and how many StreamPredict calls are open.
+
+    It runs on the server's event loop; the tests read what it recorded from their own thread."""
 
     def __init__(self):
         self.calls: list[tuple[str, dict[str, str]]] = []
@@ -144,31 +146,32 @@ class Recorder(grpc.ServerInterceptor):
         self.open_streams = 0
         self.lock = threading.Lock()
 
-    def intercept_service(self, continuation, details):
+    async def intercept_service(self, continuation, details):
         method = details.method.rsplit("/", 1)[-1]
         with self.lock:
-            self.calls.append((method, dict(details.invocation_metadata)))
-        handler = continuation(details)
+            self.calls.append((method, dict(details.invocation_metadata or ())))
+        handler = await continuation(details)
         if handler is None:
             return None
         if method == "Predict":
             inner = handler.unary_unary
 
-            def unary(request, context):
+            async def unary(request, context):
                 with self.lock:
                     self.predict_sizes.append(len(request.candles))
-                return inner(request, context)
+                return await inner(request, context)
 
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer,
                                                        handler.response_serializer)
         if method == "StreamPredict":
             inner_stream = handler.stream_stream
 
-            def stream(request_iterator, context):
+            async def stream(request_iterator, context):
                 with self.lock:
                     self.open_streams += 1
                 try:
-                    yield from inner_stream(request_iterator, context)
+                    async for response in inner_stream(request_iterator, context):
+                        yield response
                 finally:
                     with self.lock:
                         self.open_streams -= 1
@@ -180,15 +183,19 @@ class Recorder(grpc.ServerInterceptor):
 
 @pytest.fixture(scope="module")
 def observed(services):
-    """The real InferenceServicer over the shared model store, on its own port, with a Recorder in front."""
-    from inference_service.servicer import BlockingInferenceServicer as InferenceServicer
+    """The real asyncio InferenceServicer over the shared model store, on its own port of an asyncio server (on the
+    process's server loop, like the services), with a Recorder in front."""
+    from inference_service.server import SERVICE_NAME
+    from inference_service.servicer import InferenceServicer
+    from shared.server.builder import start_server
 
     recorder = Recorder()
     servicer = InferenceServicer(services.inference.store, services.settings.max_batch)
-    server, addr = serve(lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, s),
-                         [recorder])
-    yield recorder, addr
-    server.stop(0)
+    handle = start_server("127.0.0.1:0",
+                          lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, s),
+                          [SERVICE_NAME], mc.MAX_MESSAGE_BYTES, interceptors=[recorder])
+    yield recorder, f"127.0.0.1:{handle.port}"
+    handle.stop(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
