@@ -12,7 +12,7 @@
 | MLSIGNAL_DASK_SCHEDULER | (none) | `tcp://host:8786`: run each training job as one task on this Dask cluster |
 | MLSIGNAL_DASK_SPREAD_FIT | 0 | `1`: with Dask, grow each forest's trees as tasks across the cluster |
 | MLSIGNAL_MODEL_POLL_SECONDS | 2 | how often inference checks the registry for newer models |
-| MLSIGNAL_MODEL_CACHE_SIZE | 1024 | models inference keeps in memory; set it above the number of markets followed |
+| MLSIGNAL_MODEL_CACHE_SIZE | 0 | serving models inference keeps in memory: 0 keeps one per market in use (see mlsignal_models_loaded and the memory per model in the README); N keeps the N most recently used markets |
 | MLSIGNAL_MODEL_MAX_AGE | (none) | e.g. `30d`: an older serving model makes health `mlsignal.staleness` NOT_SERVING |
 | MLSIGNAL_LIVE_MONITORING | 1 | `0`: inference does not journal predictions, so nothing is scored live |
 | MLSIGNAL_LIVE_FLUSH_SECONDS | 1 | how often the prediction journal writes what inference served and received |
@@ -111,7 +111,7 @@ class Settings:
     dask_scheduler: str | None = None
     dask_spread_fit: bool = False
     model_poll_seconds: float = 2.0
-    model_cache_size: int = 1024
+    model_cache_size: int = 0
     model_max_age: str | None = None
     live_monitoring: bool = True
     live_flush_seconds: float = 1.0
@@ -190,8 +190,8 @@ class Settings:
             check_dask_security(self.dask_scheduler, tls_files is not None, self.dask_allow_plaintext)
         if self.model_poll_seconds <= 0:
             raise ValueError("MLSIGNAL_MODEL_POLL_SECONDS must be > 0")
-        if self.model_cache_size < 1:
-            raise ValueError("MLSIGNAL_MODEL_CACHE_SIZE must be >= 1")
+        if self.model_cache_size < 0:
+            raise ValueError("MLSIGNAL_MODEL_CACHE_SIZE must be >= 0 (0: one model per market in use)")
         self.model_max_age_ms()
         if not 0 < self.live_flush_seconds <= 3600:
             raise ValueError("MLSIGNAL_LIVE_FLUSH_SECONDS must be > 0 and at most 3600")
