@@ -280,3 +280,82 @@ def test_max_warmup_bars_covers_every_registered_model_and_needs_no_query_when_c
     assert store.max_warmup_bars(ETH, "1h") == LONG_SPEC.warmup_bars
     assert len(queries) == before
     assert store.max_warmup_bars("XRP/USDT", "1h") == 0  # no models
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# watching the registry
+
+
+def test_an_idle_poll_is_one_query_whatever_the_number_of_markets(registry):
+    for i in range(50):
+        registry.register(f"C{i:03d}/USDT")
+    store = ModelStore(registry.engine, registry.model_dir)
+    for i in range(50):
+        store.current(f"C{i:03d}/USDT", "1h")
+    store.refresh()
+    queries: list[str] = []
+    sa.event.listen(registry.engine, "before_cursor_execute", lambda *args: queries.append(args[2]))
+    assert store.refresh() == []
+    assert len(queries) == 1 and "registry_version" in queries[0]
+    queries.clear()
+    new = registry.register("C007/USDT", seed=1)
+    queries.clear()
+    assert store.refresh() == [new.model_id]
+    assert len(queries) <= 6, queries  # the version, the changed markets, then that market alone
+
+
+def test_a_change_committed_while_a_model_loads_is_not_missed_by_a_poll_meanwhile(registry):
+    """A poll that runs between a cold load's read of the registry and its entry into the cache does not see the
+    market yet; the next poll must still look at the changes made after that read."""
+    old = registry.register(seed=0)
+    store = ModelStore(registry.engine, registry.model_dir)
+    store.refresh()  # the first poll: from now on only changes are read
+    state: dict[str, object] = {}
+
+    def meanwhile(conn, cursor, text, *args) -> None:
+        if "new" not in state and "models.stage = " in text:  # the cold load reads the SERVING row
+            state["new"] = "pending"
+        elif state.get("new") == "pending" and "max(models.warmup_bars)" in text:  # ... and goes on loading
+            state["new"] = "registering"
+            state["new"] = registry.register(seed=1)  # a promotion committed after the load read the row
+            state["swapped"] = store.refresh()  # a poll before the load has cached its model
+
+    sa.event.listen(registry.engine, "before_cursor_execute", meanwhile)
+    assert store.current(BTC, "1h").model_id == old.model_id  # the row read before the change
+    sa.event.remove(registry.engine, "before_cursor_execute", meanwhile)
+    new = state["new"]
+    assert isinstance(new, ModelRecord) and state["swapped"] == []
+    assert store.refresh() == [new.model_id]
+    assert store.current(BTC, "1h").model_id == new.model_id
+
+
+def test_in_memory_never_reads_the_database_or_the_disk(registry, store):
+    btc = registry.register(BTC)
+    eth = registry.register(ETH, seed=1)
+    assert store.in_memory(BTC, "1h") is None  # nothing loaded yet: the caller goes to a thread
+    store.current(BTC, "1h")
+    store.pinned(eth.model_id, ETH, "1h")
+    queries: list[str] = []
+    sa.event.listen(registry.engine, "before_cursor_execute", lambda *args: queries.append(args[2]))
+    serving = store.in_memory(BTC, "1h")
+    assert serving is not None and serving.model.model_id == btc.model_id and serving.keep == btc.warmup_bars
+    pinned = store.in_memory(ETH, "1h", eth.model_id)  # pinned() filled the market's warm-up
+    assert pinned is not None and pinned.model.model_id == eth.model_id
+    assert store.in_memory(SOL, "1h") is None and store.in_memory(ETH, "1h") is None
+    with pytest.raises(InvalidArgument, match="model_id"):
+        store.in_memory(BTC, "1h", eth.model_id)
+    assert queries == []
+
+
+def test_the_default_cache_keeps_every_market_and_an_eviction_only_drops_the_reference(registry):
+    assert ModelStore(registry.engine, registry.model_dir).cache_size == 0
+    for i in range(3):
+        registry.register(f"C{i}/USDT")
+    store = ModelStore(registry.engine, registry.model_dir, cache_size=1)
+    found = None
+    for i in range(3):
+        store.current(f"C{i}/USDT", "1h")
+        if i == 0:
+            found = store.in_memory("C0/USDT", "1h")
+    assert store.in_memory("C0/USDT", "1h") is None  # dropped: the next request loads it in a thread
+    assert found is not None and found.model.predict_proba(np.zeros((1, found.model.forest.n_features))).shape == (1, 3)
