@@ -1,110 +1,39 @@
 """Fixtures shared by the whole suite: real databases (a throwaway PostgreSQL 15 cluster and SQLite files) and data.
 
-Tests that must hold on both databases take `db_url`. PostgreSQL is skipped when its binaries are missing, except on CI
-(CI=true), where a missing server fails the run instead of silently testing less.
+Tests that must hold on both databases take `db_url`. PostgreSQL clusters come from `postgres.started_cluster`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
-import os
-import shutil
 import socket
-import stat
-import subprocess
-import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
+from postgres import started_cluster
+
 REPO = Path(__file__).resolve().parents[1]
-PG_USER = "postgres"
+
+
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # PostgreSQL
 
 
-def _pg_bindir() -> Path | None:
-    """Directory holding initdb and pg_ctl: PATH first, then the Debian layout (newest version)."""
-    found = shutil.which("initdb")
-    if found and shutil.which("pg_ctl"):
-        return Path(os.path.realpath(found)).parent
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]), reverse=True)
-    preferred = [c for c in candidates if "/15/" in c] + candidates
-    return Path(preferred[0]).parent if preferred else None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _traversable_by_others(directory: Path) -> bool:
-    """Whether another user (the postgres account) can pass through `directory` and all its ancestors."""
-    d = directory.resolve()
-    return all(os.stat(p).st_mode & stat.S_IXOTH for p in (d, *d.parents))
-
-
-def _run(cmd: list[str], as_postgres: bool, **kw) -> subprocess.CompletedProcess:
-    if as_postgres:
-        cmd = ["runuser", "-u", PG_USER, "--", *cmd]
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
-
-
 @pytest.fixture(scope="session")
 def pg_server():
-    """A PostgreSQL cluster on 127.0.0.1:<free port> for this session; yields its base SQLAlchemy URL."""
-    bindir = _pg_bindir()
-    if bindir is None:
-        msg = "PostgreSQL binaries (initdb, pg_ctl) not found on PATH or in /usr/lib/postgresql/*/bin"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg + "; CI=true requires PostgreSQL tests to run")
-        pytest.skip(msg)
-
-    as_postgres = os.geteuid() == 0  # PostgreSQL refuses to run as root
-    base = next(
-        (Path(d) for d in (tempfile.gettempdir(), "/tmp") if not as_postgres or _traversable_by_others(Path(d))),
-        None,
-    )
-    if base is None:
-        pytest.fail("no temporary directory the postgres user can reach")
-    root = Path(tempfile.mkdtemp(prefix="mlsignal-pg-", dir=base))
-    data, log = root / "data", root / "server.log"
-    if as_postgres:
-        shutil.chown(root, user=PG_USER, group=PG_USER)
-    initdb, pg_ctl = str(bindir / "initdb"), str(bindir / "pg_ctl")
-    try:
-        _run(
-            [initdb, "-D", str(data), "-A", "trust", "-U", PG_USER, "-E", "UTF8", "--locale=C", "--no-sync"],
-            as_postgres,
-        )
-        for attempt in range(3):  # the free port may be taken between choosing and binding it
-            port = _free_port()
-            options = (
-                f"-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={root} "
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
-            )
-            try:
-                _run([pg_ctl, "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options, "start"], as_postgres)
-                break
-            except subprocess.CalledProcessError:
-                if attempt == 2:
-                    raise
-    except subprocess.CalledProcessError as exc:
-        server_log = log.read_text() if log.exists() else ""
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.fail(f"cannot start PostgreSQL: {exc.cmd}: {exc.stderr}\n{server_log}")
-
-    try:
-        yield f"postgresql+psycopg://{PG_USER}@127.0.0.1:{port}/postgres"
-    finally:
-        stop = [pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"]
-        subprocess.run((["runuser", "-u", PG_USER, "--"] if as_postgres else []) + stop, capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+    """A PostgreSQL cluster on 127.0.0.1:<free port> for this session (`postgres.started_cluster`); yields its base
+    SQLAlchemy URL."""
+    with started_cluster("mlsignal-pg-", "-c max_connections=200") as cluster:
+        yield cluster.url()
 
 
 def _admin_connect(base_url: str):

@@ -24,6 +24,7 @@ import pytest
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conftest import _free_port
 from mlsignal.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from service_fixtures import ms
 from shared.calibration import EPS
@@ -250,14 +251,6 @@ def test_unknown_model_is_not_found(services):
         services.infer_stub.GetLivePerformance(inference_pb2.GetLivePerformanceRequest(
             symbol="BTC/USD", timeframe=TF, model_id="no-such-model"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_scores_and_pending_predictions_survive_a_restart(services, sample_frame):

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,8 +19,8 @@ import pytest
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import PG_USER, _free_port, _pg_bindir, _run, _traversable_by_others
 from mlsignal.v1 import common_pb2, inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
+from postgres import Cluster, started_cluster
 from service_fixtures import load_market, wait_job
 from shared.settings import Settings
 
@@ -35,68 +33,16 @@ INFERENCE = "mlsignal.v1.InferenceService"
 TRAINING = "mlsignal.v1.TrainingService"
 
 
-class Cluster:
-    def __init__(self, bindir: Path, root: Path, as_postgres: bool):
-        self.bindir, self.root, self.as_postgres = bindir, root, as_postgres
-        self.data, self.log = root / "data", root / "server.log"
-        self.port = 0
-        self.running = False
-
-    def pg_ctl(self, *args: str) -> None:
-        _run([str(self.bindir / "pg_ctl"), "-D", str(self.data), *args], self.as_postgres)
-
-    def start(self) -> None:
-        options = (f"-c port={self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root} "
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
-        self.pg_ctl("-l", str(self.log), "-w", "-t", "60", "-o", options, "start")
-        self.running = True
-
-    def stop(self, mode: str = "fast") -> None:
-        self.pg_ctl("-m", mode, "-w", "stop")
-        self.running = False
-
-    def url(self, database: str) -> str:
-        return f"postgresql+psycopg://{PG_USER}@127.0.0.1:{self.port}/{database}"
-
-
 @pytest.fixture(scope="module")
 def cluster(sample_frame) -> Iterator[Cluster]:
     """A running cluster with a migrated database `mlsignal` holding 3,000 BTC/USD candles; `postgres` has no schema."""
-    bindir = _pg_bindir()
-    if bindir is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("PostgreSQL binaries not found; CI=true requires PostgreSQL tests to run")
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found")
-    as_postgres = os.geteuid() == 0
-    base = next((Path(d) for d in (tempfile.gettempdir(), "/tmp")
-                 if not as_postgres or _traversable_by_others(Path(d))), None)
-    root = Path(tempfile.mkdtemp(prefix="mlsignal-pg-restart-", dir=base))
-    if as_postgres:
-        shutil.chown(root, user=PG_USER, group=PG_USER)
-    c = Cluster(bindir, root, as_postgres)
-    try:
-        _run([str(bindir / "initdb"), "-D", str(c.data), "-A", "trust", "-U", PG_USER, "-E", "UTF8", "--locale=C",
-              "--no-sync"], as_postgres)
-        for attempt in range(3):
-            c.port = _free_port()
-            try:
-                c.start()
-                break
-            except subprocess.CalledProcessError:
-                if attempt == 2:
-                    raise
+    with started_cluster("mlsignal-pg-restart-") as c:
         engine = sa.create_engine(c.url("postgres"), isolation_level="AUTOCOMMIT")
         with engine.connect() as conn:
             conn.execute(sa.text("CREATE DATABASE mlsignal"))
         engine.dispose()
         load_market(c.url("mlsignal"), sample_frame.iloc[:3000])
         yield c
-    finally:
-        try:
-            c.stop("immediate")
-        except subprocess.CalledProcessError:
-            pass
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

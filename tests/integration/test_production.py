@@ -27,9 +27,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from test_inference_service import candles_of
 
 from certificates import make_ca
-from conftest import PG_USER, _free_port, _pg_bindir, _run, _traversable_by_others
+from conftest import _free_port
 from mlsignal.client import connect_channel
 from mlsignal.v1 import common_pb2, inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
+from postgres import started_cluster
 from service_fixtures import load_market, ts, wait_job
 from shared.settings import Settings, client_security
 from shared.store.db import make_engine, training_jobs
@@ -301,65 +302,11 @@ def test_unusable_database_at_start_is_one_clear_line(tmp_path):
         assert "/proc/mlsignal-does-not-exist" in lines[0] and "mlsignal db upgrade" in lines[0], lines[0]
 
 
-class Cluster:
-    """A throwaway PostgreSQL cluster of this module's own, so stopping it disturbs no other test."""
-
-    def __init__(self, bindir: Path, root: Path, as_postgres: bool):
-        self.bindir, self.root, self.as_postgres = bindir, root, as_postgres
-        self.data, self.log = root / "data", root / "server.log"
-        self.port = 0
-
-    def pg_ctl(self, *args: str) -> None:
-        _run([str(self.bindir / "pg_ctl"), "-D", str(self.data), *args], self.as_postgres)
-
-    def start(self) -> None:
-        options = (f"-c port={self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root} "
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
-        self.pg_ctl("-l", str(self.log), "-w", "-t", "60", "-o", options, "start")
-
-    def stop(self, mode: str = "fast") -> None:
-        self.pg_ctl("-m", mode, "-w", "stop")
-
-    @property
-    def url(self) -> str:
-        return f"postgresql+psycopg://{PG_USER}@127.0.0.1:{self.port}/postgres"
-
-
 @pytest.fixture(scope="module")
-def own_pg(tmp_path_factory):
-    import shutil
-    import tempfile
-
-    bindir = _pg_bindir()
-    if bindir is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("PostgreSQL binaries not found; CI=true requires PostgreSQL tests to run")
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found")
-    as_postgres = os.geteuid() == 0
-    base = next((Path(d) for d in (tempfile.gettempdir(), "/tmp")
-                 if not as_postgres or _traversable_by_others(Path(d))), None)
-    root = Path(tempfile.mkdtemp(prefix="mlsignal-pg-outage-", dir=base))
-    if as_postgres:
-        shutil.chown(root, user=PG_USER, group=PG_USER)
-    cluster = Cluster(bindir, root, as_postgres)
-    try:
-        _run([str(bindir / "initdb"), "-D", str(cluster.data), "-A", "trust", "-U", PG_USER, "-E", "UTF8",
-              "--locale=C", "--no-sync"], as_postgres)
-        for attempt in range(3):
-            cluster.port = _free_port()
-            try:
-                cluster.start()
-                break
-            except subprocess.CalledProcessError:
-                if attempt == 2:
-                    raise
+def own_pg():
+    """A PostgreSQL cluster of this module's own, so stopping it disturbs no other test."""
+    with started_cluster("mlsignal-pg-outage-") as cluster:
         yield cluster
-    finally:
-        try:
-            cluster.stop("immediate")
-        except subprocess.CalledProcessError:
-            pass
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.postgres
@@ -367,8 +314,8 @@ def test_database_outage_gives_unavailable_and_calls_recover(own_pg, tmp_path, s
     from inference_service.server import start as start_inference
     from training_service.server import start as start_training
 
-    load_market(own_pg.url, sample_frame.iloc[:3000])
-    settings = Settings(database_url=own_pg.url, model_dir=tmp_path / "models", model_poll_seconds=0.2)
+    load_market(own_pg.url(), sample_frame.iloc[:3000])
+    settings = Settings(database_url=own_pg.url(), model_dir=tmp_path / "models", model_poll_seconds=0.2)
     training = start_training(settings, "127.0.0.1:0")
     inference = start_inference(settings, "127.0.0.1:0")
     tch = grpc.insecure_channel(f"127.0.0.1:{training.port}")

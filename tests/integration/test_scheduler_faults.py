@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,8 +22,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import PG_USER, _free_port, _pg_bindir, _run, _traversable_by_others
 from mlsignal.v1 import common_pb2, training_pb2, training_pb2_grpc
+from postgres import started_cluster
 from service_fixtures import load_market, train, ts, wait_job
 from shared.settings import Settings
 
@@ -200,55 +199,8 @@ def test_sqlite_job_that_cannot_be_recorded_before_a_stop_is_interrupted_at_the_
 def own_pg_url() -> Iterator[tuple[str, Callable[[], AbstractContextManager[None]]]]:
     """A PostgreSQL cluster of this test's own (stopping it disturbs no other test): its URL, and a context manager
     that keeps the server stopped while it is entered."""
-    bindir = _pg_bindir()
-    if bindir is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("PostgreSQL binaries not found; CI=true requires PostgreSQL tests to run")
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found")
-    as_postgres = os.geteuid() == 0
-    base = next((Path(d) for d in (tempfile.gettempdir(), "/tmp")
-                 if not as_postgres or _traversable_by_others(Path(d))), None)
-    if base is None:
-        pytest.fail("no temporary directory the postgres user can reach")
-    root = Path(tempfile.mkdtemp(prefix="mlsignal-pg-faults-", dir=base))
-    if as_postgres:
-        shutil.chown(root, user=PG_USER, group=PG_USER)
-    data, log = root / "data", root / "server.log"
-    pg_ctl = str(bindir / "pg_ctl")
-    port = 0
-
-    def start() -> None:
-        options = (f"-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={root} "
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
-        _run([pg_ctl, "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options, "start"], as_postgres)
-
-    def stop(mode: str = "fast") -> None:
-        _run([pg_ctl, "-D", str(data), "-m", mode, "-w", "stop"], as_postgres)
-
-    @contextlib.contextmanager
-    def stopped() -> Iterator[None]:
-        stop()
-        try:
-            yield
-        finally:
-            start()
-
-    try:
-        _run([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", PG_USER, "-E", "UTF8", "--locale=C",
-              "--no-sync"], as_postgres)
-        for attempt in range(3):
-            port = _free_port()
-            try:
-                start()
-                break
-            except subprocess.CalledProcessError:
-                if attempt == 2:
-                    raise
-        yield f"postgresql+psycopg://{PG_USER}@127.0.0.1:{port}/postgres", stopped
-    finally:
-        with contextlib.suppress(subprocess.CalledProcessError):
-            stop("immediate")
-        shutil.rmtree(root, ignore_errors=True)
+    with started_cluster("mlsignal-pg-faults-") as cluster:
+        yield cluster.url(), cluster.stopped
 
 
 @pytest.mark.postgres
