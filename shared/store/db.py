@@ -139,7 +139,7 @@ def make_engine(url: str, *, create: bool = False) -> sa.Engine:
     Errors that mean the database cannot be used are raised as `Unavailable` (see `unavailable_error`); the first of
     an incident is logged once (a warning naming the cause), and so is the first success after it.
     """
-    engine = _sqlite_engine(url, create) if url.startswith("sqlite") else sa.create_engine(url, pool_pre_ping=True)
+    engine = _sqlite_engine(url, create) if url.startswith("sqlite") else _server_engine(url)
     password = engine.url.password
     incidents = _Incidents(engine.url.render_as_string(hide_password=True))
 
@@ -199,6 +199,19 @@ def _file_id(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+#: Seconds a new PostgreSQL connection may take before it fails (libpq waits forever by default, so a database host
+#: that drops packets would hold a worker until TCP gives up). A `connect_timeout` in the URL wins.
+CONNECT_TIMEOUT_SECONDS = 10
+
+
+def _server_engine(url: str) -> sa.Engine:
+    parsed = sa.engine.make_url(url)
+    connect_args = {}
+    if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+        connect_args["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
+    return sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
 
 
 def _sqlite_engine(url: str, create: bool) -> sa.Engine:
