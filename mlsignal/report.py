@@ -18,14 +18,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mlsignal.client.training import model_stage_name
+from mlsignal.v1 import common_pb2
+from shared.labels import CLASSES, FIXED_HORIZON, TRIPLE_BARRIER
 from shared.timeframes import ms_to_iso
 
-CLASSES = ("down", "range", "up")
-CLASS_COLOURS = {"down": "#c0392b", "range": "#7f8c8d", "up": "#27ae60"}
+CLASS_COLOURS = dict(zip(CLASSES, ("#c0392b", "#7f8c8d", "#27ae60"), strict=True))  # down, range, up
 BINS = 10
 TOP_FEATURES = 20
-LABEL_KINDS = {0: "fixed horizon", 1: "fixed horizon", 2: "triple barrier"}
-STAGES = {1: "candidate", 2: "serving", 3: "rejected", 4: "retired", 5: "research"}
 
 
 def report_filename(model_id: str) -> str:
@@ -84,11 +84,18 @@ def importances(m: Mapping[str, float]) -> list[tuple[str, float]]:
     return sorted(items, key=lambda kv: kv[1], reverse=True)
 
 
+def label_kind(info: Any) -> str:
+    """The model's label definition, `shared.labels.FIXED_HORIZON` or `TRIPLE_BARRIER` (unspecified: fixed horizon,
+    the training default)."""
+    kind = int(getattr(info.label, "kind", 0))
+    return TRIPLE_BARRIER if kind == common_pb2.LABEL_KIND_TRIPLE_BARRIER else FIXED_HORIZON
+
+
 def label_text(info: Any) -> str:
-    kind = LABEL_KINDS.get(int(getattr(info.label, "kind", 0)), "fixed horizon")
+    kind = label_kind(info)
     h, thr = info.label.horizon_bars, info.label.threshold
     pct = f"{thr * 100:g} %"
-    if kind == "triple barrier":
+    if kind == TRIPLE_BARRIER:
         return (f"triple barrier over {h} candles of {info.timeframe}: up if the close first rises more than {pct} "
                 f"above the candle's close within {h} candles, down if it first falls more than {pct}, range if "
                 "neither happens")
@@ -267,7 +274,8 @@ def render_html(info: Any) -> str:
         f"Out of sample the model's log loss is {_fmt(ll)} against {_fmt(prior)} for the class prior "
         f"(ratio {_fmt(ratio)}): it {'adds information over' if beats else 'does NOT beat'} the prior."
     )
-    stage = STAGES.get(int(getattr(info, "stage", 0) or 0))
+    stage_value = int(getattr(info, "stage", 0) or 0)  # 0: a server that does not report stages
+    stage = model_stage_name(stage_value).lower() if stage_value else ""
     stage_reason = getattr(info, "stage_reason", "")
     p = info.params
     params = (f"{p.n_estimators} trees, max depth {'unlimited' if p.max_depth == -1 else p.max_depth}, "

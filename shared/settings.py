@@ -250,7 +250,7 @@ class Settings:
         """(certificate chain, private key) as PEM bytes, or None without TLS; ValueError names an unreadable file."""
         if self.tls_cert is None or self.tls_key is None:
             return None
-        return _read_pem("MLSIGNAL_TLS_CERT", self.tls_cert), _read_pem("MLSIGNAL_TLS_KEY", self.tls_key)
+        return read_pem("MLSIGNAL_TLS_CERT", self.tls_cert), read_pem("MLSIGNAL_TLS_KEY", self.tls_key)
 
 
 def _optional(name: str) -> str | None:
@@ -263,7 +263,9 @@ def _path(name: str) -> Path | None:
     return None if raw is None else Path(raw)
 
 
-def _read_pem(name: str, path: Path) -> bytes:
+def read_pem(name: str, path: Path) -> bytes:
+    """The bytes of a PEM file (certificate, key or CA); ValueError names the setting `name` when the file cannot be
+    read or holds no PEM block."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -287,7 +289,9 @@ def check_dask_address(address: str, what: str = "MLSIGNAL_DASK_SCHEDULER") -> s
 
 
 def is_loopback_host(host: str) -> bool:
-    """Whether a host name or address is this machine's loopback: localhost, 127.0.0.0/8 or ::1."""
+    """Whether a host name or address is this machine's loopback: localhost, 127.0.0.0/8 or ::1 (brackets and
+    surrounding spaces ignored). The one definition for servers and clients: this module needs nothing beyond the
+    standard library, so the client SDK imports it on the base install."""
     import ipaddress
 
     host = host.strip().strip("[]")
@@ -340,7 +344,7 @@ def client_security(tls: bool | None = None, ca_cert: str | Path | None = None,
     """
     ca = Path(ca_cert) if ca_cert else _path("MLSIGNAL_TLS_CA")
     what = "--ca-cert" if ca_cert else "MLSIGNAL_TLS_CA"
-    root = _read_pem(what, ca) if ca is not None else None
+    root = read_pem(what, ca) if ca is not None else None
     use_tls = bool(tls) or root is not None
     if token is not None:
         check_token(token, "--token")

@@ -36,7 +36,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from shared.errors import one_line
-from shared.settings import Settings, check_dask_address, check_dask_security
+from shared.settings import Settings, check_dask_address, check_dask_security, read_pem
 from training_service.worker import (
     cancel_event_name,
     progress_queue_name,
@@ -208,12 +208,7 @@ def dask_security(tls_files: tuple[Path, Path, Path] | None) -> Any:
     ca, cert, key = tls_files
     for name, path in zip(("MLSIGNAL_DASK_TLS_CA", "MLSIGNAL_DASK_TLS_CERT", "MLSIGNAL_DASK_TLS_KEY"), tls_files,
                           strict=True):
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise ValueError(f"{name}={str(path)!r}: cannot read: {exc.strerror or exc}") from None
-        if b"-----BEGIN" not in data:
-            raise ValueError(f"{name}={str(path)!r}: not a PEM file")
+        read_pem(name, path)  # readable PEM files, named in the error otherwise
     return Security(tls_ca_file=str(ca), tls_client_cert=str(cert), tls_client_key=str(key),
                     require_encryption=True)
 

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from mlsignal.cli.training import client_errors
+from shared.labels import CLASSES
 from shared.timeframes import TIMEFRAME_MS, ms_to_iso
 
-CLASS_NAMES = ("down", "range", "up")
 STALENESS_SERVICE = "mlsignal.staleness"
 # Per-bin out-of-sample reliability in a model's metrics: oos_reliability_<class>_<bin>_mean / _freq / _count.
-_OOS_BIN = re.compile(r"^oos_reliability_(down|range|up)_(\d+)_(mean|freq|count)$")
+_OOS_BIN = re.compile(rf"^oos_reliability_({'|'.join(CLASSES)})_(\d+)_(mean|freq|count)$")
 
 
 def register(sub) -> None:
@@ -55,7 +55,7 @@ def oos_reliability(metrics: Any) -> list[tuple[str, int, float, float, int]]:
         if m:
             bins.setdefault((m.group(1), int(m.group(2))), {})[m.group(3)] = float(value)
     out = []
-    for (name, b), d in sorted(bins.items(), key=lambda kv: (CLASS_NAMES.index(kv[0][0]), kv[0][1])):
+    for (name, b), d in sorted(bins.items(), key=lambda kv: (CLASSES.index(kv[0][0]), kv[0][1])):
         if "mean" in d and "freq" in d and d.get("count", 1) > 0 and math.isfinite(d["mean"] + d["freq"]):
             out.append((name, b, d["mean"], d["freq"], int(d.get("count", 0))))
     return out
@@ -98,12 +98,12 @@ def format_report(perf: Any, info: Any, staleness: str, serving_id: str) -> str:
                      "  (out-of-sample log loss at training)")
     lines.append("")
     lines.append("live reliability: per bin of predicted probability, candles (n), mean predicted, observed frequency")
-    lines.append((f"{'':12}" + "".join(f"{name:>16}{'':8}" for name in CLASS_NAMES)).rstrip())
-    lines.append(f"{'bin':12}" + f"{'n':>8}{'pred':>8}{'obs':>8}" * len(CLASS_NAMES))
+    lines.append((f"{'':12}" + "".join(f"{name:>16}{'':8}" for name in CLASSES)).rstrip())
+    lines.append(f"{'bin':12}" + f"{'n':>8}{'pred':>8}{'obs':>8}" * len(CLASSES))
     cells = {(b.class_name, round(b.lower * 10)): b for b in perf.reliability}
     for k in sorted({key[1] for key in cells}):
         row = f"{k / 10:.1f}-{(k + 1) / 10:.1f}".ljust(12)
-        for name in CLASS_NAMES:
+        for name in CLASSES:
             b = cells.get((name, k))
             row += (f"{b.count:>8}{b.mean_predicted:>8.2f}{b.observed_frequency:>8.2f}" if b is not None
                     else f"{'-':>8}{'':16}")
@@ -121,7 +121,7 @@ def write_plot(perf: Any, oos: list[tuple[str, int, float, float, int]], path: P
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 5.4), sharey=True, layout="constrained")
     biggest = max([b.count for b in perf.reliability] + [c for *_, c in oos] + [1])
-    for ax, name in zip(axes, CLASS_NAMES, strict=True):
+    for ax, name in zip(axes, CLASSES, strict=True):
         ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfectly calibrated")
         if oos:
             pts = [(m, f, c) for n, _, m, f, c in oos if n == name]

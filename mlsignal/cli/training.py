@@ -7,6 +7,7 @@ import argparse
 import functools
 import sys
 
+from shared.labels import CLASSES
 from shared.timeframes import TIMEFRAME_MS, ms_to_datetime, parse_time
 
 ERROR_WIDTH = 60
@@ -17,7 +18,6 @@ METRIC_ROWS = (
     ("brier", "brier", "prior_brier"),
     ("balanced_accuracy", "balanced_accuracy", "prior_balanced_accuracy"),
 )
-CLASS_NAMES = ("down", "range", "up")
 LABEL_CHOICES = ("fixed-horizon", "triple-barrier")
 
 
@@ -232,7 +232,7 @@ def metrics_table(metrics) -> str:
     if metrics.get("dropped_gap_labels"):
         extra.append(("dropped labels", f"{int(metrics['dropped_gap_labels'])}",
                       f"horizon spans missing candles ({int(metrics.get('window_missing_candles', 0))} missing)"))
-    balance = " ".join(f"{name} {_pct(metrics.get(f'test_class_{name}'))}" for name in CLASS_NAMES)
+    balance = " ".join(f"{name} {_pct(metrics.get(f'test_class_{name}'))}" for name in CLASSES)
     extra.append(("test classes", balance, "class balance of the test part"))
     lines.append(table(("", "value", "meaning"), extra))
     if metrics.get("beats_prior") == 0.0:
@@ -304,6 +304,7 @@ def _job_show(args) -> int:
 
 @client_errors
 def _models(args) -> int:
+    from mlsignal.client import model_stage_name
     from mlsignal.v1 import common_pb2
 
     with _training_client(args) as client:
@@ -315,7 +316,7 @@ def _models(args) -> int:
     for m in models:
         window = f"{_ts(m, 'train_start')} .. {_ts(m, 'train_end')}"
         loss = f"{_num(m.metrics.get('log_loss'))} vs {_num(m.metrics.get('prior_log_loss'))}"
-        stage = stage_name(m.stage) + (" *" if m.stage == common_pb2.MODEL_STAGE_SERVING else "")
+        stage = model_stage_name(m.stage) + (" *" if m.stage == common_pb2.MODEL_STAGE_SERVING else "")
         rows.append((m.model_id, m.symbol, m.timeframe, stage, _ts(m, "created_at"), window,
                      str(m.label.horizon_bars), f"{m.label.threshold:g}", loss,
                      _truncate(m.stage_reason, REASON_WIDTH)))
@@ -324,42 +325,36 @@ def _models(args) -> int:
     return 0
 
 
-def stage_name(stage: int) -> str:
-    """CANDIDATE, SERVING, REJECTED, RETIRED or RESEARCH ("-" for a service that does not report stages)."""
-    from mlsignal.v1 import common_pb2
-
-    if stage == common_pb2.MODEL_STAGE_UNSPECIFIED:
-        return "-"
-    return common_pb2.ModelStage.Name(stage).removeprefix("MODEL_STAGE_")
-
-
 @client_errors
 def _models_promote(args) -> int:
+    from mlsignal.client import model_stage_name
+
     with _training_client(args) as client:
         m = client.promote(args.model_id, args.reason)
-    print(f"model {m.model_id} is now {stage_name(m.stage)} for {m.symbol} {m.timeframe}: {m.stage_reason}")
+    print(f"model {m.model_id} is now {model_stage_name(m.stage)} for {m.symbol} {m.timeframe}: {m.stage_reason}")
     return 0
 
 
 @client_errors
 def _models_rollback(args) -> int:
+    from mlsignal.client import model_stage_name
+
     with _training_client(args) as client:
         m = client.rollback(args.symbol, args.timeframe, args.reason)
-    print(f"model {m.model_id} is {stage_name(m.stage)} again for {m.symbol} {m.timeframe}: {m.stage_reason}")
+    print(f"model {m.model_id} is {model_stage_name(m.stage)} again for {m.symbol} {m.timeframe}: {m.stage_reason}")
     return 0
 
 
 @client_errors
 def _models_history(args) -> int:
-    from mlsignal.v1 import common_pb2
+    from mlsignal.client import model_stage_name
 
     with _training_client(args) as client:
         changes = client.stage_changes(args.symbol, args.timeframe, limit=max(args.limit, 0))
     if not changes:
         print(f"no stage changes for {args.symbol} {args.timeframe}")
         return 0
-    rows = [(_ts(c, "changed_at"), c.model_id, common_pb2.ModelStage.Name(c.stage).removeprefix("MODEL_STAGE_"),
-             c.reason) for c in changes]
+    rows = [(_ts(c, "changed_at"), c.model_id, model_stage_name(c.stage), c.reason) for c in changes]
     print(table(("changed (UTC)", "model id", "stage", "reason"), rows))
     return 0
 

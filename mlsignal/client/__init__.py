@@ -55,7 +55,7 @@ from mlsignal.client.frames import (
 )
 from mlsignal.client.inference import InferenceClient, LivePrediction
 from mlsignal.client.jobs import is_final, job_state_name
-from mlsignal.client.training import TrainingClient, TrainingJobHandle
+from mlsignal.client.training import TrainingClient, TrainingJobHandle, model_stage_name
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -84,6 +84,7 @@ __all__ = [
     "frame_to_candles",
     "is_final",
     "job_state_name",
+    "model_stage_name",
     "predictions_to_frame",
     "to_epoch_ms",
 ]

@@ -13,13 +13,13 @@ network.
 from __future__ import annotations
 
 import collections
-import ipaddress
 from collections.abc import Callable, Sequence
 from typing import Any, Self
 
 import grpc
 
 from mlsignal.client.errors import error_from_rpc
+from shared.settings import is_loopback_host
 
 __all__ = ["DEFAULT_TIMEOUT", "MAX_MESSAGE_BYTES", "ServiceClient", "connect_channel", "is_local_target"]
 
@@ -56,20 +56,11 @@ def _target_hosts(target: str) -> list[str] | None:
     return hosts
 
 
-def _loopback_host(host: str) -> bool:
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def is_local_target(target: str) -> bool:
     """Whether every address of a gRPC target is on this machine: a Unix socket (``unix:``), localhost, or a
     loopback address (127.0.0.0/8, ::1), also in the ``dns:///``, ``ipv4:`` and ``ipv6:`` forms."""
     hosts = _target_hosts(target)
-    return hosts is None or (bool(hosts) and all(_loopback_host(h) for h in hosts))
+    return hosts is None or (bool(hosts) and all(is_loopback_host(h) for h in hosts))
 
 
 class _CallDetails(

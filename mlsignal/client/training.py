@@ -19,7 +19,7 @@ from mlsignal.client.jobs import is_final, job_state_name
 from mlsignal.v1 import common_pb2, training_pb2, training_pb2_grpc
 from shared.timeframes import ms_to_timestamp
 
-__all__ = ["TrainingClient", "TrainingJobHandle"]
+__all__ = ["TrainingClient", "TrainingJobHandle", "model_stage_name"]
 
 _CLASS_WEIGHTS = {
     None: common_pb2.CLASS_WEIGHT_UNSPECIFIED,
@@ -38,6 +38,24 @@ _PURPOSES = {
 }
 
 ProgressCallback = Callable[[training_pb2.TrainingJob], None]
+
+
+def model_stage_name(stage: int) -> str:
+    """Short name of a ModelStage value: ``"SERVING"`` for MODEL_STAGE_SERVING (CANDIDATE, SERVING, REJECTED,
+    RETIRED, RESEARCH); ``"-"`` for UNSPECIFIED (a server that does not report stages), ``STAGE_<n>`` for a value this
+    client does not know (from a newer server).
+
+    Example::
+
+        >>> model_stage_name(common_pb2.MODEL_STAGE_CANDIDATE)
+        'CANDIDATE'
+    """
+    if stage == common_pb2.MODEL_STAGE_UNSPECIFIED:
+        return "-"
+    try:
+        return common_pb2.ModelStage.Name(stage).removeprefix("MODEL_STAGE_")
+    except ValueError:
+        return f"STAGE_{stage}"
 
 
 class TrainingJobHandle:
