@@ -190,13 +190,21 @@ async def _decoded(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[
         yield request
 
 
-def _unary_request(behavior: Callable[..., Any], stream: bool) -> Callable[..., Any]:
-    if stream:
+def _checked(behavior: Callable[..., Any], streaming_request: bool, generator: bool) -> Callable[..., Any]:
+    """`behavior` behind the decoding check: an undecodable request (or, on a request stream, message) aborts the
+    call INVALID_ARGUMENT when the handler gets to it. `generator`: `behavior` is an async generator of responses."""
+
+    async def checked(request: Any, context: Any) -> Any:
+        if streaming_request:
+            return _decoded(request, context)
+        if request is _UNDECODABLE:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE)
+        return request
+
+    if generator:
 
         async def stream_wrapper(request: Any, context: Any) -> AsyncIterator[Any]:
-            if request is _UNDECODABLE:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE)
-            responses = behavior(request, context)
+            responses = behavior(await checked(request, context), context)
             try:
                 async for response in responses:
                     yield response
@@ -206,28 +214,7 @@ def _unary_request(behavior: Callable[..., Any], stream: bool) -> Callable[..., 
         return stream_wrapper
 
     async def wrapper(request: Any, context: Any) -> Any:
-        if request is _UNDECODABLE:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE)
-        return await behavior(request, context)
-
-    return wrapper
-
-
-def _stream_request(behavior: Callable[..., Any], stream: bool) -> Callable[..., Any]:
-    if stream:
-
-        async def stream_wrapper(requests: Any, context: Any) -> AsyncIterator[Any]:
-            responses = behavior(_decoded(requests, context), context)
-            try:
-                async for response in responses:
-                    yield response
-            finally:
-                await responses.aclose()
-
-        return stream_wrapper
-
-    async def wrapper(requests: Any, context: Any) -> Any:
-        return await behavior(_decoded(requests, context), context)
+        return await behavior(await checked(request, context), context)
 
     return wrapper
 
@@ -244,15 +231,11 @@ def decoding_checked(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
             inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
         return handler
     deserialize = _safe_deserializer(handler.request_deserializer)
-    generator = inspect.isasyncgenfunction(behavior)
+    wrapped = _checked(behavior, handler.request_streaming, inspect.isasyncgenfunction(behavior))
     if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(_unary_request(handler.unary_unary, False), deserialize,
-                                                   handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(wrapped, deserialize, handler.response_serializer)
     if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(_stream_request(handler.stream_unary, False), deserialize,
-                                                    handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(wrapped, deserialize, handler.response_serializer)
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(_unary_request(handler.unary_stream, generator), deserialize,
-                                                    handler.response_serializer)
-    return grpc.stream_stream_rpc_method_handler(_stream_request(handler.stream_stream, generator), deserialize,
-                                                 handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(wrapped, deserialize, handler.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(wrapped, deserialize, handler.response_serializer)
