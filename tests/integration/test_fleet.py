@@ -8,6 +8,11 @@ waits on a clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -28,6 +33,41 @@ WARM = 120  # candles in each stream's first message
 
 def symbol(i: int) -> str:
     return f"M{i:04d}/USDT"
+
+
+# What the server's event loop thread did that could block: database statements and files opened in the model
+# directory. Recorded by an SQLAlchemy listener and an audit hook (installed once; it records only while a test asks).
+LOOP_THREAD = "grpc-server-loop"
+_watched_dirs: list[str] = []
+_loop_touches: list[str] = []
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "open" and _watched_dirs and threading.current_thread().name == LOOP_THREAD:
+        path = str(args[0])
+        if any(path.startswith(d) for d in _watched_dirs):
+            _loop_touches.append(f"open {path}")
+
+
+sys.addaudithook(_audit)
+
+
+@contextlib.contextmanager
+def on_the_loop(engine: sa.Engine, model_dir: Path) -> Iterator[list[str]]:
+    """Everything the server's event loop did meanwhile that reads the database or the model directory."""
+    def statement(conn, cursor, text, *args) -> None:
+        if threading.current_thread().name == LOOP_THREAD:
+            _loop_touches.append(f"sql {text}")
+
+    _loop_touches.clear()
+    sa.event.listen(engine, "before_cursor_execute", statement)
+    _watched_dirs.append(str(Path(model_dir).resolve()))
+    _watched_dirs.append(str(model_dir))
+    try:
+        yield _loop_touches
+    finally:
+        _watched_dirs.clear()
+        sa.event.remove(engine, "before_cursor_execute", statement)
 
 
 @pytest.fixture
@@ -89,7 +129,9 @@ def test_a_promotion_in_one_of_hundreds_of_markets_reaches_its_open_stream(fleet
             for call, _ in opened:
                 await call.done_writing()
 
-    asyncio.run(run())
+    with on_the_loop(server.store.engine, server.store.model_dir) as touches:
+        asyncio.run(run())
+    assert touches == []
 
 
 def test_streams_recover_by_themselves_after_no_model_and_after_a_swap_to_a_funding_model(fleet):
@@ -139,4 +181,104 @@ def test_streams_recover_by_themselves_after_no_model_and_after_a_swap_to_a_fund
             await call.done_writing()
             await fresh.done_writing()
 
-    asyncio.run(run())
+    with on_the_loop(server.store.engine, server.store.model_dir) as touches:
+        asyncio.run(run())
+    assert touches == []
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PostgreSQL stopped under open streams
+
+
+@pytest.fixture
+def outage_fleet(tmp_path):
+    """A cluster of this test's own (it is stopped), five markets, and a server whose cache holds two of them."""
+    from inference_service.server import start
+    from postgres import started_cluster
+    from shared.store.migrate import upgrade
+
+    with started_cluster("mlsignal-pg-fleet-") as cluster:
+        url = cluster.url()
+        upgrade(url)
+        engine = make_engine(url)
+        model_dir = tmp_path / "models"
+        for i in range(5):
+            register(engine, model_dir, symbol(i), TF, model_id=f"m{i:04d}-a", seed=i)
+        settings = Settings(database_url=url, model_dir=model_dir, model_poll_seconds=3600.0, model_cache_size=2)
+        server = start(settings, "127.0.0.1:0")
+        try:
+            yield cluster, engine, server
+        finally:
+            server.stop(0.5)
+            engine.dispose()
+
+
+@pytest.mark.postgres
+def test_health_answers_within_100_ms_with_postgresql_stopped_and_streams_on_every_path(outage_fleet):
+    """Streams on a pinned model, on serving models in memory and on a market whose model the cache dropped, plus a
+    Predict for a market never loaded, all while PostgreSQL is down: what is in memory answers, what needs the
+    database answers UNAVAILABLE from a worker thread, and health keeps answering within 100 ms throughout. The
+    candles sent meanwhile joined their streams: once the database is back, the evicted market answers again."""
+    cluster, engine, server = outage_fleet
+    series = candles(WARM + 10)
+    unavailable = grpc.StatusCode.UNAVAILABLE.value[0]
+
+    async def run() -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            evicted, _ = await _open(stub, 0, series)  # market 0 is loaded first, then dropped by 1 and 2
+            pinned = stub.StreamPredict(timeout=120)
+            await pinned.write(inference_pb2.PredictRequest(symbol=symbol(3), timeframe=TF, model_id="m0003-a",
+                                                            candles=messages(series, 0, WARM)))
+            assert (await pinned.read()).model_id == "m0003-a"
+            fresh = [(await _open(stub, i, series))[0] for i in (1, 2)]
+            served = {role: m.model_id for role, m in server.store.loaded()}
+            assert "m0000-a" not in served.values() and len(server.store.loaded()) == 3
+
+            latencies: list[float] = []
+            stop = asyncio.Event()
+
+            async def probe() -> None:
+                loop = asyncio.get_running_loop()
+                while not stop.is_set():
+                    t0 = loop.time()
+                    reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                    latencies.append(loop.time() - t0)
+                    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+                    await asyncio.sleep(0.005)
+
+            with cluster.stopped():
+                prober = asyncio.create_task(probe())
+                for k in range(WARM, WARM + 5):
+                    answers = await asyncio.gather(
+                        _send(evicted, series, k), _send(pinned, series, k), *(_send(c, series, k) for c in fresh),
+                        stub.Predict(inference_pb2.PredictRequest(symbol=symbol(4), timeframe=TF,
+                                                                  candles=messages(series, 0, 5)), timeout=30),
+                        return_exceptions=True)
+                    gone, pin, *in_memory, cold = answers
+                    assert gone.error.code == unavailable, gone.error.message
+                    assert pin.model_id == "m0003-a" and pin.predictions[0].ready
+                    assert [a.model_id for a in in_memory] == ["m0001-a", "m0002-a"]
+                    assert isinstance(cold, grpc.aio.AioRpcError) and cold.code() == grpc.StatusCode.UNAVAILABLE
+                    # the poll fails, logs, and keeps serving
+                    assert await asyncio.to_thread(server.store.refresh) == []
+                stop.set()
+                await prober
+            assert latencies
+            assert max(latencies) < 0.1, sorted(latencies)[-5:]
+
+            back = await _send(evicted, series, WARM + 5)
+            assert back.model_id == "m0000-a", back.error.message
+            # the candles sent during the outage are in the history: the answer is Predict's over the same candles
+            whole = await stub.Predict(inference_pb2.PredictRequest(symbol=symbol(0), timeframe=TF,
+                                                                    candles=messages(series, 0, WARM + 6)))
+            assert back.predictions[0].ml_up_prob == whole.predictions[-1].ml_up_prob
+            for call in (evicted, pinned, *fresh):
+                await call.done_writing()
+
+    with on_the_loop(server.store.engine, server.store.model_dir) as touches:
+        asyncio.run(run())
+    assert touches == []
