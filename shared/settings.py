@@ -12,7 +12,7 @@
 | MLSIGNAL_DASK_SCHEDULER | (none) | `tcp://host:8786`: run each training job as one task on this Dask cluster |
 | MLSIGNAL_DASK_SPREAD_FIT | 0 | `1`: with Dask, grow each forest's trees as tasks across the cluster |
 | MLSIGNAL_MODEL_POLL_SECONDS | 2 | how often inference checks the registry for newer models |
-| MLSIGNAL_MODEL_CACHE_SIZE | 0 | serving models inference keeps in memory: 0 keeps one per market in use (see mlsignal_models_loaded and the memory per model in the README); N keeps the N most recently used markets |
+| MLSIGNAL_MODEL_CACHE_SIZE | 0 | serving models kept in memory: 0 one per market in use, N the N most recent markets |
 | MLSIGNAL_MODEL_MAX_AGE | (none) | e.g. `30d`: an older serving model makes health `mlsignal.staleness` NOT_SERVING |
 | MLSIGNAL_LIVE_MONITORING | 1 | `0`: inference does not journal predictions, so nothing is scored live |
 | MLSIGNAL_LIVE_FLUSH_SECONDS | 1 | how often the prediction journal writes what inference served and received |

@@ -219,7 +219,7 @@ def test_health_answers_within_100_ms_with_postgresql_stopped_and_streams_on_eve
     Predict for a market never loaded, all while PostgreSQL is down: what is in memory answers, what needs the
     database answers UNAVAILABLE from a worker thread, and health keeps answering within 100 ms throughout. The
     candles sent meanwhile joined their streams: once the database is back, the evicted market answers again."""
-    cluster, engine, server = outage_fleet
+    cluster, _engine, server = outage_fleet
     series = candles(WARM + 10)
     unavailable = grpc.StatusCode.UNAVAILABLE.value[0]
 
