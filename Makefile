@@ -4,6 +4,10 @@
 #   .venv-client  the client-only install (no extras) on the oldest supported gRPC stack; it also holds the pinned
 #                 grpcio-tools that generates mlsignal/v1
 #   tests/node    the Node.js client check (@grpc/grpc-js, @grpc/proto-loader), installed from its package-lock.json
+#   system        Debian packages the tests use: PostgreSQL 15 (initdb, pg_ctl), Node.js and npm, chattr (e2fsprogs)
+#
+# Under CI (CI=true, as .ci/run runs) a test that would skip because something is missing fails instead
+# (tests/conftest.py), so everything a test needs is installed here.
 PYTHON ?= python3
 NPM    ?= npm
 
@@ -25,7 +29,14 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 PACKAGE_FILES := $(shell find mlsignal shared training_service inference_service -type f \
                    \( -name '*.py' -o -name '*.pyi' -o -name '*.mako' \) -not -path '*/__pycache__/*')
 
-.PHONY: venv client-venv node-modules test lint demo protos bench bench-desk clean fuzz
+# The Debian packages, installed with apt-get when one is missing and this runs as root (as CI does). Otherwise a
+# missing package is named and the tests that need it skip, except under CI=true, where this step fails.
+PG_BIN          := /usr/lib/postgresql/15/bin
+SYSTEM_PACKAGES := $(if $(wildcard $(PG_BIN)/initdb),,postgresql-15) \
+                   $(if $(shell command -v node),,nodejs) $(if $(shell command -v npm),,npm) \
+                   $(if $(shell command -v chattr),,e2fsprogs) $(if $(shell command -v runuser),,util-linux)
+
+.PHONY: venv client-venv node-modules system-packages test lint demo protos bench bench-desk clean fuzz
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,13 +56,25 @@ $(CLIENT_STAMP): pyproject.toml mlsignal/protogen.py $(PACKAGE_FILES)
 # `npm ci` installs exactly the locked versions (and fails when package.json and the lock disagree); without a
 # lock, `npm install` resolves package.json and writes one. Without npm, skip: the Node.js tests skip themselves
 # then, except under CI=true, where both this step and those tests fail.
-$(NODE_STAMP): $(NODE_DIR)/package.json $(wildcard $(NODE_DIR)/package-lock.json)
+$(NODE_STAMP): $(NODE_DIR)/package.json $(wildcard $(NODE_DIR)/package-lock.json) | system-packages
 	@if ! command -v $(NPM) >/dev/null 2>&1; then \
 	  if [ "$$CI" = "true" ]; then echo "npm not found; CI=true requires the Node.js client checks"; exit 1; fi; \
 	  echo "npm not found: skipping the Node.js client checks"; exit 0; \
 	fi; \
 	if [ -f $(NODE_DIR)/package-lock.json ]; then cmd=ci; else cmd=install; fi; \
 	$(NPM) $$cmd --prefix $(NODE_DIR) --no-audit --no-fund --loglevel=error && touch $@
+
+system-packages:
+	@missing="$(strip $(SYSTEM_PACKAGES))"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	elif [ "$$CI" = "true" ]; then \
+	  echo "missing Debian packages: $$missing; CI=true needs them (run as root, with apt-get)"; exit 1; \
+	else \
+	  echo "missing Debian packages: $$missing (the tests that need them skip; as root: apt-get install $$missing)"; \
+	fi
 
 venv: $(STAMP)
 
@@ -63,7 +86,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint $(CLIENT_STAMP) $(NODE_STAMP)
+test: lint system-packages $(CLIENT_STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest -q
 
 # The RPC fuzzer at length (`make test` runs it with 300 examples): generated requests for every RPC of both services.

