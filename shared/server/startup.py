@@ -6,12 +6,14 @@ hidden) instead of a server that answers UNAVAILABLE to every call. A server nev
 `mlsignal db upgrade` and `mlsignal data import` do.
 
 A database server that cannot be reached (PostgreSQL down) is an outage, not a configuration error: `DatabaseGate`
-lets the server start NOT_SERVING and retries with backoff until the database answers.
+lets the server start NOT_SERVING and retries with backoff until the database answers. A server that answers but
+refuses the connection for good (wrong credentials, no such database or role) is a configuration error.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable
 
@@ -25,6 +27,12 @@ log = logging.getLogger(__name__)
 #: Backoff of the start-up retries against an unreachable database: the first wait, doubled up to the last.
 RETRY_FIRST_SECONDS = 0.5
 RETRY_MAX_SECONDS = 10.0
+
+
+#: What PostgreSQL says when it is up but refuses this connection for a reason retrying cannot fix.
+_REFUSED_FOR_GOOD = re.compile(
+    r"password authentication failed|authentication failed for user|no pg_hba\.conf entry|"
+    r"database \"[^\"]*\" does not exist|role \"[^\"]*\" does not exist", re.IGNORECASE)
 
 
 class StartupError(Exception):
@@ -71,6 +79,8 @@ def check_database(url: str) -> None:
     except Unavailable as exc:
         if url.startswith("sqlite"):  # a file is there or not: nothing to wait for
             raise StartupError(database_problem(url, exc)) from None
+        if _REFUSED_FOR_GOOD.search(str(exc.__cause__ or exc)):
+            raise StartupError(database_problem(url, exc) + "; check MLSIGNAL_DATABASE_URL") from None
         raise
     except (sa.exc.SQLAlchemyError, OSError, ValueError) as exc:
         raise StartupError(database_problem(url, exc)) from None

@@ -191,3 +191,20 @@ def test_a_deleted_sqlite_file_is_not_recreated_and_a_restored_one_is_used(tmp_p
         ich.close()
         inference.stop(0.5)
         training.stop(0.5)
+
+
+def test_postgresql_that_refuses_the_database_or_the_role_stops_both_servers(pg_server, tmp_path):
+    """A PostgreSQL that answers but refuses for good (no such database, no such role) is a configuration error: both
+    servers exit non-zero at once naming the cause; only an unreachable server is an outage worth waiting for."""
+    import sqlalchemy as sa
+
+    base = sa.engine.make_url(pg_server)
+    cases = {
+        "database": _env(base.set(database="no_such_database").render_as_string(hide_password=False), tmp_path),
+        "role": _env(base.set(username="no_such_role").render_as_string(hide_password=False), tmp_path),
+    }
+    results = _run_servers(cases)
+    for (case, prog), result in results.items():
+        assert result.returncode != 0, (case, prog, result.stderr)
+        expected = 'database "no_such_database" does not exist' if case == "database" else 'role "no_such_role"'
+        assert expected in result.stderr and "MLSIGNAL_DATABASE_URL" in result.stderr, (case, prog, result.stderr)
