@@ -1,6 +1,7 @@
 """Desk scale: thousands of open StreamPredict streams on one inference replica, and a candle-close burst.
 
     .venv/bin/python -m bench.desk [--streams 100,1000,5000] [--quick] [--json]     (or: make bench-desk)
+    .venv/bin/python -m bench.desk --markets 1000 [--promotion-check] [--idle-seconds 10]   (a fleet: bench.fleet)
 
 What it does:
 
@@ -20,6 +21,9 @@ What it does:
 Every call has a deadline (`--timeout`), so a server that cannot hold the streams shows up as timed-out or refused
 streams in the table instead of a hang. Timings depend on the machine and on whatever else runs on it; the client
 shares the machine's cores with the server, and the load average is recorded next to the results.
+
+`--markets N` is the fleet mode (`bench.fleet`): the same set-up, but one stream per market and N markets, each with
+its own serving model, so the server loads, holds and watches N models.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from mlsignal.v1 import inference_pb2, inference_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "desk.json"
+FLEET_OUT = REPO / "bench" / "results" / "fleet.json"
 DEFAULT_STREAMS = (100, 1000, 5000)
 QUICK_STREAMS = (100, 1000)
 WARM_CANDLES = 120  # candles in each stream's first message
@@ -74,7 +79,8 @@ SERVER_START_TIMEOUT_S = 60.0
 class ServerProcess:
     """`python -m inference_service.server` on 127.0.0.1:<free port>, configured through the environment."""
 
-    def __init__(self, url: str, model_dir: Path, max_streams: int, log_path: Path) -> None:
+    def __init__(self, url: str, model_dir: Path, max_streams: int, log_path: Path,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
         self.target = f"127.0.0.1:{self.port}"
         env = dict(os.environ)
@@ -86,6 +92,7 @@ class ServerProcess:
             "MLSIGNAL_LOG_LEVEL": "WARNING",
             "MLSIGNAL_GRACE_SECONDS": "1",
         })
+        env.update(extra_env or {})
         env.pop("MLSIGNAL_METRICS_PORT", None)
         env.pop("MLSIGNAL_AUTH_TOKEN", None)
         self.log_path = log_path
@@ -140,6 +147,11 @@ class ServerProcess:
         self._log.close()
 
 
+_SET_BY_BENCH = {"MLSIGNAL_DATABASE_URL", "MLSIGNAL_MODEL_DIR", "MLSIGNAL_INFERENCE_ADDR", "MLSIGNAL_MAX_STREAMS",
+                 "MLSIGNAL_LOG_LEVEL", "MLSIGNAL_GRACE_SECONDS", "MLSIGNAL_METRICS_PORT", "MLSIGNAL_AUTH_TOKEN",
+                 "MLSIGNAL_MODEL_POLL_SECONDS", "MLSIGNAL_MODEL_CACHE_SIZE"}
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -164,6 +176,7 @@ class Burst:
     p99_ms: float | None = None
     max_ms: float | None = None
     server_cpu_s: float | None = None
+    client_cpu_s: float | None = None  # this process, all threads
     errors: list[str] = field(default_factory=list)
 
     @classmethod
@@ -218,6 +231,7 @@ class Stream:
         self.nexts = nexts
         self.open = False
         self.last_ready = False
+        self.model_id = ""  # the model that answered the last message
 
     async def exchange(self, request: inference_pb2.PredictRequest) -> str:
         """Send one message and read its answer: "ok", or what went wrong."""
@@ -232,6 +246,7 @@ class Stream:
         if len(resp.predictions) != len(request.candles):
             return f"{len(resp.predictions)} predictions for {len(request.candles)} candles"
         self.last_ready = resp.predictions[-1].ready
+        self.model_id = resp.model_id
         return "ok"
 
 
@@ -253,11 +268,15 @@ async def burst(make_calls: list, timeout: float, server: ServerProcess | None =
     await asyncio.sleep(0)  # every task reaches start.wait()
     await asyncio.sleep(0)
     cpu0 = server.cpu_seconds() if server else None
+    client0 = time.process_time()
     t0[0] = time.perf_counter()
     start.set()
     outcomes = await asyncio.gather(*tasks)
+    client = time.process_time() - client0
     cpu = server.cpu_seconds() - cpu0 if server and cpu0 is not None else None
-    return Burst.of(list(outcomes), cpu)
+    b = Burst.of(list(outcomes), cpu)
+    b.client_cpu_s = client
+    return b
 
 
 def health_calls(stubs: list, n: int, timeout: float) -> list:
@@ -541,23 +560,58 @@ def _streams_arg(text: str) -> list[int]:
     return values
 
 
+def _source_state() -> dict:
+    """The commit measured, and the files that differ from it (a measurement of uncommitted code says so)."""
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD").strip(),
+            "modified": [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.desk",
                                  description="Thousands of open streams on one inference replica, and a candle-close "
-                                             "burst against as many concurrent health checks.")
+                                             "burst against as many concurrent health checks; with --markets, one "
+                                             "stream per market, each market with its own model.")
     ap.add_argument("--streams", type=_streams_arg, default=None,
                     help="comma-separated open-stream counts (default: 100,1000,5000)")
-    ap.add_argument("--quick", action="store_true", help="100 and 1,000 streams, a 40-tree model")
+    ap.add_argument("--markets", type=_streams_arg, default=None,
+                    help="fleet mode: comma-separated market counts, one stream and one serving model per market "
+                         "(see bench.fleet)")
+    ap.add_argument("--quick", action="store_true",
+                    help="100 and 1,000 streams, a 40-tree model (with --markets: only the 40-tree model)")
     ap.add_argument("--rounds", type=int, default=3, help="bursts per N; the table shows medians (default: 3)")
     ap.add_argument("--channels", type=int, default=4, help="grpc.aio channels (connections) in the client")
     ap.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds for each call in each phase")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"also write the JSON here (default: {DEFAULT_OUT})")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"also write the JSON here (default: {DEFAULT_OUT}, with --markets {FLEET_OUT})")
+    fleet = ap.add_argument_group("fleet mode (--markets)")
+    fleet.add_argument("--idle-seconds", type=float, default=10.0,
+                       help="how long the server's idle CPU is measured (default: 10; 60 includes one pass of "
+                            "the work the server does once a minute)")
+    fleet.add_argument("--poll-seconds", type=float, default=2.0,
+                       help="MLSIGNAL_MODEL_POLL_SECONDS of the server (default: 2)")
+    fleet.add_argument("--model-cache-size", type=int, default=0,
+                       help="MLSIGNAL_MODEL_CACHE_SIZE of the server (default: 0, unbounded)")
+    fleet.add_argument("--warm-timeout", type=float, default=600.0,
+                       help="deadline in seconds for the warm-up messages, which load the models (default: 600)")
+    fleet.add_argument("--promotion-check", action="store_true",
+                       help="promote another model in one market while its stream is open, and time the switch")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.channels < 1 or args.timeout <= 0:
         ap.error("--rounds and --channels must be >= 1 and --timeout > 0")
-    counts = args.streams or list(QUICK_STREAMS if args.quick else DEFAULT_STREAMS)
+    if args.markets and args.streams:
+        ap.error("--streams and --markets are separate modes; give one of them")
+    if args.idle_seconds <= 0 or args.poll_seconds <= 0 or args.warm_timeout <= 0 or args.model_cache_size < 0:
+        ap.error("--idle-seconds, --poll-seconds and --warm-timeout must be > 0, --model-cache-size >= 0")
+    counts = args.markets or args.streams or list(QUICK_STREAMS if args.quick else DEFAULT_STREAMS)
     trees = 40 if args.quick else 200
+    out = args.out or (FLEET_OUT if args.markets else DEFAULT_OUT)
 
     from shared.settings import Settings
     from shared.store.db import make_engine
@@ -569,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_all = time.perf_counter()
     load_before = _loadavg()
-    results: list[DeskResult] = []
+    results: list = []
     with tempfile.TemporaryDirectory(prefix="mlsignal-desk-") as tmp:
         root = Path(tmp)
         url = f"sqlite:///{root}/bench.db"
@@ -589,19 +643,31 @@ def main(argv: list[str] | None = None) -> int:
             engine.dispose()
         if record is None:
             raise RuntimeError(f"model {job.model_id} is not registered")
+        if args.markets:
+            from bench import fleet as fleet_mode
+
+            log(f"registering {max(counts):,} copies of {job.model_id}, one per market ...")
+            registered = fleet_mode.register_fleet(url, settings.model_dir, job.model_id, max(counts),
+                                                   args.promotion_check)
         for n in counts:
-            log(f"N = {n:,}: starting the inference server (MLSIGNAL_MAX_STREAMS={n + STREAM_HEADROOM}) ...")
-            server = ServerProcess(url, settings.model_dir, n + STREAM_HEADROOM, root / f"inference-{n}.log")
+            extra = fleet_mode.fleet_env(args.poll_seconds, args.model_cache_size) if args.markets else {}
+            log(f"N = {n:,}: starting the inference server (MLSIGNAL_MAX_STREAMS={n + STREAM_HEADROOM}"
+                + "".join(f", {k}={v}" for k, v in extra.items()) + ") ...")
+            server = ServerProcess(url, settings.model_dir, n + STREAM_HEADROOM, root / f"inference-{n}.log", extra)
             try:
                 server.wait_serving()
-                results.append(asyncio.run(desk_run(server, n, frame, args.channels, args.rounds, args.timeout,
-                                                    log)))
+                if args.markets:
+                    results.append(asyncio.run(fleet_mode.fleet_run(server, registered, n, frame, url, args, log)))
+                else:
+                    results.append(asyncio.run(desk_run(server, n, frame, args.channels, args.rounds, args.timeout,
+                                                        log)))
             finally:
                 server.stop()
     meta = {
         "model_id": job.model_id,
         "trees": record.params.n_estimators,
         "warmup_bars": record.warmup_bars,
+        "warm_candles": WARM_CANDLES,
         "channels": args.channels,
         "rounds": args.rounds,
         "timeout_s": args.timeout,
@@ -610,20 +676,32 @@ def main(argv: list[str] | None = None) -> int:
         "load_before": load_before,
         "load_after": _loadavg(),
         "wall_seconds": time.perf_counter() - t_all,
+        "source": _source_state(),
+        # MLSIGNAL_* settings this process passes on to the servers it starts, beyond those it sets itself
+        "inherited_env": {k: v for k, v in sorted(os.environ.items())
+                          if k.startswith("MLSIGNAL_") and k not in _SET_BY_BENCH},
     }
+    if args.markets:
+        meta.update(idle_seconds=args.idle_seconds, poll_seconds=args.poll_seconds,
+                    cache_size=args.model_cache_size, warm_timeout_s=args.warm_timeout)
+        target = {"markets": fleet_mode.TARGET_N, "max_burst_to_floor": fleet_mode.TARGET_RATIO,
+                  "max_idle_cpu_pct": fleet_mode.TARGET_IDLE_CPU_PCT,
+                  "max_promotion_s": args.poll_seconds + fleet_mode.PROMOTION_SLACK_S}
+    else:
+        target = {"streams": TARGET_N, "max_burst_to_floor": TARGET_RATIO}
     report = {
         "meta": meta,
-        "target": {"streams": TARGET_N, "max_burst_to_floor": TARGET_RATIO},
+        "target": target,
         "summary": [r.summary() for r in results],
         "runs": [asdict(r) for r in results],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(format_table(results, meta))
-        print(f"\nwrote {args.out} ({meta['wall_seconds']:.0f} s in all)")
+        print(fleet_mode.format_table(results, meta) if args.markets else format_table(results, meta))
+        print(f"\nwrote {out} ({meta['wall_seconds']:.0f} s in all)")
     return 0
 
 
