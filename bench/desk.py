@@ -1,7 +1,7 @@
 """Desk scale: thousands of open StreamPredict streams on one inference replica, and a candle-close burst.
 
     .venv/bin/python -m bench.desk [--streams 100,1000,5000] [--quick] [--json]     (or: make bench-desk)
-    .venv/bin/python -m bench.desk --markets 1000 [--promotion-check] [--idle-seconds 10]   (a fleet: bench.fleet)
+    .venv/bin/python -m bench.desk --markets 1000 [--promotion-check] [--idle-seconds 10]   (a fleet: bench.desk_fleet)
 
 What it does:
 
@@ -22,8 +22,8 @@ Every call has a deadline (`--timeout`), so a server that cannot hold the stream
 streams in the table instead of a hang. Timings depend on the machine and on whatever else runs on it; the client
 shares the machine's cores with the server, and the load average is recorded next to the results.
 
-`--markets N` is the fleet mode (`bench.fleet`): the same set-up, but one stream per market and N markets, each with
-its own serving model, so the server loads, holds and watches N models.
+`--markets N` is the fleet mode (`bench.desk_fleet`): the same set-up, but one stream per market and N markets, each
+with its own serving model, so the server loads, holds and watches N models.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from mlsignal.v1 import inference_pb2, inference_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "desk.json"
-FLEET_OUT = REPO / "bench" / "results" / "fleet.json"
+FLEET_OUT = REPO / "bench" / "results" / "desk_fleet.json"
 DEFAULT_STREAMS = (100, 1000, 5000)
 QUICK_STREAMS = (100, 1000)
 WARM_CANDLES = 120  # candles in each stream's first message
@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated open-stream counts (default: 100,1000,5000)")
     ap.add_argument("--markets", type=_streams_arg, default=None,
                     help="fleet mode: comma-separated market counts, one stream and one serving model per market "
-                         "(see bench.fleet)")
+                         "(see bench.desk_fleet)")
     ap.add_argument("--quick", action="store_true",
                     help="100 and 1,000 streams, a 40-tree model (with --markets: only the 40-tree model)")
     ap.add_argument("--rounds", type=int, default=3, help="bursts per N; the table shows medians (default: 3)")
@@ -644,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         if record is None:
             raise RuntimeError(f"model {job.model_id} is not registered")
         if args.markets:
-            from bench import fleet as fleet_mode
+            from bench import desk_fleet as fleet_mode
 
             log(f"registering {max(counts):,} copies of {job.model_id}, one per market ...")
             registered = fleet_mode.register_fleet(url, settings.model_dir, job.model_id, max(counts),

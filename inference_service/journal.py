@@ -2,7 +2,9 @@
 until the prediction can be scored (`inference_service.live_scores`), then its score.
 
 The hot path (`record`) only appends the answer to a queue. A background thread takes the queue every
-`flush_seconds` (sooner when it grows long) and, per market:
+`flush_seconds` (sooner when it grows long), once answers have stopped arriving for a moment (`QUIET_SECONDS`, at
+most `MAX_DEFER_SECONDS` later): a candle-close burst over a fleet of markets is answered first and journaled right
+after, instead of sharing the interpreter with the journal's work while it is answered. Then, per market:
 
 1. keeps the last version of each candle (close) and of each prediction (probabilities) per model, so a forming
    candle sent again counts in its final version, and drops predictions already scored (serving the same candles
@@ -54,6 +56,10 @@ log = logging.getLogger(__name__)
 PENDING_MARGIN_BARS = 24
 #: How often expired rows are deleted (retention) and unneeded candles pruned, in seconds.
 MAINTENANCE_SECONDS = 60.0
+#: A flush waits until no answer has been recorded for this long (seconds) ...
+QUIET_SECONDS = 0.05
+#: ... but no longer than this past its due time.
+MAX_DEFER_SECONDS = 5.0
 #: How long a score summary read for the metrics endpoint is reused, in seconds.
 SUMMARY_TTL_SECONDS = 30.0
 _WARN_SECONDS = 60.0
@@ -128,6 +134,7 @@ class Journal:
         self._summary_lock = threading.Lock()
         self._maintained_at = time.monotonic()
         self._warned_at = 0.0
+        self._recorded_at = 0.0  # monotonic time of the last answer recorded
         self.dropped = 0  # answers not journaled: queue full, or their batch could not be written
 
     # -- the hot path --------------------------------------------------------------------------------------------
@@ -138,6 +145,7 @@ class Journal:
             self.dropped += 1
             return
         queue.append((model.record, predictions, candles.open_time_ms, candles.close))
+        self._recorded_at = time.monotonic()
         if len(queue) == self.wake_entries:
             self._wake.set()
 
@@ -158,12 +166,23 @@ class Journal:
         while not self._stopping.is_set():
             self._wake.wait(self.flush_seconds)
             self._wake.clear()
+            self._wait_for_quiet()
             try:
                 self.flush()
                 if time.monotonic() - self._maintained_at >= MAINTENANCE_SECONDS:
                     self.maintain()
             except Exception:  # never let the writer die
                 log.exception("the prediction journal failed to process a batch")
+
+    def _wait_for_quiet(self) -> None:
+        """Wait until no answer has been recorded for QUIET_SECONDS (at most MAX_DEFER_SECONDS, or until stop)."""
+        deadline = time.monotonic() + MAX_DEFER_SECONDS
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            quiet_for = now - self._recorded_at
+            if quiet_for >= QUIET_SECONDS or now >= deadline:
+                return
+            self._stopping.wait(min(QUIET_SECONDS - quiet_for, deadline - now))
 
     def flush(self) -> None:
         """Process everything queued now (the writer does this every `flush_seconds`)."""
