@@ -130,6 +130,11 @@ class Scheduler:
         self.before_register: Callable[[str], None] | None = None
         self.before_register_commit: Callable[[str], None] | None = None
 
+    def room(self) -> int:
+        """Jobs `submit` accepts now: the free places of the queue (retrain policies queue only that many)."""
+        with self._lock:
+            return max(0, self.queue_size - len(self._pending))
+
     def running_job_ids(self) -> list[str]:
         """Ids of the jobs whose process or task is running now; empty once every one of them is gone."""
         with self._lock:

@@ -97,3 +97,22 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                                           request.limit)
         return converters.stage_changes_response(changes)
 
+    @maps_errors
+    async def SetRetrainPolicy(self, request: training_pb2.RetrainPolicy,
+                               context: grpc.aio.ServicerContext) -> training_pb2.RetrainPolicy:
+        """Create or replace a market's retrain policy; returns it as stored, with its next due time."""
+        policy = converters.retrain_policy(request)
+        return converters.policy_message(await asyncio.to_thread(self.service.set_policy, policy))
+
+    @maps_errors
+    async def ListRetrainPolicies(self, request: training_pb2.ListRetrainPoliciesRequest,
+                                  context: grpc.aio.ServicerContext) -> training_pb2.ListRetrainPoliciesResponse:
+        found = await asyncio.to_thread(self.service.list_policies, request.symbol, request.timeframe)
+        return training_pb2.ListRetrainPoliciesResponse(policies=[converters.policy_message(p) for p in found])
+
+    @maps_errors
+    async def DeleteRetrainPolicy(self, request: training_pb2.DeleteRetrainPolicyRequest,
+                                  context: grpc.aio.ServicerContext) -> training_pb2.RetrainPolicy:
+        """The deleted policy; NOT_FOUND when the market has none."""
+        symbol, timeframe = converters.market(request.symbol, request.timeframe)
+        return converters.policy_message(await asyncio.to_thread(self.service.delete_policy, symbol, timeframe))
