@@ -11,6 +11,8 @@ from shared.converters import (
     CLASS_WEIGHT_TO_PROTO,
     LABEL_KIND_TO_PROTO,
     STAGE_TO_PROTO,
+    candle_batch,
+    columns_batch,
     label_message,
     params_message,
 )
@@ -30,6 +32,7 @@ from shared.store.registry import PRODUCTION, RESEARCH_PURPOSE
 from shared.symbols import validate_symbol
 from shared.timeframes import ms_to_iso, ms_to_timestamp, timeframe_ms
 from training_service import policies
+from training_service.candle_import import ImportBatch, ImportResult
 from training_service.jobs import Job, TrainingRequest
 
 MAX_HORIZON_BARS = 10_000
@@ -243,3 +246,24 @@ def policy_message(p: RetrainPolicy) -> training_pb2.RetrainPolicy:
         label=label_message(p.label), params=params_message(p.params), paused=p.paused,
         next_run_at=ms_to_timestamp(p.next_run_at_ms), last_job_id=p.last_job_id, last_outcome=p.last_outcome,
     )
+
+
+# -- ImportCandles ---------------------------------------------------------------------------------------------
+
+
+def import_batch(msg: training_pb2.ImportCandlesRequest) -> ImportBatch:
+    """An ImportCandlesRequest's market and candles, rows or columns (never both: INVALID_ARGUMENT); unset optional
+    values are NaN. The candles themselves are checked by `candle_import`."""
+    columnar = msg.HasField("columns")
+    if columnar and len(msg.candles):
+        raise InvalidArgument(
+            "candles, columns: a message carries its candles either as candles or as columns, not both",
+            field="columns")
+    batch = columns_batch(msg.columns) if columnar else candle_batch(msg.candles)
+    return ImportBatch(symbol=msg.symbol, timeframe=msg.timeframe, candles=batch, columnar=columnar)
+
+
+def import_response(result: ImportResult) -> training_pb2.ImportCandlesResponse:
+    return training_pb2.ImportCandlesResponse(inserted=result.inserted, unchanged=result.unchanged,
+                                              conflicting=result.conflicting,
+                                              last_open_time_ms=result.last_open_time_ms)

@@ -9,6 +9,7 @@ from shared.features import FeatureSpec
 from shared.store import policies, registry
 from shared.store.marketdata import count_candles
 from shared.timeframes import ms_to_iso
+from training_service.candle_import import CandleImport
 from training_service.jobs import Job, JobStore, TrainingRequest, now_ms
 from training_service.pipeline import min_candles_needed
 from training_service.scheduler import Scheduler
@@ -19,7 +20,7 @@ class TrainingService:
         self.store = store
         self.scheduler = scheduler
         self.engine = store.engine
-        self.clock = clock  # epoch ms: when a new retrain policy is due
+        self.clock = clock  # epoch ms: when a new retrain policy is due, which imported candles have closed
 
     def start(self, req: TrainingRequest) -> Job:
         """Check the stored candles can support the request, then queue it."""
@@ -101,3 +102,8 @@ class TrainingService:
         if deleted is None:
             raise NotFound(f"no retrain policy for {symbol} {timeframe}", field="symbol")
         return deleted
+
+    # -- candles pushed over gRPC (training_service.candle_import) ----------------------------------------------
+    def candle_import(self) -> CandleImport:
+        """A new ImportCandles call: it stores closed candles by the service's clock."""
+        return CandleImport(self.engine, self.clock)

@@ -1,4 +1,5 @@
-"""The training client: start, follow and cancel training jobs, list jobs and models, and set retrain policies.
+"""The training client: start, follow and cancel training jobs, list jobs and models, set retrain policies and
+import candles.
 
 A job outlives the call that started it, so `train` returns a `TrainingJobHandle` at once and the caller decides
 whether to wait, watch progress, or come back later with `TrainingClient.job`.
@@ -12,11 +13,12 @@ from typing import Any
 
 import grpc
 import numpy as np
+import pandas as pd
 from google.protobuf import duration_pb2
 
 from mlsignal.client.channel import DEFAULT_TIMEOUT, ServiceClient
 from mlsignal.client.errors import ProtocolError, TrainingFailedError, error_from_rpc
-from mlsignal.client.frames import to_epoch_ms
+from mlsignal.client.frames import columns_message, frame_columns, to_epoch_ms
 from mlsignal.client.jobs import is_final, job_state_name
 from mlsignal.v1 import common_pb2, training_pb2, training_pb2_grpc
 from shared.timeframes import ms_to_timestamp, parse_duration
@@ -341,6 +343,75 @@ class TrainingClient(ServiceClient):
             if m.stage == common_pb2.MODEL_STAGE_SERVING:
                 return m
         return None
+
+    def import_candles(
+        self,
+        symbol: str,
+        timeframe: str,
+        candles: pd.DataFrame | Iterable[pd.DataFrame],
+        *,
+        batch_size: int = 10_000,
+        timeout: float | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> training_pb2.ImportCandlesResponse:
+        """Store closed candles in the training service's database (ImportCandles) and return the counts:
+        `inserted`, `unchanged` (re-sent with the stored values), `conflicting` (re-sent with other values; the
+        stored ones are kept) and `last_open_time_ms`.
+
+        `candles` is a frame (as `frame_to_candles` takes it, optionally with funding_rate and open_interest) or an
+        iterable of frames, e.g. a collector's batches; each is sent as columns in messages of at most `batch_size`
+        candles, and `on_batch(n)` is called after each message is handed to gRPC. The service stores each message
+        whole or not at all: a refused message (a still-forming or inconsistent candle) raises
+        InvalidArgumentError naming the field, and the messages before it stay stored, so sending the same candles
+        again is safe. A frame's columns are checked (ValueError) before anything is sent, and so is an empty frame;
+        empty frames in an iterable are skipped (ValueError when all are). Without `timeout` the call has no
+        deadline.
+
+        Example::
+
+            >>> r = t.import_candles("BTC/USDT", "1h", closed_candles)      # doctest: +SKIP
+            >>> r.inserted, r.unchanged, r.conflicting                      # doctest: +SKIP
+            (24, 0, 0)
+        """
+        size = _int_arg(batch_size, "batch_size")
+        if size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {size}")
+        if isinstance(candles, pd.DataFrame):
+            checked = frame_columns(candles)  # a bad frame fails here, before the call
+            if not len(candles):
+                raise ValueError("no candles to import: the frame is empty")
+            frames: Iterable[Any] = [checked]
+        else:
+            frames = candles
+        failure: list[BaseException] = []
+
+        def requests() -> Iterator[training_pb2.ImportCandlesRequest]:
+            first = True
+            try:
+                for frame in frames:
+                    columns = frame if isinstance(frame, dict) else frame_columns(frame)
+                    n = len(columns["open_time_ms"])
+                    for start in range(0, n, size):
+                        request = training_pb2.ImportCandlesRequest(
+                            columns=columns_message(columns, start, start + size))
+                        if first:
+                            request.symbol, request.timeframe, first = symbol, timeframe, False
+                        yield request
+                        if on_batch is not None:
+                            on_batch(min(size, n - start))
+                if first:
+                    raise ValueError("no candles to import: every frame is empty")
+            except Exception as exc:  # a bad frame from the iterable: the call is cancelled, the error raised below
+                failure.append(exc)
+                raise
+
+        try:
+            response: training_pb2.ImportCandlesResponse = self._stub.ImportCandles(requests(), timeout=timeout)
+        except grpc.RpcError as err:
+            if failure:
+                raise failure[0] from None
+            raise error_from_rpc(err, f"while importing {symbol} {timeframe} candles") from err
+        return response
 
     def _watch(self, job_id: str, timeout: float | None = None) -> Iterator[training_pb2.TrainingJob]:
         call = self._stub.WatchTrainingJob(training_pb2.GetTrainingJobRequest(job_id=job_id), timeout=timeout)
