@@ -106,7 +106,7 @@ class Scheduler:
         self.workers = workers
         self.queue_size = queue_size
         self.fit_jobs = fit_jobs
-        self.executor = executor if executor is not None else LocalProcessExecutor(database_url, fit_jobs)
+        self.executor = executor if executor is not None else LocalProcessExecutor(database_url, fit_jobs, workers)
         self._lock = threading.Lock()
         self._pending: list[str] = []  # queued job ids, oldest first
         self._runs: dict[str, Run] = {}  # running job id -> its run in the executor

@@ -44,12 +44,14 @@ def job_counts(engine: sa.Engine) -> dict[str, int]:
 
 
 def make_executor(settings: Settings) -> Executor:
-    """Where jobs run: one task per job on the Dask cluster at MLSIGNAL_DASK_SCHEDULER, else local processes."""
+    """Where jobs run: one task per job on the Dask cluster at MLSIGNAL_DASK_SCHEDULER, else a pool of
+    MLSIGNAL_TRAINING_WORKERS warm local worker processes."""
     if settings.dask_scheduler:
         return DaskExecutor(settings.dask_scheduler, settings.database_url, settings.training_fit_jobs,
                             settings.dask_spread_fit, tls_files=settings.dask_tls_files(),
                             allow_plaintext=settings.dask_allow_plaintext)
-    return LocalProcessExecutor(settings.database_url, settings.training_fit_jobs)
+    return LocalProcessExecutor(settings.database_url, settings.training_fit_jobs,
+                                settings.training_workers)
 
 
 def start(settings: Settings, address: str | None = None, clock: Callable[[], int] | None = None) -> RunningTraining:
