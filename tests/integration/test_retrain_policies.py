@@ -2,6 +2,9 @@
 PostgreSQL, real jobs, policies set and read through the generated stubs, and the runner's `tick` called directly
 (the servers run no background ticks: MLSIGNAL_POLICY_INTERVAL_SECONDS=0). Nothing sleeps: jobs are followed with
 WatchTrainingJob.
+
+The history is stored as `mlsignal data import` stores a file (`insert_candles`); the candles that arrive later are
+pushed with ImportCandles, which takes only candles closed by the service's clock (the test's).
 """
 
 from __future__ import annotations
@@ -77,12 +80,24 @@ def market_frame(sample: pd.DataFrame, symbol: str, start_ms: int, end_ms: int) 
 
 
 def add_candles(url: str, sample: pd.DataFrame, symbols, start_ms: int, end_ms: int) -> None:
+    """Store history directly, as a file import does."""
     engine = make_engine(url)
     try:
         for symbol in symbols:
             insert_candles(engine, symbol, "1h", market_frame(sample, symbol, start_ms, end_ms))
     finally:
         engine.dispose()
+
+
+def push_candles(stub, sample: pd.DataFrame, symbols, start_ms: int, end_ms: int) -> None:
+    """New candles arriving over gRPC: one ImportCandles call per market."""
+    for symbol in symbols:
+        frame = market_frame(sample, symbol, start_ms, end_ms)
+        candles = [common_pb2.Candle(open_time_ms=int(r.open_time_ms), open=r.open, high=r.high, low=r.low,
+                                     close=r.close, volume=r.volume) for r in frame.itertuples()]
+        sent = stub.ImportCandles(iter([training_pb2.ImportCandlesRequest(symbol=symbol, timeframe="1h",
+                                                                          candles=candles)]), timeout=30)
+        assert sent.inserted + sent.unchanged == len(candles) and sent.conflicting == 0, sent
 
 
 @contextlib.contextmanager
@@ -170,7 +185,7 @@ def test_policies_retrain_each_market_once_per_due_time_skip_without_new_candles
 
         # T0 + 1d: new candles for BTC and INV only; ETH has nothing after its model and is skipped
         clock.ms = T0 + D
-        add_candles(db_url, sample_frame, ("BTC/USD", "INV/USD"), T0 + H, T0 + D)
+        push_candles(stub, sample_frame, ("BTC/USD", "INV/USD"), T0 + H, T0 + D)
         report = runner.tick()
         second = started_by_symbol(stub, report.started)
         assert set(second) == {"BTC/USD", "INV/USD"} and report.skipped == 1
@@ -185,8 +200,8 @@ def test_policies_retrain_each_market_once_per_due_time_skip_without_new_candles
 
         # T0 + 2d: all three retrain; ETH's job is cancelled, which counts as a failure retried at the next due time
         clock.ms = T0 + 2 * D
-        add_candles(db_url, sample_frame, ("BTC/USD", "INV/USD"), T0 + D, T0 + 2 * D)
-        add_candles(db_url, sample_frame, ("ETH/USD",), T0, T0 + 2 * D)
+        push_candles(stub, sample_frame, ("BTC/USD", "INV/USD"), T0 + D, T0 + 2 * D)
+        push_candles(stub, sample_frame, ("ETH/USD",), T0, T0 + 2 * D)
         report = runner.tick()
         third = started_by_symbol(stub, report.started)
         assert set(third) == set(MARKETS)
@@ -217,7 +232,7 @@ def test_policies_retrain_each_market_once_per_due_time_skip_without_new_candles
 
     # The service is down while three due times pass (T0 + 3d, 4d, 5d); after the restart each market runs once.
     clock.ms = T0 + 5 * D + H
-    add_candles(db_url, sample_frame, MARKETS, T0 + 2 * D, T0 + 5 * D + H)
+    add_candles(db_url, sample_frame, MARKETS, T0 + 2 * D, T0 + 5 * D + H)  # a file import while it is down
     with training_server(db_url, models, clock) as (running, stub):
         listed = policies_by_symbol(stub)
         assert set(listed) == set(MARKETS), "policies live in the database"
@@ -256,7 +271,7 @@ def test_a_job_that_fails_is_recorded_and_retried_at_the_next_due_time(db_url, t
         assert len(jobs_of(stub, "GAP/USD")) == 1
 
         clock.ms = T0 + D  # the next due time, with the history now complete
-        add_candles(db_url, sample_frame, ("GAP/USD",), T0 - 60 * D, T0 + D)
+        push_candles(stub, sample_frame, ("GAP/USD",), T0 - 60 * D, T0 + D)
         report = running.policies.tick()
         assert len(report.started) == 1
         retried = wait_job(stub, report.started[0])
@@ -306,7 +321,7 @@ def test_two_replicas_on_one_postgresql_run_each_due_policy_once(pg_url, tmp_pat
         by_replica = {"a": 0, "b": 0}
         for period in range(3):
             clock.ms = T0 + period * D
-            add_candles(pg_url, sample_frame, symbols, T0 + (period - 1) * D, T0 + period * D)
+            push_candles(stub, sample_frame, symbols, T0 + (period - 1) * D, T0 + period * D)
             barrier = threading.Barrier(2)
             reports: dict = {}
             threads = [threading.Thread(target=tick_together, args=(barrier, reports, name, running))
@@ -462,3 +477,19 @@ def test_the_cli_sets_lists_and_deletes_policies(validation_server, capsys):
     capsys.readouterr()
     assert main(["policies", "list", *target]) == 0
     assert capsys.readouterr().out.strip() == "no retrain policies"
+
+
+def test_the_server_runs_due_policies_by_itself_every_interval(sqlite_url, tmp_path):
+    """The background thread (MLSIGNAL_POLICY_INTERVAL_SECONDS > 0) ticks on its own; the test waits for its first
+    outcome, and stopping the server stops the thread."""
+    ticked = threading.Event()
+    with training_server(sqlite_url, tmp_path / "models", Clock(T0), policy_interval_seconds=0.05) as (running, stub):
+        running.policies.on_outcome = lambda kind, symbol, timeframe: ticked.set()
+        stub.SetRetrainPolicy(policy("AUTO/USD"), timeout=10)
+        assert ticked.wait(30), "no tick within 30 s"
+        stored = policies_by_symbol(stub)["AUTO/USD"]
+        assert stored.last_outcome == "skipped: no closed 1h candle of AUTO/USD is stored"
+        assert stored.next_run_at.ToMilliseconds() == T0 + D
+        thread = running.policies._thread
+        assert thread is not None and thread.is_alive()
+    assert not thread.is_alive()
