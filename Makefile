@@ -36,7 +36,7 @@ SYSTEM_PACKAGES := $(if $(wildcard $(PG_BIN)/initdb),,postgresql-15) \
                    $(if $(shell command -v node),,nodejs) $(if $(shell command -v npm),,npm) \
                    $(if $(shell command -v chattr),,e2fsprogs) $(if $(shell command -v runuser),,util-linux)
 
-.PHONY: venv client-venv node-modules system-packages test lint demo protos bench bench-desk bench-desk-fleet clean fuzz
+.PHONY: venv client-venv node-modules system-packages test lint demo protos bench bench-desk bench-desk-fleet bench-fleet clean fuzz
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -111,6 +111,10 @@ bench-desk: $(STAMP)
 # A fleet on one replica: 1,000 markets, each with its own serving model and one open stream.
 bench-desk-fleet: $(STAMP)
 	$(BIN)/python -m bench.desk --markets 1000 --idle-seconds 60 --promotion-check
+
+# 100 markets retrained through the training service, on the local executor and on a Dask LocalCluster.
+bench-fleet: $(STAMP)
+	$(BIN)/python -m bench.fleet
 
 clean:
 	rm -rf var .pytest_cache

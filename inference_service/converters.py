@@ -15,56 +15,18 @@ and `response_for` (rows or columns, as the request came).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 
 from inference_service.domain import CandleBatch, CandleSource, Predictions, candles_field
-from inference_service.predictor import check_batch_size
 from mlsignal.v1 import common_pb2, inference_pb2
+from shared.candles import check_batch_size
+from shared.converters import candle_batch, columns_batch  # shared with the training service (ImportCandles)
 from shared.errors import InvalidArgument
 
 # --------------------------------------------------------------------------------------------------------------------
 # requests
-
-
-def candle_batch(
-    candles: Sequence[common_pb2.Candle], funding_rate: bool = True, open_interest: bool = True
-) -> CandleBatch:
-    """Columns from repeated Candle messages; unset optional fields become NaN.
-
-    Reading a field costs a Python attribute access per candle, so optional fields a model does not use are
-    not read at all (left NaN), and the required ones are read in one pass, straight into their columns.
-    """
-    n = len(candles)
-    if n == 1:
-        return _one_candle(candles[0], funding_rate, open_interest)
-    t = np.array([c.open_time_ms for c in candles], dtype=np.int64) if n else np.empty(0, np.int64)
-    values = np.empty((7, n))  # open, high, low, close, volume, funding_rate, open_interest
-    if n:
-        values[:5].T[...] = [(c.open, c.high, c.low, c.close, c.volume) for c in candles]
-    nan = math.nan
-    if funding_rate:
-        values[5] = [c.funding_rate if c.HasField("funding_rate") else nan for c in candles]
-    else:
-        values[5] = nan
-    if open_interest:
-        values[6] = [c.open_interest if c.HasField("open_interest") else nan for c in candles]
-    else:
-        values[6] = nan
-    return CandleBatch(t, *values)
-
-
-def _one_candle(c: common_pb2.Candle, funding_rate: bool, open_interest: bool) -> CandleBatch:
-    """`candle_batch` of one candle (the live-stream case), without the list comprehensions."""
-    nan = math.nan
-    values = np.array([
-        c.open, c.high, c.low, c.close, c.volume,
-        c.funding_rate if funding_rate and c.HasField("funding_rate") else nan,
-        c.open_interest if open_interest and c.HasField("open_interest") else nan,
-    ])[:, None]
-    return CandleBatch(np.array([c.open_time_ms], dtype=np.int64), *values)
 
 
 class RequestCandles:
@@ -80,41 +42,6 @@ class RequestCandles:
 
     def read(self, funding_rate: bool, open_interest: bool) -> CandleBatch:
         return candle_batch(self._candles, funding_rate, open_interest)
-
-
-VALUE_COLUMNS = ("open", "high", "low", "close", "volume")
-
-
-def columns_batch(columns: common_pb2.CandleColumns) -> CandleBatch:
-    """The batch of a CandleColumns message: every column the same length (INVALID_ARGUMENT naming the column
-    otherwise); funding_rate and open_interest empty (all missing) or one per candle, NaN where missing.
-
-    The lengths are compared before any column is copied; then each column is one array copy.
-    """
-    n = len(columns.open_time_ms)
-    small = n <= SMALL_COLUMNS
-    # A few candles (a stream step) are read as Python lists into one 2-D array: cheaper than eight conversions.
-    values = [getattr(columns, name) for name in (*VALUE_COLUMNS, "funding_rate", "open_interest")]
-    if small:
-        values = [v[:] for v in values]
-    for k, v in enumerate(values):
-        m = len(v)
-        if m != n and (k < 5 or m):
-            name = (*VALUE_COLUMNS, "funding_rate", "open_interest")[k]
-            expected = f"{n}" if k < 5 else f"0 (none) or {n}"
-            raise InvalidArgument(
-                f"columns.{name}: {m} values, expected {expected} (one per columns.open_time_ms"
-                f"{', NaN where missing' if k >= 5 else ''})", field=f"columns.{name}")
-    if small:
-        missing = [math.nan] * n
-        block = np.array([v if len(v) else missing for v in values], dtype=np.float64)
-        return CandleBatch(np.array(columns.open_time_ms[:], dtype=np.int64), *block)
-    t = np.asarray(columns.open_time_ms, dtype=np.int64)
-    arrays = [np.asarray(v, dtype=np.float64) if len(v) else np.full(n, math.nan) for v in values]
-    return CandleBatch(t, *arrays)
-
-
-SMALL_COLUMNS = 32  # up to this many candles, columns are read through Python lists
 
 
 class ColumnCandles:

@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 from inference_service.domain import CandleBatch, CandleSource, Predictions, is_columnar
 from inference_service.model_store import LoadedModel, ModelStore, Resolved
-from inference_service.predictor import predict_window, read_candles, require_optional_columns, validate
+from inference_service.predictor import predict_window, read_candles, require_optional_columns
+from shared.candles import validate
 from shared.errors import InvalidArgument
 from shared.store.registry import ModelRecord
 from shared.symbols import validate_symbol

@@ -22,8 +22,9 @@ import numpy as np
 
 from inference_service.domain import CandleBatch, CandleSource, Predictions, candles_field, is_columnar
 from inference_service.model_store import LoadedModel, Resolved
-from inference_service.predictor import check_batch_size, predict_window, require_optional_columns, validate
+from inference_service.predictor import predict_window, require_optional_columns
 from inference_service.service import InferenceService, validate_key
+from shared.candles import check_batch_size, validate
 from shared.errors import InvalidArgument, MlsignalError
 from shared.features import FeatureSpec
 

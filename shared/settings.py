@@ -20,6 +20,7 @@
 | MLSIGNAL_PROMOTION | auto | `auto`: a production model that passes the gate serves; `manual`: it waits as CANDIDATE |
 | MLSIGNAL_PROMOTION_TOLERANCE | 0 | gate: `log_loss <= prior_log_loss * (1 + tolerance)`; negative is stricter; > -1 |
 | MLSIGNAL_RESEARCH_KEEP | 50 | research models kept per market; older ones are retired and their files deleted |
+| MLSIGNAL_POLICY_INTERVAL_SECONDS | 5 | how often training looks for due retrain policies; 0: this replica runs none |
 | MLSIGNAL_MAX_BATCH | 10000 | most candles in one PredictRequest |
 | MLSIGNAL_GRACE_SECONDS | 5 | how long a stopping server lets calls finish |
 | MLSIGNAL_MAX_STREAMS | 10000 | open streams per server (StreamPredict, WatchTrainingJob); more: RESOURCE_EXHAUSTED |
@@ -119,6 +120,7 @@ class Settings:
     promotion: str = "auto"
     promotion_tolerance: float = 0.0
     research_keep: int = 50
+    policy_interval_seconds: float = 5.0
     max_batch: int = 10_000
     grace_seconds: float = 5.0
     max_streams: int = 10_000
@@ -158,6 +160,7 @@ class Settings:
             promotion=_str("MLSIGNAL_PROMOTION", d.promotion).strip().lower(),
             promotion_tolerance=_float("MLSIGNAL_PROMOTION_TOLERANCE", d.promotion_tolerance),
             research_keep=_int("MLSIGNAL_RESEARCH_KEEP", d.research_keep),
+            policy_interval_seconds=_float("MLSIGNAL_POLICY_INTERVAL_SECONDS", d.policy_interval_seconds),
             max_batch=_int("MLSIGNAL_MAX_BATCH", d.max_batch),
             grace_seconds=_float("MLSIGNAL_GRACE_SECONDS", d.grace_seconds),
             max_streams=_int("MLSIGNAL_MAX_STREAMS", d.max_streams),
@@ -204,6 +207,9 @@ class Settings:
                              "(0: the model must not be worse than the prior; negative is stricter)")
         if self.research_keep < 1:
             raise ValueError("MLSIGNAL_RESEARCH_KEEP must be >= 1")
+        if not 0 <= self.policy_interval_seconds <= 3600:
+            raise ValueError("MLSIGNAL_POLICY_INTERVAL_SECONDS must be between 0 (no retrain policies run here) and "
+                             "3600")
         if not 1 <= self.max_batch <= 1_000_000:
             raise ValueError("MLSIGNAL_MAX_BATCH must be between 1 and 1000000")
         if self.max_streams < 1:

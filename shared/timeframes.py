@@ -108,3 +108,12 @@ def parse_duration(text: str) -> int:
         raise ValueError(f"{text!r} is not a positive duration; expected a number and a unit m, h, d or w, like 365d "
                          "or 12h")
     return int(m.group(1)) * _UNIT_MS[m.group(2)]
+
+
+def format_duration(ms: int) -> str:
+    """A duration in the largest unit that divides it (d, h, m, s, else ms), e.g. 365d, 36h, 90m; `parse_duration`
+    reads back the d, h and m forms."""
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import math
 
+from google.protobuf import duration_pb2
+
 from mlsignal.v1 import common_pb2, training_pb2
 from shared.converters import (
     CLASS_WEIGHT_TO_PROTO,
     LABEL_KIND_TO_PROTO,
     STAGE_TO_PROTO,
+    candle_batch,
+    columns_batch,
     label_message,
     params_message,
 )
@@ -23,9 +27,12 @@ from shared.params import (
     MAX_N_ESTIMATORS,
     ForestParams,
 )
+from shared.store.policies import RetrainPolicy
 from shared.store.registry import PRODUCTION, RESEARCH_PURPOSE
 from shared.symbols import validate_symbol
 from shared.timeframes import ms_to_iso, ms_to_timestamp, timeframe_ms
+from training_service import policies
+from training_service.candle_import import ImportBatch, ImportResult
 from training_service.jobs import Job, TrainingRequest
 
 MAX_HORIZON_BARS = 10_000
@@ -193,3 +200,70 @@ def stage_changes_response(changes: list) -> training_pb2.ListModelStageChangesR
         )
         for c in changes
     ])
+
+
+# -- retrain policies --------------------------------------------------------------------------------------------------
+# google.protobuf.Duration's valid range: +-315,576,000,000 seconds (10,000 years).
+PROTO_MAX_DURATION_SECONDS = 315_576_000_000
+
+
+def _duration_ms(msg: training_pb2.RetrainPolicy, field: str) -> int:
+    """A required, positive Duration field as whole milliseconds; InvalidArgument names the field."""
+    if not msg.HasField(field):
+        raise _bad(field, "is required: a duration such as 1d (every) or 365d (window)")
+    d = getattr(msg, field)
+    if not (0 <= d.seconds <= PROTO_MAX_DURATION_SECONDS and 0 <= d.nanos <= 999_999_999):
+        raise _bad(field, f"must be a positive duration (seconds {d.seconds}, nanos {d.nanos})")
+    if d.nanos % 1_000_000:
+        raise _bad(field, f"must be whole milliseconds, got {d.seconds}s {d.nanos}ns")
+    ms = d.seconds * 1000 + d.nanos // 1_000_000
+    if ms <= 0:
+        raise _bad(field, "must be a positive duration")
+    return ms
+
+
+def retrain_policy(msg: training_pb2.RetrainPolicy) -> RetrainPolicy:
+    """Validate a RetrainPolicy (symbol, timeframe, label and params as StartTraining validates them; `every` and
+    `window` against the timeframe and the label) with the documented defaults filled in; InvalidArgument names the
+    field. The output-only fields are ignored."""
+    req = training_request(training_pb2.StartTrainingRequest(symbol=msg.symbol, timeframe=msg.timeframe,
+                                                             label=msg.label, params=msg.params))
+    policy = RetrainPolicy(symbol=req.symbol, timeframe=req.timeframe, every_ms=_duration_ms(msg, "every"),
+                           window_ms=_duration_ms(msg, "window"), label=req.label, params=req.params,
+                           paused=msg.paused)
+    return policies.validate(policy)
+
+
+def _duration(ms: int) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromMilliseconds(ms)
+    return d
+
+
+def policy_message(p: RetrainPolicy) -> training_pb2.RetrainPolicy:
+    return training_pb2.RetrainPolicy(
+        symbol=p.symbol, timeframe=p.timeframe, every=_duration(p.every_ms), window=_duration(p.window_ms),
+        label=label_message(p.label), params=params_message(p.params), paused=p.paused,
+        next_run_at=ms_to_timestamp(p.next_run_at_ms), last_job_id=p.last_job_id, last_outcome=p.last_outcome,
+    )
+
+
+# -- ImportCandles ---------------------------------------------------------------------------------------------
+
+
+def import_batch(msg: training_pb2.ImportCandlesRequest) -> ImportBatch:
+    """An ImportCandlesRequest's market and candles, rows or columns (never both: INVALID_ARGUMENT); unset optional
+    values are NaN. The candles themselves are checked by `candle_import`."""
+    columnar = msg.HasField("columns")
+    if columnar and len(msg.candles):
+        raise InvalidArgument(
+            "candles, columns: a message carries its candles either as candles or as columns, not both",
+            field="columns")
+    batch = columns_batch(msg.columns) if columnar else candle_batch(msg.candles)
+    return ImportBatch(symbol=msg.symbol, timeframe=msg.timeframe, candles=batch, columnar=columnar)
+
+
+def import_response(result: ImportResult) -> training_pb2.ImportCandlesResponse:
+    return training_pb2.ImportCandlesResponse(inserted=result.inserted, unchanged=result.unchanged,
+                                              conflicting=result.conflicting,
+                                              last_open_time_ms=result.last_open_time_ms)

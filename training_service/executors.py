@@ -1,4 +1,5 @@
-"""Where a training job's pipeline runs: a local spawned process (the default) or one task on a Dask cluster.
+"""Where a training job's pipeline runs: a pool of warm local worker processes (the default) or one task on a Dask
+cluster.
 
 The scheduler owns everything durable: the queue, the jobs table, state transitions, and registration (atomic
 rename of the artifact files plus one database transaction with their sha256). An executor only runs the pipeline:
@@ -14,9 +15,10 @@ process nor a Dask worker writes into MLSIGNAL_MODEL_DIR, so
 - a worker that dies mid-job cannot leave a half-written file, and cancelling needs no clean-up of partial files;
 - registration happens in one place, the service, whatever ran the job.
 
-Every wait is bounded: a local process is polled every 0.1 s; a Dask job is polled every 0.1 s with a timeout on
-each call to the Dask scheduler, the worker running it is watched, and a cluster without workers or a lost
-scheduler connection fails the job after a bounded time instead of leaving it RUNNING forever.
+Every wait is bounded: a local worker's pipe is polled every 0.1 s (a worker that dies closes it); a Dask job is
+polled every 0.1 s with a timeout on each call to the Dask scheduler, the worker running it is watched, and a cluster
+without workers or a lost scheduler connection fails the job after a bounded time instead of leaving it RUNNING
+forever.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import queue as queue_mod
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -40,8 +41,8 @@ from shared.settings import Settings, check_dask_address, check_dask_security, r
 from training_service.worker import (
     cancel_event_name,
     progress_queue_name,
-    run_job,
     run_job_on_dask,
+    serve_jobs,
     task_key,
 )
 
@@ -102,73 +103,206 @@ class Executor(ABC):
 # local processes
 
 
-class LocalProcessExecutor(Executor):
-    """Each job in its own spawned process on this machine (the default).
+WORKER_POLL_INTERVAL = 0.1  # seconds between two looks at a running job's pipe
+WORKER_STOP_WAIT = 5.0  # seconds a closed pool's idle worker gets to exit before it is killed
 
-    Cancelling kills the process: it stops within milliseconds, whatever scikit-learn is doing. A process whose
-    service dies exits by itself (it watches its parent).
+
+class _Worker:
+    """One long-lived worker process and the service's end of its pipe."""
+
+    def __init__(self, ctx, database_url: str, fit_jobs: int, number: int):
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=serve_jobs, args=(child, database_url, fit_jobs, os.getpid()),
+                                name=f"mlsignal-train-worker-{number}", daemon=True)
+        self.proc.start()
+        child.close()  # only the worker holds its end: when the worker dies, reading this end ends at once
+        self.jobs = 0  # jobs handed to this worker so far
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def kill(self) -> None:
+        """Kill the process (whatever it is doing) and release its pipe; returns once it is gone."""
+        try:
+            self.proc.kill()
+        except Exception:  # already reaped
+            pass
+        self.proc.join(timeout=10)
+        self.conn.close()
+
+
+class LocalProcessExecutor(Executor):
+    """A pool of `workers` long-lived spawned processes on this machine (the default), each running one job at a
+    time.
+
+    A worker imports numpy, pandas, scikit-learn, skl2onnx and the database layer once, when it starts (the pool is
+    started with the scheduler), so a job pays only for its own work: a fresh process would add seconds to every job.
+    Cancelling a job kills its worker: the job stops within milliseconds, whatever scikit-learn is doing, and a new
+    worker is started in the background in its place; so is one for a worker that died. Every worker exits by itself
+    when its service dies (it watches its parent, and its pipe closes).
     """
 
-    def __init__(self, database_url: str, fit_jobs: int = -1):
+    def __init__(self, database_url: str, fit_jobs: int = -1, workers: int = 1):
         self.database_url = database_url
         self.fit_jobs = fit_jobs
+        self.size = max(1, workers)
         self._ctx = mp.get_context("spawn")
-        self.description = "local worker processes"
+        self.description = f"{self.size} local worker process{'es' if self.size != 1 else ''}"
+        self._lock = threading.Lock()
+        self._idle: list[_Worker] = []  # warm (or warming) workers without a job, oldest first
+        self._busy: set[_Worker] = set()
+        self._closed = False
+        self._spawned = 0
+
+    # -- the pool -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the pool's workers; they warm up in the background."""
+        with self._lock:
+            self._top_up()
+
+    def _spawn(self) -> _Worker:
+        self._spawned += 1
+        worker = _Worker(self._ctx, self.database_url, self.fit_jobs, self._spawned)
+        log.debug("training worker process %s started", worker.pid)
+        return worker
+
+    def _top_up(self) -> None:
+        """Under the lock: start workers until the pool has its size again."""
+        while not self._closed and len(self._idle) + len(self._busy) < self.size:
+            self._idle.append(self._spawn())
+
+    def _top_up_in_background(self) -> None:
+        def top_up() -> None:
+            try:
+                with self._lock:
+                    self._top_up()
+            except Exception as exc:  # the next submit starts a worker itself
+                log.warning("cannot start a training worker process: %s", one_line(exc, with_type=True))
+
+        threading.Thread(target=top_up, name="training-worker-replacement", daemon=True).start()
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the pool's worker processes now (idle and busy)."""
+        with self._lock:
+            return sorted(w.pid for w in [*self._idle, *self._busy] if w.pid is not None)
 
     def submit(self, job_id: str, request_json: str) -> LocalRun:
-        q = self._ctx.Queue()
-        proc = self._ctx.Process(
-            target=run_job,
-            args=(job_id, request_json, self.database_url, self.fit_jobs, q, os.getpid()),
-            name=f"mlsignal-train-{job_id[:8]}",
-            daemon=True,
-        )
-        proc.start()
-        log.info("job %s started in pid %s", job_id, proc.pid)
-        return LocalRun(job_id, proc, q)
+        """Hand the job to an idle worker (the one idle longest, so every worker warms up), or to a new one when
+        none is idle."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("the local training workers are closed")
+                worker = None
+                while self._idle:
+                    candidate = self._idle.pop(0)
+                    if candidate.alive():
+                        worker = candidate
+                        break
+                    log.warning("training worker process %s died while idle (exit code %s); replaced",
+                                candidate.pid, candidate.proc.exitcode)
+                    candidate.kill()
+                if worker is None:
+                    worker = self._spawn()
+                self._busy.add(worker)
+                worker.jobs += 1
+            try:
+                worker.conn.send((job_id, request_json))
+            except OSError:  # it died after the check: try the next one
+                self._release(worker, reusable=False)
+                continue
+            log.info("job %s runs in training worker process %s (its job %d)", job_id, worker.pid, worker.jobs)
+            return LocalRun(self, worker, job_id)
+
+    def _release(self, worker: _Worker, reusable: bool) -> None:
+        """A run is done with its worker: back to the idle workers, or killed and replaced in the background."""
+        with self._lock:
+            self._busy.discard(worker)
+            if reusable and not self._closed and worker.alive():
+                self._idle.append(worker)
+                return
+        worker.kill()
+        if not self._closed:
+            self._top_up_in_background()
+
+    def close(self) -> None:
+        """Stop every worker: idle ones are asked to exit (and killed if they do not), busy ones killed (their
+        runs were cancelled before)."""
+        with self._lock:
+            self._closed = True
+            idle, busy = self._idle, list(self._busy)
+            self._idle = []
+        for worker in idle:
+            try:
+                worker.conn.send(None)
+            except OSError:
+                pass
+        deadline = time.monotonic() + WORKER_STOP_WAIT
+        for worker in idle:
+            worker.proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            worker.kill()
+        for worker in busy:
+            worker.kill()
 
 
 class LocalRun(Run):
-    def __init__(self, job_id: str, proc, q):
+    """One job on one worker of a LocalProcessExecutor."""
+
+    def __init__(self, executor: LocalProcessExecutor, worker: _Worker, job_id: str):
         super().__init__(job_id)
-        self.proc = proc
-        self._queue = q
+        self.executor = executor
+        self.worker = worker
+        self._owns_worker = True  # until wait() gives the worker back; cancel() kills it only before that
+        self._owner_lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        """The pid of the worker process running this job."""
+        return self.worker.pid
 
     def cancel(self) -> None:
         super().cancel()
-        self.proc.kill()  # wait() sees the dead process
+        with self._owner_lock:
+            if self._owns_worker:
+                self.worker.proc.kill()  # wait() sees the pipe close at once
 
     def wait(self, on_progress: ProgressFn) -> Outcome:
-        proc, q = self.proc, self._queue
+        worker = self.worker
         outcome: Outcome | None = None
         try:
             while outcome is None:
                 try:
-                    msg = q.get(timeout=0.1)
-                except queue_mod.Empty:
-                    if not proc.is_alive():
-                        # Drain what the process sent just before it exited.
-                        try:
-                            msg = q.get(timeout=0.5)
-                        except queue_mod.Empty:
-                            outcome = Outcome(DIED, message=f"the worker process exited with code {proc.exitcode}")
-                            break
-                    else:
+                    if not worker.conn.poll(WORKER_POLL_INTERVAL):
+                        if not worker.alive():  # it died without closing the pipe (it always does, but be sure)
+                            outcome = self._died()
                         continue
+                    msg = worker.conn.recv()
+                except (EOFError, OSError):  # the worker died (or was killed by cancel)
+                    outcome = self._died()
+                    continue
                 kind = msg[0]
                 if kind == "progress":
                     on_progress(msg[1], float(msg[2]))
                 elif kind == "result":
                     outcome = Outcome(RESULT, result=msg[1])
-                else:
+                elif kind == "error":
                     outcome = Outcome(ERROR, message=msg[1])
+                elif kind == "ready":
+                    log.debug("training worker process %s warmed up in %.2f s", msg[1], msg[2])
         finally:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-            q.close()
+            with self._owner_lock:
+                self._owns_worker = False
+                reusable = outcome is not None and outcome.kind in (RESULT, ERROR) and not self.cancelled
+            self.executor._release(worker, reusable)
         return Outcome(CANCELLED) if self.cancelled else outcome
+
+    def _died(self) -> Outcome:
+        self.worker.proc.join(timeout=1)
+        return Outcome(DIED, message=f"the worker process exited with code {self.worker.proc.exitcode}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ class Scheduler:
         self.workers = workers
         self.queue_size = queue_size
         self.fit_jobs = fit_jobs
-        self.executor = executor if executor is not None else LocalProcessExecutor(database_url, fit_jobs)
+        self.executor = executor if executor is not None else LocalProcessExecutor(database_url, fit_jobs, workers)
         self._lock = threading.Lock()
         self._pending: list[str] = []  # queued job ids, oldest first
         self._runs: dict[str, Run] = {}  # running job id -> its run in the executor
@@ -129,6 +129,11 @@ class Scheduler:
         # `before_register_commit` inside that transaction, after its writes, just before the commit.
         self.before_register: Callable[[str], None] | None = None
         self.before_register_commit: Callable[[str], None] | None = None
+
+    def room(self) -> int:
+        """Jobs `submit` accepts now: the free places of the queue (retrain policies queue only that many)."""
+        with self._lock:
+            return max(0, self.queue_size - len(self._pending))
 
     def running_job_ids(self) -> list[str]:
         """Ids of the jobs whose process or task is running now; empty once every one of them is gone."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 
 import sqlalchemy as sa
 
@@ -15,7 +16,8 @@ from shared.server.startup import DatabaseGate
 from shared.settings import Settings
 from shared.store.db import make_engine, training_jobs
 from training_service.executors import DaskExecutor, Executor, LocalProcessExecutor
-from training_service.jobs import JobStore
+from training_service.jobs import JobStore, now_ms
+from training_service.policies import PolicyRunner
 from training_service.scheduler import Scheduler
 from training_service.service import TrainingService
 from training_service.servicer import TrainingServicer
@@ -26,10 +28,12 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 class RunningTraining(RunningServer):
-    def __init__(self, handle: ServerHandle, scheduler: Scheduler, engine: sa.Engine, database_gate: DatabaseGate):
+    def __init__(self, handle: ServerHandle, scheduler: Scheduler, engine: sa.Engine, database_gate: DatabaseGate,
+                 policies: PolicyRunner | None = None):
         super().__init__(handle, engine)
         self.scheduler = scheduler
         self.database_gate = database_gate
+        self.policies = policies  # the retrain policy runner; tests call its tick()
 
 
 def job_counts(engine: sa.Engine) -> dict[str, int]:
@@ -40,15 +44,17 @@ def job_counts(engine: sa.Engine) -> dict[str, int]:
 
 
 def make_executor(settings: Settings) -> Executor:
-    """Where jobs run: one task per job on the Dask cluster at MLSIGNAL_DASK_SCHEDULER, else local processes."""
+    """Where jobs run: one task per job on the Dask cluster at MLSIGNAL_DASK_SCHEDULER, else a pool of
+    MLSIGNAL_TRAINING_WORKERS warm local worker processes."""
     if settings.dask_scheduler:
         return DaskExecutor(settings.dask_scheduler, settings.database_url, settings.training_fit_jobs,
                             settings.dask_spread_fit, tls_files=settings.dask_tls_files(),
                             allow_plaintext=settings.dask_allow_plaintext)
-    return LocalProcessExecutor(settings.database_url, settings.training_fit_jobs)
+    return LocalProcessExecutor(settings.database_url, settings.training_fit_jobs,
+                                settings.training_workers)
 
 
-def start(settings: Settings, address: str | None = None) -> RunningTraining:
+def start(settings: Settings, address: str | None = None, clock: Callable[[], int] | None = None) -> RunningTraining:
     """Check the database, recover jobs, start the workers and the server. Used by main() and by tests.
 
     The database must hold the current schema (`mlsignal db upgrade` creates or migrates it; the server never does):
@@ -57,6 +63,9 @@ def start(settings: Settings, address: str | None = None) -> RunningTraining:
 
     Also serves metrics on MLSIGNAL_METRICS_PORT, requires MLSIGNAL_AUTH_TOKEN and speaks TLS with
     MLSIGNAL_TLS_CERT/KEY when those are set, and runs jobs on the Dask cluster at MLSIGNAL_DASK_SCHEDULER.
+
+    Retrain policies run every MLSIGNAL_POLICY_INTERVAL_SECONDS once the scheduler has started; `clock` (epoch ms,
+    default the wall clock) is the time they and SetRetrainPolicy go by.
     """
     address = address or settings.training_addr
     credentials = server_credentials(settings.server_tls_pair())
@@ -82,7 +91,15 @@ def start(settings: Settings, address: str | None = None) -> RunningTraining:
             from shared.server.metrics import training_metrics
 
             scheduler.on_job_finished = training_metrics(metrics, lambda: job_counts(engine))
-        service = TrainingService(store, scheduler)
+        time_ms = clock or now_ms
+        runner = PolicyRunner(engine, scheduler, clock=time_ms, interval=settings.policy_interval_seconds)
+        if metrics is not None:
+            from shared.server.metrics import policy_metrics
+            from shared.store import policies, registry
+
+            runner.on_outcome = policy_metrics(metrics, lambda: policies.due_count(engine, time_ms()),
+                                               lambda: registry.serving_models(engine), now_ms)
+        service = TrainingService(store, scheduler, time_ms)
         try:
             handle = start_server(
                 address,
@@ -109,11 +126,13 @@ def start(settings: Settings, address: str | None = None) -> RunningTraining:
 
     def on_database_ready() -> None:
         scheduler.start()
+        runner.start()
         scheduler.on_health_change = scheduler_health
         scheduler_health(scheduler.healthy)
         handle.runner.run(asyncio.sleep(0), 10)  # the health status is set once this returns
 
     handle.on_stop(gate.stop)
+    handle.on_stop(runner.stop)
     handle.on_stop(scheduler.stop)
     if metrics is not None:
         handle.on_stopped(metrics.close)
@@ -127,7 +146,7 @@ def start(settings: Settings, address: str | None = None) -> RunningTraining:
             if metrics is not None:
                 metrics.close()
             raise
-    return RunningTraining(handle, scheduler, engine, gate)
+    return RunningTraining(handle, scheduler, engine, gate, runner)
 
 
 def _describe(settings: Settings, running: RunningTraining) -> str:

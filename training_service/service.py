@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.features import FeatureSpec
-from shared.store import registry
+from shared.store import policies, registry
 from shared.store.marketdata import count_candles
 from shared.timeframes import ms_to_iso
-from training_service.jobs import Job, JobStore, TrainingRequest
+from training_service.candle_import import CandleImport
+from training_service.jobs import Job, JobStore, TrainingRequest, now_ms
 from training_service.pipeline import min_candles_needed
 from training_service.scheduler import Scheduler
 
 
 class TrainingService:
-    def __init__(self, store: JobStore, scheduler: Scheduler):
+    def __init__(self, store: JobStore, scheduler: Scheduler, clock: Callable[[], int] = now_ms):
         self.store = store
         self.scheduler = scheduler
         self.engine = store.engine
+        self.clock = clock  # epoch ms: when a new retrain policy is due, which imported candles have closed
 
     def start(self, req: TrainingRequest) -> Job:
         """Check the stored candles can support the request, then queue it."""
@@ -83,3 +87,23 @@ class TrainingService:
     def rollback(self, symbol: str, timeframe: str, reason: str) -> registry.ModelRecord:
         """Bring back the model that served before the serving one; FailedPrecondition when there is none."""
         return registry.rollback(self.engine, symbol, timeframe, reason)
+
+    # -- retrain policies (run by training_service.policies.PolicyRunner) ----------------------------------------
+    def set_policy(self, policy: policies.RetrainPolicy) -> policies.RetrainPolicy:
+        """Create or replace a market's retrain policy (validated); a new one is due now."""
+        return policies.put(self.engine, policy, self.clock())
+
+    def list_policies(self, symbol: str, timeframe: str) -> list[policies.RetrainPolicy]:
+        return policies.list_policies(self.engine, symbol, timeframe)
+
+    def delete_policy(self, symbol: str, timeframe: str) -> policies.RetrainPolicy:
+        """Delete a market's retrain policy and return it; NotFound when it has none."""
+        deleted = policies.delete(self.engine, symbol, timeframe)
+        if deleted is None:
+            raise NotFound(f"no retrain policy for {symbol} {timeframe}", field="symbol")
+        return deleted
+
+    # -- candles pushed over gRPC (training_service.candle_import) ----------------------------------------------
+    def candle_import(self) -> CandleImport:
+        """A new ImportCandles call: it stores closed candles by the service's clock."""
+        return CandleImport(self.engine, self.clock)

@@ -17,6 +17,7 @@ from shared.errors import InvalidArgument
 from shared.server.limits import StreamLimit
 from shared.server.status import maps_errors
 from training_service import converters
+from training_service.candle_import import CandleImport
 from training_service.service import TrainingService
 from training_service.watches import JobWatches
 
@@ -97,3 +98,38 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                                           request.limit)
         return converters.stage_changes_response(changes)
 
+    @maps_errors
+    async def SetRetrainPolicy(self, request: training_pb2.RetrainPolicy,
+                               context: grpc.aio.ServicerContext) -> training_pb2.RetrainPolicy:
+        """Create or replace a market's retrain policy; returns it as stored, with its next due time."""
+        policy = converters.retrain_policy(request)
+        return converters.policy_message(await asyncio.to_thread(self.service.set_policy, policy))
+
+    @maps_errors
+    async def ListRetrainPolicies(self, request: training_pb2.ListRetrainPoliciesRequest,
+                                  context: grpc.aio.ServicerContext) -> training_pb2.ListRetrainPoliciesResponse:
+        found = await asyncio.to_thread(self.service.list_policies, request.symbol, request.timeframe)
+        return training_pb2.ListRetrainPoliciesResponse(policies=[converters.policy_message(p) for p in found])
+
+    @maps_errors
+    async def DeleteRetrainPolicy(self, request: training_pb2.DeleteRetrainPolicyRequest,
+                                  context: grpc.aio.ServicerContext) -> training_pb2.RetrainPolicy:
+        """The deleted policy; NOT_FOUND when the market has none."""
+        symbol, timeframe = converters.market(request.symbol, request.timeframe)
+        return converters.policy_message(await asyncio.to_thread(self.service.delete_policy, symbol, timeframe))
+
+    @maps_errors
+    async def ImportCandles(self, request_iterator: AsyncIterator[training_pb2.ImportCandlesRequest],
+                            context: grpc.aio.ServicerContext) -> training_pb2.ImportCandlesResponse:
+        """Stores each message's closed candles in one transaction, in a worker thread, and answers the counts once
+        the client closes the stream. A refused message ends the call INVALID_ARGUMENT naming the message and the
+        field; the messages before it stay stored."""
+        session = self.service.candle_import()
+        async for request in request_iterator:
+            await asyncio.to_thread(_import_message, session, request)
+        return converters.import_response(session.result())
+
+
+def _import_message(session: CandleImport, request: training_pb2.ImportCandlesRequest) -> None:
+    """Convert and store one ImportCandles message (in a worker thread: converting rows costs Python time too)."""
+    session.add(converters.import_batch(request))

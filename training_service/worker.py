@@ -2,8 +2,9 @@
 
 Two entry points share `train_job`:
 
-- `run_job`: the entry point of a local worker process (LocalProcessExecutor). It reports progress and its result
-  over a multiprocessing queue.
+- `serve_jobs`: the entry point of a local worker process (LocalProcessExecutor). The process imports what training
+  needs once (`warm_up`), then takes one job at a time over its pipe, reporting progress and the result over the same
+  pipe, until the service closes the pipe or dies.
 - `run_job_on_dask`: the one Dask task of a job (DaskExecutor). It reports progress over a `distributed.Queue`,
   stops when the job's `distributed.Event` is set, and returns its result.
 
@@ -23,8 +24,10 @@ from collections.abc import Callable
 #:   ["started", worker address, pid]   (Dask only) the task began executing on this worker
 #:   ["progress", stage, fraction]
 #:   ["exit"]                           (Dask only) the task is leaving, whatever the reason
-#: and, for a local process only, finally ["result", dict] or ["error", message].
+#: and, for a local worker process only, ["ready", pid, seconds] once it is warm, and for each job finally
+#: ["result", dict] or ["error", message].
 PROGRESS_INTERVAL = 0.2  # seconds between two progress messages of the same stage (Dask)
+LOCAL_PROGRESS_INTERVAL = 0.1  # the same for a local worker process
 STOP_POLL_INTERVAL = 0.1  # seconds a should_stop answer is reused (Dask)
 RPC_TIMEOUT = 5.0  # seconds any one call to the Dask scheduler may take from inside a task
 
@@ -108,16 +111,73 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def run_job(job_id: str, request_json: str, database_url: str, n_jobs: int, queue,
-            parent_pid: int | None = None) -> None:
-    """Process entry point. Sends ["progress", stage, frac], then ["result", dict] or ["error", message]."""
+#: What a job imports, imported by a local worker process once, before its first job.
+WARM_MODULES = (
+    "numpy", "pandas", "joblib", "sklearn.ensemble", "sklearn.inspection", "skl2onnx",
+    "skl2onnx.common.data_types", "onnxruntime", "sqlalchemy", "shared.onnxmodel", "shared.store.db",
+    "shared.store.marketdata", "training_service.jobs", "training_service.pipeline",
+)
+
+
+def warm_up(database_url: str) -> None:
+    """Import everything a job uses (numpy, pandas, scikit-learn, skl2onnx, ONNX Runtime, SQLAlchemy and the
+    database driver), so that a job in this process pays none of it: seconds of work, done once per process.
+
+    Never raises: whatever fails here fails again inside the job, which reports it as the job's error."""
+    import importlib
+
+    try:
+        for name in WARM_MODULES:
+            importlib.import_module(name)
+        from shared.store.db import make_engine
+
+        make_engine(database_url).dispose()  # loads the SQLAlchemy dialect and the driver
+    except Exception:
+        pass
+
+
+def serve_jobs(conn, database_url: str, n_jobs: int, parent_pid: int | None = None) -> None:
+    """Process entry point of a long-lived local worker: warm up, then run the jobs sent over `conn` one at a time.
+
+    Receives (job_id, request_json) per job; sends ["ready", pid, seconds] once warm, then per job
+    ["progress", stage, frac] messages and finally ["result", dict] or ["error", message]. Returns when the service
+    closes its end of the pipe (or sends None). SIGINT is ignored: a Ctrl-C reaches the whole process group, and the
+    service decides what happens to its jobs when it stops (it kills their processes).
+    """
+    import gc
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if parent_pid is not None:
         _exit_with_parent(parent_pid)
-    try:
-        result = train_job(request_json, database_url, n_jobs, lambda s, f: queue.put(["progress", s, f]))
-        queue.put(["result", result])
-    except BaseException as exc:  # report everything: the service turns it into a FAILED job
-        queue.put(["error", error_message(exc)])
+    t0 = time.monotonic()
+    warm_up(database_url)
+    conn.send(["ready", os.getpid(), time.monotonic() - t0])
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):  # the service closed the pipe (or is gone)
+            return
+        if task is None:
+            return
+        _job_id, request_json = task
+        sent_stage, sent_at = "", 0.0
+
+        def progress(stage: str, frac: float) -> None:
+            nonlocal sent_stage, sent_at
+            now = time.monotonic()
+            if stage != sent_stage or now - sent_at >= LOCAL_PROGRESS_INTERVAL:
+                sent_stage, sent_at = stage, now
+                conn.send(["progress", stage, float(frac)])
+
+        message: list
+        try:
+            message = ["result", train_job(request_json, database_url, n_jobs, progress)]
+        except Exception as exc:  # report it: the service turns it into a FAILED job, and this process goes on
+            message = ["error", error_message(exc)]
+        conn.send(message)
+        del message
+        gc.collect()  # the job's frames and forests go before the next job arrives
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ import sys
 import traceback
 
 # Modules under mlsignal.cli that each define register(subparsers).
-COMMAND_MODULES = ("db", "data", "training", "inference", "monitor", "demo", "backtest", "health", "loadtest",
-                   "report")
+COMMAND_MODULES = ("db", "data", "training", "policies", "inference", "monitor", "demo", "backtest", "health",
+                   "loadtest", "report")
 
 # Top-level modules that only an extra brings: module -> (extra, what the extra is for in messages).
 EXTRA_MODULES: dict[str, tuple[str, str]] = {

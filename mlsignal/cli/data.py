@@ -1,10 +1,12 @@
-"""`mlsignal data import|list`: load market-data files into the database and show what is stored."""
+"""`mlsignal data import|push|list`: load market-data files into the database (or, with `push`, send candles to the
+training service, which stores them), and show what is stored."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+from mlsignal.cli.training import _target_arg, _training_client, client_errors
 from shared.errors import Unavailable, one_line
 from shared.timeframes import TIMEFRAME_MS
 
@@ -13,6 +15,7 @@ FORMATS = ("auto", "csv", "binance")
 # Smaller files insert in a fraction of a second; a bar would only flicker.
 PROGRESS_MIN_ROWS = 10_000
 GAPS_SHOWN = 5
+PUSH_BATCH = 10_000
 
 
 def register(sub) -> None:
@@ -26,8 +29,10 @@ def register(sub) -> None:
         help="validate a candle, funding-rate or open-interest file and store it (idempotent)",
         description=(
             "Validate every row of FILE and store it in MLSIGNAL_DATABASE_URL (the schema is created or migrated "
-            "first). The first bad row rejects the whole file and nothing is stored. Rows already stored are "
-            "skipped, so importing a file twice changes nothing. Gaps are reported, not rejected."
+            "first). The first bad row (a still-forming candle, whose close is after now, included) rejects the "
+            "whole file and nothing is stored. A row already stored with the same values counts as unchanged, so "
+            "importing a file twice changes nothing; one stored with other values counts as conflicting and the "
+            "stored values are kept. Gaps are reported, not rejected."
         ),
     )
     imp.add_argument("file", metavar="FILE", help="CSV file, optionally compressed (.gz, .zip, ...)")
@@ -50,6 +55,28 @@ def register(sub) -> None:
         help="also store candles aggregated to this longer timeframe; only buckets with every candle stored are kept",
     )  # fmt: skip
     imp.set_defaults(func=_import, needs=DATABASE)
+
+    push = dsub.add_parser(
+        "push",
+        help="send a candle file to the training service, which stores it (for a database this machine cannot reach)",
+        description=(
+            "Validate every row of FILE as `data import` does (a still-forming candle rejects the file before "
+            "anything is sent), then send the candles to the training service with ImportCandles in batches of "
+            "--batch candles, and print how many were inserted, unchanged and conflicting. The service checks every "
+            "batch again and stores each whole or not at all; a refused batch ends the push, the batches before it "
+            "stay stored, and pushing the file again is safe (identical candles count as unchanged)."
+        ),
+    )
+    push.add_argument("file", metavar="FILE", help="CSV file, optionally compressed (.gz, .zip, ...)")
+    push.add_argument("--symbol", required=True, help="market symbol, like BTC/USDT")
+    push.add_argument("--timeframe", required=True, choices=list(TIMEFRAME_MS), metavar="TF",
+                      help=f"candle length, one of {' '.join(TIMEFRAME_MS)}")
+    push.add_argument("--format", choices=FORMATS, default="auto",
+                      help="csv, binance or auto (default), as for `data import`")
+    push.add_argument("--batch", type=int, default=PUSH_BATCH, metavar="N",
+                      help=f"candles per message (default: {PUSH_BATCH})")
+    _target_arg(push)  # --target, TLS and token as for the other training-service commands
+    push.set_defaults(func=_push)
 
     ls = dsub.add_parser("list", help="stored candles per symbol and timeframe, and funding-rate/open-interest series")
     ls.set_defaults(func=_list, needs=DATABASE)
@@ -79,7 +106,7 @@ def _import(args) -> int:
         if args.kind == "candles":
             from shared.store.importers import read_candles
 
-            frame = read_candles(args.file, args.timeframe, args.format)
+            frame = read_candles(args.file, args.timeframe, args.format, closed_by_ms=_now_ms())
         else:
             from shared.store.importers import read_series
 
@@ -110,9 +137,15 @@ def _check_resample(timeframe: str, target: str) -> None:
         )
 
 
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
 def _store_candles(engine, args, frame) -> None:
     from shared.store.importers import find_gaps, resample
-    from shared.store.marketdata import insert_candles, load_candles
+    from shared.store.marketdata import import_candles, load_candles
 
     symbol, tf = args.symbol, args.timeframe
     tf_ms = TIMEFRAME_MS[tf]
@@ -124,10 +157,12 @@ def _store_candles(engine, args, frame) -> None:
             "is --timeframe right?",
             file=sys.stderr,
         )
-    added, skipped = _insert_with_progress(
-        len(frame), f"{symbol} {tf}", lambda progress: insert_candles(engine, symbol, tf, frame, progress=progress)
-    )
-    print(_summary(symbol, tf, added, skipped, times, find_gaps(times, tf_ms), tf_ms))
+    counts = _insert_with_progress(
+        len(frame), f"{symbol} {tf}",
+        lambda progress: import_candles(engine, symbol, tf, frame, closed_by_ms=_now_ms(), progress=progress),
+    )  # fmt: skip
+    _warn_conflicts(f"{symbol} {tf}", counts, "candles")
+    print(_summary(symbol, tf, counts, times, find_gaps(times, tf_ms), tf_ms))
 
     if args.resample:
         # Aggregate from the store, not only from this file, so a bucket that straddles two imported files is built
@@ -138,27 +173,45 @@ def _store_candles(engine, args, frame) -> None:
         stored = load_candles(engine, symbol, tf, start, end)
         coarse = resample(stored, tf, to_tf)
         if coarse.empty:
-            print(f"{symbol} {to_tf}: 0 rows added, no complete {to_tf} bucket in {args.file}")
+            print(f"{symbol} {to_tf}: 0 inserted, no complete {to_tf} bucket in {args.file}")
             return
-        added, skipped = insert_candles(engine, symbol, to_tf, coarse)
+        counts = import_candles(engine, symbol, to_tf, coarse, closed_by_ms=_now_ms())
+        _warn_conflicts(f"{symbol} {to_tf}", counts, "candles")
         coarse_times = coarse["open_time_ms"].to_numpy()
-        print(_summary(symbol, to_tf, added, skipped, coarse_times, find_gaps(coarse_times, to_ms), to_ms))
+        print(_summary(symbol, to_tf, counts, coarse_times, find_gaps(coarse_times, to_ms), to_ms))
 
 
 def _store_series(engine, args, frame) -> None:
-    from shared.store.marketdata import insert_series
+    from shared.store.marketdata import import_series
     from shared.timeframes import ms_to_iso
 
-    added, skipped = _insert_with_progress(
+    counts = _insert_with_progress(
         len(frame),
         f"{args.symbol} {args.kind}",
-        lambda progress: insert_series(engine, args.kind, args.symbol, frame, progress=progress),
+        lambda progress: import_series(engine, args.kind, args.symbol, frame, progress=progress),
     )
+    _warn_conflicts(f"{args.symbol} {args.kind}", counts, "values")
     times = frame["time_ms"].to_numpy()
     print(
-        f"{args.symbol} {args.kind}: {added} rows added, {skipped} duplicates skipped, "
+        f"{args.symbol} {args.kind}: {_counts_text(counts)}, "
         f"first {ms_to_iso(int(times[0]))}, last {ms_to_iso(int(times[-1]))}"
     )
+
+
+def _counts_text(counts) -> str:
+    return f"{counts.inserted} inserted, {counts.unchanged} unchanged, {counts.conflicting} conflicting"
+
+
+def _warn_conflicts(what: str, counts, items: str) -> None:
+    """One line on stderr when stored rows differ from the ones given: how many, and the first."""
+    from shared.timeframes import ms_to_iso
+
+    if counts.conflicting:
+        print(
+            f"warning: {what}: {counts.conflicting} {items} differ from the ones already stored (the first at "
+            f"{ms_to_iso(counts.first_conflict_ms)}); the stored values are kept",
+            file=sys.stderr,
+        )
 
 
 def _insert_with_progress(total: int, desc: str, insert):
@@ -172,7 +225,7 @@ def _insert_with_progress(total: int, desc: str, insert):
         return insert(bar.update)
 
 
-def _summary(symbol: str, tf: str, added: int, skipped: int, times, gaps: list[tuple[int, int]], tf_ms: int) -> str:
+def _summary(symbol: str, tf: str, counts, times, gaps: list[tuple[int, int]], tf_ms: int) -> str:
     """The one-line result of an import; the first gaps go to stderr."""
     from shared.timeframes import ms_to_iso
 
@@ -190,9 +243,40 @@ def _summary(symbol: str, tf: str, added: int, skipped: int, times, gaps: list[t
         else f"{len(gaps)} gap{'s' if len(gaps) != 1 else ''} ({missing} missing candle{'s' if missing != 1 else ''})"
     )  # fmt: skip
     return (
-        f"{symbol} {tf}: {added} rows added, {skipped} duplicates skipped, {gap_text}, "
+        f"{symbol} {tf}: {_counts_text(counts)}, {gap_text}, "
         f"first {ms_to_iso(int(times[0]))}, last {ms_to_iso(int(times[-1]))}"
     )
+
+
+@client_errors
+def _push(args) -> int:
+    from tqdm import tqdm
+
+    from shared.errors import InvalidArgument
+    from shared.store.importers import ImportRejected, read_candles
+    from shared.symbols import validate_symbol
+    from shared.timeframes import ms_to_iso
+
+    validate_symbol(args.symbol)
+    if args.batch < 1:
+        raise InvalidArgument(f"--batch must be at least 1, got {args.batch}", field="batch")
+    try:
+        frame = read_candles(args.file, args.timeframe, args.format, closed_by_ms=_now_ms())
+    except ImportRejected as exc:
+        print(f"error: {args.file} line {exc.line}: {exc.reason}", file=sys.stderr)
+        return 2
+    what = f"{args.symbol} {args.timeframe}"
+    with _training_client(args) as client, tqdm(
+        total=len(frame), desc=what, unit="rows", file=sys.stderr, leave=False,
+        disable=None if len(frame) >= PROGRESS_MIN_ROWS else True,
+    ) as bar:  # fmt: skip
+        result = client.import_candles(args.symbol, args.timeframe, frame, batch_size=args.batch,
+                                       on_batch=bar.update)
+    if result.conflicting:
+        print(f"warning: {what}: {result.conflicting} candles differ from the ones already stored; the stored "
+              "values are kept (the training service logs the first of each batch)", file=sys.stderr)
+    print(f"{what}: {_counts_text(result)}, last {ms_to_iso(result.last_open_time_ms)}")
+    return 0
 
 
 def _span(ms: int) -> str:

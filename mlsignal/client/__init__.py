@@ -50,6 +50,7 @@ from mlsignal.client.frames import (
     batch_plan,
     frame_times_ms,
     frame_to_candles,
+    frame_to_columns,
     predictions_to_frame,
     to_epoch_ms,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "error_from_status",
     "frame_times_ms",
     "frame_to_candles",
+    "frame_to_columns",
     "is_final",
     "job_state_name",
     "model_stage_name",

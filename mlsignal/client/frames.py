@@ -29,6 +29,7 @@ __all__ = [
     "candle_from_item",
     "frame_times_ms",
     "frame_to_candles",
+    "frame_to_columns",
     "predictions_to_frame",
     "to_epoch_ms",
 ]
@@ -173,6 +174,51 @@ def frame_to_candles(df: pd.DataFrame) -> list[common_pb2.Candle]:
             out.append(Candle(open_time_ms=t, open=a, high=b, low=d, close=e, volume=f, funding_rate=x,
                               open_interest=y))
     return out
+
+
+def frame_columns(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The candle columns of a frame as numpy arrays, checked as `frame_to_candles` checks them: open_time_ms (int64,
+    from `frame_times_ms`), open..volume (float64) and, when the frame has them, funding_rate and open_interest
+    (float64, NaN = missing)."""
+    if not isinstance(df, pd.DataFrame):
+        raise ValueError(f"expected a pandas DataFrame, got {type(df).__name__}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"missing column(s) {', '.join(missing)}; a candle frame needs {', '.join(REQUIRED_COLUMNS)}")
+    out = {"open_time_ms": frame_times_ms(df)}
+    for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS):
+        if name in df.columns:
+            out[name] = _float_column(df, name)
+    return out
+
+
+def columns_message(columns: Mapping[str, np.ndarray], start: int = 0,
+                    stop: int | None = None) -> common_pb2.CandleColumns:
+    """A CandleColumns message of rows [start, stop) of `frame_columns` output. An optional column is sent only
+    when one of those rows has a value (NaN = missing), so candles without funding rate or open interest cost
+    nothing for them."""
+    msg = common_pb2.CandleColumns()
+    for name, values in columns.items():
+        part = values[start:stop]
+        if name in OPTIONAL_COLUMNS and np.isnan(part).all():
+            continue
+        getattr(msg, name).extend(part.tolist())
+    return msg
+
+
+def frame_to_columns(df: pd.DataFrame) -> common_pb2.CandleColumns:
+    """The rows of a frame as one CandleColumns message (packed arrays, in row order): what a request's `columns`
+    field takes instead of one Candle message per row.
+
+    Needs the columns `frame_to_candles` needs; optional funding_rate and open_interest columns are sent when they
+    hold a value (NaN = missing).
+
+    Example::
+
+        >>> request = training_pb2.ImportCandlesRequest(symbol="BTC/USDT", timeframe="1h",
+        ...                                             columns=frame_to_columns(df))  # doctest: +SKIP
+    """
+    return columns_message(frame_columns(df))
 
 
 def predictions_to_frame(

@@ -1,4 +1,5 @@
-"""The training client: start, follow and cancel training jobs, list jobs and models.
+"""The training client: start, follow and cancel training jobs, list jobs and models, set retrain policies and
+import candles.
 
 A job outlives the call that started it, so `train` returns a `TrainingJobHandle` at once and the caller decides
 whether to wait, watch progress, or come back later with `TrainingClient.job`.
@@ -7,17 +8,20 @@ whether to wait, watch progress, or come back later with `TrainingClient.job`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import timedelta
 from typing import Any
 
 import grpc
 import numpy as np
+import pandas as pd
+from google.protobuf import duration_pb2
 
 from mlsignal.client.channel import DEFAULT_TIMEOUT, ServiceClient
 from mlsignal.client.errors import ProtocolError, TrainingFailedError, error_from_rpc
-from mlsignal.client.frames import to_epoch_ms
+from mlsignal.client.frames import columns_message, frame_columns, to_epoch_ms
 from mlsignal.client.jobs import is_final, job_state_name
 from mlsignal.v1 import common_pb2, training_pb2, training_pb2_grpc
-from shared.timeframes import ms_to_timestamp
+from shared.timeframes import ms_to_timestamp, parse_duration
 
 __all__ = ["TrainingClient", "TrainingJobHandle", "model_stage_name"]
 
@@ -167,27 +171,11 @@ class TrainingClient(ServiceClient):
             >>> h = t.train("ETH/USDT", "4h", start="2018-01-01", end="2020-01-01", n_estimators=300)  # doctest: +SKIP
             >>> h.job_id                                                    # doctest: +SKIP
         """
-        if class_weight not in _CLASS_WEIGHTS:
-            raise ValueError(f"class_weight must be None, 'none' or 'balanced', got {class_weight!r}")
-        params = common_pb2.ModelParams(
-            n_estimators=_int_arg(n_estimators, "n_estimators"),
-            max_depth=_int_arg(max_depth, "max_depth"),
-            min_samples_leaf=_int_arg(min_samples_leaf, "min_samples_leaf"),
-            class_weight=_CLASS_WEIGHTS[class_weight],
-        )
-        if random_state is not None:
-            params.random_state = _int_arg(random_state, "random_state")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)):
-            raise ValueError(f"threshold must be a number (a fraction: 0.02 means 2 %), got {threshold!r}")
-        kind = label_kind.replace("-", "_") if isinstance(label_kind, str) else label_kind
-        if kind not in _LABEL_KINDS:
-            raise ValueError(f"label_kind must be None, 'fixed_horizon' or 'triple_barrier', got {label_kind!r}")
         request = training_pb2.StartTrainingRequest(
             symbol=symbol,
             timeframe=timeframe,
-            label=common_pb2.LabelSpec(horizon_bars=_int_arg(horizon_bars, "horizon_bars"), threshold=float(threshold),
-                                       kind=_LABEL_KINDS[kind]),
-            params=params,
+            label=_label_message(horizon_bars, threshold, label_kind),
+            params=_params_message(n_estimators, max_depth, min_samples_leaf, class_weight, random_state),
         )
         if purpose not in _PURPOSES:
             raise ValueError(f"purpose must be 'production' or 'research', got {purpose!r}")
@@ -293,12 +281,137 @@ class TrainingClient(ServiceClient):
                                                       limit=_int_arg(limit, "limit")))
         return list(resp.changes)
 
+    def set_policy(
+        self,
+        symbol: str,
+        timeframe: str,
+        every: timedelta | str,
+        window: timedelta | str,
+        *,
+        horizon_bars: int = 0,
+        threshold: float = 0.0,
+        label_kind: str | None = None,
+        n_estimators: int = 0,
+        max_depth: int = 0,
+        min_samples_leaf: int = 0,
+        class_weight: str | None = None,
+        random_state: int | None = None,
+        paused: bool = False,
+    ) -> training_pb2.RetrainPolicy:
+        """Create or replace the retrain policy of a market: every `every` the service trains a production model on
+        the last `window` of closed candles (with the label and forest arguments as `train` takes them) unless no
+        candle arrived since the market's last model. Returns the policy as stored, with `next_run_at` (a new policy
+        is due at once). `every` and `window` are timedeltas or text like 30m, 12h, 1d, 365d. A paused policy is kept
+        but never due. InvalidArgumentError names the field the service refused (`every` under one candle, `window`
+        too short for the label and the feature warm-up, ...).
+
+        Example::
+
+            >>> t.set_policy("BTC/USDT", "1h", every="1d", window="365d", horizon_bars=24).next_run_at  # doctest: +SKIP
+        """
+        request = training_pb2.RetrainPolicy(
+            symbol=symbol, timeframe=timeframe, every=_duration_arg(every, "every"),
+            window=_duration_arg(window, "window"), label=_label_message(horizon_bars, threshold, label_kind),
+            params=_params_message(n_estimators, max_depth, min_samples_leaf, class_weight, random_state),
+            paused=bool(paused),
+        )
+        policy: training_pb2.RetrainPolicy = self._unary(self._stub.SetRetrainPolicy, request)
+        return policy
+
+    def list_policies(self, symbol: str = "", timeframe: str = "") -> list[training_pb2.RetrainPolicy]:
+        """Retrain policies (of one symbol and/or timeframe when given), with their next due time and what happened
+        the last time each was due (`last_job_id`, `last_outcome`).
+
+        Example::
+
+            >>> for p in t.list_policies():                                 # doctest: +SKIP
+            ...     print(p.symbol, p.timeframe, p.next_run_at.ToJsonString(), p.last_outcome)
+        """
+        request = training_pb2.ListRetrainPoliciesRequest(symbol=symbol, timeframe=timeframe)
+        return list(self._unary(self._stub.ListRetrainPolicies, request).policies)
+
+    def delete_policy(self, symbol: str, timeframe: str) -> training_pb2.RetrainPolicy:
+        """Delete the retrain policy of a market and return it; NotFoundError when it has none. A job the policy
+        started keeps running."""
+        policy: training_pb2.RetrainPolicy = self._unary(
+            self._stub.DeleteRetrainPolicy, training_pb2.DeleteRetrainPolicyRequest(symbol=symbol, timeframe=timeframe))
+        return policy
+
     def serving_model(self, symbol: str, timeframe: str) -> common_pb2.ModelInfo | None:
         """The market's SERVING model as the training service lists it, or None."""
         for m in self.list_models(symbol, timeframe):
             if m.stage == common_pb2.MODEL_STAGE_SERVING:
                 return m
         return None
+
+    def import_candles(
+        self,
+        symbol: str,
+        timeframe: str,
+        candles: pd.DataFrame | Iterable[pd.DataFrame],
+        *,
+        batch_size: int = 10_000,
+        timeout: float | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> training_pb2.ImportCandlesResponse:
+        """Store closed candles in the training service's database (ImportCandles) and return the counts:
+        `inserted`, `unchanged` (re-sent with the stored values), `conflicting` (re-sent with other values; the
+        stored ones are kept) and `last_open_time_ms`.
+
+        `candles` is a frame (as `frame_to_candles` takes it, optionally with funding_rate and open_interest) or an
+        iterable of frames, e.g. a collector's batches; each is sent as columns in messages of at most `batch_size`
+        candles, and `on_batch(n)` is called after each message is handed to gRPC. The service stores each message
+        whole or not at all: a refused message (a still-forming or inconsistent candle) raises
+        InvalidArgumentError naming the field, and the messages before it stay stored, so sending the same candles
+        again is safe. A frame's columns are checked (ValueError) before anything is sent, and so is an empty frame;
+        empty frames in an iterable are skipped (ValueError when all are). Without `timeout` the call has no
+        deadline.
+
+        Example::
+
+            >>> r = t.import_candles("BTC/USDT", "1h", closed_candles)      # doctest: +SKIP
+            >>> r.inserted, r.unchanged, r.conflicting                      # doctest: +SKIP
+            (24, 0, 0)
+        """
+        size = _int_arg(batch_size, "batch_size")
+        if size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {size}")
+        if isinstance(candles, pd.DataFrame):
+            checked = frame_columns(candles)  # a bad frame fails here, before the call
+            if not len(candles):
+                raise ValueError("no candles to import: the frame is empty")
+            frames: Iterable[Any] = [checked]
+        else:
+            frames = candles
+        failure: list[BaseException] = []
+
+        def requests() -> Iterator[training_pb2.ImportCandlesRequest]:
+            first = True
+            try:
+                for frame in frames:
+                    columns = frame if isinstance(frame, dict) else frame_columns(frame)
+                    n = len(columns["open_time_ms"])
+                    for start in range(0, n, size):
+                        request = training_pb2.ImportCandlesRequest(
+                            columns=columns_message(columns, start, start + size))
+                        if first:
+                            request.symbol, request.timeframe, first = symbol, timeframe, False
+                        yield request
+                        if on_batch is not None:
+                            on_batch(min(size, n - start))
+                if first:
+                    raise ValueError("no candles to import: every frame is empty")
+            except Exception as exc:  # a bad frame from the iterable: the call is cancelled, the error raised below
+                failure.append(exc)
+                raise
+
+        try:
+            response: training_pb2.ImportCandlesResponse = self._stub.ImportCandles(requests(), timeout=timeout)
+        except grpc.RpcError as err:
+            if failure:
+                raise failure[0] from None
+            raise error_from_rpc(err, f"while importing {symbol} {timeframe} candles") from err
+        return response
 
     def _watch(self, job_id: str, timeout: float | None = None) -> Iterator[training_pb2.TrainingJob]:
         call = self._stub.WatchTrainingJob(training_pb2.GetTrainingJobRequest(job_id=job_id), timeout=timeout)
@@ -308,6 +421,51 @@ class TrainingClient(ServiceClient):
             raise error_from_rpc(err, f"while watching job {job_id}") from err
         finally:
             call.cancel()
+
+
+def _params_message(n_estimators: int, max_depth: int, min_samples_leaf: int, class_weight: str | None,
+                    random_state: int | None) -> common_pb2.ModelParams:
+    """ModelParams from the keyword arguments of `train` and `set_policy` (zero or None: the service default)."""
+    if class_weight not in _CLASS_WEIGHTS:
+        raise ValueError(f"class_weight must be None, 'none' or 'balanced', got {class_weight!r}")
+    params = common_pb2.ModelParams(
+        n_estimators=_int_arg(n_estimators, "n_estimators"),
+        max_depth=_int_arg(max_depth, "max_depth"),
+        min_samples_leaf=_int_arg(min_samples_leaf, "min_samples_leaf"),
+        class_weight=_CLASS_WEIGHTS[class_weight],
+    )
+    if random_state is not None:
+        params.random_state = _int_arg(random_state, "random_state")
+    return params
+
+
+def _label_message(horizon_bars: int, threshold: float, label_kind: str | None) -> common_pb2.LabelSpec:
+    """LabelSpec from the keyword arguments of `train` and `set_policy` (zero or None: the service default)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)):
+        raise ValueError(f"threshold must be a number (a fraction: 0.02 means 2 %), got {threshold!r}")
+    kind = label_kind.replace("-", "_") if isinstance(label_kind, str) else label_kind
+    if kind not in _LABEL_KINDS:
+        raise ValueError(f"label_kind must be None, 'fixed_horizon' or 'triple_barrier', got {label_kind!r}")
+    return common_pb2.LabelSpec(horizon_bars=_int_arg(horizon_bars, "horizon_bars"), threshold=float(threshold),
+                                kind=_LABEL_KINDS[kind])
+
+
+def _duration_arg(value: Any, name: str) -> duration_pb2.Duration:
+    """A Duration from a timedelta (pandas Timedelta too) or text like 30m, 12h, 1d, 2w."""
+    if isinstance(value, str):
+        try:
+            ms = parse_duration(value)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    elif isinstance(value, timedelta):
+        ms, rest = divmod(value, timedelta(milliseconds=1))
+        if rest or ms <= 0:
+            raise ValueError(f"{name} must be a positive whole number of milliseconds, got {value!r}")
+    else:
+        raise ValueError(f"{name} must be a timedelta or text like 1d or 12h, got {value!r}")
+    d = duration_pb2.Duration()
+    d.FromMilliseconds(int(ms))
+    return d
 
 
 def _int_arg(value: Any, name: str) -> int:

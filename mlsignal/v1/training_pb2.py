@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from mlsignal.v1 import common_pb2 as mlsignal_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amlsignal/v1/training.proto\x12\x0bmlsignal.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18mlsignal/v1/common.proto\"7\n\x13PromoteModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"I\n\x14RollbackModelRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x97\x02\n\x14StartTrainingRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x05label\x18\x05 \x01(\x0b\x32\x16.mlsignal.v1.LabelSpec\x12(\n\x06params\x18\x06 \x01(\x0b\x32\x18.mlsignal.v1.ModelParams\x12-\n\x07purpose\x18\x07 \x01(\x0e\x32\x1c.mlsignal.v1.TrainingPurpose\"\xb2\x03\n\x0bTrainingJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.mlsignal.v1.JobState\x12\x10\n\x08progress\x18\x03 \x01(\x01\x12\r\n\x05stage\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x10\n\x08model_id\x18\x06 \x01(\t\x12\x32\n\x07request\x18\x07 \x01(\x0b\x32!.mlsignal.v1.StartTrainingRequest\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x07metrics\x18\x0b \x03(\x0b\x32%.mlsignal.v1.TrainingJob.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\'\n\x15GetTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"*\n\x18\x43\x61ncelTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"r\n\x17ListTrainingJobsRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12%\n\x06states\x18\x03 \x03(\x0e\x32\x15.mlsignal.v1.JobState\x12\r\n\x05limit\x18\x04 \x01(\x05\"B\n\x18ListTrainingJobsResponse\x12&\n\x04jobs\x18\x01 \x03(\x0b\x32\x18.mlsignal.v1.TrainingJob\"6\n\x11ListModelsRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.mlsignal.v1.ModelInfo\"b\n\x1cListModelStageChangesRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\r\n\x05limit\x18\x04 \x01(\x05\"\xaf\x01\n\x10ModelStageChange\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06symbol\x18\x02 \x01(\t\x12\x11\n\ttimeframe\x18\x03 \x01(\t\x12&\n\x05stage\x18\x04 \x01(\x0e\x32\x17.mlsignal.v1.ModelStage\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12.\n\nchanged_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"O\n\x1dListModelStageChangesResponse\x12.\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1d.mlsignal.v1.ModelStageChange*s\n\x0fTrainingPurpose\x12 \n\x1cTRAINING_PURPOSE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bTRAINING_PURPOSE_PRODUCTION\x10\x01\x12\x1d\n\x19TRAINING_PURPOSE_RESEARCH\x10\x02*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\x8f\x06\n\x0fTrainingService\x12L\n\rStartTraining\x12!.mlsignal.v1.StartTrainingRequest\x1a\x18.mlsignal.v1.TrainingJob\x12N\n\x0eGetTrainingJob\x12\".mlsignal.v1.GetTrainingJobRequest\x1a\x18.mlsignal.v1.TrainingJob\x12R\n\x10WatchTrainingJob\x12\".mlsignal.v1.GetTrainingJobRequest\x1a\x18.mlsignal.v1.TrainingJob0\x01\x12T\n\x11\x43\x61ncelTrainingJob\x12%.mlsignal.v1.CancelTrainingJobRequest\x1a\x18.mlsignal.v1.TrainingJob\x12_\n\x10ListTrainingJobs\x12$.mlsignal.v1.ListTrainingJobsRequest\x1a%.mlsignal.v1.ListTrainingJobsResponse\x12M\n\nListModels\x12\x1e.mlsignal.v1.ListModelsRequest\x1a\x1f.mlsignal.v1.ListModelsResponse\x12H\n\x0cPromoteModel\x12 .mlsignal.v1.PromoteModelRequest\x1a\x16.mlsignal.v1.ModelInfo\x12J\n\rRollbackModel\x12!.mlsignal.v1.RollbackModelRequest\x1a\x16.mlsignal.v1.ModelInfo\x12n\n\x15ListModelStageChanges\x12).mlsignal.v1.ListModelStageChangesRequest\x1a*.mlsignal.v1.ListModelStageChangesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amlsignal/v1/training.proto\x12\x0bmlsignal.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18mlsignal/v1/common.proto\"\xc4\x02\n\rRetrainPolicy\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12(\n\x05\x65very\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x06window\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x05label\x18\x05 \x01(\x0b\x32\x16.mlsignal.v1.LabelSpec\x12(\n\x06params\x18\x06 \x01(\x0b\x32\x18.mlsignal.v1.ModelParams\x12\x0e\n\x06paused\x18\x07 \x01(\x08\x12/\n\x0bnext_run_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0blast_job_id\x18\t \x01(\t\x12\x14\n\x0clast_outcome\x18\n \x01(\t\"?\n\x1aListRetrainPoliciesRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\"K\n\x1bListRetrainPoliciesResponse\x12,\n\x08policies\x18\x01 \x03(\x0b\x32\x1a.mlsignal.v1.RetrainPolicy\"?\n\x1a\x44\x65leteRetrainPolicyRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\"\x8c\x01\n\x14ImportCandlesRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12$\n\x07\x63\x61ndles\x18\x03 \x03(\x0b\x32\x13.mlsignal.v1.Candle\x12+\n\x07\x63olumns\x18\x04 \x01(\x0b\x32\x1a.mlsignal.v1.CandleColumns\"l\n\x15ImportCandlesResponse\x12\x10\n\x08inserted\x18\x01 \x01(\x03\x12\x11\n\tunchanged\x18\x02 \x01(\x03\x12\x13\n\x0b\x63onflicting\x18\x03 \x01(\x03\x12\x19\n\x11last_open_time_ms\x18\x04 \x01(\x03\"7\n\x13PromoteModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"I\n\x14RollbackModelRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x97\x02\n\x14StartTrainingRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x05label\x18\x05 \x01(\x0b\x32\x16.mlsignal.v1.LabelSpec\x12(\n\x06params\x18\x06 \x01(\x0b\x32\x18.mlsignal.v1.ModelParams\x12-\n\x07purpose\x18\x07 \x01(\x0e\x32\x1c.mlsignal.v1.TrainingPurpose\"\xb2\x03\n\x0bTrainingJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.mlsignal.v1.JobState\x12\x10\n\x08progress\x18\x03 \x01(\x01\x12\r\n\x05stage\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x10\n\x08model_id\x18\x06 \x01(\t\x12\x32\n\x07request\x18\x07 \x01(\x0b\x32!.mlsignal.v1.StartTrainingRequest\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x07metrics\x18\x0b \x03(\x0b\x32%.mlsignal.v1.TrainingJob.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\'\n\x15GetTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"*\n\x18\x43\x61ncelTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"r\n\x17ListTrainingJobsRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12%\n\x06states\x18\x03 \x03(\x0e\x32\x15.mlsignal.v1.JobState\x12\r\n\x05limit\x18\x04 \x01(\x05\"B\n\x18ListTrainingJobsResponse\x12&\n\x04jobs\x18\x01 \x03(\x0b\x32\x18.mlsignal.v1.TrainingJob\"6\n\x11ListModelsRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.mlsignal.v1.ModelInfo\"b\n\x1cListModelStageChangesRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\r\n\x05limit\x18\x04 \x01(\x05\"\xaf\x01\n\x10ModelStageChange\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06symbol\x18\x02 \x01(\t\x12\x11\n\ttimeframe\x18\x03 \x01(\t\x12&\n\x05stage\x18\x04 \x01(\x0e\x32\x17.mlsignal.v1.ModelStage\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12.\n\nchanged_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"O\n\x1dListModelStageChangesResponse\x12.\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1d.mlsignal.v1.ModelStageChange*s\n\x0fTrainingPurpose\x12 \n\x1cTRAINING_PURPOSE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bTRAINING_PURPOSE_PRODUCTION\x10\x01\x12\x1d\n\x19TRAINING_PURPOSE_RESEARCH\x10\x02*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xfb\x08\n\x0fTrainingService\x12L\n\rStartTraining\x12!.mlsignal.v1.StartTrainingRequest\x1a\x18.mlsignal.v1.TrainingJob\x12N\n\x0eGetTrainingJob\x12\".mlsignal.v1.GetTrainingJobRequest\x1a\x18.mlsignal.v1.TrainingJob\x12R\n\x10WatchTrainingJob\x12\".mlsignal.v1.GetTrainingJobRequest\x1a\x18.mlsignal.v1.TrainingJob0\x01\x12T\n\x11\x43\x61ncelTrainingJob\x12%.mlsignal.v1.CancelTrainingJobRequest\x1a\x18.mlsignal.v1.TrainingJob\x12_\n\x10ListTrainingJobs\x12$.mlsignal.v1.ListTrainingJobsRequest\x1a%.mlsignal.v1.ListTrainingJobsResponse\x12M\n\nListModels\x12\x1e.mlsignal.v1.ListModelsRequest\x1a\x1f.mlsignal.v1.ListModelsResponse\x12H\n\x0cPromoteModel\x12 .mlsignal.v1.PromoteModelRequest\x1a\x16.mlsignal.v1.ModelInfo\x12J\n\rRollbackModel\x12!.mlsignal.v1.RollbackModelRequest\x1a\x16.mlsignal.v1.ModelInfo\x12n\n\x15ListModelStageChanges\x12).mlsignal.v1.ListModelStageChangesRequest\x1a*.mlsignal.v1.ListModelStageChangesResponse\x12J\n\x10SetRetrainPolicy\x12\x1a.mlsignal.v1.RetrainPolicy\x1a\x1a.mlsignal.v1.RetrainPolicy\x12h\n\x13ListRetrainPolicies\x12\'.mlsignal.v1.ListRetrainPoliciesRequest\x1a(.mlsignal.v1.ListRetrainPoliciesResponse\x12Z\n\x13\x44\x65leteRetrainPolicy\x12\'.mlsignal.v1.DeleteRetrainPolicyRequest\x1a\x1a.mlsignal.v1.RetrainPolicy\x12X\n\rImportCandles\x12!.mlsignal.v1.ImportCandlesRequest\x1a\".mlsignal.v1.ImportCandlesResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,38 +36,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRAININGJOB_METRICSENTRY']._loaded_options = None
   _globals['_TRAININGJOB_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_TRAININGPURPOSE']._serialized_start=1699
-  _globals['_TRAININGPURPOSE']._serialized_end=1814
-  _globals['_JOBSTATE']._serialized_start=1817
-  _globals['_JOBSTATE']._serialized_end=1971
-  _globals['_PROMOTEMODELREQUEST']._serialized_start=102
-  _globals['_PROMOTEMODELREQUEST']._serialized_end=157
-  _globals['_ROLLBACKMODELREQUEST']._serialized_start=159
-  _globals['_ROLLBACKMODELREQUEST']._serialized_end=232
-  _globals['_STARTTRAININGREQUEST']._serialized_start=235
-  _globals['_STARTTRAININGREQUEST']._serialized_end=514
-  _globals['_TRAININGJOB']._serialized_start=517
-  _globals['_TRAININGJOB']._serialized_end=951
-  _globals['_TRAININGJOB_METRICSENTRY']._serialized_start=905
-  _globals['_TRAININGJOB_METRICSENTRY']._serialized_end=951
-  _globals['_GETTRAININGJOBREQUEST']._serialized_start=953
-  _globals['_GETTRAININGJOBREQUEST']._serialized_end=992
-  _globals['_CANCELTRAININGJOBREQUEST']._serialized_start=994
-  _globals['_CANCELTRAININGJOBREQUEST']._serialized_end=1036
-  _globals['_LISTTRAININGJOBSREQUEST']._serialized_start=1038
-  _globals['_LISTTRAININGJOBSREQUEST']._serialized_end=1152
-  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_start=1154
-  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_end=1220
-  _globals['_LISTMODELSREQUEST']._serialized_start=1222
-  _globals['_LISTMODELSREQUEST']._serialized_end=1276
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1278
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1338
-  _globals['_LISTMODELSTAGECHANGESREQUEST']._serialized_start=1340
-  _globals['_LISTMODELSTAGECHANGESREQUEST']._serialized_end=1438
-  _globals['_MODELSTAGECHANGE']._serialized_start=1441
-  _globals['_MODELSTAGECHANGE']._serialized_end=1616
-  _globals['_LISTMODELSTAGECHANGESRESPONSE']._serialized_start=1618
-  _globals['_LISTMODELSTAGECHANGESRESPONSE']._serialized_end=1697
-  _globals['_TRAININGSERVICE']._serialized_start=1974
-  _globals['_TRAININGSERVICE']._serialized_end=2757
+  _globals['_TRAININGPURPOSE']._serialized_start=2518
+  _globals['_TRAININGPURPOSE']._serialized_end=2633
+  _globals['_JOBSTATE']._serialized_start=2636
+  _globals['_JOBSTATE']._serialized_end=2790
+  _globals['_RETRAINPOLICY']._serialized_start=135
+  _globals['_RETRAINPOLICY']._serialized_end=459
+  _globals['_LISTRETRAINPOLICIESREQUEST']._serialized_start=461
+  _globals['_LISTRETRAINPOLICIESREQUEST']._serialized_end=524
+  _globals['_LISTRETRAINPOLICIESRESPONSE']._serialized_start=526
+  _globals['_LISTRETRAINPOLICIESRESPONSE']._serialized_end=601
+  _globals['_DELETERETRAINPOLICYREQUEST']._serialized_start=603
+  _globals['_DELETERETRAINPOLICYREQUEST']._serialized_end=666
+  _globals['_IMPORTCANDLESREQUEST']._serialized_start=669
+  _globals['_IMPORTCANDLESREQUEST']._serialized_end=809
+  _globals['_IMPORTCANDLESRESPONSE']._serialized_start=811
+  _globals['_IMPORTCANDLESRESPONSE']._serialized_end=919
+  _globals['_PROMOTEMODELREQUEST']._serialized_start=921
+  _globals['_PROMOTEMODELREQUEST']._serialized_end=976
+  _globals['_ROLLBACKMODELREQUEST']._serialized_start=978
+  _globals['_ROLLBACKMODELREQUEST']._serialized_end=1051
+  _globals['_STARTTRAININGREQUEST']._serialized_start=1054
+  _globals['_STARTTRAININGREQUEST']._serialized_end=1333
+  _globals['_TRAININGJOB']._serialized_start=1336
+  _globals['_TRAININGJOB']._serialized_end=1770
+  _globals['_TRAININGJOB_METRICSENTRY']._serialized_start=1724
+  _globals['_TRAININGJOB_METRICSENTRY']._serialized_end=1770
+  _globals['_GETTRAININGJOBREQUEST']._serialized_start=1772
+  _globals['_GETTRAININGJOBREQUEST']._serialized_end=1811
+  _globals['_CANCELTRAININGJOBREQUEST']._serialized_start=1813
+  _globals['_CANCELTRAININGJOBREQUEST']._serialized_end=1855
+  _globals['_LISTTRAININGJOBSREQUEST']._serialized_start=1857
+  _globals['_LISTTRAININGJOBSREQUEST']._serialized_end=1971
+  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_start=1973
+  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_end=2039
+  _globals['_LISTMODELSREQUEST']._serialized_start=2041
+  _globals['_LISTMODELSREQUEST']._serialized_end=2095
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2097
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2157
+  _globals['_LISTMODELSTAGECHANGESREQUEST']._serialized_start=2159
+  _globals['_LISTMODELSTAGECHANGESREQUEST']._serialized_end=2257
+  _globals['_MODELSTAGECHANGE']._serialized_start=2260
+  _globals['_MODELSTAGECHANGE']._serialized_end=2435
+  _globals['_LISTMODELSTAGECHANGESRESPONSE']._serialized_start=2437
+  _globals['_LISTMODELSTAGECHANGESRESPONSE']._serialized_end=2516
+  _globals['_TRAININGSERVICE']._serialized_start=2793
+  _globals['_TRAININGSERVICE']._serialized_end=3940
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from mlsignal.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
@@ -31,6 +32,76 @@ JOB_STATE_RUNNING: JobState
 JOB_STATE_SUCCEEDED: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
+
+class RetrainPolicy(_message.Message):
+    __slots__ = ("symbol", "timeframe", "every", "window", "label", "params", "paused", "next_run_at", "last_job_id", "last_outcome")
+    SYMBOL_FIELD_NUMBER: _ClassVar[int]
+    TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
+    EVERY_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_RUN_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    symbol: str
+    timeframe: str
+    every: _duration_pb2.Duration
+    window: _duration_pb2.Duration
+    label: _common_pb2.LabelSpec
+    params: _common_pb2.ModelParams
+    paused: bool
+    next_run_at: _timestamp_pb2.Timestamp
+    last_job_id: str
+    last_outcome: str
+    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[str] = ..., every: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., window: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., label: _Optional[_Union[_common_pb2.LabelSpec, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.ModelParams, _Mapping]] = ..., paused: bool = ..., next_run_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_job_id: _Optional[str] = ..., last_outcome: _Optional[str] = ...) -> None: ...
+
+class ListRetrainPoliciesRequest(_message.Message):
+    __slots__ = ("symbol", "timeframe")
+    SYMBOL_FIELD_NUMBER: _ClassVar[int]
+    TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
+    symbol: str
+    timeframe: str
+    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[str] = ...) -> None: ...
+
+class ListRetrainPoliciesResponse(_message.Message):
+    __slots__ = ("policies",)
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    policies: _containers.RepeatedCompositeFieldContainer[RetrainPolicy]
+    def __init__(self, policies: _Optional[_Iterable[_Union[RetrainPolicy, _Mapping]]] = ...) -> None: ...
+
+class DeleteRetrainPolicyRequest(_message.Message):
+    __slots__ = ("symbol", "timeframe")
+    SYMBOL_FIELD_NUMBER: _ClassVar[int]
+    TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
+    symbol: str
+    timeframe: str
+    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[str] = ...) -> None: ...
+
+class ImportCandlesRequest(_message.Message):
+    __slots__ = ("symbol", "timeframe", "candles", "columns")
+    SYMBOL_FIELD_NUMBER: _ClassVar[int]
+    TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
+    CANDLES_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    symbol: str
+    timeframe: str
+    candles: _containers.RepeatedCompositeFieldContainer[_common_pb2.Candle]
+    columns: _common_pb2.CandleColumns
+    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[str] = ..., candles: _Optional[_Iterable[_Union[_common_pb2.Candle, _Mapping]]] = ..., columns: _Optional[_Union[_common_pb2.CandleColumns, _Mapping]] = ...) -> None: ...
+
+class ImportCandlesResponse(_message.Message):
+    __slots__ = ("inserted", "unchanged", "conflicting", "last_open_time_ms")
+    INSERTED_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    CONFLICTING_FIELD_NUMBER: _ClassVar[int]
+    LAST_OPEN_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    inserted: int
+    unchanged: int
+    conflicting: int
+    last_open_time_ms: int
+    def __init__(self, inserted: _Optional[int] = ..., unchanged: _Optional[int] = ..., conflicting: _Optional[int] = ..., last_open_time_ms: _Optional[int] = ...) -> None: ...
 
 class PromoteModelRequest(_message.Message):
     __slots__ = ("model_id", "reason")

@@ -81,6 +81,26 @@ class TrainingServiceStub(object):
                 request_serializer=mlsignal_dot_v1_dot_training__pb2.ListModelStageChangesRequest.SerializeToString,
                 response_deserializer=mlsignal_dot_v1_dot_training__pb2.ListModelStageChangesResponse.FromString,
                 _registered_method=True)
+        self.SetRetrainPolicy = channel.unary_unary(
+                '/mlsignal.v1.TrainingService/SetRetrainPolicy',
+                request_serializer=mlsignal_dot_v1_dot_training__pb2.RetrainPolicy.SerializeToString,
+                response_deserializer=mlsignal_dot_v1_dot_training__pb2.RetrainPolicy.FromString,
+                _registered_method=True)
+        self.ListRetrainPolicies = channel.unary_unary(
+                '/mlsignal.v1.TrainingService/ListRetrainPolicies',
+                request_serializer=mlsignal_dot_v1_dot_training__pb2.ListRetrainPoliciesRequest.SerializeToString,
+                response_deserializer=mlsignal_dot_v1_dot_training__pb2.ListRetrainPoliciesResponse.FromString,
+                _registered_method=True)
+        self.DeleteRetrainPolicy = channel.unary_unary(
+                '/mlsignal.v1.TrainingService/DeleteRetrainPolicy',
+                request_serializer=mlsignal_dot_v1_dot_training__pb2.DeleteRetrainPolicyRequest.SerializeToString,
+                response_deserializer=mlsignal_dot_v1_dot_training__pb2.RetrainPolicy.FromString,
+                _registered_method=True)
+        self.ImportCandles = channel.stream_unary(
+                '/mlsignal.v1.TrainingService/ImportCandles',
+                request_serializer=mlsignal_dot_v1_dot_training__pb2.ImportCandlesRequest.SerializeToString,
+                response_deserializer=mlsignal_dot_v1_dot_training__pb2.ImportCandlesResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer(object):
@@ -150,6 +170,34 @@ class TrainingServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRetrainPolicy(self, request, context):
+        """Creates or replaces the retrain policy of a market; returns it with its next due time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRetrainPolicies(self, request, context):
+        """Retrain policies, optionally of one symbol or timeframe.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRetrainPolicy(self, request, context):
+        """Deletes the retrain policy of a market; returns the deleted policy (NOT_FOUND when there is none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportCandles(self, request_iterator, context):
+        """Stores closed candles pushed by a collector: a stream of batches, each stored whole or not at all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -197,6 +245,26 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.ListModelStageChanges,
                     request_deserializer=mlsignal_dot_v1_dot_training__pb2.ListModelStageChangesRequest.FromString,
                     response_serializer=mlsignal_dot_v1_dot_training__pb2.ListModelStageChangesResponse.SerializeToString,
+            ),
+            'SetRetrainPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRetrainPolicy,
+                    request_deserializer=mlsignal_dot_v1_dot_training__pb2.RetrainPolicy.FromString,
+                    response_serializer=mlsignal_dot_v1_dot_training__pb2.RetrainPolicy.SerializeToString,
+            ),
+            'ListRetrainPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRetrainPolicies,
+                    request_deserializer=mlsignal_dot_v1_dot_training__pb2.ListRetrainPoliciesRequest.FromString,
+                    response_serializer=mlsignal_dot_v1_dot_training__pb2.ListRetrainPoliciesResponse.SerializeToString,
+            ),
+            'DeleteRetrainPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRetrainPolicy,
+                    request_deserializer=mlsignal_dot_v1_dot_training__pb2.DeleteRetrainPolicyRequest.FromString,
+                    response_serializer=mlsignal_dot_v1_dot_training__pb2.RetrainPolicy.SerializeToString,
+            ),
+            'ImportCandles': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportCandles,
+                    request_deserializer=mlsignal_dot_v1_dot_training__pb2.ImportCandlesRequest.FromString,
+                    response_serializer=mlsignal_dot_v1_dot_training__pb2.ImportCandlesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -443,6 +511,114 @@ class TrainingService(object):
             '/mlsignal.v1.TrainingService/ListModelStageChanges',
             mlsignal_dot_v1_dot_training__pb2.ListModelStageChangesRequest.SerializeToString,
             mlsignal_dot_v1_dot_training__pb2.ListModelStageChangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRetrainPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlsignal.v1.TrainingService/SetRetrainPolicy',
+            mlsignal_dot_v1_dot_training__pb2.RetrainPolicy.SerializeToString,
+            mlsignal_dot_v1_dot_training__pb2.RetrainPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRetrainPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlsignal.v1.TrainingService/ListRetrainPolicies',
+            mlsignal_dot_v1_dot_training__pb2.ListRetrainPoliciesRequest.SerializeToString,
+            mlsignal_dot_v1_dot_training__pb2.ListRetrainPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRetrainPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlsignal.v1.TrainingService/DeleteRetrainPolicy',
+            mlsignal_dot_v1_dot_training__pb2.DeleteRetrainPolicyRequest.SerializeToString,
+            mlsignal_dot_v1_dot_training__pb2.RetrainPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportCandles(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/mlsignal.v1.TrainingService/ImportCandles',
+            mlsignal_dot_v1_dot_training__pb2.ImportCandlesRequest.SerializeToString,
+            mlsignal_dot_v1_dot_training__pb2.ImportCandlesResponse.FromString,
             options,
             channel_credentials,
             insecure,

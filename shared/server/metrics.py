@@ -268,3 +268,50 @@ def training_metrics(metrics: Metrics, job_counts: Callable[[], dict[str, int]])
             durations.labels(job.state).observe(max(0.0, (job.finished_at_ms - job.started_at_ms) / 1000.0))
 
     return on_job_finished
+
+
+def policy_metrics(metrics: Metrics, due: Callable[[], int],
+                   serving: Callable[[], Iterable[tuple[str, str, str, int]]],
+                   wall_ms: Callable[[], int]) -> Callable[[str, str, str], None]:
+    """Retrain policy metrics; returns the `on_outcome(kind, symbol, timeframe)` hook for the policy runner (kind
+    started, skipped or failed).
+
+    At scrape time `due()` counts the policies due now and `serving()` yields (symbol, timeframe, model_id,
+    created_at_ms) of every SERVING model, whose age is measured against `wall_ms()`.
+    """
+    labels = ("symbol", "timeframe")
+    counters = {
+        "started": Counter("mlsignal_policy_jobs_started", "Training jobs started by retrain policies, per market.",
+                           labels, registry=metrics.registry),
+        "skipped": Counter("mlsignal_policy_skips",
+                           "Due retrain policies skipped (no candle after the last model, or its job still running).",
+                           labels, registry=metrics.registry),
+        "failed": Counter("mlsignal_policy_failures",
+                          "Jobs of retrain policies that failed or were cancelled, or could not be queued.",
+                          labels, registry=metrics.registry),
+    }
+
+    def collect() -> Iterator[Metric]:
+        due_now = GaugeMetricFamily("mlsignal_policies_due", "Unpaused retrain policies due now (read on scrape).")
+        age = GaugeMetricFamily("mlsignal_serving_model_age_seconds",
+                                "Seconds since the serving model of each market was registered (read on scrape).",
+                                labels=("symbol", "timeframe", "model_id"))
+        try:
+            count = due()
+            models = list(serving())
+        except Exception as exc:  # a scrape must not fail because the database is down
+            log.warning("metrics: cannot read the retrain policies or serving models: %s", one_line(exc))
+            return
+        due_now.add_metric((), count)
+        now = wall_ms()
+        for symbol, timeframe, model_id, created_ms in models:
+            age.add_metric((symbol, timeframe, model_id), max(0.0, (now - created_ms) / 1000.0))
+        yield due_now
+        yield age
+
+    metrics.add_callback(collect)
+
+    def on_outcome(kind: str, symbol: str, timeframe: str) -> None:
+        counters[kind].labels(symbol, timeframe).inc()
+
+    return on_outcome

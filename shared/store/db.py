@@ -340,3 +340,29 @@ live_scores = sa.Table(
     sa.Column("scored_at", sa.BigInteger, nullable=False),
     sa.Index("ix_live_scores_scored", "scored_at"),
 )
+
+# -- retrain policies (shared.store.policies; run by training_service.policies) -------------------------------------
+# One policy per market: retrain every `every_ms` on the last `window_ms` of closed candles. `label` and `params` are
+# JSON as training requests store them. `next_run_at` is when it is next due; a replica that claims a due policy
+# advances it and holds the lease (`lease_owner` until `lease_until`) while it submits the job. `last_job_state` is
+# the state of `last_job_id` as last recorded (QUEUED or RUNNING until its end has been recorded in `last_outcome`).
+retrain_policies = sa.Table(
+    "retrain_policies",
+    metadata,
+    sa.Column("symbol", sa.String(64), primary_key=True),
+    sa.Column("timeframe", sa.String(8), primary_key=True),
+    sa.Column("every_ms", sa.BigInteger, nullable=False),
+    sa.Column("window_ms", sa.BigInteger, nullable=False),
+    sa.Column("label", sa.Text, nullable=False),
+    sa.Column("params", sa.Text, nullable=False),
+    sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("next_run_at", sa.BigInteger, nullable=False),
+    sa.Column("last_job_id", sa.String(64), nullable=False, server_default=""),
+    sa.Column("last_job_state", sa.String(16), nullable=False, server_default=""),
+    sa.Column("last_outcome", sa.Text, nullable=False, server_default=""),
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_until", sa.BigInteger, nullable=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_retrain_policies_due", "next_run_at"),
+)

@@ -82,16 +82,22 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-def read_candles(path: str | Path, timeframe: str, fmt: str = "auto") -> pd.DataFrame:
-    """Validated candles of a file, sorted by time: columns open_time_ms (int64) and open..volume (float64)."""
+def read_candles(
+    path: str | Path, timeframe: str, fmt: str = "auto", *, closed_by_ms: int | None = None
+) -> pd.DataFrame:
+    """Validated candles of a file, sorted by time: columns open_time_ms (int64) and open..volume (float64).
+
+    With `closed_by_ms` (an import: the clock now) every candle must have closed by then, open time + one timeframe
+    <= closed_by_ms; the line of a still-forming candle rejects the file.
+    """
     tf_ms = _timeframe_ms(timeframe)
     if fmt not in FORMATS:
         raise InvalidArgument(f"format {fmt!r} is not supported; expected one of {', '.join(FORMATS)}", field="format")
     if fmt == "auto":
         fmt = detect_format(path)
     if fmt == "binance":
-        return _read_binance(path, timeframe, tf_ms)
-    return _read_generic(path, timeframe, tf_ms)
+        return _read_binance(path, timeframe, tf_ms, closed_by_ms)
+    return _read_generic(path, timeframe, tf_ms, closed_by_ms)
 
 
 def read_series(path: str | Path, kind: str) -> pd.DataFrame:
@@ -104,23 +110,23 @@ def read_series(path: str | Path, kind: str) -> pd.DataFrame:
     ts = _timestamps(raw[cols["timestamp"]], checks, "timestamp")
     value = _numbers(raw[cols["value"]], checks, "value")
     if kind == "open-interest":
-        checks.add(value < 0, lambda i: f"open interest {_raw(raw, cols['value'], i)} is negative", "value")
+        checks.add(value <= 0, lambda i: f"open interest is {_raw(raw, cols['value'], i)}; it must be > 0", "value")
     _check_duplicates(ts, checks, "timestamp")
     checks.raise_first()
     order = np.argsort(ts, kind="stable")
     return pd.DataFrame({"time_ms": ts[order], "value": value[order]})
 
 
-def _read_generic(path, timeframe: str, tf_ms: int) -> pd.DataFrame:
+def _read_generic(path, timeframe: str, tf_ms: int, closed_by_ms: int | None) -> pd.DataFrame:
     raw = _read_raw(path, header=True)
     cols = _require_columns(raw, ("timestamp", *PRICE_COLUMNS, "volume"), "timestamp,open,high,low,close,volume")
     checks = _Checks(len(raw), first_line=2)
     ts = _timestamps(raw[cols["timestamp"]], checks, "timestamp")
     values = {name: _numbers(raw[cols[name]], checks, name) for name in (*PRICE_COLUMNS, "volume")}
-    return _finish_candles(raw, cols, ts, values, checks, timeframe, tf_ms, "timestamp")
+    return _finish_candles(raw, cols, ts, values, checks, timeframe, tf_ms, "timestamp", closed_by_ms)
 
 
-def _read_binance(path, timeframe: str, tf_ms: int) -> pd.DataFrame:
+def _read_binance(path, timeframe: str, tf_ms: int, closed_by_ms: int | None) -> pd.DataFrame:
     first = _read_raw(path, header=False, nrows=1)
     has_header = not first.empty and not _DIGITS.fullmatch(str(first.iloc[0, 0]))
     raw = _read_raw(path, header=has_header)
@@ -160,10 +166,10 @@ def _read_binance(path, timeframe: str, tf_ms: int) -> pd.DataFrame:
         ),
         "close_time",
     )
-    return _finish_candles(raw, cols, ts, values, checks, timeframe, tf_ms, "open_time")
+    return _finish_candles(raw, cols, ts, values, checks, timeframe, tf_ms, "open_time", closed_by_ms)
 
 
-def _finish_candles(raw, cols, ts, values, checks, timeframe, tf_ms, time_field) -> pd.DataFrame:
+def _finish_candles(raw, cols, ts, values, checks, timeframe, tf_ms, time_field, closed_by_ms) -> pd.DataFrame:
     """Row checks common to all candle layouts, then the sorted frame."""
     _check_candle_values(values, checks, lambda name, i: _raw(raw, cols[name], i))
     checks.add(
@@ -171,6 +177,16 @@ def _finish_candles(raw, cols, ts, values, checks, timeframe, tf_ms, time_field)
         lambda i: f"{time_field} {ms_to_iso(int(ts[i]))} is not aligned to the {timeframe} timeframe",
         time_field,
     )
+    if closed_by_ms is not None:
+        checks.add(
+            ts + tf_ms > closed_by_ms,
+            lambda i: (
+                f"the {timeframe} candle opening at {ms_to_iso(int(ts[i]))} is still forming: it closes at "
+                f"{ms_to_iso(int(ts[i]) + tf_ms)}, after now ({ms_to_iso(closed_by_ms)}); only closed candles "
+                "are imported"
+            ),
+            time_field,
+        )
     _check_duplicates(ts, checks, time_field)
     checks.raise_first()
     order = np.argsort(ts, kind="stable")
@@ -441,7 +457,7 @@ def check_series(df: pd.DataFrame, kind: str) -> pd.DataFrame:
     v = pd.to_numeric(df["value"], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     checks.add(~np.isfinite(v), lambda i: f"value is {v[i]}; expected a finite number", "value")
     if kind == "open-interest":
-        checks.add(v < 0, lambda i: f"open interest {v[i]} is negative", "value")
+        checks.add(v <= 0, lambda i: f"open interest is {v[i]}; it must be > 0", "value")
     checks.add(pd.Series(ts).duplicated().to_numpy(), lambda i: f"duplicate time_ms {ts[i]}", "time_ms")
     _raise_row(checks, f"{kind} series")
     return pd.DataFrame({"time_ms": ts, "value": v})

@@ -458,3 +458,27 @@ def stage_history(engine: sa.Engine, symbol: str = "", timeframe: str = "", mode
         rows = conn.execute(q).all()
     return [StageChange(r.model_id, r.symbol, r.timeframe, r.stage, r.reason, int(r.changed_at))
             for r in reversed(rows)]
+
+
+def newest_production_model(engine: sa.Engine, symbol: str, timeframe: str) -> ModelRecord | None:
+    """The market's newest model trained for production, whatever its stage now (a research model is registered
+    RESEARCH, so its history holds that stage), or None."""
+    research = sa.select(changes_table.c.model_id).where(changes_table.c.stage == RESEARCH)
+    q = (
+        sa.select(models_table)
+        .where(models_table.c.symbol == symbol, models_table.c.timeframe == timeframe,
+               models_table.c.stage != RESEARCH, models_table.c.model_id.not_in(research))
+        .order_by(*_NEWEST_FIRST)
+        .limit(1)
+    )
+    with engine.connect() as conn:
+        row = conn.execute(q).first()
+    return _row_to_record(row) if row else None
+
+
+def serving_models(engine: sa.Engine) -> list[tuple[str, str, str, int]]:
+    """(symbol, timeframe, model_id, created_at_ms) of every SERVING model."""
+    c = models_table.c
+    q = sa.select(c.symbol, c.timeframe, c.model_id, c.created_at).where(c.stage == SERVING)
+    with engine.connect() as conn:
+        return [(s, tf, m, int(created)) for s, tf, m, created in conn.execute(q)]

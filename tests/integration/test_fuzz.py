@@ -6,7 +6,8 @@ strings, Timestamps outside protobuf's range, unknown enum numbers, and valid va
 model and job ids, real candles) often enough that calls also get past validation. Raw garbage bytes go to every
 method path as well. Every answer must carry a documented status code: never UNKNOWN or INTERNAL, and no message may
 show a server path, SQL, a traceback or the token. Afterwards both servers are SERVING, candles and models are
-unchanged, every job the fuzzer started was cancelled, and a reference Predict answers exactly as before.
+unchanged (but for the candles ImportCandles answered it inserted), every job the fuzzer started was cancelled, and
+a reference Predict answers exactly as before.
 
 `make test` runs MLSIGNAL_FUZZ_EXAMPLES=300 examples in total (the default); `make fuzz` runs 5000. The codes seen
 are printed at the end (`pytest -s`).
@@ -99,6 +100,7 @@ class World:
         self.codes: Counter[str] = Counter()
         self.examples = 0
         self.started_jobs: list[str] = []
+        self.imported = 0  # candles that ImportCandles calls answered they inserted
 
     def predict_reference(self) -> bytes:
         call = self.channels["inference"].unary_unary("/mlsignal.v1.InferenceService/Predict")
@@ -327,7 +329,10 @@ def _call(world: World, server: str, method, payload: bytes, metadata=AUTH) -> l
 
 
 def _after(world: World, method, responses: list[bytes]) -> None:
-    """Cancel any job a StartTraining started; check errors answered inside a StreamPredict."""
+    """Cancel any job a StartTraining started; count the candles an ImportCandles inserted; check errors answered
+    inside a StreamPredict."""
+    if method.name == "ImportCandles":
+        world.imported += sum(training_pb2.ImportCandlesResponse.FromString(raw).inserted for raw in responses)
     if method.name == "StartTraining":
         for raw in responses:
             job = training_pb2.TrainingJob.FromString(raw)
@@ -403,10 +408,10 @@ def test_after_fuzzing_the_services_serve_and_the_stored_data_is_unchanged(world
         final = _wait_final(world.tstub, job_id)
         assert final.state in (training_pb2.JOB_STATE_CANCELLED, training_pb2.JOB_STATE_FAILED), final
     counts = world.row_counts()
-    assert counts["candles"] == world.counts["candles"] and counts["models"] == world.counts["models"]
+    assert counts["candles"] == world.counts["candles"] + world.imported and counts["models"] == world.counts["models"]
     assert counts["training_jobs"] == world.counts["training_jobs"] + len(set(world.started_jobs))
     assert world.predict_reference() == world.reference_answer
     summary = ", ".join(f"{name} {n}" for name, n in world.codes.most_common())
     print(f"\nfuzz: {world.examples} examples over {len(METHODS)} RPCs, {len(set(world.started_jobs))} jobs started "
-          f"and cancelled; codes seen: {summary}")
+          f"and cancelled, {world.imported} candles imported; codes seen: {summary}")
     assert world.examples >= MESSAGE_EXAMPLES  # hypothesis ran them all

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import re
+import time
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ from mlsignal.cli import main
 from shared.store.db import candles, funding_rates, make_engine, open_interest
 from shared.store.importers import read_candles, resample
 from shared.store.marketdata import load_candles, load_series
-from shared.timeframes import parse_time
+from shared.timeframes import ms_to_iso, parse_time
 
 HEADER = "timestamp,open,high,low,close,volume\n"
 GOOD = [
@@ -26,7 +27,8 @@ BINANCE_HEADER = (
     "open_time,open,high,low,close,volume,close_time,quote_volume,count,taker_buy_volume,taker_buy_quote_volume,ignore"
 )
 SAMPLE_SUMMARY = (
-    "BTC/USD 1h: 20111 rows added, 0 duplicates skipped, 0 gaps, first 2017-07-01T11:00:00Z, last 2019-10-17T09:00:00Z"
+    "BTC/USD 1h: 20111 inserted, 0 unchanged, 0 conflicting, 0 gaps, first 2017-07-01T11:00:00Z, "
+    "last 2019-10-17T09:00:00Z"
 )
 
 
@@ -78,7 +80,7 @@ def test_sample_imports_once_and_reimport_changes_nothing(cli, engine, sample_cs
 
     code, out, err = cli("data", "import", sample_csv, "--symbol", "BTC/USD", "--timeframe", "1h", "--format", "csv")
     assert code == 0, err
-    assert out.strip() == SAMPLE_SUMMARY.replace("20111 rows added, 0 duplicates", "0 rows added, 20111 duplicates")
+    assert out.strip() == SAMPLE_SUMMARY.replace("20111 inserted, 0 unchanged", "0 inserted, 20111 unchanged")
     pd.testing.assert_frame_equal(load_candles(engine, "BTC/USD", "1h"), first)
     assert stored(engine) == {"candles": 20111, "funding_rates": 0, "open_interest": 0}
 
@@ -99,7 +101,8 @@ def test_generic_csv_variants(cli, engine, tmp_path, name):
     code, out, err = cli("data", "import", path, "--symbol", "ETH/USDT", "--timeframe", "1h")
     assert code == 0, err
     assert out.strip() == (
-        "ETH/USDT 1h: 3 rows added, 0 duplicates skipped, 0 gaps, first 2024-01-01T00:00:00Z, last 2024-01-01T02:00:00Z"
+        "ETH/USDT 1h: 3 inserted, 0 unchanged, 0 conflicting, 0 gaps, first 2024-01-01T00:00:00Z, "
+        "last 2024-01-01T02:00:00Z"
     )
     df = load_candles(engine, "ETH/USDT", "1h")
     t0 = parse_time("2024-01-01T00:00:00Z")
@@ -112,7 +115,7 @@ def test_binance_file_reports_its_gap(cli, engine, binance_csv):
     code, out, err = cli("data", "import", binance_csv, "--symbol", "BTC/USDT", "--timeframe", "5m")
     assert code == 0, err
     assert out.strip() == (
-        "BTC/USDT 5m: 2576 rows added, 0 duplicates skipped, 1 gap (16 missing candles), "
+        "BTC/USDT 5m: 2576 inserted, 0 unchanged, 0 conflicting, 1 gap (16 missing candles), "
         "first 2023-03-20T00:00:00Z, last 2023-03-28T23:55:00Z"
     )
     assert "2023-03-24T12:40:00Z .. 2023-03-24T13:55:00Z: 16 missing candles" in err
@@ -129,11 +132,11 @@ def test_binance_microseconds_with_header(cli, engine, tmp_path, binance_csv):
     path = write(tmp_path / "BTCUSDT-5m.csv", "\n".join([BINANCE_HEADER, *micro]) + "\n")
     code, out, err = cli("data", "import", path, "--symbol", "BTC/USDT", "--timeframe", "5m")
     assert code == 0, err
-    assert out.startswith("BTC/USDT 5m: 4 rows added, 0 duplicates skipped, 0 gaps, first 2023-03-20T00:00:00Z")
-    # The same candles in milliseconds are the same keys: all duplicates.
+    assert out.startswith("BTC/USDT 5m: 4 inserted, 0 unchanged, 0 conflicting, 0 gaps, first 2023-03-20T00:00:00Z")
+    # The same candles in milliseconds are the same candles: all unchanged.
     code, out, _ = cli("data", "import", write(tmp_path / "ms.csv", "\n".join(lines) + "\n"), "--symbol", "BTC/USDT",
                        "--timeframe", "5m", "--format", "binance")  # fmt: skip
-    assert code == 0 and "0 rows added, 4 duplicates skipped" in out
+    assert code == 0 and "0 inserted, 4 unchanged, 0 conflicting" in out
     pd.testing.assert_frame_equal(
         load_candles(engine, "BTC/USDT", "5m")[["open_time_ms", "open", "high", "low", "close", "volume"]],
         read_candles(tmp_path / "ms.csv", "5m"),
@@ -151,14 +154,65 @@ def test_series_import(cli, engine, tmp_path, kind, table):
     code, out, err = cli("data", "import", path, "--symbol", "BTC/USDT", "--kind", kind)
     assert code == 0, err
     assert out.strip() == (
-        f"BTC/USDT {kind}: 3 rows added, 0 duplicates skipped, first 2023-03-20T00:00:00Z, last 2023-03-20T16:00:00Z"
+        f"BTC/USDT {kind}: 3 inserted, 0 unchanged, 0 conflicting, first 2023-03-20T00:00:00Z, "
+        "last 2023-03-20T16:00:00Z"
     )
     code, out, _ = cli("data", "import", path, "--symbol", "BTC/USDT", "--kind", kind)
-    assert code == 0 and "0 rows added, 3 duplicates skipped" in out
+    assert code == 0 and "0 inserted, 3 unchanged, 0 conflicting" in out
     series = load_series(engine, kind, "BTC/USDT")
     assert series["time_ms"].tolist() == [t0, t0 + 8 * 3_600_000, t0 + 16 * 3_600_000 + 4]
     assert series["value"].tolist() == [0.0001, 0.00025, 0.0003]
     assert stored(engine)[table] == 3
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the import rules: closed candles only, conflicts counted and the stored values kept
+
+
+def test_a_still_forming_candle_rejects_the_file(cli, engine, tmp_path):
+    hour = 3_600_000
+    forming = int(time.time() * 1000) // hour * hour  # opened this hour: closes after now
+    rows = [f"{forming - 2 * hour},100,110,90,105,1", f"{forming - hour},105,115,100,110,1",
+            f"{forming},110,112,101,102,1"]
+    path = write(tmp_path / "live.csv", HEADER + "\n".join(rows) + "\n")
+    code, out, err = cli("data", "import", path, "--symbol", "BTC/USDT", "--timeframe", "1h")
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: {path} line 4: the 1h candle opening at {ms_to_iso(forming)} is still forming: "
+                          f"it closes at {ms_to_iso(forming + hour)}, after now"), err
+    assert stored(engine)["candles"] == 0
+    # Without the forming candle the file imports; the candle that closed last is stored.
+    code, out, err = cli("data", "import", write(tmp_path / "closed.csv", HEADER + "\n".join(rows[:2]) + "\n"),
+                         "--symbol", "BTC/USDT", "--timeframe", "1h")  # fmt: skip
+    assert code == 0 and out.startswith("BTC/USDT 1h: 2 inserted, 0 unchanged, 0 conflicting"), err
+
+
+def test_conflicting_rows_are_counted_and_the_stored_values_kept(cli, engine, tmp_path):
+    path = write(tmp_path / "a.csv", HEADER + "\n".join(GOOD) + "\n")
+    assert cli("data", "import", path, "--symbol", "ETH/USDT", "--timeframe", "1h")[0] == 0
+    before = load_candles(engine, "ETH/USDT", "1h")
+    changed = [GOOD[0], GOOD[1].replace(",8", ",9"), GOOD[2].replace(",102,", ",103,"),
+               "2024-01-01T03:00:00Z,102,104,100,103,2"]
+    code, out, err = cli("data", "import", write(tmp_path / "b.csv", HEADER + "\n".join(changed) + "\n"),
+                         "--symbol", "ETH/USDT", "--timeframe", "1h")  # fmt: skip
+    assert code == 0, err
+    assert out.startswith("ETH/USDT 1h: 1 inserted, 1 unchanged, 2 conflicting, 0 gaps"), out
+    assert err.strip() == ("warning: ETH/USDT 1h: 2 candles differ from the ones already stored (the first at "
+                           "2024-01-01T01:00:00Z); the stored values are kept")
+    after = load_candles(engine, "ETH/USDT", "1h")
+    pd.testing.assert_frame_equal(after.iloc[:3], before)  # the stored candles are kept as they were
+    assert after["close"].tolist() == [105.0, 110.0, 102.0, 103.0]
+
+
+def test_conflicting_series_values_are_counted_and_kept(cli, engine, tmp_path):
+    first = write(tmp_path / "f1.csv", "timestamp,value\n2023-03-20T00:00:00Z,0.0001\n2023-03-20T08:00:00Z,0.0002\n")
+    assert cli("data", "import", first, "--symbol", "BTC/USDT", "--kind", "funding-rate")[0] == 0
+    second = write(tmp_path / "f2.csv", "timestamp,value\n2023-03-20T00:00:00Z,0.0001\n2023-03-20T08:00:00Z,0.0003\n"
+                                        "2023-03-20T16:00:00Z,0.0004\n")
+    code, out, err = cli("data", "import", second, "--symbol", "BTC/USDT", "--kind", "funding-rate")
+    assert code == 0
+    assert out.startswith("BTC/USDT funding-rate: 1 inserted, 1 unchanged, 1 conflicting, first 2023-03-20T00:00:00Z")
+    assert "1 values differ from the ones already stored (the first at 2023-03-20T08:00:00Z)" in err
+    assert load_series(engine, "funding-rate", "BTC/USDT")["value"].tolist() == [0.0001, 0.0002, 0.0004]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -171,13 +225,13 @@ def test_resample_binance_5m_to_1h(cli, engine, binance_csv):
     lines = out.splitlines()
     assert len(lines) == 2
     assert lines[1] == (
-        "BTC/USDT 1h: 214 rows added, 0 duplicates skipped, 1 gap (2 missing candles), "
+        "BTC/USDT 1h: 214 inserted, 0 unchanged, 0 conflicting, 1 gap (2 missing candles), "
         "first 2023-03-20T00:00:00Z, last 2023-03-28T23:00:00Z"
     )
     hourly = load_candles(engine, "BTC/USDT", "1h")[["open_time_ms", "open", "high", "low", "close", "volume"]]
     pd.testing.assert_frame_equal(hourly, resample(read_candles(binance_csv, "5m"), "5m", "1h"))
     code, out, _ = cli("data", "import", binance_csv, "--symbol", "BTC/USDT", "--timeframe", "5m", "--resample", "1h")
-    assert "0 rows added, 214 duplicates skipped" in out.splitlines()[1]
+    assert "0 inserted, 214 unchanged, 0 conflicting" in out.splitlines()[1]
 
 
 def test_resample_builds_a_bucket_split_across_two_files(cli, engine, tmp_path, binance_csv):
@@ -186,9 +240,9 @@ def test_resample_builds_a_bucket_split_across_two_files(cli, engine, tmp_path, 
     a = write(tmp_path / "a.csv", "\n".join(first) + "\n")
     b = write(tmp_path / "b.csv", "\n".join(second) + "\n")
     code, out, _ = cli("data", "import", a, "--symbol", "BTC/USDT", "--timeframe", "5m", "--resample", "1h")
-    assert code == 0 and "BTC/USDT 1h: 2 rows added" in out  # 02:00 is still incomplete
+    assert code == 0 and "BTC/USDT 1h: 2 inserted" in out  # 02:00 is still incomplete
     code, out, _ = cli("data", "import", b, "--symbol", "BTC/USDT", "--timeframe", "5m", "--resample", "1h")
-    assert code == 0 and "BTC/USDT 1h: 1 rows added, 0 duplicates skipped" in out
+    assert code == 0 and "BTC/USDT 1h: 1 inserted, 0 unchanged, 0 conflicting" in out
     whole = resample(read_candles(write(tmp_path / "ab.csv", "\n".join(rows[:36]) + "\n"), "5m"), "5m", "1h")
     stored_1h = load_candles(engine, "BTC/USDT", "1h")[whole.columns]
     pd.testing.assert_frame_equal(stored_1h, whole)
@@ -277,7 +331,10 @@ def test_rejected_binance_rows(cli, engine, tmp_path, binance_csv, row, reason):
     [
         ("funding-rate", "2024-01-01T00:00:00Z,0.1\n2024-01-01T08:00:00Z,inf\n", 3, "value is inf"),
         ("funding-rate", "2024-01-01T00:00:00Z,0.1\n2024-01-01T00:00:00Z,0.2\n", 3, "duplicate timestamp"),
-        ("open-interest", "2024-01-01T00:00:00Z,10\n2024-01-01T01:00:00Z,-1\n", 3, "open interest -1 is negative"),
+        ("open-interest", "2024-01-01T00:00:00Z,10\n2024-01-01T01:00:00Z,-1\n", 3,
+         "open interest is -1; it must be > 0"),
+        ("open-interest", "2024-01-01T00:00:00Z,10\n2024-01-01T01:00:00Z,0\n", 3,
+         "open interest is 0; it must be > 0"),
     ],
 )
 def test_rejected_series_stores_nothing(cli, engine, tmp_path, kind, body, line, reason):

@@ -27,8 +27,8 @@ from test_inference_service_logic import (  # noqa: F401  (fixtures)
 
 from inference_service.converters import batch_from_request, columns_batch
 from inference_service.domain import CandleBatch
-from inference_service.predictor import EARLIEST_OPEN_MS, validate
 from mlsignal.v1 import common_pb2, inference_pb2
+from shared.candles import EARLIEST_OPEN_MS, validate
 from shared.errors import InvalidArgument
 
 NOW = T0 + 10_000 * H  # a fixed server clock for the tests of the time range

@@ -177,7 +177,10 @@ def test_series_reads_unaligned_times_and_negative_funding(tmp_path):
     assert df["value"].tolist() == [0.0002, -0.0001]
     with pytest.raises(ImportRejected) as exc:
         read_series(write(tmp_path / "oi.csv", text), "open-interest")
-    assert exc.value.line == 2 and "negative" in exc.value.reason
+    assert exc.value.line == 2 and "it must be > 0" in exc.value.reason
+    with pytest.raises(ImportRejected) as exc:  # no open interest at all is not a value: refused like a negative one
+        read_series(write(tmp_path / "oi0.csv", f"timestamp,value\n{T0},5\n{T0 + H},0\n"), "open-interest")
+    assert exc.value.line == 3 and exc.value.reason == "open interest is 0; it must be > 0"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -314,8 +317,9 @@ def test_series_insert_is_idempotent_and_validated(engine):
     pd.testing.assert_frame_equal(load_series(engine, "funding-rate", "BTC/USDT"), fr)
     with pytest.raises(InvalidArgument):
         insert_series(engine, "funding-rate", "BTC/USDT", pd.DataFrame({"time_ms": [T0 + H], "value": [np.inf]}))
-    with pytest.raises(InvalidArgument):
-        insert_series(engine, "open-interest", "BTC/USDT", pd.DataFrame({"time_ms": [T0], "value": [-5.0]}))
+    for oi in (-5.0, 0.0):
+        with pytest.raises(InvalidArgument):
+            insert_series(engine, "open-interest", "BTC/USDT", pd.DataFrame({"time_ms": [T0], "value": [oi]}))
     with pytest.raises(InvalidArgument) as exc:
         insert_series(engine, "basis", "BTC/USDT", fr)
     assert exc.value.field == "kind"

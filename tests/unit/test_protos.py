@@ -43,7 +43,16 @@ def test_contract_names_are_the_documented_ones():
     svc = training_pb2.DESCRIPTOR.services_by_name["TrainingService"]
     assert [m.name for m in svc.methods] == [
         "StartTraining", "GetTrainingJob", "WatchTrainingJob", "CancelTrainingJob", "ListTrainingJobs", "ListModels",
-        "PromoteModel", "RollbackModel", "ListModelStageChanges"]
+        "PromoteModel", "RollbackModel", "ListModelStageChanges", "SetRetrainPolicy", "ListRetrainPolicies",
+        "DeleteRetrainPolicy", "ImportCandles"]
+    imports = svc.methods_by_name["ImportCandles"]
+    assert imports.client_streaming and not imports.server_streaming
+    policy = training_pb2.RetrainPolicy.DESCRIPTOR
+    assert [f.name for f in policy.fields] == [
+        "symbol", "timeframe", "every", "window", "label", "params", "paused", "next_run_at", "last_job_id",
+        "last_outcome"]
+    assert [f.name for f in training_pb2.ImportCandlesResponse.DESCRIPTOR.fields] == [
+        "inserted", "unchanged", "conflicting", "last_open_time_ms"]
     inf = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
     assert [m.name for m in inf.methods] == ["Predict", "StreamPredict", "GetModel", "GetLivePerformance"]
     stream = inf.methods_by_name["StreamPredict"]
