@@ -104,7 +104,6 @@ class Executor(ABC):
 
 
 WORKER_POLL_INTERVAL = 0.1  # seconds between two looks at a running job's pipe
-WORKER_STOP_WAIT = 5.0  # seconds a closed pool's idle worker gets to exit before it is killed
 
 
 class _Worker:
@@ -183,7 +182,7 @@ class LocalProcessExecutor(Executor):
             except Exception as exc:  # the next submit starts a worker itself
                 log.warning("cannot start a training worker process: %s", one_line(exc, with_type=True))
 
-        threading.Thread(target=top_up, name="training-worker-replacement", daemon=True).start()
+        threading.Thread(target=top_up, name="training-pool-top-up", daemon=True).start()
 
     def worker_pids(self) -> list[int]:
         """Pids of the pool's worker processes now (idle and busy)."""
@@ -230,22 +229,13 @@ class LocalProcessExecutor(Executor):
             self._top_up_in_background()
 
     def close(self) -> None:
-        """Stop every worker: idle ones are asked to exit (and killed if they do not), busy ones killed (their
-        runs were cancelled before)."""
+        """Kill every worker at once: an idle one holds nothing worth waiting for (it may still be importing), and a
+        busy one's run was cancelled before."""
         with self._lock:
             self._closed = True
-            idle, busy = self._idle, list(self._busy)
+            workers = [*self._idle, *self._busy]
             self._idle = []
-        for worker in idle:
-            try:
-                worker.conn.send(None)
-            except OSError:
-                pass
-        deadline = time.monotonic() + WORKER_STOP_WAIT
-        for worker in idle:
-            worker.proc.join(timeout=max(0.0, deadline - time.monotonic()))
-            worker.kill()
-        for worker in busy:
+        for worker in workers:
             worker.kill()
 
 
