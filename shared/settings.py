@@ -6,7 +6,7 @@
 | MLSIGNAL_MODEL_DIR | ./var/models | where model artifacts are written (training) and read (inference) |
 | MLSIGNAL_TRAINING_ADDR | 127.0.0.1:50051 | listen address of mlsignal-training; target of the CLI |
 | MLSIGNAL_INFERENCE_ADDR | 127.0.0.1:50052 | listen address of mlsignal-inference; target of the CLI |
-| MLSIGNAL_TRAINING_WORKERS | 1 | training jobs that run at once, each in its own process |
+| MLSIGNAL_TRAINING_WORKERS | 1 | training jobs that run at once (locally: this many warm worker processes) |
 | MLSIGNAL_TRAINING_QUEUE_SIZE | 16 | queued jobs accepted before StartTraining answers RESOURCE_EXHAUSTED |
 | MLSIGNAL_TRAINING_FIT_JOBS | -1 | cores one forest fit uses (-1: all cores of the machine or Dask worker running it) |
 | MLSIGNAL_DASK_SCHEDULER | (none) | `tcp://host:8786`: run each training job as one task on this Dask cluster |
