@@ -233,6 +233,18 @@ class Stream:
         self.last_ready = False
         self.model_id = ""  # the model that answered the last message
 
+    def sender(self, i: int):
+        """A call that sends this stream's i-th next candle; a stream that fails is marked closed (out of step)."""
+        async def run() -> str:
+            try:
+                kind = await self.exchange(self.nexts[i])
+            except BaseException:
+                self.open = False
+                raise
+            self.open = kind == "ok"
+            return kind
+        return run
+
     async def exchange(self, request: inference_pb2.PredictRequest) -> str:
         """Send one message and read its answer: "ok", or what went wrong."""
         await self.call.write(request)
@@ -424,18 +436,7 @@ async def desk_run(server: ServerProcess, n: int, frame: pd.DataFrame, channels:
                 f"of {len(live)} streams ...")
             health_open.append(await burst(health_calls(health_stubs, n, timeout), timeout, server))
 
-            def sender(s: Stream, i: int = r):
-                async def run() -> str:
-                    try:
-                        kind = await s.exchange(s.nexts[i])
-                    except BaseException:
-                        s.open = False
-                        raise
-                    s.open = kind == "ok"
-                    return kind
-                return run
-
-            candle.append(await burst([sender(s) for s in live], timeout, server))
+            candle.append(await burst([s.sender(r) for s in live], timeout, server))
         # Whether the burst's candles were ready (the warm-up covered the model's warmup_bars).
         ready = sum(s.last_ready for s in streams if s.open)
         for s in streams:

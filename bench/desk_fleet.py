@@ -370,19 +370,8 @@ async def burst_rounds(streams: list[Stream], expected: list[str], health_stubs:
         await settle(server)
         health.append(await burst(health_calls(health_stubs, len(streams), timeout), timeout, server))
 
-        def sender(s: Stream, rr: int = r):
-            async def run() -> str:
-                try:
-                    kind = await s.exchange(s.nexts[rr])
-                except BaseException:
-                    s.open = False
-                    raise
-                s.open = kind == "ok"
-                return kind
-            return run
-
         await settle(server)
-        candle.append(await burst([sender(s) for _, s in live], timeout, server))
+        candle.append(await burst([s.sender(r) for _, s in live], timeout, server))
         wrong += sum(s.open and s.model_id != expected[i] for i, s in live)
     return health, candle, wrong
 
