@@ -230,7 +230,7 @@ def retrain_policy(msg: training_pb2.RetrainPolicy) -> RetrainPolicy:
                                                              label=msg.label, params=msg.params))
     policy = RetrainPolicy(symbol=req.symbol, timeframe=req.timeframe, every_ms=_duration_ms(msg, "every"),
                            window_ms=_duration_ms(msg, "window"), label=req.label, params=req.params,
-                           paused=msg.paused)
+                           paused=msg.paused, cross_validate=msg.cross_validate)
     return policies.validate(policy)
 
 
@@ -244,6 +244,7 @@ def policy_message(p: RetrainPolicy) -> training_pb2.RetrainPolicy:
     return training_pb2.RetrainPolicy(
         symbol=p.symbol, timeframe=p.timeframe, every=_duration(p.every_ms), window=_duration(p.window_ms),
         label=label_message(p.label), params=params_message(p.params), paused=p.paused,
+        cross_validate=p.cross_validate,
         next_run_at=ms_to_timestamp(p.next_run_at_ms), last_job_id=p.last_job_id, last_outcome=p.last_outcome,
     )
 

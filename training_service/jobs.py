@@ -15,6 +15,7 @@ from shared.labels import LabelSpec
 from shared.params import ForestParams
 from shared.store.db import training_jobs as jobs_table
 from shared.store.registry import PRODUCTION
+from training_service.evaluation import DEFAULT_CV_FOLDS
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
@@ -36,6 +37,7 @@ class TrainingRequest:
     label: LabelSpec = LabelSpec()
     params: ForestParams = ForestParams()
     purpose: str = PRODUCTION  # "production" (passes the promotion gate) or "research" (never serves unless pinned)
+    cv_folds: int = DEFAULT_CV_FOLDS  # purged k-fold cross-validation (0: none; the gate does not use it)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -48,6 +50,7 @@ class TrainingRequest:
                           "kind": self.label.kind},
                 "params": self.params.to_dict(),
                 "purpose": self.purpose,
+                "cv_folds": self.cv_folds,
             },
             sort_keys=True,
         )
@@ -63,6 +66,7 @@ class TrainingRequest:
             label=LabelSpec(**d["label"]),
             params=ForestParams.from_dict(d["params"]),
             purpose=d.get("purpose", PRODUCTION),
+            cv_folds=int(d.get("cv_folds", DEFAULT_CV_FOLDS)),
         )
 
 

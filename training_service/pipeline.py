@@ -214,9 +214,22 @@ def _stop_check(should_stop: ShouldStop | None) -> None:
         raise TrainingStopped("stopped on request while scoring feature importance")
 
 
+def forest_proba(forest, X: np.ndarray) -> np.ndarray:
+    """`forest.predict_proba(X)` bit for bit, without its per-tree dispatch (about 0.15 ms a tree, most of a
+    prediction's cost on a few thousand rows): the trees' leaf fractions summed in the forest's order, then divided by
+    the number of trees, as scikit-learn does with one job."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    k = len(forest.classes_)
+    out = np.zeros((len(X), k), dtype=np.float64)
+    for tree in forest.estimators_:
+        out += tree.tree_.predict(X)[:, :k]
+    out /= len(forest.estimators_)
+    return out
+
+
 def class_proba(forest, X: np.ndarray) -> np.ndarray:
     """predict_proba with columns in CLASSES order."""
-    p = forest.predict_proba(X)
+    p = forest_proba(forest, X)
     out = np.zeros((len(X), len(CLASSES)))
     out[:, forest.classes_.astype(int)] = p
     return out

@@ -37,6 +37,7 @@ from shared.store import policies as store
 from shared.store import registry
 from shared.store.policies import JOB_ACTIVE, RetrainPolicy
 from shared.timeframes import format_duration, ms_to_iso, timeframe_ms
+from training_service.evaluation import DEFAULT_CV_FOLDS
 from training_service.jobs import CANCELLED, FAILED, SUCCEEDED, Job, TrainingRequest, now_ms
 from training_service.pipeline import MIN_LABELLED_ROWS, min_candles_needed
 from training_service.scheduler import Scheduler
@@ -219,7 +220,8 @@ class PolicyRunner:
             return None, f"skipped: no candle after {ms_to_iso(model.train_end_ms)}, the end of model {model.model_id}"
         end = newest + timeframe_ms(policy.timeframe)
         return TrainingRequest(symbol=policy.symbol, timeframe=policy.timeframe, start_ms=end - policy.window_ms,
-                               end_ms=end, label=policy.label, params=policy.params), None
+                               end_ms=end, label=policy.label, params=policy.params,
+                               cv_folds=DEFAULT_CV_FOLDS if policy.cross_validate else 0), None
 
     def _record_end(self, policy: RetrainPolicy, job: Job | None, now: int, report: TickReport) -> None:
         """Record in `last_outcome` how the policy's last job ended (once, whichever replica sees it first)."""

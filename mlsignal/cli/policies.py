@@ -45,6 +45,9 @@ def register(sub) -> None:
     put.add_argument("--seed", type=int, help="random seed of the forest (default: 42)")
     put.add_argument("--paused", action="store_true", help="keep the policy but never run it (set it again without "
                                                            "--paused to resume)")
+    put.add_argument("--cross-validate", action="store_true",
+                     help="also run the purged k-fold cross-validation on every retrain (five more forest fits; the "
+                          "gate decides on the held-back test slice either way)")
     _target_arg(put)
     put.set_defaults(func=_set)
 
@@ -70,8 +73,9 @@ def _duration(text: str) -> timedelta:
 
 def _summary(p, due: bool = True) -> str:
     state = ", paused" if p.paused else f", next due {_ts(p, 'next_run_at')} UTC" if due else ""
+    cv = ", cross-validated" if p.cross_validate else ""
     return (f"{p.symbol} {p.timeframe}: every {format_duration(p.every.ToMilliseconds())} on the last "
-            f"{format_duration(p.window.ToMilliseconds())}{state}")
+            f"{format_duration(p.window.ToMilliseconds())}{cv}{state}")
 
 
 @client_errors
@@ -82,6 +86,7 @@ def _set(args) -> int:
             horizon_bars=args.horizon, threshold=args.threshold, label_kind=args.label_kind,
             n_estimators=args.trees, max_depth=args.max_depth, min_samples_leaf=args.min_samples_leaf,
             class_weight=args.class_weight, random_state=args.seed, paused=args.paused,
+            cross_validate=args.cross_validate,
         )
     print(f"policy {_summary(policy)}")
     return 0
@@ -101,9 +106,10 @@ def _list(args) -> int:
         label = "triple-barrier" if p.label.kind == common_pb2.LABEL_KIND_TRIPLE_BARRIER else "fixed-horizon"
         rows.append((p.symbol, p.timeframe, format_duration(p.every.ToMilliseconds()),
                      format_duration(p.window.ToMilliseconds()), f"{p.label.horizon_bars}", f"{p.label.threshold:g}",
-                     label, f"{p.params.n_estimators}", "yes" if p.paused else "no", _ts(p, "next_run_at"),
+                     label, f"{p.params.n_estimators}", "yes" if p.cross_validate else "no",
+                     "yes" if p.paused else "no", _ts(p, "next_run_at"),
                      p.last_job_id or "-", p.last_outcome or "-"))
-    print(table(("symbol", "tf", "every", "window", "horizon", "threshold", "label", "trees", "paused",
+    print(table(("symbol", "tf", "every", "window", "horizon", "threshold", "label", "trees", "cv", "paused",
                  "next due (UTC)", "last job", "last outcome"), rows))
     return 0
 

@@ -297,13 +297,15 @@ class TrainingClient(ServiceClient):
         class_weight: str | None = None,
         random_state: int | None = None,
         paused: bool = False,
+        cross_validate: bool = False,
     ) -> training_pb2.RetrainPolicy:
         """Create or replace the retrain policy of a market: every `every` the service trains a production model on
         the last `window` of closed candles (with the label and forest arguments as `train` takes them) unless no
         candle arrived since the market's last model. Returns the policy as stored, with `next_run_at` (a new policy
         is due at once). `every` and `window` are timedeltas or text like 30m, 12h, 1d, 365d. A paused policy is kept
-        but never due. InvalidArgumentError names the field the service refused (`every` under one candle, `window`
-        too short for the label and the feature warm-up, ...).
+        but never due. `cross_validate` also runs the purged k-fold cross-validation on every retrain (five more forest
+        fits; the gate decides on the held-back test slice either way). InvalidArgumentError names the field the
+        service refused (`every` under one candle, `window` too short for the label and the feature warm-up, ...).
 
         Example::
 
@@ -313,7 +315,7 @@ class TrainingClient(ServiceClient):
             symbol=symbol, timeframe=timeframe, every=_duration_arg(every, "every"),
             window=_duration_arg(window, "window"), label=_label_message(horizon_bars, threshold, label_kind),
             params=_params_message(n_estimators, max_depth, min_samples_leaf, class_weight, random_state),
-            paused=bool(paused),
+            paused=bool(paused), cross_validate=bool(cross_validate),
         )
         policy: training_pb2.RetrainPolicy = self._unary(self._stub.SetRetrainPolicy, request)
         return policy

@@ -34,7 +34,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class RetrainPolicy(_message.Message):
-    __slots__ = ("symbol", "timeframe", "every", "window", "label", "params", "paused", "next_run_at", "last_job_id", "last_outcome")
+    __slots__ = ("symbol", "timeframe", "every", "window", "label", "params", "paused", "next_run_at", "last_job_id", "last_outcome", "cross_validate")
     SYMBOL_FIELD_NUMBER: _ClassVar[int]
     TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
     EVERY_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class RetrainPolicy(_message.Message):
     NEXT_RUN_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_JOB_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    CROSS_VALIDATE_FIELD_NUMBER: _ClassVar[int]
     symbol: str
     timeframe: str
     every: _duration_pb2.Duration
@@ -55,7 +56,8 @@ class RetrainPolicy(_message.Message):
     next_run_at: _timestamp_pb2.Timestamp
     last_job_id: str
     last_outcome: str
-    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[str] = ..., every: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., window: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., label: _Optional[_Union[_common_pb2.LabelSpec, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.ModelParams, _Mapping]] = ..., paused: bool = ..., next_run_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_job_id: _Optional[str] = ..., last_outcome: _Optional[str] = ...) -> None: ...
+    cross_validate: bool
+    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[str] = ..., every: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., window: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., label: _Optional[_Union[_common_pb2.LabelSpec, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.ModelParams, _Mapping]] = ..., paused: bool = ..., next_run_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_job_id: _Optional[str] = ..., last_outcome: _Optional[str] = ..., cross_validate: bool = ...) -> None: ...
 
 class ListRetrainPoliciesRequest(_message.Message):
     __slots__ = ("symbol", "timeframe")

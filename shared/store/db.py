@@ -356,6 +356,7 @@ retrain_policies = sa.Table(
     sa.Column("label", sa.Text, nullable=False),
     sa.Column("params", sa.Text, nullable=False),
     sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("cross_validate", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("next_run_at", sa.BigInteger, nullable=False),
     sa.Column("last_job_id", sa.String(64), nullable=False, server_default=""),
     sa.Column("last_job_state", sa.String(16), nullable=False, server_default=""),

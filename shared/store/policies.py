@@ -38,6 +38,7 @@ class RetrainPolicy:
     label: LabelSpec = LabelSpec()
     params: ForestParams = field(default_factory=ForestParams)
     paused: bool = False
+    cross_validate: bool = False
     next_run_at_ms: int = 0
     last_job_id: str = ""
     last_job_state: str = NO_JOB
@@ -63,6 +64,7 @@ def _row(row: sa.Row) -> RetrainPolicy:
         label=LabelSpec(**json.loads(row.label)),
         params=ForestParams.from_dict(json.loads(row.params)),
         paused=bool(row.paused),
+        cross_validate=bool(row.cross_validate),
         next_run_at_ms=int(row.next_run_at),
         last_job_id=row.last_job_id,
         last_job_state=row.last_job_state,
@@ -92,8 +94,8 @@ def put(engine: sa.Engine, policy: RetrainPolicy, now_ms: int) -> RetrainPolicy:
         "symbol": policy.symbol, "timeframe": policy.timeframe, "every_ms": policy.every_ms,
         "window_ms": policy.window_ms, "label": label_json(policy.label),
         "params": json.dumps(policy.params.to_dict(), sort_keys=True), "paused": policy.paused,
-        "next_run_at": now_ms, "last_job_id": "", "last_job_state": NO_JOB, "last_outcome": "",
-        "created_at": now_ms, "updated_at": now_ms,
+        "cross_validate": policy.cross_validate, "next_run_at": now_ms, "last_job_id": "", "last_job_state": NO_JOB,
+        "last_outcome": "", "created_at": now_ms, "updated_at": now_ms,
     }
     latest = now_ms + policy.every_ms
     insert = _upsert(engine.dialect.name).values(**values)
@@ -102,6 +104,7 @@ def put(engine: sa.Engine, policy: RetrainPolicy, now_ms: int) -> RetrainPolicy:
         set_={
             "every_ms": insert.excluded.every_ms, "window_ms": insert.excluded.window_ms,
             "label": insert.excluded.label, "params": insert.excluded.params, "paused": insert.excluded.paused,
+            "cross_validate": insert.excluded.cross_validate,
             "next_run_at": sa.case((table.c.next_run_at > latest, latest), else_=table.c.next_run_at),
             "updated_at": insert.excluded.updated_at,
         },

@@ -148,7 +148,8 @@ def test_policies_retrain_each_market_once_per_due_time_skip_without_new_candles
     with training_server(db_url, models, clock, metrics_port=_free_port()) as (running, stub):
         runner = running.policies
         for symbol in MARKETS:
-            stored = stub.SetRetrainPolicy(policy(symbol), timeout=10)
+            stored = stub.SetRetrainPolicy(policy(symbol, cross_validate=symbol == "ETH/USD"), timeout=10)
+            assert stored.cross_validate == (symbol == "ETH/USD")
             assert stored.next_run_at.ToMilliseconds() == T0, "a new policy is due at once"
             assert stored.every.ToMilliseconds() == D and stored.window.ToMilliseconds() == WINDOW
             assert stored.label.horizon_bars == 4 and stored.label.threshold == pytest.approx(0.02)
@@ -177,9 +178,14 @@ def test_policies_retrain_each_market_once_per_due_time_skip_without_new_candles
         assert report.started == [] and report.succeeded == 3
         listed = policies_by_symbol(stub)
         t0_models = {}
+        registered = {m.model_id: m for m in stub.ListModels(training_pb2.ListModelsRequest(), timeout=10).models}
         for symbol in MARKETS:
             job = job_of(stub, first[symbol])
             t0_models[symbol] = job.model_id
+            # cross-validation only where the policy asks for it; the gate's held-back evaluation always
+            metrics = registered[job.model_id].metrics
+            assert (metrics["cv_folds"] >= 2) == (symbol == "ETH/USD") and metrics["cv_folds"] != 1, symbol
+            assert metrics["prior_log_loss"] > 0 and metrics["n_test"] > 0
             assert listed[symbol].last_outcome.startswith(
                 f"succeeded: job {first[symbol]} registered model {job.model_id} as SERVING")
 
@@ -449,15 +455,16 @@ def test_the_cli_sets_lists_and_deletes_policies(validation_server, capsys):
                  "--threshold", "0.01", "--label-kind", "triple-barrier", "--trees", "8", *target]) == 0
     out = capsys.readouterr().out
     assert out.startswith("policy CLI/USD 1h: every 12h on the last 60d, next due ")
-    assert main(["policies", "set", "CLI/USD", "4h", "--every", "1d", "--window", "365d", "--paused", *target]) == 0
-    assert "CLI/USD 4h: every 1d on the last 365d, paused" in capsys.readouterr().out
+    assert main(["policies", "set", "CLI/USD", "4h", "--every", "1d", "--window", "365d", "--paused",
+                 "--cross-validate", *target]) == 0
+    assert "CLI/USD 4h: every 1d on the last 365d, cross-validated, paused" in capsys.readouterr().out
     assert main(["policies", "list", "--symbol", "CLI/USD", *target]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:4] == ["symbol", "tf", "every", "window"]
     rows = [line.split() for line in lines[2:]]
-    assert [r[:9] for r in rows] == [
-        ["CLI/USD", "1h", "12h", "60d", "6", "0.01", "triple-barrier", "8", "no"],
-        ["CLI/USD", "4h", "1d", "365d", "24", "0.02", "fixed-horizon", "200", "yes"],
+    assert [r[:10] for r in rows] == [
+        ["CLI/USD", "1h", "12h", "60d", "6", "0.01", "triple-barrier", "8", "no", "no"],
+        ["CLI/USD", "4h", "1d", "365d", "24", "0.02", "fixed-horizon", "200", "yes", "yes"],
     ]
     assert main(["policies", "list", "--timeframe", "4h", *target]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 3

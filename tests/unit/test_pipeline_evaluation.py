@@ -288,3 +288,22 @@ def test_uniqueness_sized_bootstraps_train():
     assert 0.0 <= model.shrink_weight <= 1.0
     with pytest.raises(ValueError, match="max_samples"):
         ForestParams(max_samples=1.5)
+
+
+@pytest.mark.parametrize("params", [
+    ForestParams(n_estimators=40),
+    ForestParams(n_estimators=30, max_depth=None, min_samples_leaf=1, max_samples=None),
+    ForestParams(n_estimators=25, class_weight="balanced", max_features=0.5, max_samples=0.3),
+])
+def test_forest_proba_is_predict_proba_bit_for_bit(params):
+    """The evaluation's fast prediction path is scikit-learn's own answer, not an approximation of it."""
+    data = build_dataset(candles(3000, seed=7), LabelSpec(horizon_bars=12))
+    u = 0.2 if params.max_samples == UNIQUENESS else None
+    forest = pipeline.fit_forest(data.X, data.y, params, 1, lambda f: None, uniqueness=u)
+    for X in (data.X, data.X[:1], data.X[::7].astype(np.float64)):
+        assert np.array_equal(pipeline.forest_proba(forest, X), forest.predict_proba(X))
+    # a forest that never saw one class: columns follow forest.classes_, and class_proba fills CLASSES order
+    two = pipeline.fit_forest(data.X, np.where(data.y == 2, 1, data.y), params, 1, lambda f: None, uniqueness=u)
+    assert np.array_equal(pipeline.forest_proba(two, data.X), two.predict_proba(data.X))
+    full = pipeline.class_proba(two, data.X)
+    assert full.shape == (len(data.X), len(CLASSES)) and np.all(full[:, 2] == 0.0)

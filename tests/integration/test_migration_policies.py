@@ -1,4 +1,5 @@
-"""Migration 0005 (retrain policies) up and down on a database that already holds data, SQLite and PostgreSQL."""
+"""Migrations 0005 (retrain policies) and 0006 (their cross-validation switch) up and down on a database that already
+holds data, SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -26,12 +27,22 @@ def _exercise(url: str) -> None:
                 "('BTC/USD', '1h', 0, 1, 2, 0.5, 1.5, 10)"))
         assert "retrain_policies" not in sa.inspect(engine).get_table_names()
 
-        assert upgrade(url) == head_revision() == "0005"
+        assert upgrade(url, "0005") == "0005"
+        with engine.begin() as conn:  # a policy stored before 0006 keeps running without cross-validation
+            conn.execute(sa.text(
+                "INSERT INTO retrain_policies (symbol, timeframe, every_ms, window_ms, label, params, next_run_at, "
+                "created_at, updated_at) VALUES ('OLD/USD', '1h', 3600000, 86400000000, "
+                "'{\"horizon_bars\": 24, \"kind\": \"fixed_horizon\", \"threshold\": 0.02}', '{}', 5, 5, 5)"))
+        assert upgrade(url) == head_revision() == "0006"
+        old = policies.get(engine, "OLD/USD", "1h")
+        assert old is not None and old.cross_validate is False and old.next_run_at_ms == 5
+        assert policies.delete(engine, "OLD/USD", "1h") == old
         stored = policies.put(engine, policies.RetrainPolicy(
             "BTC/USD", "1h", every_ms=86_400_000, window_ms=365 * 86_400_000,
             label=LabelSpec(horizon_bars=12, threshold=0.01, kind="triple_barrier"),
-            params=ForestParams(n_estimators=50, max_depth=None), paused=True), now_ms=1_000)
+            params=ForestParams(n_estimators=50, max_depth=None), paused=True, cross_validate=True), now_ms=1_000)
         assert stored.next_run_at_ms == 1_000 and stored.paused and stored.last_outcome == ""
+        assert stored.cross_validate
         assert policies.get(engine, "BTC/USD", "1h") == stored
         assert stored.label.kind == "triple_barrier" and stored.params.max_depth is None
         assert policies.newest_closed_candle(engine, "BTC/USD", "1h", 3_600_000) == 0
@@ -45,8 +56,10 @@ def _exercise(url: str) -> None:
         assert policies.due(engine, 50_000) == []  # claimed: next due a day later
         assert [p.lease_owner for p in policies.due(engine, 2 * 86_400_000)] == ["replica-a"]  # the lease expired
         assert policies.release(engine, claimed, "replica-a", 3_000, last_outcome="skipped: test")
-        faster = policies.put(engine, replace(stored, every_ms=3_600_000, paused=False), now_ms=4_000)
+        faster = policies.put(engine, replace(stored, every_ms=3_600_000, paused=False, cross_validate=False),
+                              now_ms=4_000)
         assert faster.next_run_at_ms == 4_000 + 3_600_000 and faster.last_outcome == "skipped: test"
+        assert not faster.cross_validate
         assert policies.delete(engine, "BTC/USD", "1h") == faster
         assert policies.delete(engine, "BTC/USD", "1h") is None
 
@@ -68,12 +81,12 @@ def _config(url: str, conn: sa.Connection):
     return cfg
 
 
-def test_migration_0005_up_and_down_sqlite(tmp_path):
+def test_migrations_0005_0006_up_and_down_sqlite(tmp_path):
     _exercise(f"sqlite:///{tmp_path}/old.db")
 
 
 @pytest.mark.postgres
-def test_migration_0005_up_and_down_postgresql(pg_server):
+def test_migrations_0005_0006_up_and_down_postgresql(pg_server):
     from conftest import _admin_connect
 
     name = f"t_{uuid.uuid4().hex[:16]}"
