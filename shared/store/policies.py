@@ -154,11 +154,18 @@ def next_due(due_ms: int, every_ms: int, now_ms: int) -> int:
     return due_ms + every_ms * ((now_ms - due_ms) // every_ms + 1)
 
 
+def _abandoned(now_ms: int):
+    """A claim whose lease expired without being released: the replica that claimed it stopped before it recorded
+    a job, so the due time it took is still owed."""
+    return sa.and_(table.c.lease_owner.is_not(None), table.c.lease_until <= now_ms)
+
+
 def due(engine: sa.Engine, now_ms: int, limit: int = 1000) -> list[RetrainPolicy]:
-    """Unpaused policies due at `now_ms` whose lease is free or expired, the longest due first."""
+    """Unpaused policies due at `now_ms` whose lease is free or expired, and abandoned claims (see `_abandoned`),
+    the longest due first."""
     q = (
         sa.select(table)
-        .where(table.c.next_run_at <= now_ms, table.c.paused == sa.false(),
+        .where(sa.or_(table.c.next_run_at <= now_ms, _abandoned(now_ms)), table.c.paused == sa.false(),
                sa.or_(table.c.lease_until.is_(None), table.c.lease_until <= now_ms))
         .order_by(table.c.next_run_at, table.c.symbol, table.c.timeframe)
         .limit(limit)
@@ -176,14 +183,18 @@ def due_count(engine: sa.Engine, now_ms: int) -> int:
 
 def claim(engine: sa.Engine, policy: RetrainPolicy, owner: str, now_ms: int, lease_ms: int) -> RetrainPolicy | None:
     """Claim a due policy as read by `due`: advance its next due time past `now_ms` and take the lease, in one
-    conditional UPDATE that only matches while the row is still due at the time read, unpaused and not leased.
-    Returns the claimed policy (its new `next_run_at_ms`), or None when another replica (or a change of the policy)
-    came first. On PostgreSQL a concurrent claim waits for the row lock and then finds `next_run_at` changed."""
+    conditional UPDATE that only matches while the row is still as read: due (or an abandoned claim, whose due time
+    was already advanced and stays), unpaused and not leased. Returns the claimed policy (its new `next_run_at_ms`),
+    or None when another replica (or a change of the policy) came first. On PostgreSQL a concurrent claim waits for
+    the row lock and then finds `next_run_at` or the lease changed."""
     new_next = next_due(policy.next_run_at_ms, policy.every_ms, now_ms)
+    owner_as_read = (table.c.lease_owner.is_(None) if policy.lease_owner is None
+                     else table.c.lease_owner == policy.lease_owner)
     q = (
         sa.update(table)
         .where(*_key(policy.symbol, policy.timeframe), table.c.next_run_at == policy.next_run_at_ms,
-               table.c.next_run_at <= now_ms, table.c.every_ms == policy.every_ms, table.c.paused == sa.false(),
+               sa.or_(table.c.next_run_at <= now_ms, _abandoned(now_ms)), owner_as_read,
+               table.c.every_ms == policy.every_ms, table.c.paused == sa.false(),
                sa.or_(table.c.lease_until.is_(None), table.c.lease_until <= now_ms))
         .values(next_run_at=new_next, lease_owner=owner, lease_until=now_ms + lease_ms)
     )

@@ -14,7 +14,7 @@ from shared.labels import LabelSpec
 from shared.params import ForestParams
 from shared.store import policies
 from shared.store.db import make_engine
-from shared.store.migrate import alembic_config, current_revision, head_revision, upgrade
+from shared.store.migrate import alembic_config, current_revision, upgrade
 
 
 def _exercise(url: str) -> None:
@@ -33,7 +33,7 @@ def _exercise(url: str) -> None:
                 "INSERT INTO retrain_policies (symbol, timeframe, every_ms, window_ms, label, params, next_run_at, "
                 "created_at, updated_at) VALUES ('OLD/USD', '1h', 3600000, 86400000000, "
                 "'{\"horizon_bars\": 24, \"kind\": \"fixed_horizon\", \"threshold\": 0.02}', '{}', 5, 5, 5)"))
-        assert upgrade(url) == head_revision() == "0006"
+        assert upgrade(url, "0006") == "0006"
         old = policies.get(engine, "OLD/USD", "1h")
         assert old is not None and old.cross_validate is False and old.next_run_at_ms == 5
         assert policies.delete(engine, "OLD/USD", "1h") == old
@@ -54,6 +54,8 @@ def _exercise(url: str) -> None:
         assert claimed is not None and claimed.next_run_at_ms == 1_000 + 86_400_000
         assert policies.claim(engine, unpaused, "replica-b", now_ms=3_000, lease_ms=60_000) is None
         assert policies.due(engine, 50_000) == []  # claimed: next due a day later
+        owed = policies.due(engine, 63_000)  # the lease expired unreleased: the claim was abandoned, still owed
+        assert [(p.lease_owner, p.next_run_at_ms) for p in owed] == [("replica-a", 1_000 + 86_400_000)]
         assert [p.lease_owner for p in policies.due(engine, 2 * 86_400_000)] == ["replica-a"]  # the lease expired
         assert policies.release(engine, claimed, "replica-a", 3_000, last_outcome="skipped: test")
         faster = policies.put(engine, replace(stored, every_ms=3_600_000, paused=False, cross_validate=False),
@@ -98,3 +100,28 @@ def test_migrations_0005_0006_up_and_down_postgresql(pg_server):
     finally:
         with _admin_connect(pg_server) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_a_claim_abandoned_by_a_replica_that_stopped_is_run_by_another(tmp_path):
+    """Replica A claims a due time and stops before it records a job: once A's lease expires, replica B claims the
+    same due time (the schedule is not advanced twice), and A's late release changes nothing."""
+    url = f"sqlite:///{tmp_path}/claims.db"
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        day = 86_400_000
+        stored = policies.put(engine, policies.RetrainPolicy("BTC/USD", "1h", every_ms=day, window_ms=365 * day),
+                              now_ms=1_000)
+        a = policies.claim(engine, stored, "replica-a", now_ms=2_000, lease_ms=60_000)
+        assert a is not None and a.next_run_at_ms == 1_000 + day
+        assert policies.due(engine, 61_999) == []  # A's lease holds
+        [owed] = policies.due(engine, 62_000)
+        b = policies.claim(engine, owed, "replica-b", now_ms=62_000, lease_ms=60_000)
+        assert b is not None and b.next_run_at_ms == 1_000 + day, "the same due time, not the next one"
+        assert policies.claim(engine, owed, "replica-c", now_ms=62_000, lease_ms=60_000) is None
+        assert not policies.release(engine, a, "replica-a", 70_000, last_outcome="late")
+        assert policies.release(engine, b, "replica-b", 70_000, last_job_id="job-b", last_outcome="started: job-b")
+        assert policies.due(engine, 10 * 60_000) == []  # released: next due a day after the first due time
+        assert policies.get(engine, "BTC/USD", "1h").last_job_id == "job-b"
+    finally:
+        engine.dispose()
