@@ -27,6 +27,7 @@ STAGE_TO_PROTO = {
     registry.REJECTED: common_pb2.MODEL_STAGE_REJECTED,
     registry.RETIRED: common_pb2.MODEL_STAGE_RETIRED,
     registry.RESEARCH: common_pb2.MODEL_STAGE_RESEARCH,
+    registry.SHADOW: common_pb2.MODEL_STAGE_SHADOW,
 }
 
 

@@ -17,10 +17,14 @@
 | MLSIGNAL_LIVE_MONITORING | 1 | `0`: inference does not journal predictions, so nothing is scored live |
 | MLSIGNAL_LIVE_FLUSH_SECONDS | 1 | how often the prediction journal writes what inference served and received |
 | MLSIGNAL_LIVE_RETENTION_DAYS | 90 | days live scores (and predictions never scored) are kept after they are written |
-| MLSIGNAL_PROMOTION | auto | `auto`: a production model that passes the gate serves; `manual`: it waits as CANDIDATE |
-| MLSIGNAL_PROMOTION_TOLERANCE | 0 | gate: `log_loss <= prior_log_loss * (1 + tolerance)`; negative is stricter; > -1 |
+| MLSIGNAL_PROMOTION | shadow | `shadow`: past the gate, serves where nothing serves, else shadows; `auto`; `manual` |
+| MLSIGNAL_PROMOTION_TOLERANCE | 0 | gate: `log_loss < prior_log_loss * (1 + tolerance)`; negative is stricter; > -1 |
+| MLSIGNAL_SHADOW_MIN_SCORED | 500 | paired live scores before the shadow test first looks |
+| MLSIGNAL_SHADOW_MAX_SCORED | 5000 | paired live scores after which an undecided shadow is rejected |
+| MLSIGNAL_SHADOW_ALPHA | 0.05 | false promotions allowed over all looks of the live test |
+| MLSIGNAL_DEMOTE_WORSE_THAN_PRIOR | 0 | `1`: roll back a serving model the live test finds worse than its class prior |
 | MLSIGNAL_RESEARCH_KEEP | 50 | research models kept per market; older ones are retired and their files deleted |
-| MLSIGNAL_POLICY_INTERVAL_SECONDS | 5 | how often training looks for due retrain policies; 0: this replica runs none |
+| MLSIGNAL_POLICY_INTERVAL_SECONDS | 5 | how often training runs due policies and the shadow test; 0: neither here |
 | MLSIGNAL_MAX_BATCH | 10000 | most candles in one PredictRequest |
 | MLSIGNAL_GRACE_SECONDS | 5 | how long a stopping server lets calls finish |
 | MLSIGNAL_MAX_STREAMS | 10000 | open streams per server (StreamPredict, WatchTrainingJob); more: RESOURCE_EXHAUSTED |
@@ -117,8 +121,12 @@ class Settings:
     live_monitoring: bool = True
     live_flush_seconds: float = 1.0
     live_retention_days: float = 90.0
-    promotion: str = "auto"
+    promotion: str = "shadow"
     promotion_tolerance: float = 0.0
+    shadow_min_scored: int = 500
+    shadow_max_scored: int = 5000
+    shadow_alpha: float = 0.05
+    demote_worse_than_prior: bool = False
     research_keep: int = 50
     policy_interval_seconds: float = 5.0
     max_batch: int = 10_000
@@ -159,6 +167,10 @@ class Settings:
             live_retention_days=_float("MLSIGNAL_LIVE_RETENTION_DAYS", d.live_retention_days),
             promotion=_str("MLSIGNAL_PROMOTION", d.promotion).strip().lower(),
             promotion_tolerance=_float("MLSIGNAL_PROMOTION_TOLERANCE", d.promotion_tolerance),
+            shadow_min_scored=_int("MLSIGNAL_SHADOW_MIN_SCORED", d.shadow_min_scored),
+            shadow_max_scored=_int("MLSIGNAL_SHADOW_MAX_SCORED", d.shadow_max_scored),
+            shadow_alpha=_float("MLSIGNAL_SHADOW_ALPHA", d.shadow_alpha),
+            demote_worse_than_prior=_bool("MLSIGNAL_DEMOTE_WORSE_THAN_PRIOR", d.demote_worse_than_prior),
             research_keep=_int("MLSIGNAL_RESEARCH_KEEP", d.research_keep),
             policy_interval_seconds=_float("MLSIGNAL_POLICY_INTERVAL_SECONDS", d.policy_interval_seconds),
             max_batch=_int("MLSIGNAL_MAX_BATCH", d.max_batch),
@@ -200,8 +212,13 @@ class Settings:
             raise ValueError("MLSIGNAL_LIVE_FLUSH_SECONDS must be > 0 and at most 3600")
         if not 0 < self.live_retention_days <= 36_500:
             raise ValueError("MLSIGNAL_LIVE_RETENTION_DAYS must be > 0 (days) and at most 36500")
-        if self.promotion not in ("auto", "manual"):
-            raise ValueError(f"MLSIGNAL_PROMOTION={self.promotion!r}: expected 'auto' or 'manual'")
+        if self.promotion not in ("shadow", "auto", "manual"):
+            raise ValueError(f"MLSIGNAL_PROMOTION={self.promotion!r}: expected 'shadow', 'auto' or 'manual'")
+        if not 1 <= self.shadow_min_scored <= self.shadow_max_scored:
+            raise ValueError(f"MLSIGNAL_SHADOW_MIN_SCORED={self.shadow_min_scored} and MLSIGNAL_SHADOW_MAX_SCORED="
+                             f"{self.shadow_max_scored}: expected 1 <= MIN <= MAX")
+        if not 0 < self.shadow_alpha < 0.5:
+            raise ValueError(f"MLSIGNAL_SHADOW_ALPHA={self.shadow_alpha!r}: expected a probability in (0, 0.5)")
         if not (math.isfinite(self.promotion_tolerance) and self.promotion_tolerance > -1):
             raise ValueError(f"MLSIGNAL_PROMOTION_TOLERANCE={self.promotion_tolerance!r}: expected a number above -1 "
                              "(0: the model must not be worse than the prior; negative is stricter)")

@@ -88,9 +88,9 @@ class _NotRunning(Exception):
 class Scheduler:
     def __init__(self, store: JobStore, database_url: str, model_dir: Path, workers: int = 1,
                  queue_size: int = 16, fit_jobs: int = -1, executor: Executor | None = None,
-                 promotion: str = "auto", promotion_tolerance: float = 0.0, research_keep: int = 50):
+                 promotion: str = "shadow", promotion_tolerance: float = 0.0, research_keep: int = 50):
         if promotion not in PROMOTION_MODES:
-            raise ValueError(f"MLSIGNAL_PROMOTION={promotion!r}: expected 'auto' or 'manual'")
+            raise ValueError(f"MLSIGNAL_PROMOTION={promotion!r}: expected one of {', '.join(PROMOTION_MODES)}")
         if not (math.isfinite(promotion_tolerance) and promotion_tolerance > -1):
             raise ValueError(f"MLSIGNAL_PROMOTION_TOLERANCE={promotion_tolerance!r}: expected a number above -1")
         if research_keep < 1:
@@ -428,8 +428,9 @@ class Scheduler:
         model row in one transaction, only if the job is still RUNNING (else `_NotRunning`). On any failure nothing
         of the job stays behind: the transaction rolls back and the files are removed.
 
-        The same transaction gives the model its stage: the promotion gate for a production model (SERVING, which
-        retires the model serving before it, or REJECTED; CANDIDATE with MLSIGNAL_PROMOTION=manual), RESEARCH for a
+        The same transaction gives the model its stage: the promotion gate for a production model (past it: SERVING,
+        which retires the model serving before it, or with MLSIGNAL_PROMOTION=shadow SHADOW where a model serves;
+        else REJECTED; CANDIDATE with MLSIGNAL_PROMOTION=manual), RESEARCH for a
         research model, and then retires research models beyond the newest `research_keep` of the market, whose
         files are deleted once the transaction has committed."""
         req = job.request
@@ -479,7 +480,7 @@ class Scheduler:
                                          progress=1.0, model_id=model_id, metrics=result["metrics"],
                                          finished_at=now_ms()):
                     raise _NotRunning(job.job_id)  # rolls the transaction back
-                insert_model(conn, record)
+                record = insert_model(conn, record, shadow=self.promotion == "shadow")
                 if req.purpose == RESEARCH_PURPOSE:
                     retired_files = retire_old_research(conn, req.symbol, req.timeframe, self.research_keep,
                                                          record.created_at_ms - self.research_grace_ms)
@@ -492,7 +493,7 @@ class Scheduler:
             raise
         self.store._notify()
         self._note_write(True)
-        log.info("job %s registered model %s as %s (%s)", job.job_id, model_id, stage, stage_reason)
+        log.info("job %s registered model %s as %s (%s)", job.job_id, model_id, record.stage, record.stage_reason)
         for name in retired_files:  # research retention: the rows are RETIRED, their files go
             try:
                 (self.model_dir / name).unlink(missing_ok=True)

@@ -21,6 +21,7 @@ class ModelStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_STAGE_REJECTED: _ClassVar[ModelStage]
     MODEL_STAGE_RETIRED: _ClassVar[ModelStage]
     MODEL_STAGE_RESEARCH: _ClassVar[ModelStage]
+    MODEL_STAGE_SHADOW: _ClassVar[ModelStage]
 
 class ClassWeight(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -36,6 +37,7 @@ MODEL_STAGE_SERVING: ModelStage
 MODEL_STAGE_REJECTED: ModelStage
 MODEL_STAGE_RETIRED: ModelStage
 MODEL_STAGE_RESEARCH: ModelStage
+MODEL_STAGE_SHADOW: ModelStage
 CLASS_WEIGHT_UNSPECIFIED: ClassWeight
 CLASS_WEIGHT_NONE: ClassWeight
 CLASS_WEIGHT_BALANCED: ClassWeight

@@ -17,7 +17,8 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import sqlalchemy as sa
 
@@ -30,10 +31,11 @@ from shared.store.db import models as models_table
 from shared.store.db import registry_version as version_table
 
 CANDIDATE, SERVING, REJECTED, RETIRED, RESEARCH = "CANDIDATE", "SERVING", "REJECTED", "RETIRED", "RESEARCH"
-STAGES = (CANDIDATE, SERVING, REJECTED, RETIRED, RESEARCH)
+SHADOW = "SHADOW"
+STAGES = (CANDIDATE, SERVING, REJECTED, RETIRED, RESEARCH, SHADOW)
 PRODUCTION = "production"  # training purposes
 RESEARCH_PURPOSE = "research"
-PROMOTION_MODES = ("auto", "manual")
+PROMOTION_MODES = ("shadow", "auto", "manual")
 PROMOTED_BY_OPERATOR = "promoted by operator"  # the reasons used when an operator gives none
 ROLLED_BACK_BY_OPERATOR = "rolled back by operator"
 RESEARCH_RETENTION = "research retention"
@@ -109,13 +111,21 @@ def _row_to_record(row) -> ModelRecord:
     )
 
 
-def insert_model(conn: sa.Connection, rec: ModelRecord) -> None:
-    """Insert a model row in its stage (`rec.stage`) inside the caller's transaction, with its first history row.
+def insert_model(conn: sa.Connection, rec: ModelRecord, shadow: bool = False) -> ModelRecord:
+    """Insert a model row in its stage (`rec.stage`) inside the caller's transaction, with its first history row;
+    returns the record as inserted.
 
-    A SERVING model retires the one serving before it."""
+    A SERVING model retires the one serving before it; with `shadow`, it becomes SHADOW instead when its market
+    has a serving model (decided under the market's lock, so two registrations cannot both find the market empty)."""
     if rec.stage not in STAGES:
         raise ValueError(f"unknown model stage {rec.stage!r}")
     changed_at = now_ms()
+    if rec.stage == SERVING and shadow:
+        _lock_market(conn, rec.symbol, rec.timeframe)
+        serving = _serving_id(conn, rec.symbol, rec.timeframe)
+        if serving is not None:
+            rec = replace(rec, stage=SHADOW,
+                          stage_reason=f"{rec.stage_reason}; shadows {serving} until live candles decide")
     if rec.stage == SERVING:
         _retire_serving(conn, rec.symbol, rec.timeframe, f"replaced by {rec.model_id}", changed_at)
     conn.execute(
@@ -139,6 +149,7 @@ def insert_model(conn: sa.Connection, rec: ModelRecord) -> None:
         )
     )
     _record_change(conn, rec.model_id, rec.symbol, rec.timeframe, rec.stage, rec.stage_reason, changed_at)
+    return rec
 
 
 _NEWEST_FIRST = (models_table.c.created_at.desc(), models_table.c.model_id.desc())
@@ -249,15 +260,21 @@ class StageChange:
 
 
 def gate(metrics: dict[str, float], tolerance: float = 0.0) -> tuple[str, str]:
-    """The promotion gate for a new production model: SERVING when its out-of-sample log loss is at most the
-    prior's times (1 + tolerance), else REJECTED; the reason gives both numbers."""
+    """The promotion gate for a new production model: SERVING when its out-of-sample log loss is strictly below the
+    prior's times (1 + tolerance) and its forest carries weight after calibration, else REJECTED; the reason gives
+    the numbers. A calibration weight of 0 serves the class prior itself, whatever its log loss says."""
     loss, prior = metrics.get("log_loss"), metrics.get("prior_log_loss")
     if loss is None or prior is None or not (math.isfinite(loss) and math.isfinite(prior)):
         return REJECTED, "no out-of-sample log loss to compare with the prior's"
     rule = f"prior {prior:.4f} \u00d7 (1 + {tolerance:g})"
-    if loss <= prior * (1 + tolerance):
-        return SERVING, f"out-of-sample log loss {loss:.4f} <= {rule}"
-    return REJECTED, f"out-of-sample log loss {loss:.4f} > {rule}"
+    for name in ("eval_shrink_weight", "shrink_weight"):
+        weight = metrics.get(name)
+        if weight is not None and not weight > 0:
+            return REJECTED, (f"calibration gives the forest weight {weight:g} ({name}): the model is the class "
+                              f"prior (out-of-sample log loss {loss:.4f}, {rule})")
+    if loss < prior * (1 + tolerance):
+        return SERVING, f"out-of-sample log loss {loss:.4f} < {rule}"
+    return REJECTED, f"out-of-sample log loss {loss:.4f} >= {rule}"
 
 
 def registration_stage(purpose: str, metrics: dict[str, float], promotion: str = "auto",
@@ -343,11 +360,34 @@ def _retire_serving(conn: sa.Connection, symbol: str, timeframe: str, reason: st
     return current
 
 
-def promote(engine: sa.Engine, model_id: str, reason: str = "") -> ModelRecord:
+#: Called inside promote and rollback, under the market's lock and before any stage changes, with the model that
+#: would serve: (model_id, artifact file name, sha256). It raises (FailedPrecondition) to refuse the change.
+Verify = Callable[[str, str, str], None]
+
+ROLLED_BACK_TO, ROLLED_BACK_FROM = "rolled back to ", "rolled back from "  # reason prefixes written by `rollback`
+
+
+def _check_can_serve(conn: sa.Connection, model_id: str, verify: Verify | None) -> None:
+    """Under the market's lock: refuse a model whose files research retention deletes (its rows are RETIRED with
+    that reason in the same locked transaction that chose the files, which go after its commit), then let `verify`
+    check its artifact."""
+    row = conn.execute(sa.select(models_table.c.stage, models_table.c.stage_reason, models_table.c.artifact,
+                                 models_table.c.sha256).where(models_table.c.model_id == model_id)).first()
+    if row is None:
+        raise NotFound(f"model_id: no model {model_id!r} in the registry", field="model_id")
+    if row.stage == RETIRED and row.stage_reason == RESEARCH_RETENTION:
+        raise FailedPrecondition(f"model_id: model {model_id} was retired by research retention and its files "
+                                 f"({row.artifact}) deleted; it cannot serve", field="model_id")
+    if verify is not None:
+        verify(model_id, row.artifact, row.sha256)
+
+
+def promote(engine: sa.Engine, model_id: str, reason: str = "", verify: Verify | None = None) -> ModelRecord:
     """Make a model of any stage the SERVING one of its market (the one serving before becomes RETIRED).
 
     An empty reason is recorded as "promoted by operator". Promoting the serving model changes nothing.
-    NotFound for an unknown id."""
+    NotFound for an unknown id; FailedPrecondition for a model retired by research retention (its files are
+    deleted), or when `verify` refuses its artifact: then nothing changes."""
     reason = reason.strip() or PROMOTED_BY_OPERATOR
     with engine.begin() as conn:
         row = conn.execute(sa.select(models_table.c.symbol, models_table.c.timeframe)
@@ -356,6 +396,7 @@ def promote(engine: sa.Engine, model_id: str, reason: str = "") -> ModelRecord:
             raise NotFound(f"model_id: no model {model_id!r} in the registry", field="model_id")
         _lock_market(conn, row.symbol, row.timeframe)
         if _serving_id(conn, row.symbol, row.timeframe) != model_id:
+            _check_can_serve(conn, model_id, verify)
             at = now_ms()
             _retire_serving(conn, row.symbol, row.timeframe, f"replaced by {model_id}: {reason}", at)
             _set_stage(conn, model_id, row.symbol, row.timeframe, SERVING, reason, at)
@@ -364,10 +405,52 @@ def promote(engine: sa.Engine, model_id: str, reason: str = "") -> ModelRecord:
     return found
 
 
-def rollback(engine: sa.Engine, symbol: str, timeframe: str, reason: str = "") -> ModelRecord:
-    """Retire the market's SERVING model and make the one that served before it SERVING again: the most recent
-    model in the history, other than the current one, that was SERVING. An empty reason is recorded as
-    "rolled back by operator". FailedPrecondition when nothing serves or nothing served before."""
+def serving_stack(conn: sa.Connection, symbol: str, timeframe: str) -> list[str]:
+    """The market's models that served, as a stack replayed from its history in change order: every change to
+    SERVING pushes its model (registration, promotion by an operator or by the live test), except a rollback's,
+    which pops the model rolled back from. The top is the model serving now (when one does); rollback brings back
+    the one below it.
+
+    A rollback's change to SERVING is told apart by the change written just before it in the same transaction:
+    the RETIRED change of the model rolled back from, whose reason this module writes as "rolled back to <id>: ..."
+    (an operator's reason comes after that prefix, so it cannot imitate one)."""
+    c = changes_table.c
+    q = (sa.select(c.model_id, c.stage, c.reason)
+         .where(c.symbol == symbol, c.timeframe == timeframe,
+                sa.or_(c.stage == SERVING,
+                       sa.and_(c.stage == RETIRED, c.reason.startswith(ROLLED_BACK_TO, autoescape=True))))
+         .order_by(c.change_id))
+    stack: list[str] = []
+    before: sa.Row | None = None
+    for change in conn.execute(q):
+        if change.stage == SERVING:
+            rolled_back_from = (
+                before.model_id
+                if before is not None and before.stage == RETIRED
+                and before.reason.startswith(f"{ROLLED_BACK_TO}{change.model_id}: ")
+                and change.reason.startswith(f"{ROLLED_BACK_FROM}{before.model_id}: ")
+                else None
+            )
+            if rolled_back_from is not None:
+                if stack and stack[-1] == rolled_back_from:
+                    stack.pop()
+                if change.model_id in stack:  # normally the top already
+                    del stack[len(stack) - stack[::-1].index(change.model_id):]
+                else:
+                    stack.append(change.model_id)
+            elif not stack or stack[-1] != change.model_id:
+                stack.append(change.model_id)
+        before = change
+    return stack
+
+
+def rollback(engine: sa.Engine, symbol: str, timeframe: str, reason: str = "",
+             verify: Verify | None = None) -> ModelRecord:
+    """Retire the market's SERVING model and make the one that served before it SERVING again. Rollbacks walk
+    back: after A, B, C were promoted in turn, a rollback brings back B, a second one A (see `serving_stack`).
+
+    An empty reason is recorded as "rolled back by operator". FailedPrecondition when nothing serves, when nothing
+    served before, or when `verify` refuses the artifact of the model it would bring back: then nothing changes."""
     reason = reason.strip() or ROLLED_BACK_BY_OPERATOR
     with engine.begin() as conn:
         _lock_market(conn, symbol, timeframe)
@@ -375,20 +458,17 @@ def rollback(engine: sa.Engine, symbol: str, timeframe: str, reason: str = "") -
         if current is None:
             raise FailedPrecondition(f"no model is serving {symbol} {timeframe}: there is nothing to roll back",
                                      field="symbol")
-        previous = conn.execute(
-            sa.select(changes_table.c.model_id)
-            .join(models_table, models_table.c.model_id == changes_table.c.model_id)
-            .where(changes_table.c.symbol == symbol, changes_table.c.timeframe == timeframe,
-                   changes_table.c.stage == SERVING, changes_table.c.model_id != current)
-            .order_by(changes_table.c.changed_at.desc(), changes_table.c.change_id.desc())
-            .limit(1)
-        ).scalar()
-        if previous is None:
+        stack = serving_stack(conn, symbol, timeframe)
+        if not stack or stack[-1] != current:
+            stack.append(current)
+        if len(stack) < 2:
             raise FailedPrecondition(f"no model served {symbol} {timeframe} before {current}: there is nothing to "
                                      "roll back to", field="symbol")
+        previous = stack[-2]
+        _check_can_serve(conn, previous, verify)
         at = now_ms()
-        _set_stage(conn, current, symbol, timeframe, RETIRED, f"rolled back to {previous}: {reason}", at)
-        _set_stage(conn, previous, symbol, timeframe, SERVING, f"rolled back from {current}: {reason}", at)
+        _set_stage(conn, current, symbol, timeframe, RETIRED, f"{ROLLED_BACK_TO}{previous}: {reason}", at)
+        _set_stage(conn, previous, symbol, timeframe, SERVING, f"{ROLLED_BACK_FROM}{current}: {reason}", at)
     found = get_model(engine, previous)
     assert found is not None
     return found
@@ -443,7 +523,9 @@ def serving_row(engine: sa.Engine, symbol: str, timeframe: str) -> ModelRow | No
 
 def stage_history(engine: sa.Engine, symbol: str = "", timeframe: str = "", model_id: str = "",
                   limit: int | None = None) -> list[StageChange]:
-    """Stage changes, oldest first (the newest `limit` when given), optionally of one market or one model."""
+    """Stage changes in the order they were made (by change id, so two in the same millisecond, or after the clock
+    stepped back, keep their order), oldest first (the newest `limit` when given), optionally of one market or one
+    model."""
     q = sa.select(changes_table)
     if symbol:
         q = q.where(changes_table.c.symbol == symbol)
@@ -451,7 +533,7 @@ def stage_history(engine: sa.Engine, symbol: str = "", timeframe: str = "", mode
         q = q.where(changes_table.c.timeframe == timeframe)
     if model_id:
         q = q.where(changes_table.c.model_id == model_id)
-    q = q.order_by(changes_table.c.changed_at.desc(), changes_table.c.change_id.desc())
+    q = q.order_by(changes_table.c.change_id.desc())  # the order they were made in, whatever the clock said
     if limit:
         q = q.limit(limit)
     with engine.connect() as conn:
@@ -482,3 +564,4 @@ def serving_models(engine: sa.Engine) -> list[tuple[str, str, str, int]]:
     q = sa.select(c.symbol, c.timeframe, c.model_id, c.created_at).where(c.stage == SERVING)
     with engine.connect() as conn:
         return [(s, tf, m, int(created)) for s, tf, m, created in conn.execute(q)]
+
