@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from shared.artifacts import ArtifactError, read_verified
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.features import FeatureSpec
 from shared.store import policies, registry
@@ -73,10 +74,11 @@ class TrainingService:
         return registry.list_models(self.engine, symbol, timeframe)
 
     def promote(self, model_id: str, reason: str) -> registry.ModelRecord:
-        """Make a model of any stage the SERVING one of its market; NotFound for an unknown id."""
+        """Make a model of any stage the SERVING one of its market; NotFound for an unknown id, FailedPrecondition
+        when its ONNX file is missing from the model directory or does not match its sha256 (nothing changes)."""
         if not model_id:
             raise NotFound("model_id: no model id given", field="model_id")
-        return registry.promote(self.engine, model_id, reason)
+        return registry.promote(self.engine, model_id, reason, verify=self.verify_artifact)
 
     def stage_changes(self, symbol: str, timeframe: str, model_id: str, limit: int) -> list[registry.StageChange]:
         """Stage changes of a market's models (or one model's), oldest first; the newest `limit` when > 0."""
@@ -85,8 +87,24 @@ class TrainingService:
         return registry.stage_history(self.engine, symbol, timeframe, model_id, limit=limit or None)
 
     def rollback(self, symbol: str, timeframe: str, reason: str) -> registry.ModelRecord:
-        """Bring back the model that served before the serving one; FailedPrecondition when there is none."""
-        return registry.rollback(self.engine, symbol, timeframe, reason)
+        """Bring back the model that served before the serving one (rollbacks walk back through the promotions);
+        FailedPrecondition when there is none, or when its ONNX file is missing or does not match its sha256."""
+        return registry.rollback(self.engine, symbol, timeframe, reason, verify=self.verify_artifact)
+
+    def verify_artifact(self, model_id: str, artifact: str, sha256: str) -> None:
+        """Refuse (FailedPrecondition) a model whose ONNX file is not in the model directory with its sha256.
+
+        The registry calls it inside the promote or rollback transaction, under the market's lock and just before
+        the stage changes, so only the commit itself separates the check from the change. Research retention, the
+        one thing that deletes registered models' files, chooses them under the same lock and marks them first, and
+        the registry refuses those models outright."""
+        try:
+            read_verified(self.scheduler.model_dir, artifact, sha256)
+        except ArtifactError as exc:
+            raise FailedPrecondition(f"model_id: model {model_id} cannot serve: {exc}", field="model_id") from None
+        except OSError as exc:
+            raise FailedPrecondition(f"model_id: model {model_id} cannot serve: cannot read its model file "
+                                     f"{artifact}: {exc}", field="model_id") from None
 
     # -- retrain policies (run by training_service.policies.PolicyRunner) ----------------------------------------
     def set_policy(self, policy: policies.RetrainPolicy) -> policies.RetrainPolicy:

@@ -78,14 +78,16 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     @maps_errors
     async def PromoteModel(self, request: training_pb2.PromoteModelRequest,
                            context: grpc.aio.ServicerContext) -> common_pb2.ModelInfo:
-        """The model, now SERVING; NOT_FOUND for an unknown id."""
+        """The model, now SERVING; NOT_FOUND for an unknown id, FAILED_PRECONDITION when its model file is missing
+        or does not match its sha256."""
         record = await asyncio.to_thread(self.service.promote, request.model_id, request.reason)
         return model_info(record)
 
     @maps_errors
     async def RollbackModel(self, request: training_pb2.RollbackModelRequest,
                             context: grpc.aio.ServicerContext) -> common_pb2.ModelInfo:
-        """The model SERVING again; FAILED_PRECONDITION when nothing serves or nothing served before."""
+        """The model SERVING again (rollbacks walk back); FAILED_PRECONDITION when nothing serves, nothing served
+        before, or the model file of the one it would bring back is missing or does not match its sha256."""
         symbol, timeframe = converters.market(request.symbol, request.timeframe)
         record = await asyncio.to_thread(self.service.rollback, symbol, timeframe, request.reason)
         return model_info(record)

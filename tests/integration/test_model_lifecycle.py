@@ -1,5 +1,6 @@
-"""Model lifecycle through the real services: the promotion gate, PromoteModel, RollbackModel, open streams that
-follow the serving model, and walk-forward research models that never serve."""
+"""Model lifecycle through the real services: the promotion gate, shadow models, PromoteModel and RollbackModel
+(which verify the model file first), open streams that follow the serving model, and walk-forward research models
+that never serve."""
 
 from __future__ import annotations
 
@@ -51,16 +52,85 @@ def code_of(fn) -> tuple[grpc.StatusCode, str]:
 def test_a_model_that_beats_the_prior_serves(services):
     job = services.btc_job
     m = info(services.train_stub, job.model_id)
-    assert m.metrics["log_loss"] <= m.metrics["prior_log_loss"]
+    assert m.metrics["log_loss"] < m.metrics["prior_log_loss"] and m.metrics["shrink_weight"] > 0
     # it served from its registration on (later tests of the session may have replaced it since)
     changes = services.train_stub.ListModelStageChanges(training_pb2.ListModelStageChangesRequest(
         symbol="BTC/USD", timeframe=TF, model_id=job.model_id), timeout=30).changes
     assert changes[0].stage == STAGE.MODEL_STAGE_SERVING
-    assert "out-of-sample log loss" in changes[0].reason and "<= prior" in changes[0].reason
+    assert "out-of-sample log loss" in changes[0].reason and " < prior" in changes[0].reason
     if m.stage == STAGE.MODEL_STAGE_SERVING:
         assert "out-of-sample log loss" in m.stage_reason
     assert serving_id(services, "BTC/USD") == info(services.train_stub, serving_id(services, "BTC/USD")).model_id
     assert info(services.train_stub, serving_id(services, "BTC/USD")).stage == STAGE.MODEL_STAGE_SERVING
+
+
+def history_of(url: str, symbol: str) -> list[tuple[str, str, str]]:
+    engine = make_engine(url)
+    try:
+        return [(h.model_id, h.stage, h.reason) for h in stage_history(engine, symbol, TF)]
+    finally:
+        engine.dispose()
+
+
+def test_under_the_default_a_second_model_shadows_and_promote_and_rollback_verify_the_model_file(services,
+                                                                                                  sample_frame):
+    symbol = "SHADE/USD"
+    engine = make_engine(services.url)
+    try:
+        insert_candles(engine, symbol, TF, sample_frame)
+    finally:
+        engine.dispose()
+    stub = services.train_stub
+    # the same data and parameters as the session's BTC/USD model, which passes the gate: so do both of these
+    first = train(stub, symbol=symbol).model_id
+    assert info(stub, first).stage == STAGE.MODEL_STAGE_SERVING  # nothing served the market: it serves at once
+    second = train(stub, symbol=symbol).model_id
+    shadow = info(stub, second)
+    assert shadow.stage == STAGE.MODEL_STAGE_SHADOW
+    assert " < prior" in shadow.stage_reason and shadow.stage_reason.endswith(
+        f"; shadows {first} until live candles decide")
+    wait_serving(services, symbol, first)
+
+    def refused(call, request) -> str:
+        before = history_of(services.url, symbol)
+        code, details = code_of(lambda: call(request, timeout=30))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert history_of(services.url, symbol) == before  # nothing changed
+        return details
+
+    path = services.model_dir / f"{second}.onnx"
+    data = path.read_bytes()
+    promote = training_pb2.PromoteModelRequest(model_id=second, reason="looks better")
+    path.unlink()
+    details = refused(stub.PromoteModel, promote)
+    assert details.startswith("model_id: ") and second in details and f"{path} is missing" in details
+    path.write_bytes(data + b"\0")  # a file that does not match the registry's sha256
+    details = refused(stub.PromoteModel, promote)
+    assert str(path) in details and "sha256" in details and info(stub, second).sha256 in details
+    assert info(stub, second).stage == STAGE.MODEL_STAGE_SHADOW
+    assert info(stub, first).stage == STAGE.MODEL_STAGE_SERVING
+    assert serving_id(services, symbol) == first
+
+    path.write_bytes(data)
+    assert stub.PromoteModel(promote, timeout=30).stage == STAGE.MODEL_STAGE_SERVING
+    wait_serving(services, symbol, second)
+    # a rollback checks the file of the model it would bring back
+    first_path = services.model_dir / f"{first}.onnx"
+    first_data = first_path.read_bytes()
+    first_path.unlink()
+    rollback = training_pb2.RollbackModelRequest(symbol=symbol, timeframe=TF, reason="worse live")
+    details = refused(stub.RollbackModel, rollback)
+    assert first in details and f"{first_path} is missing" in details
+    assert info(stub, second).stage == STAGE.MODEL_STAGE_SERVING
+    first_path.write_bytes(first_data)
+    assert stub.RollbackModel(rollback, timeout=30).model_id == first
+    wait_serving(services, symbol, first)
+    assert [(m, st) for m, st, _ in history_of(services.url, symbol)] == [
+        (first, "SERVING"), (second, "SHADOW"), (first, "RETIRED"), (second, "SERVING"), (second, "RETIRED"),
+        (first, "SERVING")]
+    # the one model that served before the first: nothing
+    code, details = code_of(lambda: stub.RollbackModel(rollback, timeout=30))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "nothing to roll back to" in details
 
 
 def test_promote_and_rollback_switch_an_open_stream_at_a_message_boundary(services, sample_frame):
@@ -169,7 +239,7 @@ def test_gate_rejects_under_a_strict_tolerance_and_manual_mode_waits(tmp_path, s
         m = info(stub, rejected.model_id)
         assert m.stage == STAGE.MODEL_STAGE_REJECTED
         loss, prior = m.metrics["log_loss"], m.metrics["prior_log_loss"]
-        assert m.stage_reason == f"out-of-sample log loss {loss:.4f} > prior {prior:.4f} \u00d7 (1 + -0.5)"
+        assert m.stage_reason == f"out-of-sample log loss {loss:.4f} >= prior {prior:.4f} \u00d7 (1 + -0.5)"
         code, details = code_of(lambda: serving_id(s, "BTC/USD"))
         assert code == grpc.StatusCode.NOT_FOUND and "no model is serving" in details
         # a rejected model can still be used pinned
@@ -202,6 +272,17 @@ def test_gate_rejects_under_a_strict_tolerance_and_manual_mode_waits(tmp_path, s
         assert m.stage == STAGE.MODEL_STAGE_CANDIDATE and "MLSIGNAL_PROMOTION=manual" in m.stage_reason
         time.sleep(3 * s.settings.model_poll_seconds)
         assert serving_id(s, "BTC/USD") == rejected.model_id
+    finally:
+        stop_services(s)
+
+    # MLSIGNAL_PROMOTION=auto: a model past the gate replaces the serving one at once
+    s = start_services(url, tmp_path / "models", promotion="auto")
+    try:
+        replacing = train(s.train_stub)
+        m = info(s.train_stub, replacing.model_id)
+        assert m.stage == STAGE.MODEL_STAGE_SERVING and " < prior" in m.stage_reason
+        assert info(s.train_stub, rejected.model_id).stage_reason == f"replaced by {replacing.model_id}"
+        wait_serving(s, "BTC/USD", replacing.model_id)
     finally:
         stop_services(s)
 
