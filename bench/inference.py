@@ -48,6 +48,7 @@ TRAIN_START, TRAIN_END = "2017-07-01", "2019-01-01"
 NAIVE_FROM = "2019-01-01"  # the naive baseline predicts candles after the training window
 
 STREAM_TARGET_RATIO = 1.5  # one-candle StreamPredict p50 <= 1.5 x the floor
+SHADOW_TARGET_RATIO = 1.1  # the same with one shadow model in the market <= 1.1 x without
 BATCH_TARGET_CPS = 100_000  # 1,024-candle Predict >= 100,000 candles/s
 COLUMNS_TARGET_CPS = 300_000  # 1,024-candle Predict as columns >= 300,000 candles/s
 
@@ -72,6 +73,12 @@ CASES = (
     Case("columns_1024", "Predict, 1,024 candles as columns", "Predict", 1024, 1, columns=True),
     Case("columns_1024_c4", "Predict, 1,024 candles as columns, 4 concurrent", "Predict", 1024, 4, columns=True),
 )
+# Measured after CASES, alternately with and without a SHADOW model in the market, pairs of runs in turn.
+SHADOW_CASES = (
+    Case("stream_1_shadow", "StreamPredict, 1 candle per message, one shadow model", "StreamPredict", 1, 1),
+    Case("stream_1_no_shadow", "StreamPredict, 1 candle per message, the same run without it", "StreamPredict", 1, 1),
+)
+SHADOW_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -188,26 +195,90 @@ def naive_baseline(frame: pd.DataFrame, record, model_dir: Path, n: int) -> dict
     }
 
 
-def run_cases(target: str, frame: pd.DataFrame, plan: Plan, in_process: bool, log) -> dict:
+def run_cases(target: str, frame: pd.DataFrame, plan: Plan, in_process: bool, log,
+              shadow: tuple[object, Path] | None = None) -> dict:
+    """Every case of CASES; with `shadow` (the served model's record and the model directory), then SHADOW_ROUNDS
+    pairs of the one-candle stream with and without a shadow model registered for the market (the p50 of a
+    pair's runs are compared, so a change of the machine's load between rounds cancels out)."""
     from mlsignal.loadtest import LoadTestConfig, run_loadtest
 
     results = {}
     pool = None if in_process else ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+    def run(case: Case):
+        cfg = LoadTestConfig(target, case.rpc, SYMBOL, TIMEFRAME, batch=case.batch, concurrency=case.concurrency,
+                             duration=plan.duration_s, warmup=plan.warmup_s, columns=case.columns)
+        log(f"  {case.label} ...")
+        r = run_loadtest(cfg, frame) if pool is None else pool.submit(run_loadtest, cfg, frame).result()
+        if r.errors:
+            raise RuntimeError(f"{case.label}: requests failed: {r.errors} {r.error_examples}")
+        return r
+
     try:
         if pool is not None:
             pool.submit(_client_ready).result()  # import everything in the client before the first case
         for case in CASES:
-            cfg = LoadTestConfig(target, case.rpc, SYMBOL, TIMEFRAME, batch=case.batch, concurrency=case.concurrency,
-                                 duration=plan.duration_s, warmup=plan.warmup_s, columns=case.columns)
-            log(f"  {case.label} ...")
-            r = run_loadtest(cfg, frame) if pool is None else pool.submit(run_loadtest, cfg, frame).result()
-            if r.errors:
-                raise RuntimeError(f"{case.label}: requests failed: {r.errors} {r.error_examples}")
-            results[case.key] = r
+            results[case.key] = run(case)
+        if shadow is not None:
+            record, model_dir = shadow
+            with_shadow, without = [], []
+            for _ in range(SHADOW_ROUNDS):
+                shadow_id = register_shadow(record, model_dir)
+                time.sleep(SHADOW_SETTLE_S)  # inference sees the shadow within its poll interval
+                with_shadow.append(run(SHADOW_CASES[0]))
+                retire_shadow(record, shadow_id)
+                time.sleep(SHADOW_SETTLE_S)
+                without.append(run(SHADOW_CASES[1]))
+            results["shadow_rounds"] = list(zip(with_shadow, without, strict=True))
+            results[SHADOW_CASES[0].key] = min(with_shadow, key=lambda r: r.latency_ms["p50"])
+            results[SHADOW_CASES[1].key] = min(without, key=lambda r: r.latency_ms["p50"])
     finally:
         if pool is not None:
             pool.shutdown()
     return results
+
+
+SHADOW_SETTLE_S = 5.0  # > 2 x MLSIGNAL_MODEL_POLL_SECONDS (2)
+
+
+def register_shadow(record, model_dir: Path) -> str:
+    """A copy of the served model (its own id and ONNX file) registered as a SHADOW of its market."""
+    import shutil
+    import uuid
+    from dataclasses import replace
+
+    from shared.store.db import make_engine
+    from shared.store.registry import SHADOW, insert_model
+
+    shadow_id = f"shadow-{uuid.uuid4().hex[:12]}"
+    shutil.copyfile(model_dir / record.artifact, model_dir / f"{shadow_id}.onnx")
+    engine = make_engine(record_url(record))
+    try:
+        with engine.begin() as conn:
+            insert_model(conn, replace(record, model_id=shadow_id, artifact=f"{shadow_id}.onnx", stage=SHADOW,
+                                       stage_reason="benchmark shadow", created_at_ms=int(time.time() * 1000)))
+    finally:
+        engine.dispose()
+    return shadow_id
+
+
+def retire_shadow(record, shadow_id: str) -> None:
+    from shared.store.db import make_engine
+    from shared.store.registry import settle_shadow
+
+    engine = make_engine(record_url(record))
+    try:
+        if not settle_shadow(engine, shadow_id, record.model_id, promote_it=False, reason="benchmark round over"):
+            raise RuntimeError(f"{shadow_id} is no longer a shadow of {record.model_id}")
+    finally:
+        engine.dispose()
+
+
+_URLS: dict[str, str] = {}
+
+
+def record_url(record) -> str:
+    return _URLS[record.model_id]
 
 
 def _client_ready() -> bool:
@@ -234,7 +305,7 @@ def build_report(results: dict, naive: dict, training: dict, plan: Plan, quick: 
                  load_before, load_after) -> tuple[dict, str]:
     floor_p50 = results["floor"].latency_ms["p50"]
     rows = []
-    for case in CASES:
+    for case in (*CASES, *SHADOW_CASES):
         r = results[case.key]
         label = case.label if case.rpc != "Predict" else f"{case.label} (+{r.history} history)"
         cps = r.candles_per_s if case.rpc != "Health" else None
@@ -270,6 +341,7 @@ def build_report(results: dict, naive: dict, training: dict, plan: Plan, quick: 
     })
 
     stream_ratio = results["stream_1"].latency_ms["p50"] / floor_p50
+    shadow_ratio = results["stream_1_shadow"].latency_ms["p50"] / results["stream_1_no_shadow"].latency_ms["p50"]
     best_1024 = max(("predict_1024", "predict_1024_c4"), key=lambda k: results[k].candles_per_s)
     best_cps = results[best_1024].candles_per_s
     best_columns_key = max(("columns_1024", "columns_1024_c4"), key=lambda k: results[k].candles_per_s)
@@ -281,6 +353,16 @@ def build_report(results: dict, naive: dict, training: dict, plan: Plan, quick: 
                         f"{floor_p50:.3f} ms)",
             "value": stream_ratio,
             "pass": stream_ratio <= STREAM_TARGET_RATIO,
+        },
+        {
+            "target": f"one-candle StreamPredict p50 with a shadow model <= {SHADOW_TARGET_RATIO}x without",
+            "measured": f"{shadow_ratio:.2f}x (best of {SHADOW_ROUNDS} rounds each: "
+                        f"{results['stream_1_shadow'].latency_ms['p50']:.3f} ms vs "
+                        f"{results['stream_1_no_shadow'].latency_ms['p50']:.3f} ms; per round: "
+                        + ", ".join(f"{a.latency_ms['p50'] / b.latency_ms['p50']:.2f}x"
+                                    for a, b in results["shadow_rounds"]) + ")",
+            "value": shadow_ratio,
+            "pass": shadow_ratio <= SHADOW_TARGET_RATIO,
         },
         {
             "target": f"1,024-candle Predict >= {BATCH_TARGET_CPS:,} candles/s",
@@ -395,7 +477,9 @@ def main(argv: list[str] | None = None) -> int:
             }
             log(f"  {train_seconds:.1f} s, model {job.model_id}")
             log("measuring through gRPC ...")
-            results = run_cases(f"127.0.0.1:{inference.port}", frame, plan, args.client_in_process, log)
+            _URLS[record.model_id] = url
+            results = run_cases(f"127.0.0.1:{inference.port}", frame, plan, args.client_in_process, log,
+                                shadow=(record, settings.model_dir))
             log(f"naive baseline, {plan.naive_candles} candles ...")
             naive = naive_baseline(frame, record, settings.model_dir, plan.naive_candles)
         finally:

@@ -13,7 +13,9 @@ import sqlalchemy as sa
 from inference_service.journal import Journal
 from inference_service.model_store import ModelStore
 from inference_service.servicer import InferenceServicer
+from inference_service.shadows import Shadows
 from mlsignal.v1 import inference_pb2, inference_pb2_grpc
+from shared.live_comparison import TestSettings
 from shared.server.builder import RunningServer, ServerHandle, observability, server_credentials, start_server
 from shared.server.lifecycle import server_main
 from shared.server.startup import DatabaseGate
@@ -79,6 +81,7 @@ class StalenessWatch:
 
 class RunningInference(RunningServer):
     journal: Journal | None = None
+    shadows: Shadows | None = None
     staleness: StalenessWatch | None = None
 
     def __init__(self, handle: ServerHandle, store: ModelStore, engine: sa.Engine, database_gate: DatabaseGate):
@@ -114,6 +117,9 @@ def start(settings: Settings, address: str | None = None) -> RunningInference:
     store = ModelStore(engine, settings.model_dir, settings.model_cache_size, settings.model_poll_seconds)
     journal = Journal(engine, flush_seconds=settings.live_flush_seconds,
                       retention_days=settings.live_retention_days) if settings.live_monitoring else None
+    # A market's SHADOW models predict what its serving model answered, for the live test; only with the journal.
+    shadows = Shadows(engine, settings.model_dir, journal.record, settings.model_poll_seconds) \
+        if journal is not None else None
     on_predicted = None
     if metrics is not None:
         from shared.server.metrics import inference_metrics, live_metrics
@@ -124,13 +130,18 @@ def start(settings: Settings, address: str | None = None) -> RunningInference:
     store.start_polling()
     if journal is not None:
         journal.start()
+    if shadows is not None:
+        shadows.start()
     max_bytes = max(4 * 1024 * 1024, settings.max_batch * BYTES_PER_CANDLE + 1024 * 1024)
     try:
         handle = start_server(
             address,
             lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(
                 InferenceServicer(store, settings.max_batch, on_predicted, settings.max_streams,
-                                  on_served=journal.record if journal is not None else None), server),
+                                  on_served=journal.record if journal is not None else None,
+                                  on_answered=shadows.submit if shadows is not None else None,
+                                  live_test=TestSettings(settings.shadow_min_scored, settings.shadow_max_scored,
+                                                         settings.shadow_alpha)), server),
             [SERVICE_NAME],
             max_bytes,
             interceptors=interceptors,
@@ -140,6 +151,8 @@ def start(settings: Settings, address: str | None = None) -> RunningInference:
         )
     except BaseException:
         store.stop()
+        if shadows is not None:
+            shadows.stop()
         if journal is not None:
             journal.stop()
         if metrics is not None:
@@ -147,6 +160,8 @@ def start(settings: Settings, address: str | None = None) -> RunningInference:
         raise
     handle.on_stop(gate.stop)
     handle.on_stop(lambda grace: store.stop())
+    if shadows is not None:
+        handle.on_stopped(shadows.stop)  # before the journal stops: it journals what the shadows predict
     if journal is not None:
         handle.on_stopped(journal.stop)  # every call has finished: write what they served
     staleness = _watch_staleness(settings, store, handle)
@@ -159,7 +174,7 @@ def start(settings: Settings, address: str | None = None) -> RunningInference:
 
         gate.wait_in_background(on_database_ready)
     running = RunningInference(handle, store, engine, gate)
-    running.journal, running.staleness = journal, staleness
+    running.journal, running.staleness, running.shadows = journal, staleness, shadows
     return running
 
 

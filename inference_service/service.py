@@ -28,6 +28,10 @@ OnPredicted = Callable[[LoadedModel, int], None]
 # Called after every answered request with the model, its predictions and the candles the request carried (the
 # prediction journal, `inference_service.journal`); it must only queue them.
 OnServed = Callable[[LoadedModel, Predictions, CandleBatch], None]
+# Called after every answered request with the model, its predictions, the window they were computed over (history
+# first), the window's first answered row, and whether the model was pinned by model_id (the shadow models,
+# `inference_service.shadows`); it must only queue them, and copy what it keeps.
+OnAnswered = Callable[[LoadedModel, Predictions, CandleBatch, int, bool], None]
 
 
 def validate_key(symbol: str, timeframe: str) -> int:
@@ -44,11 +48,12 @@ def validate_key(symbol: str, timeframe: str) -> int:
 
 class InferenceService:
     def __init__(self, store: ModelStore, max_batch: int, on_predicted: OnPredicted | None = None,
-                 on_served: OnServed | None = None) -> None:
+                 on_served: OnServed | None = None, on_answered: OnAnswered | None = None) -> None:
         self.store = store
         self.max_batch = max_batch
         self.on_predicted = on_predicted
         self.on_served = on_served
+        self.on_answered = on_answered
 
     def resolve(self, symbol: str, timeframe: str, model_id: str = "", found: Resolved | None = None) -> Resolved:
         """The model that answers for a validated key (the one pinned by model_id, else the one serving now) and the
@@ -73,6 +78,7 @@ class InferenceService:
         predictions = predict_window(model, batch, 0)
         self.predicted(model, len(batch))
         self.served(model, predictions, batch)
+        self.answered(model, predictions, batch, 0, bool(model_id))
         return model, predictions
 
     def predicted(self, model: LoadedModel, n_candles: int) -> None:
@@ -84,3 +90,9 @@ class InferenceService:
         """Report what an answer served, and the candles it was computed from, to the `on_served` hook."""
         if self.on_served is not None:
             self.on_served(model, predictions, candles)
+
+    def answered(self, model: LoadedModel, predictions: Predictions, window: CandleBatch, first_row: int,
+                 pinned: bool) -> None:
+        """Report an answer with the window it was computed over to the `on_answered` hook, when there is one."""
+        if self.on_answered is not None:
+            self.on_answered(model, predictions, window, first_row, pinned)

@@ -16,15 +16,19 @@ from collections.abc import AsyncIterator
 import grpc
 
 from inference_service import converters
+from inference_service.comparisons import compare_live, prior_comparison
 from inference_service.live_scores import LivePerformance, live_performance
 from inference_service.model_store import ModelStore, Resolved
-from inference_service.service import InferenceService, OnPredicted, OnServed
+from inference_service.service import InferenceService, OnAnswered, OnPredicted, OnServed
 from inference_service.stream_session import StreamSession
 from mlsignal.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from shared.converters import model_info
 from shared.errors import MlsignalError
+from shared.live_comparison import DEFAULT_TEST, PROMOTE, TestSettings
+from shared.sequential_test import Comparison
 from shared.server.limits import StreamLimit
 from shared.server.status import maps_errors, status_proto
+from shared.store import registry
 
 #: Requests with more candles than this are predicted in a worker thread rather than on the event loop.
 INLINE_CANDLES = 256
@@ -39,9 +43,11 @@ class Answers:
     """One response per request, the same for both servicers: the service calls and the message conversions."""
 
     def __init__(self, store: ModelStore, max_batch: int, on_predicted: OnPredicted | None = None,
-                 on_served: OnServed | None = None) -> None:
+                 on_served: OnServed | None = None, on_answered: OnAnswered | None = None,
+                 live_test: TestSettings = DEFAULT_TEST) -> None:
         self.store = store
-        self.service = InferenceService(store, max_batch, on_predicted, on_served)
+        self.service = InferenceService(store, max_batch, on_predicted, on_served, on_answered)
+        self.live_test = live_test
 
     def predict(self, request: inference_pb2.PredictRequest,
                 found: Resolved | None = None) -> inference_pb2.PredictResponse:
@@ -67,7 +73,19 @@ class Answers:
 
     def get_live_performance(self, request: inference_pb2.GetLivePerformanceRequest) -> inference_pb2.LivePerformance:
         perf = live_performance(self.store, request.symbol, request.timeframe, request.model_id)
-        return live_performance_message(perf)
+        message = live_performance_message(perf)
+        record = registry.get_model(self.store.engine, perf.model_id)
+        if record is not None:
+            against_prior = prior_comparison(self.store.engine, record, self.live_test)
+            message.prior_comparison.CopyFrom(comparison_message("", perf.model_id, against_prior))
+            message.worse_than_prior = against_prior.decision == PROMOTE
+        return message
+
+    def compare_live_performance(
+            self, request: inference_pb2.CompareLivePerformanceRequest) -> inference_pb2.LiveComparison:
+        found = compare_live(self.store.engine, request.symbol, request.timeframe, request.model_id,
+                             request.baseline_model_id, self.live_test)
+        return comparison_message(found.model_id, found.baseline_model_id, found.result)
 
     def in_memory(self, symbol: str, timeframe: str, model_id: str) -> Resolved | None:
         """The model that would answer, when it is in memory (answering then needs neither database nor disk).
@@ -82,8 +100,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """The asyncio InferenceService. At most `max_streams` StreamPredict calls are open at once."""
 
     def __init__(self, store: ModelStore, max_batch: int, on_predicted: OnPredicted | None = None,
-                 max_streams: int = 10_000, on_served: OnServed | None = None) -> None:
-        self.answers = Answers(store, max_batch, on_predicted, on_served)
+                 max_streams: int = 10_000, on_served: OnServed | None = None,
+                 on_answered: OnAnswered | None = None, live_test: TestSettings = DEFAULT_TEST) -> None:
+        self.answers = Answers(store, max_batch, on_predicted, on_served, on_answered, live_test)
         self.streams = StreamLimit(max_streams, "StreamPredict")
 
     def _inline(self, request: inference_pb2.PredictRequest, symbol: str, timeframe: str,
@@ -138,6 +157,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         """Reads the scores from the database, so it always runs in a worker thread."""
         return await asyncio.to_thread(self.answers.get_live_performance, request)
 
+    @maps_errors
+    async def CompareLivePerformance(
+        self, request: inference_pb2.CompareLivePerformanceRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.LiveComparison:
+        """Reads the scores from the database, so it always runs in a worker thread."""
+        return await asyncio.to_thread(self.answers.compare_live_performance, request)
+
 
 def live_performance_message(perf: LivePerformance) -> inference_pb2.LivePerformance:
     return inference_pb2.LivePerformance(
@@ -147,4 +173,12 @@ def live_performance_message(perf: LivePerformance) -> inference_pb2.LivePerform
                                                   count=b.count, mean_predicted=b.mean_predicted,
                                                   observed_frequency=b.observed_frequency)
                      for b in perf.reliability],
+    )
+
+
+def comparison_message(model_id: str, baseline_model_id: str, result: Comparison) -> inference_pb2.LiveComparison:
+    return inference_pb2.LiveComparison(
+        model_id=model_id, baseline_model_id=baseline_model_id, paired=result.paired,
+        mean_log_loss_difference=result.mean_log_loss_difference, standard_error=result.standard_error,
+        statistic=result.statistic, decision=result.decision, reason=result.reason,
     )

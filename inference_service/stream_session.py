@@ -190,4 +190,5 @@ class StreamSession:
         predictions = predict_window(model, history.window(base + n), base)
         self.service.predicted(model, n)
         self.service.served(model, predictions, new)
+        self.service.answered(model, predictions, history.window(base + n), base, bool(pin))
         return model, predictions

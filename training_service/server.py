@@ -18,6 +18,7 @@ from shared.store.db import make_engine, training_jobs
 from training_service.executors import DaskExecutor, Executor, LocalProcessExecutor
 from training_service.jobs import JobStore, now_ms
 from training_service.policies import PolicyRunner
+from training_service.promotion import PromotionRunner, TestSettings
 from training_service.scheduler import Scheduler
 from training_service.service import TrainingService
 from training_service.servicer import TrainingServicer
@@ -29,11 +30,12 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 class RunningTraining(RunningServer):
     def __init__(self, handle: ServerHandle, scheduler: Scheduler, engine: sa.Engine, database_gate: DatabaseGate,
-                 policies: PolicyRunner | None = None):
+                 policies: PolicyRunner | None = None, promotion: PromotionRunner | None = None):
         super().__init__(handle, engine)
         self.scheduler = scheduler
         self.database_gate = database_gate
         self.policies = policies  # the retrain policy runner; tests call its tick()
+        self.promotion = promotion  # the live promotion test; tests call its tick()
 
 
 def job_counts(engine: sa.Engine) -> dict[str, int]:
@@ -99,6 +101,13 @@ def start(settings: Settings, address: str | None = None, clock: Callable[[], in
 
             runner.on_outcome = policy_metrics(metrics, lambda: policies.due_count(engine, time_ms()),
                                                lambda: registry.serving_models(engine), now_ms)
+        promotion = PromotionRunner(
+            engine, TestSettings(settings.shadow_min_scored, settings.shadow_max_scored, settings.shadow_alpha),
+            settings.demote_worse_than_prior, settings.policy_interval_seconds)
+        if metrics is not None:
+            from shared.server.metrics import promotion_metrics
+
+            promotion.on_decision = promotion_metrics(metrics, promotion.worse_than_prior)
         service = TrainingService(store, scheduler, time_ms)
         try:
             handle = start_server(
@@ -127,12 +136,14 @@ def start(settings: Settings, address: str | None = None, clock: Callable[[], in
     def on_database_ready() -> None:
         scheduler.start()
         runner.start()
+        promotion.start()
         scheduler.on_health_change = scheduler_health
         scheduler_health(scheduler.healthy)
         handle.runner.run(asyncio.sleep(0), 10)  # the health status is set once this returns
 
     handle.on_stop(gate.stop)
     handle.on_stop(runner.stop)
+    handle.on_stop(promotion.stop)
     handle.on_stop(scheduler.stop)
     if metrics is not None:
         handle.on_stopped(metrics.close)
@@ -146,7 +157,7 @@ def start(settings: Settings, address: str | None = None, clock: Callable[[], in
             if metrics is not None:
                 metrics.close()
             raise
-    return RunningTraining(handle, scheduler, engine, gate, runner)
+    return RunningTraining(handle, scheduler, engine, gate, runner, promotion)
 
 
 def _describe(settings: Settings, running: RunningTraining) -> str:

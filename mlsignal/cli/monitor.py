@@ -92,6 +92,13 @@ def format_report(perf: Any, info: Any, staleness: str, serving_id: str) -> str:
     lines.append(f"{'log_loss':12}{_num(perf.log_loss):>10}{_num(perf.prior_log_loss):>10}{_num(ratio, 3):>9}  "
                  f"{verdict}")
     lines.append(f"{'brier':12}{_num(perf.brier):>10}")
+    c = perf.prior_comparison
+    if c.paired:
+        test = ("WORSE than its prior: significant" if perf.worse_than_prior else
+                {"reject": "not worse than its prior: significant", "undecided": "undecided"}.get(c.decision,
+                                                                                                  c.decision))
+        lines.append(f"{'prior test':12}{c.paired:>10} paired, gain of the prior {c.mean_log_loss_difference:+.4f} "
+                     f"\u00b1 {c.standard_error:.4f} (z {c.statistic:+.2f}): {test}")
     if info is not None and "log_loss" in info.metrics and "prior_log_loss" in info.metrics:
         oos, prior = info.metrics["log_loss"], info.metrics["prior_log_loss"]
         lines.append(f"{'training':12}{_num(oos):>10}{_num(prior):>10}{_num(oos / prior if prior else math.nan, 3):>9}"

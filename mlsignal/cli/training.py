@@ -74,7 +74,7 @@ def register(sub) -> None:
         help="list registered models, newest first, with their stage (`SERVING *` marks the one serving) "
              "(`models promote|rollback|history`: change or show which model serves)",
     )
-    models_sub = models.add_subparsers(dest="models_command", metavar="promote|rollback|history")
+    models_sub = models.add_subparsers(dest="models_command", metavar="promote|rollback|history|compare")
     promote = models_sub.add_parser(
         "promote", help="make a model (any stage) the one serving its symbol and timeframe; the one serving before "
                         "is retired")
@@ -98,6 +98,21 @@ def register(sub) -> None:
     history.add_argument("--limit", type=int, default=0, help="only the newest N changes (default: all)")
     _target_arg(history)
     history.set_defaults(func=_models_history)
+    compare = models_sub.add_parser(
+        "compare", help="the live test of a model against a baseline on the candles both have scored (what promotes "
+                        "or rejects a shadow)")
+    compare.add_argument("model_id", metavar="MODEL", nargs="?", default="",
+                         help="the challenger (empty or '': the baseline's class prior)")
+    compare.add_argument("baseline", metavar="BASELINE", nargs="?", default="",
+                         help="the baseline (default: the model serving the market)")
+    compare.add_argument("--symbol", required=True, help="market symbol, like BTC/USDT")
+    compare.add_argument("--timeframe", required=True, metavar="TF", help=f"one of {' '.join(TIMEFRAME_MS)}")
+    compare.add_argument("--target", metavar="ADDR",
+                         help="inference service address (default: MLSIGNAL_INFERENCE_ADDR, 127.0.0.1:50052)")
+    from mlsignal.cli.security import add_security_arguments
+
+    add_security_arguments(compare)
+    compare.set_defaults(func=_models_compare)
     models.add_argument("--symbol", default="", help="only this symbol")
     models.add_argument("--timeframe", default="", metavar="TF", help="only this timeframe")
     _target_arg(models)
@@ -356,6 +371,23 @@ def _models_history(args) -> int:
         return 0
     rows = [(_ts(c, "changed_at"), c.model_id, model_stage_name(c.stage), c.reason) for c in changes]
     print(table(("changed (UTC)", "model id", "stage", "reason"), rows))
+    return 0
+
+
+@client_errors
+def _models_compare(args) -> int:
+    from mlsignal.cli.security import security_kwargs
+    from mlsignal.client import InferenceClient
+    from shared.settings import Settings
+
+    target = args.target or Settings.from_env().inference_addr
+    with InferenceClient(target, **security_kwargs(args)) as client:
+        c = client.compare(args.symbol, args.timeframe, args.model_id, args.baseline)
+    model = c.model_id or "the class prior"
+    print(f"{model} against {c.baseline_model_id} on {c.paired} paired candles: mean log-loss gain "
+          f"{c.mean_log_loss_difference:+.5f} \u00b1 {c.standard_error:.5f} (z {c.statistic:+.2f})")
+    print(f"decision: {c.decision}")
+    print(c.reason)
     return 0
 
 

@@ -104,6 +104,26 @@ class InferenceClient(ServiceClient):
             inference_pb2.GetLivePerformanceRequest(symbol=symbol, timeframe=timeframe, model_id=model_id))
         return perf
 
+    def compare(self, symbol: str, timeframe: str, model_id: str = "",
+                baseline_model_id: str = "") -> inference_pb2.LiveComparison:
+        """The live test of `model_id` against `baseline_model_id` on the candles both have scored: `paired`
+        candles, the mean per-candle log-loss gain of the model (`mean_log_loss_difference`, baseline minus model)
+        with its `standard_error` (long-run variance at lag horizon_bars - 1, the larger of the Newey-West and
+        Hansen-Hodrick estimates: overlapping labels make neighbouring candles dependent), and the sequential
+        test's `decision` (promote, reject or undecided). An empty model_id is the baseline's class prior; an empty
+        baseline_model_id the serving model.
+
+        Example::
+
+            >>> c.compare("BTC/USDT", "1h", shadow_id).decision                 # doctest: +SKIP
+            'undecided'
+        """
+        found: inference_pb2.LiveComparison = self._unary(
+            self._stub.CompareLivePerformance,
+            inference_pb2.CompareLivePerformanceRequest(symbol=symbol, timeframe=timeframe, model_id=model_id,
+                                                        baseline_model_id=baseline_model_id))
+        return found
+
     def predict(self, df: pd.DataFrame, symbol: str, timeframe: str, model_id: str = "") -> pd.DataFrame:
         """A copy of `df` with ML_UP_PROB, ML_DOWN_PROB, ML_RANGE_PROB, ML_READY, ML_IN_SAMPLE and ML_MODEL_ID.
 

@@ -84,7 +84,7 @@ class ReliabilityBin(_message.Message):
     def __init__(self, class_name: _Optional[str] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., count: _Optional[int] = ..., mean_predicted: _Optional[float] = ..., observed_frequency: _Optional[float] = ...) -> None: ...
 
 class LivePerformance(_message.Message):
-    __slots__ = ("model_id", "scored", "log_loss", "prior_log_loss", "brier", "reliability", "first_open_time_ms", "last_open_time_ms")
+    __slots__ = ("model_id", "scored", "log_loss", "prior_log_loss", "brier", "reliability", "first_open_time_ms", "last_open_time_ms", "prior_comparison", "worse_than_prior")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SCORED_FIELD_NUMBER: _ClassVar[int]
     LOG_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,8 @@ class LivePerformance(_message.Message):
     RELIABILITY_FIELD_NUMBER: _ClassVar[int]
     FIRST_OPEN_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     LAST_OPEN_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_COMPARISON_FIELD_NUMBER: _ClassVar[int]
+    WORSE_THAN_PRIOR_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     scored: int
     log_loss: float
@@ -101,4 +103,38 @@ class LivePerformance(_message.Message):
     reliability: _containers.RepeatedCompositeFieldContainer[ReliabilityBin]
     first_open_time_ms: int
     last_open_time_ms: int
-    def __init__(self, model_id: _Optional[str] = ..., scored: _Optional[int] = ..., log_loss: _Optional[float] = ..., prior_log_loss: _Optional[float] = ..., brier: _Optional[float] = ..., reliability: _Optional[_Iterable[_Union[ReliabilityBin, _Mapping]]] = ..., first_open_time_ms: _Optional[int] = ..., last_open_time_ms: _Optional[int] = ...) -> None: ...
+    prior_comparison: LiveComparison
+    worse_than_prior: bool
+    def __init__(self, model_id: _Optional[str] = ..., scored: _Optional[int] = ..., log_loss: _Optional[float] = ..., prior_log_loss: _Optional[float] = ..., brier: _Optional[float] = ..., reliability: _Optional[_Iterable[_Union[ReliabilityBin, _Mapping]]] = ..., first_open_time_ms: _Optional[int] = ..., last_open_time_ms: _Optional[int] = ..., prior_comparison: _Optional[_Union[LiveComparison, _Mapping]] = ..., worse_than_prior: bool = ...) -> None: ...
+
+class CompareLivePerformanceRequest(_message.Message):
+    __slots__ = ("symbol", "timeframe", "model_id", "baseline_model_id")
+    SYMBOL_FIELD_NUMBER: _ClassVar[int]
+    TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    symbol: str
+    timeframe: str
+    model_id: str
+    baseline_model_id: str
+    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[str] = ..., model_id: _Optional[str] = ..., baseline_model_id: _Optional[str] = ...) -> None: ...
+
+class LiveComparison(_message.Message):
+    __slots__ = ("model_id", "baseline_model_id", "paired", "mean_log_loss_difference", "standard_error", "statistic", "decision", "reason")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    PAIRED_FIELD_NUMBER: _ClassVar[int]
+    MEAN_LOG_LOSS_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    STANDARD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    STATISTIC_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    baseline_model_id: str
+    paired: int
+    mean_log_loss_difference: float
+    standard_error: float
+    statistic: float
+    decision: str
+    reason: str
+    def __init__(self, model_id: _Optional[str] = ..., baseline_model_id: _Optional[str] = ..., paired: _Optional[int] = ..., mean_log_loss_difference: _Optional[float] = ..., standard_error: _Optional[float] = ..., statistic: _Optional[float] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...

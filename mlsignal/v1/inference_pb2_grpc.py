@@ -56,6 +56,11 @@ class InferenceServiceStub(object):
                 request_serializer=mlsignal_dot_v1_dot_inference__pb2.GetLivePerformanceRequest.SerializeToString,
                 response_deserializer=mlsignal_dot_v1_dot_inference__pb2.LivePerformance.FromString,
                 _registered_method=True)
+        self.CompareLivePerformance = channel.unary_unary(
+                '/mlsignal.v1.InferenceService/CompareLivePerformance',
+                request_serializer=mlsignal_dot_v1_dot_inference__pb2.CompareLivePerformanceRequest.SerializeToString,
+                response_deserializer=mlsignal_dot_v1_dot_inference__pb2.LiveComparison.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer(object):
@@ -91,6 +96,15 @@ class InferenceServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompareLivePerformance(self, request, context):
+        """The sequential live test of a model against a baseline on the candles both have scored (the test that promotes
+        or rejects a shadow). An empty model_id means the baseline's class prior; an empty baseline_model_id means the
+        market's serving model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +127,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetLivePerformance,
                     request_deserializer=mlsignal_dot_v1_dot_inference__pb2.GetLivePerformanceRequest.FromString,
                     response_serializer=mlsignal_dot_v1_dot_inference__pb2.LivePerformance.SerializeToString,
+            ),
+            'CompareLivePerformance': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareLivePerformance,
+                    request_deserializer=mlsignal_dot_v1_dot_inference__pb2.CompareLivePerformanceRequest.FromString,
+                    response_serializer=mlsignal_dot_v1_dot_inference__pb2.LiveComparison.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +243,33 @@ class InferenceService(object):
             '/mlsignal.v1.InferenceService/GetLivePerformance',
             mlsignal_dot_v1_dot_inference__pb2.GetLivePerformanceRequest.SerializeToString,
             mlsignal_dot_v1_dot_inference__pb2.LivePerformance.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareLivePerformance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlsignal.v1.InferenceService/CompareLivePerformance',
+            mlsignal_dot_v1_dot_inference__pb2.CompareLivePerformanceRequest.SerializeToString,
+            mlsignal_dot_v1_dot_inference__pb2.LiveComparison.FromString,
             options,
             channel_credentials,
             insecure,

@@ -315,3 +315,28 @@ def policy_metrics(metrics: Metrics, due: Callable[[], int],
         counters[kind].labels(symbol, timeframe).inc()
 
     return on_outcome
+
+
+def promotion_metrics(metrics: Metrics, worse_than_prior: Callable[[], Iterable[tuple[str, str, str]]]
+                      ) -> Callable[[str, str, str], None]:
+    """Live promotion metrics; returns the `on_decision(decision, symbol, timeframe)` hook of the promotion runner
+    (decision promote or reject). `worse_than_prior()` yields (symbol, timeframe, model_id) of every serving model
+    the live test last found worse than its class prior."""
+    decisions = Counter("mlsignal_shadow_decisions", "Shadows promoted or rejected by the live test, per market.",
+                        ("symbol", "timeframe", "decision"), registry=metrics.registry)
+
+    def collect() -> Iterator[Metric]:
+        worse = GaugeMetricFamily(
+            "mlsignal_serving_worse_than_prior",
+            "1 for a serving model the live test finds significantly worse than its class prior.",
+            labels=("symbol", "timeframe", "model_id"))
+        for symbol, timeframe, model_id in worse_than_prior():
+            worse.add_metric((symbol, timeframe, model_id), 1.0)
+        yield worse
+
+    metrics.add_callback(collect)
+
+    def on_decision(decision: str, symbol: str, timeframe: str) -> None:
+        decisions.labels(symbol, timeframe, decision).inc()
+
+    return on_decision

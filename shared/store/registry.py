@@ -565,3 +565,45 @@ def serving_models(engine: sa.Engine) -> list[tuple[str, str, str, int]]:
     with engine.connect() as conn:
         return [(s, tf, m, int(created)) for s, tf, m, created in conn.execute(q)]
 
+
+# -- shadows -----------------------------------------------------------------------------------------------------------
+
+
+def shadow_rows(engine: sa.Engine, symbol: str, timeframe: str) -> list[ModelRow]:
+    """The market's SHADOW models, unparsed, oldest first."""
+    q = (sa.select(models_table)
+         .where(models_table.c.symbol == symbol, models_table.c.timeframe == timeframe,
+                models_table.c.stage == SHADOW)
+         .order_by(models_table.c.created_at, models_table.c.model_id))
+    with engine.connect() as conn:
+        return [_model_row(r) for r in conn.execute(q)]
+
+
+def markets_with_shadows(engine: sa.Engine) -> list[tuple[str, str]]:
+    """Every (symbol, timeframe) with at least one SHADOW model."""
+    q = sa.select(models_table.c.symbol, models_table.c.timeframe).where(models_table.c.stage == SHADOW).distinct()
+    with engine.connect() as conn:
+        return sorted((r.symbol, r.timeframe) for r in conn.execute(q))
+
+
+def settle_shadow(engine: sa.Engine, shadow_id: str, serving_id: str, promote_it: bool, reason: str) -> bool:
+    """Apply the live test's decision on a shadow: make it SERVING (the serving model becomes RETIRED) or REJECTED.
+
+    Only while the shadow is still SHADOW and `serving_id` still serves its market (checked under the market's
+    lock, so two replicas deciding at once apply it once); returns whether it was applied."""
+    with engine.begin() as conn:
+        row = conn.execute(sa.select(models_table.c.symbol, models_table.c.timeframe, models_table.c.stage)
+                           .where(models_table.c.model_id == shadow_id)).first()
+        if row is None:
+            return False
+        _lock_market(conn, row.symbol, row.timeframe)
+        stage = conn.execute(sa.select(models_table.c.stage).where(models_table.c.model_id == shadow_id)).scalar()
+        if stage != SHADOW or _serving_id(conn, row.symbol, row.timeframe) != serving_id:
+            return False
+        at = now_ms()
+        if promote_it:
+            _set_stage(conn, serving_id, row.symbol, row.timeframe, RETIRED, f"replaced by {shadow_id}: {reason}", at)
+            _set_stage(conn, shadow_id, row.symbol, row.timeframe, SERVING, reason, at)
+        else:
+            _set_stage(conn, shadow_id, row.symbol, row.timeframe, REJECTED, reason, at)
+    return True
