@@ -50,11 +50,17 @@ def test_contract_names_are_the_documented_ones():
     policy = training_pb2.RetrainPolicy.DESCRIPTOR
     assert [f.name for f in policy.fields] == [
         "symbol", "timeframe", "every", "window", "label", "params", "paused", "next_run_at", "last_job_id",
-        "last_outcome"]
+        "last_outcome", "cross_validate"]
     assert [f.name for f in training_pb2.ImportCandlesResponse.DESCRIPTOR.fields] == [
         "inserted", "unchanged", "conflicting", "last_open_time_ms"]
     inf = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
-    assert [m.name for m in inf.methods] == ["Predict", "StreamPredict", "GetModel", "GetLivePerformance"]
+    assert [m.name for m in inf.methods] == ["Predict", "StreamPredict", "GetModel", "GetLivePerformance",
+                                             "CompareLivePerformance"]
+    assert [f.name for f in inference_pb2.LiveComparison.DESCRIPTOR.fields][:7] == [
+        "model_id", "baseline_model_id", "paired", "mean_log_loss_difference", "standard_error", "statistic",
+        "decision"]
+    assert [f.name for f in inference_pb2.CompareLivePerformanceRequest.DESCRIPTOR.fields] == [
+        "symbol", "timeframe", "model_id", "baseline_model_id"]
     stream = inf.methods_by_name["StreamPredict"]
     assert stream.client_streaming and stream.server_streaming
     candle = common_pb2.Candle.DESCRIPTOR
@@ -70,7 +76,7 @@ def test_contract_names_are_the_documented_ones():
         "JOB_STATE_CANCELLED"]
     assert [v.name for v in common_pb2.ModelStage.DESCRIPTOR.values] == [
         "MODEL_STAGE_UNSPECIFIED", "MODEL_STAGE_CANDIDATE", "MODEL_STAGE_SERVING", "MODEL_STAGE_REJECTED",
-        "MODEL_STAGE_RETIRED", "MODEL_STAGE_RESEARCH"]
+        "MODEL_STAGE_RETIRED", "MODEL_STAGE_RESEARCH", "MODEL_STAGE_SHADOW"]
     assert [v.name for v in common_pb2.LabelKind.DESCRIPTOR.values] == [
         "LABEL_KIND_UNSPECIFIED", "LABEL_KIND_FIXED_HORIZON", "LABEL_KIND_TRIPLE_BARRIER"]
     assert [v.name for v in training_pb2.TrainingPurpose.DESCRIPTOR.values] == [
