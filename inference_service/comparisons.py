@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from inference_service.service import validate_key
 from shared.errors import InvalidArgument, NotFound
-from shared.live_comparison import DEFAULT_TEST, TestSettings, compare
+from shared.live_comparison import DEFAULT_TEST, LiveTestSettings, compare
 from shared.sequential_test import Comparison
 from shared.store import registry
 from shared.store.registry import ModelRecord
@@ -37,7 +37,7 @@ def _model_of_market(engine: sa.Engine, model_id: str, symbol: str, timeframe: s
 
 
 def compare_live(engine: sa.Engine, symbol: str, timeframe: str, model_id: str, baseline_model_id: str,
-                 settings: TestSettings = DEFAULT_TEST) -> LiveComparison:
+                 settings: LiveTestSettings = DEFAULT_TEST) -> LiveComparison:
     """The live test of `model_id` (empty: the baseline's prior) against `baseline_model_id` (empty: the serving
     model). NOT_FOUND for an unknown model or a market that nothing serves; INVALID_ARGUMENT for a model of
     another market or a model compared with itself."""
@@ -58,6 +58,6 @@ def compare_live(engine: sa.Engine, symbol: str, timeframe: str, model_id: str, 
                           compare(engine, model, baseline, settings))
 
 
-def prior_comparison(engine: sa.Engine, record: ModelRecord, settings: TestSettings = DEFAULT_TEST) -> Comparison:
+def prior_comparison(engine: sa.Engine, record: ModelRecord, settings: LiveTestSettings = DEFAULT_TEST) -> Comparison:
     """The live test of a model's class prior against the model: `promote` means the model is worse than its prior."""
     return compare(engine, None, record, settings)

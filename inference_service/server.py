@@ -15,7 +15,7 @@ from inference_service.model_store import ModelStore
 from inference_service.servicer import InferenceServicer
 from inference_service.shadows import Shadows
 from mlsignal.v1 import inference_pb2, inference_pb2_grpc
-from shared.live_comparison import TestSettings
+from shared.live_comparison import LiveTestSettings
 from shared.server.builder import RunningServer, ServerHandle, observability, server_credentials, start_server
 from shared.server.lifecycle import server_main
 from shared.server.startup import DatabaseGate
@@ -140,7 +140,7 @@ def start(settings: Settings, address: str | None = None) -> RunningInference:
                 InferenceServicer(store, settings.max_batch, on_predicted, settings.max_streams,
                                   on_served=journal.record if journal is not None else None,
                                   on_answered=shadows.submit if shadows is not None else None,
-                                  live_test=TestSettings(settings.shadow_min_scored, settings.shadow_max_scored,
+                                  live_test=LiveTestSettings(settings.shadow_min_scored, settings.shadow_max_scored,
                                                          settings.shadow_alpha)), server),
             [SERVICE_NAME],
             max_bytes,

@@ -24,7 +24,7 @@ from inference_service.stream_session import StreamSession
 from mlsignal.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from shared.converters import model_info
 from shared.errors import MlsignalError
-from shared.live_comparison import DEFAULT_TEST, PROMOTE, TestSettings
+from shared.live_comparison import DEFAULT_TEST, PROMOTE, LiveTestSettings
 from shared.sequential_test import Comparison
 from shared.server.limits import StreamLimit
 from shared.server.status import maps_errors, status_proto
@@ -44,7 +44,7 @@ class Answers:
 
     def __init__(self, store: ModelStore, max_batch: int, on_predicted: OnPredicted | None = None,
                  on_served: OnServed | None = None, on_answered: OnAnswered | None = None,
-                 live_test: TestSettings = DEFAULT_TEST) -> None:
+                 live_test: LiveTestSettings = DEFAULT_TEST) -> None:
         self.store = store
         self.service = InferenceService(store, max_batch, on_predicted, on_served, on_answered)
         self.live_test = live_test
@@ -101,7 +101,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     def __init__(self, store: ModelStore, max_batch: int, on_predicted: OnPredicted | None = None,
                  max_streams: int = 10_000, on_served: OnServed | None = None,
-                 on_answered: OnAnswered | None = None, live_test: TestSettings = DEFAULT_TEST) -> None:
+                 on_answered: OnAnswered | None = None, live_test: LiveTestSettings = DEFAULT_TEST) -> None:
         self.answers = Answers(store, max_batch, on_predicted, on_served, on_answered, live_test)
         self.streams = StreamLimit(max_streams, "StreamPredict")
 

@@ -20,16 +20,16 @@ PROMOTE, REJECT, UNDECIDED = "promote", "reject", "undecided"
 
 
 @dataclass(frozen=True)
-class TestSettings:
+class LiveTestSettings:
     min_scored: int = 500
     max_scored: int = 5000
     alpha: float = 0.05
 
 
-DEFAULT_TEST = TestSettings()  # MLSIGNAL_SHADOW_* defaults
+DEFAULT_TEST = LiveTestSettings()  # MLSIGNAL_SHADOW_* defaults
 
 def compare(engine: sa.Engine, model: ModelRecord | None, baseline: ModelRecord | None,
-            settings: TestSettings = DEFAULT_TEST) -> Comparison:
+            settings: LiveTestSettings = DEFAULT_TEST) -> Comparison:
     """The sequential test of `model` against `baseline` on the candles both have scored; None stands for the class
     prior of the other one (its prior log loss on each of its scored candles). Positive differences favour
     `model`."""

@@ -80,3 +80,16 @@ def messages(batch: CandleBatch, start: int, stop: int) -> list[common_pb2.Candl
             c.funding_rate = float(batch.funding_rate[i])
         out.append(c)
     return out
+
+
+def write_scores(engine: sa.Engine, model_id: str, symbol: str, loss: np.ndarray, prior_loss: np.ndarray,
+                 timeframe: str = "1h", start_ms: int = T0) -> None:
+    """Live scores of a model as the prediction journal writes them, one per candle from `start_ms` (labels and
+    probabilities are placeholders the live test does not read; the losses are what it pairs)."""
+    from shared.store.db import live_scores
+
+    rows = [{"model_id": model_id, "open_time": start_ms + i * H, "symbol": symbol, "timeframe": timeframe,
+             "label": 1, "p_down": 1 / 3, "p_range": 1 / 3, "p_up": 1 / 3, "loss": float(a), "prior_loss": float(b),
+             "brier": 0.5, "scored_at": start_ms} for i, (a, b) in enumerate(zip(loss, prior_loss, strict=True))]
+    with engine.begin() as conn:
+        conn.execute(live_scores.insert(), rows)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from shared.errors import FailedPrecondition, MlsignalError, one_line
-from shared.live_comparison import DEFAULT_TEST, PROMOTE, UNDECIDED, TestSettings, compare
+from shared.live_comparison import DEFAULT_TEST, PROMOTE, UNDECIDED, LiveTestSettings, compare
 from shared.store import registry
 from shared.store.db import live_scores
 
@@ -46,7 +46,7 @@ class PromotionReport:
 class PromotionRunner:
     """Runs the live test for every market with shadows, and the prior challenger for every serving model."""
 
-    def __init__(self, engine: sa.Engine, settings: TestSettings = DEFAULT_TEST,
+    def __init__(self, engine: sa.Engine, settings: LiveTestSettings = DEFAULT_TEST,
                  demote_worse_than_prior: bool = False, interval_seconds: float = 5.0) -> None:
         self.engine = engine
         self.settings = settings
@@ -55,6 +55,8 @@ class PromotionRunner:
         self._counts: dict[tuple[str, str], int] = {}  # (model, baseline) -> scores of both when last tested
         self._worse: dict[str, tuple[str, str]] = {}  # serving models worse than their prior -> their market
         self.on_decision: Callable[[str, str, str], None] = lambda decision, symbol, timeframe: None
+        # Checks a model's file before a rollback brings it back (`TrainingService.verify_artifact`).
+        self.verify: Callable[[str, str, str], None] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -68,7 +70,8 @@ class PromotionRunner:
             if serving_id is None:
                 continue  # nothing to compare with; an operator decides (promote, or train again)
             for row in registry.shadow_rows(self.engine, symbol, timeframe):
-                self._test_shadow(row.model_id, serving_id, counts, report)
+                if self._test_shadow(row.model_id, serving_id, counts, report):
+                    break  # a new model serves: the other shadows are compared with it from the next tick
         for model_id in serving.values():
             self._test_prior(model_id, counts, report)
         for model_id in set(self._worse) - set(serving.values()):  # no longer serving
@@ -87,24 +90,27 @@ class PromotionRunner:
         self._counts[key] = now
         return True
 
-    def _test_shadow(self, shadow_id: str, serving_id: str, counts: dict[str, int], report: PromotionReport) -> None:
+    def _test_shadow(self, shadow_id: str, serving_id: str, counts: dict[str, int], report: PromotionReport) -> bool:
+        """Test one shadow against the serving model; returns whether it was promoted."""
         if counts.get(shadow_id, 0) < self.settings.min_scored or not self._changed((shadow_id, serving_id), counts):
             report.undecided.append(shadow_id)
-            return
+            return False
         shadow, serving = registry.get_model(self.engine, shadow_id), registry.get_model(self.engine, serving_id)
         if shadow is None or serving is None:
-            return
+            return False
         result = compare(self.engine, shadow, serving, self.settings)
         if result.decision == UNDECIDED:
             report.undecided.append(shadow_id)
-            return
+            return False
         promote_it = result.decision == PROMOTE
         verdict = "better than" if promote_it else "not shown better than"
         reason = f"live test against {serving_id}: {verdict} it; {result.reason}"
-        if registry.settle_shadow(self.engine, shadow_id, serving_id, promote_it, reason):
-            (report.promoted if promote_it else report.rejected).append(shadow_id)
-            self.on_decision(result.decision, shadow.symbol, shadow.timeframe)
-            log.info("shadow %s %s: %s", shadow_id, "promoted" if promote_it else "rejected", reason)
+        if not registry.settle_shadow(self.engine, shadow_id, serving_id, promote_it, reason):
+            return False  # decided meanwhile (another replica), or the serving model changed: the next tick looks
+        (report.promoted if promote_it else report.rejected).append(shadow_id)
+        self.on_decision(result.decision, shadow.symbol, shadow.timeframe)
+        log.info("shadow %s %s: %s", shadow_id, "promoted" if promote_it else "rejected", reason)
+        return promote_it
 
     def _test_prior(self, model_id: str, counts: dict[str, int], report: PromotionReport) -> None:
         if counts.get(model_id, 0) < self.settings.min_scored or not self._changed(("", model_id), counts):
@@ -124,13 +130,15 @@ class PromotionRunner:
                         result.reason)
         self._worse[model_id] = (model.symbol, model.timeframe)
         if self.demote_worse_than_prior:
-            reason = f"worse than its class prior on live candles; {result.reason}"
+            numbers = result.reason.rsplit(": ", 1)[0]
+            reason = f"worse than its class prior on live candles; {numbers}: the prior is better"
             try:
-                back = registry.rollback(self.engine, model.symbol, model.timeframe, reason)
+                back = registry.rollback(self.engine, model.symbol, model.timeframe, reason, verify=self.verify)
             except FailedPrecondition as exc:
                 log.warning("cannot roll back %s: %s", model_id, one_line(exc))
                 return
             report.demoted.append(model_id)
+            self._worse.pop(model_id, None)
             log.warning("rolled back %s %s from %s to %s: %s", model.symbol, model.timeframe, model_id,
                         back.model_id, reason)
 

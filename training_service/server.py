@@ -18,7 +18,7 @@ from shared.store.db import make_engine, training_jobs
 from training_service.executors import DaskExecutor, Executor, LocalProcessExecutor
 from training_service.jobs import JobStore, now_ms
 from training_service.policies import PolicyRunner
-from training_service.promotion import PromotionRunner, TestSettings
+from training_service.promotion import LiveTestSettings, PromotionRunner
 from training_service.scheduler import Scheduler
 from training_service.service import TrainingService
 from training_service.servicer import TrainingServicer
@@ -102,13 +102,14 @@ def start(settings: Settings, address: str | None = None, clock: Callable[[], in
             runner.on_outcome = policy_metrics(metrics, lambda: policies.due_count(engine, time_ms()),
                                                lambda: registry.serving_models(engine), now_ms)
         promotion = PromotionRunner(
-            engine, TestSettings(settings.shadow_min_scored, settings.shadow_max_scored, settings.shadow_alpha),
+            engine, LiveTestSettings(settings.shadow_min_scored, settings.shadow_max_scored, settings.shadow_alpha),
             settings.demote_worse_than_prior, settings.policy_interval_seconds)
         if metrics is not None:
             from shared.server.metrics import promotion_metrics
 
             promotion.on_decision = promotion_metrics(metrics, promotion.worse_than_prior)
         service = TrainingService(store, scheduler, time_ms)
+        promotion.verify = service.verify_artifact
         try:
             handle = start_server(
                 address,
