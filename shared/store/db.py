@@ -341,6 +341,19 @@ live_scores = sa.Table(
     sa.Index("ix_live_scores_scored", "scored_at"),
 )
 
+# One row per market the journal has seen: `version` grows with every change to the market's candles or pending
+# predictions (a journal whose copy is older reads them again), and its row is locked while a journal changes them,
+# so the replicas sharing the database take turns per market; `last_candle_ms` is the newest candle any of them
+# received.
+live_markets = sa.Table(
+    "live_markets",
+    metadata,
+    sa.Column("symbol", sa.String(64), primary_key=True),
+    sa.Column("timeframe", sa.String(8), primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("last_candle_ms", sa.BigInteger, nullable=True),
+)
+
 # -- retrain policies (shared.store.policies; run by training_service.policies) -------------------------------------
 # One policy per market: retrain every `every_ms` on the last `window_ms` of closed candles. `label` and `params` are
 # JSON as training requests store them. `next_run_at` is when it is next due; a replica that claims a due policy

@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from inference_service.domain import CandleBatch, Predictions
-from inference_service.journal import Journal, last_per_time
+from inference_service.journal import PRUNE_GRACE_SECONDS, Journal, last_per_time
 from inference_service.live_scores import realised_labels, reliability, score_rows, summarise
 from shared import calibration
 from shared.labels import TRIPLE_BARRIER, UNLABELLED, LabelSpec, make_labels
@@ -111,7 +111,8 @@ def engine(tmp_path):
 
 def _model(model_id="m1", horizon=2, train_end=T0 - H):
     rec = SimpleNamespace(model_id=model_id, symbol="BTC/USD", timeframe="1h", label=LabelSpec(horizon, 0.01),
-                          prior=(0.25, 0.5, 0.25), train_start_ms=T0 - 1000 * H, train_end_ms=train_end)
+                          prior=(0.25, 0.5, 0.25), train_start_ms=T0 - 1000 * H, train_end_ms=train_end,
+                          stage="SERVING")
     return SimpleNamespace(record=rec)
 
 
@@ -179,7 +180,8 @@ def test_journal_ignores_in_sample_and_not_ready(engine):
 
 def test_journal_bounds_pending_and_candles(engine):
     model = _model()
-    j = Journal(engine)
+    now = [T0 / 1000 + 40 * 3600]  # the journal's wall clock, seconds
+    j = Journal(engine, clock=lambda: now[0])
     # a gap right after candle 0: its label can never be realised
     j.record(model, *_answer([T0], [100.0], [[0.3, 0.4, 0.3]]))
     times = T0 + H * np.arange(2, 40)
@@ -190,6 +192,7 @@ def test_journal_bounds_pending_and_candles(engine):
         pending = conn.execute(sa.text("select count(*) from live_predictions")).scalar()
     assert pending == 0  # dropped once the candles moved horizon + margin past it
     assert len(_scores(engine).label) == 0
+    now[0] += PRUNE_GRACE_SECONDS + 1  # candles received in the grace period are kept: another replica may need them
     j.maintain()
     with engine.connect() as conn:
         assert conn.execute(sa.text("select count(*) from live_candles")).scalar() == 0
