@@ -139,7 +139,7 @@ def start(settings: Settings, address: str | None = None) -> RunningInference:
             lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(
                 InferenceServicer(store, settings.max_batch, on_predicted, settings.max_streams,
                                   on_served=journal.record if journal is not None else None,
-                                  on_answered=shadows.submit if shadows is not None else None,
+                                  shadows=shadows,
                                   live_test=LiveTestSettings(settings.shadow_min_scored, settings.shadow_max_scored,
                                                          settings.shadow_alpha)), server),
             [SERVICE_NAME],

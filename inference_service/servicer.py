@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, nullcontext
 
 import grpc
 
@@ -20,6 +21,7 @@ from inference_service.comparisons import compare_live, prior_comparison
 from inference_service.live_scores import LivePerformance, live_performance
 from inference_service.model_store import ModelStore, Resolved
 from inference_service.service import InferenceService, OnAnswered, OnPredicted, OnServed
+from inference_service.shadows import Shadows
 from inference_service.stream_session import StreamSession
 from mlsignal.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from shared.converters import model_info
@@ -101,8 +103,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     def __init__(self, store: ModelStore, max_batch: int, on_predicted: OnPredicted | None = None,
                  max_streams: int = 10_000, on_served: OnServed | None = None,
-                 on_answered: OnAnswered | None = None, live_test: LiveTestSettings = DEFAULT_TEST) -> None:
-        self.answers = Answers(store, max_batch, on_predicted, on_served, on_answered, live_test)
+                 shadows: Shadows | None = None, live_test: LiveTestSettings = DEFAULT_TEST) -> None:
+        self.answers = Answers(store, max_batch, on_predicted, on_served,
+                               shadows.submit if shadows is not None else None, live_test)
+        self.shadows = shadows
         self.streams = StreamLimit(max_streams, "StreamPredict")
 
     def _inline(self, request: inference_pb2.PredictRequest, symbol: str, timeframe: str,
@@ -129,6 +133,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         unreachable while a model loads) is answered with `error` and the stream goes on with its state
         unchanged; the call itself ends only when the client closes it, at its deadline, when the stream is past
         MLSIGNAL_MAX_STREAMS (refused at once, RESOURCE_EXHAUSTED), at server shutdown, or INTERNAL on a bug."""
+        shadows = self.shadows
         with self.streams.slot():
             session = StreamSession(self.answers.service)
             async for request in request_iterator:
@@ -136,10 +141,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 timeframe = session.timeframe or request.timeframe
                 model_id = request.model_id or session.model_id
                 found = self._inline(request, symbol, timeframe, model_id)
-                if found is not None:
-                    yield self.answers.stream_step(session, request, found)
-                else:
-                    yield await asyncio.to_thread(self.answers.stream_step, session, request)
+                deferring: AbstractContextManager[list] = shadows.deferring() if shadows is not None \
+                    else nullcontext([])
+                with deferring as jobs:
+                    if found is not None:
+                        response = self.answers.stream_step(session, request, found)
+                    else:
+                        response = await asyncio.to_thread(self.answers.stream_step, session, request)
+                yield response
+                if jobs and shadows is not None:  # the response is sent: the shadows predict its candles now
+                    shadows.run(jobs)
 
     @maps_errors
     async def GetModel(

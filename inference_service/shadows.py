@@ -2,11 +2,18 @@
 off the answering path, and journaled, so the live test (`training_service.promotion`) can compare them on the same
 candles.
 
-The answering path only appends to a queue (`submit`): the candles of the answer with the history before them, copied
-(a stream's history arrays are reused), and which candles the serving model's answer was journaled for (ready and out
-of its training window). A background thread predicts them with each shadow, through the same `predict_window` as
-Predict and StreamPredict, and journals the shadow's predictions for exactly those candles; the client's answer is
-never touched, so the bytes served are the same with or without shadows.
+The answering path only records a job (`submit`): the candles of the answer with the history before them, copied (a
+stream's history arrays are reused), and which candles the serving model's answer was journaled for (ready and out
+of its training window). The shadows predict them through the same `predict_window` as Predict and StreamPredict,
+and journal the shadow's predictions for exactly those candles; the client's answer is built before and never
+touched, so the bytes served are the same with or without shadows. Where the work runs:
+
+* a stream message answered while `deferring()` is active (StreamPredict wraps each message in it) whose market's
+  shadows are in memory: on the stream's own task once the response has been sent (`run`), when the server would
+  otherwise wait for the client's next message; a background thread would compete with the event loop for the
+  interpreter while the next message is answered;
+* anything else (a Predict, a market whose shadows are not loaded yet): a background thread, which also loads the
+  shadows (registry and disk) and never runs on the event loop.
 
 Which models shadow a market is read from the registry the first time the market is answered, and again when the
 registry's version says the market changed (one read of the version per poll, as the model store does). A market
@@ -17,11 +24,13 @@ funding rate the candles lack) skips those candles. Answers beyond `max_queued` 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -37,6 +46,9 @@ from shared.store import registry
 log = logging.getLogger(__name__)
 
 Record = Callable[[LoadedModel, Predictions, CandleBatch], None]
+
+# The jobs of the message being answered, to run after its response is sent (None: queue them for the thread).
+_DEFERRED: contextvars.ContextVar[list | None] = contextvars.ContextVar("shadow_jobs", default=None)
 
 
 @dataclass(frozen=True)
@@ -94,8 +106,33 @@ class Shadows:
         lo = 0 if warmup is None else max(0, first_row - warmup + 1)
         part = window.slice(lo, len(window))
         copy = CandleBatch(*(np.array(getattr(part, f)) for f in CANDLE_FIELDS))
-        self._queue.append(_Job(key, model.model_id, copy, first_row - lo, journaled.copy()))
+        job = _Job(key, model.model_id, copy, first_row - lo, journaled.copy())
+        deferred = _DEFERRED.get()
+        if deferred is not None and shadows:
+            deferred.append(job)
+            return
+        self._queue.append(job)
         self._wake.set()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def deferring() -> Iterator[list]:
+        """Collect the jobs submitted inside the block (in this context, or a worker thread started from it) instead
+        of queueing them; the caller passes them to `run` once its answer is sent."""
+        jobs: list = []
+        token = _DEFERRED.set(jobs)
+        try:
+            yield jobs
+        finally:
+            _DEFERRED.reset(token)
+
+    def run(self, jobs: list) -> None:
+        """Predict and journal deferred jobs now (their market's shadows are in memory: no database, no disk)."""
+        for job in jobs:
+            try:
+                self._shadow(job, load=False)
+            except Exception:  # a shadow must never break the stream it shadows
+                log.exception("shadow predictions failed")
 
     # -- the worker ------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -132,9 +169,13 @@ class Shadows:
                 done += 1
             return done
 
-    def _shadow(self, job: _Job) -> None:
+    def _shadow(self, job: _Job, load: bool = True) -> None:
         shadows = self._by_market.get(job.key)
         if shadows is None:
+            if not load:
+                self._queue.append(job)
+                self._wake.set()
+                return
             try:
                 shadows = self._load_market(job.key)
             except (MlsignalError, sa.exc.SQLAlchemyError) as exc:
@@ -151,7 +192,9 @@ class Shadows:
                 continue
             self._failing.discard(shadow.model_id)
             predictions = replace(predictions, ready=predictions.ready & job.journaled)
-            self.record(shadow, predictions, job.window.slice(job.first_row, len(job.window)))
+            # No candles: the serving answer journaled them, and a newer version of a forming candle may have been
+            # answered since; the shadow's record must not bring an older close back.
+            self.record(shadow, predictions, CandleBatch.empty())
             self.predicted += int(predictions.ready.sum())
 
     # -- which models shadow a market ------------------------------------------------------------------------
