@@ -21,6 +21,7 @@ from service_fixtures import ms, train
 from shared.artifacts import read_verified
 from shared.calibration import shrink_to_prior
 from shared.features import compute_features
+from shared.store import registry as reg
 from shared.store.db import make_engine
 from shared.store.registry import get_model
 
@@ -324,6 +325,16 @@ def test_funding_model_needs_funding_on_candles(tmp_path, sample_frame):
         stop_services(s)
 
 
+def get_registered(services, model_id: str) -> reg.ModelRecord:
+    engine = make_engine(services.url)
+    try:
+        found = get_model(engine, model_id)
+    finally:
+        engine.dispose()
+    assert found is not None
+    return found
+
+
 def test_hot_reload_switches_an_open_stream(services, y2019):
     stub = services.infer_stub
     old = stub.GetModel(inference_pb2.GetModelRequest(symbol=SYMBOL, timeframe=TF)).model_id
@@ -348,8 +359,18 @@ def test_hot_reload_switches_an_open_stream(services, y2019):
     responses.append(next(call))
     assert responses[0].model_id == old
     new = train(services.train_stub, start="2018-02-01", end="2019-01-01").model_id
+    # under the default promotion (shadow) the new model shadows the serving one: the stream keeps its model
+    registered = get_registered(services, new)
+    assert registered.stage == reg.SHADOW and registered.stage_reason.endswith(
+        f"; shadows {old} until live candles decide")
+    time.sleep(3 * services.settings.model_poll_seconds)  # inference has seen the new row
+    q.put(frame.iloc[[150]])
+    responses.append(next(call))
+    assert responses[-1].model_id == old
+    # once it serves, the open stream switches to it
+    services.train_stub.PromoteModel(training_pb2.PromoteModelRequest(model_id=new, reason="hot reload"), timeout=30)
     deadline = time.monotonic() + 20
-    i = 150
+    i = 151
     while responses[-1].model_id != new and time.monotonic() < deadline:
         q.put(frame.iloc[[i]])
         responses.append(next(call))

@@ -91,11 +91,12 @@ def _until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 class Both:
     """Training and inference started in this process on `url`, with channels and stubs."""
 
-    def __init__(self, url: str, model_dir: Path):
+    def __init__(self, url: str, model_dir: Path, **overrides):
         from inference_service.server import start as start_inference
         from training_service.server import start as start_training
 
-        settings = Settings(database_url=url, model_dir=model_dir, model_poll_seconds=0.2, training_fit_jobs=1)
+        settings = Settings(database_url=url, model_dir=model_dir, model_poll_seconds=0.2, training_fit_jobs=1,
+                            **overrides)
         self.training = start_training(settings, "127.0.0.1:0")
         self.inference = start_inference(settings, "127.0.0.1:0")
         self.tch = grpc.insecure_channel(f"127.0.0.1:{self.training.port}")
@@ -125,7 +126,9 @@ class Both:
 
 def test_postgres_restart_under_both_services_costs_unavailable_then_works_without_restart(
         running_cluster, tmp_path, monkeypatch):
-    both = Both(running_cluster.url("mlsignal"), tmp_path / "models")
+    # MLSIGNAL_PROMOTION=auto: the model trained after the outage replaces the serving one, which shows inference
+    # follows the registry again
+    both = Both(running_cluster.url("mlsignal"), tmp_path / "models", promotion="auto")
     try:
         first = both.train_tiny()
         logged = _record(monkeypatch, "shared.store.db")
@@ -161,7 +164,8 @@ def test_unreachable_postgres_at_start_is_not_serving_until_it_answers(running_c
     monkeypatch.setattr(startup, "RETRY_FIRST_SECONDS", 0.2)
     monkeypatch.setattr(startup, "RETRY_MAX_SECONDS", 0.5)
     running_cluster.stop()
-    both = Both(running_cluster.url("mlsignal"), tmp_path / "models")
+    # MLSIGNAL_PROMOTION=auto: the model trained here serves, whatever an earlier test left serving in this database
+    both = Both(running_cluster.url("mlsignal"), tmp_path / "models", promotion="auto")
     try:
         not_serving = {health_pb2.HealthCheckResponse.NOT_SERVING}
         assert _statuses(both.tch, TRAINING) == not_serving
