@@ -150,14 +150,16 @@ class TrainingServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def PromoteModel(self, request, context):
-        """Makes a model of any stage the SERVING one for its symbol and timeframe (the operator's override).
+        """Makes a model of any stage the SERVING one for its symbol and timeframe (the operator's override);
+        FAILED_PRECONDITION, and nothing changes, when its file is missing or fails its sha256.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RollbackModel(self, request, context):
-        """Retires the serving model and brings back the one that served before it; FAILED_PRECONDITION if there is none.
+        """Retires the serving model and brings back the one that served before it, one step further back with each call;
+        FAILED_PRECONDITION if there is none or its file is missing or fails its sha256.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
