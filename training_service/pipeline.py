@@ -15,6 +15,16 @@ Time order is respected everywhere. The labelled rows are split as
    `cv_fold_<k>_log_loss_ratio` per fold);
 3. the registered model: a forest fitted on `fit + calibration` gives the shrink weight on `test` (the slice at
    the end of the window), then the forest is refitted on every labelled row of the window.
+
+Trust signals are fitted on the same rows as the forests they accompany. The registered model's out-of-distribution
+score (shared.ood) and feature deciles (shared.drift) are fitted on every labelled row of the window, like its forest
+(`ood_threshold`, `ood_rate_train`: about 1 % by construction). The held-back numbers use a score fitted on `fit`
+only, the evaluation forest's rows, so the `test` rows are as new to the score as to the forest: `ood_rate_test`
+(share of test rows flagged), `test_ood_rows`, the log-loss ratio (model / prior) of the flagged and of the unflagged
+test rows (`test_ood_log_loss_ratio`, `test_in_distribution_log_loss_ratio`; a key is left out when its group is
+empty, since metrics hold no NaN), `test_psi_max` (the largest population stability index of a feature over the test
+rows against the deciles of `fit`) and `test_expected_log_loss` (the mean entropy of the test probabilities, to set
+against `log_loss`).
 """
 
 from __future__ import annotations
@@ -30,9 +40,12 @@ import numpy as np
 import pandas as pd
 
 from shared import calibration as cal
+from shared import drift as drift_stats
+from shared.drift import DriftModel, fit_drift
 from shared.errors import FailedPrecondition
 from shared.features import FeatureSpec, feature_matrix, spec_for_frame
 from shared.labels import CLASSES, LabelSpec, class_balance, make_labels
+from shared.ood import OodModel, fit_ood
 from shared.params import UNIQUENESS, ForestParams
 from training_service import evaluation
 
@@ -80,6 +93,9 @@ class TrainedModel:
     # The held-out probabilities the shrink weight was fitted on: (raw forest probabilities, labels, prior per row).
     # Not part of the artifact; for research on calibration methods.
     calibration_rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    # Trust signals fitted on the registered forest's rows: the out-of-distribution score and the feature deciles.
+    ood: OodModel | None = None
+    drift: DriftModel | None = None
 
 
 def min_candles_needed(spec: FeatureSpec, label: LabelSpec) -> int:
@@ -243,6 +259,21 @@ def _prob_metrics(prefix: str, p: np.ndarray, y: np.ndarray) -> dict[str, float]
     }
 
 
+def _held_back_trust(X_fit: np.ndarray, X_test: np.ndarray, p_test: np.ndarray, prior_test: np.ndarray,
+                     y_test: np.ndarray) -> dict[str, float]:
+    """The trust signals on the held-back rows, fitted on the evaluation forest's rows (see the module docstring)."""
+    ood = fit_ood(X_fit)
+    flagged = ood.flags(X_test)
+    out = {"ood_rate_test": float(np.mean(flagged)), "test_ood_rows": float(np.count_nonzero(flagged))}
+    for key, rows in (("test_ood_log_loss_ratio", flagged), ("test_in_distribution_log_loss_ratio", ~flagged)):
+        if rows.any():
+            out[key] = cal.log_loss(p_test[rows], y_test[rows]) / cal.log_loss(prior_test[rows], y_test[rows])
+    drift = fit_drift(X_fit)
+    out["test_psi_max"] = float(np.max(drift.psi(drift_stats.bin_counts(drift.bins(X_test)))))
+    out["test_expected_log_loss"] = drift_stats.expected_log_loss(p_test)
+    return out
+
+
 class _ShrunkForest:
     """Minimal estimator for sklearn's permutation_importance: forest probabilities shrunk toward the prior."""
 
@@ -382,6 +413,7 @@ def train(
     metrics["window_gaps"] = float(data.window_gaps)
     metrics["window_missing_candles"] = float(data.window_missing_candles)
     metrics.update(evaluation.reliability(p_test, yt, CLASSES))
+    metrics.update(_held_back_trust(X[fit], X[test], p_test, prior_test, yt))
 
     def scoring(est, Xs, ys) -> float:
         _stop_check(should_stop)
@@ -456,6 +488,9 @@ def train(
         )
     buf = io.BytesIO()
     joblib.dump(final, buf, compress=3)
+    ood = fit_ood(X)
+    metrics["ood_threshold"] = ood.threshold
+    metrics["ood_rate_train"] = ood.rate_train
     return TrainedModel(
         spec=data.spec,
         label=label,
@@ -469,4 +504,6 @@ def train(
         sklearn_bytes=buf.getvalue(),
         versions=library_versions(),
         calibration_rows=(cal_raw, cal_y, cal_prior),
+        ood=ood,
+        drift=fit_drift(X),
     )

@@ -31,9 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shared.artifacts import sha256_bytes
+from shared.drift import DriftModel
 from shared.errors import FailedPrecondition, MlsignalError, NotFound, ResourceExhausted, Unavailable, one_line
 from shared.features import FeatureSpec
 from shared.labels import CLASSES
+from shared.ood import OodModel
 from shared.store.registry import (
     PROMOTION_MODES,
     RESEARCH_PURPOSE,
@@ -465,6 +467,8 @@ class Scheduler:
             versions=result["versions"],
             stage=stage,
             stage_reason=stage_reason,
+            ood=OodModel.from_dict(result["ood"]) if result.get("ood") is not None else None,
+            drift=DriftModel.from_dict(result["drift"]) if result.get("drift") is not None else None,
         )
         retired_files: list[str] = []
         try:

@@ -75,6 +75,8 @@ def train_job(request_json: str, database_url: str, n_jobs: int, progress: Calla
         "spec": trained.spec.to_dict(),
         "prior": [float(p) for p in trained.prior],
         "shrink_weight": trained.shrink_weight,
+        "ood": trained.ood.to_dict() if trained.ood is not None else None,
+        "drift": trained.drift.to_dict() if trained.drift is not None else None,
         "metrics": trained.metrics,
         "train_start_ms": trained.train_start_ms,
         "train_end_ms": trained.train_end_ms,

@@ -6,7 +6,9 @@ class order, prior and shrink weight, training window, library versions).
 
 Lifecycle: every model has a stage. CANDIDATE waits for an operator; SERVING is the one model of its (symbol,
 timeframe) that inference uses (the database enforces at most one); REJECTED failed the promotion gate; RETIRED
-served before or was cleared away; RESEARCH was trained for research and serves only when pinned by model_id.
+served before or was cleared away; RESEARCH was trained for research and serves only when pinned by model_id;
+SHADOW passed the gate while another model served its market and predicts alongside it until the live test
+(`training_service.promotion`) promotes or rejects it.
 Every change of stage is written to `model_stage_changes` with its time and reason, in the same transaction as the
 change itself.
 """
@@ -22,9 +24,11 @@ from dataclasses import dataclass, field, replace
 
 import sqlalchemy as sa
 
+from shared.drift import DriftModel
 from shared.errors import FailedPrecondition, NotFound
 from shared.features import FeatureSpec
 from shared.labels import FIXED_HORIZON, LabelSpec
+from shared.ood import OodModel
 from shared.params import ForestParams
 from shared.store.db import model_stage_changes as changes_table
 from shared.store.db import models as models_table
@@ -43,6 +47,10 @@ RESEARCH_RETENTION = "research retention"
 
 @dataclass(frozen=True)
 class ModelRecord:
+    """One registered model. `ood` (the out-of-distribution score's parameters, shared.ood) and `drift` (the decile
+    edges and training bin shares of every feature, shared.drift) are fitted on the registered forest's training
+    rows; they are None for a model registered before they were stored, which has neither."""
+
     model_id: str
     symbol: str
     timeframe: str
@@ -64,13 +72,16 @@ class ModelRecord:
     versions: dict[str, str] = field(default_factory=dict)
     stage: str = CANDIDATE
     stage_reason: str = ""
+    ood: OodModel | None = None
+    drift: DriftModel | None = None
 
     @property
     def warmup_bars(self) -> int:
         return self.feature_spec.warmup_bars
 
     def manifest(self) -> dict:
-        return {
+        """The manifest JSON's content; `ood` and `drift` only when the model has them."""
+        out = {
             "feature_spec": self.feature_spec.to_dict(),
             "params": self.params.to_dict(),
             "classes": list(self.classes),
@@ -81,6 +92,11 @@ class ModelRecord:
             "versions": self.versions,
             "label_kind": self.label.kind,
         }
+        if self.ood is not None:
+            out["ood"] = self.ood.to_dict()
+        if self.drift is not None:
+            out["drift"] = self.drift.to_dict()
+        return out
 
 
 def _row_to_record(row) -> ModelRecord:
@@ -108,6 +124,8 @@ def _row_to_record(row) -> ModelRecord:
         versions=m.get("versions", {}),
         stage=row.stage,
         stage_reason=row.stage_reason,
+        ood=OodModel.from_dict(m["ood"]) if m.get("ood") is not None else None,
+        drift=DriftModel.from_dict(m["drift"]) if m.get("drift") is not None else None,
     )
 
 
