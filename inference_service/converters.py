@@ -90,7 +90,7 @@ DOWN, RANGE, UP = 0, 1, 2
 
 # Wire tags: PredictResponse.predictions (field 2, length-delimited); Prediction fields 1..6.
 _PREDICTION_TAG = 0x12
-_T, _UP, _DOWN, _RANGE, _READY, _IN_SAMPLE = 0x08, 0x11, 0x19, 0x21, 0x28, 0x30
+_T, _UP, _DOWN, _RANGE, _READY, _IN_SAMPLE, _OOD_SCORE, _OOD = 0x08, 0x11, 0x19, 0x21, 0x28, 0x30, 0x39, 0x40
 
 
 def _varint_bytes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -131,9 +131,12 @@ def encode_predictions(r: Predictions) -> bytes:
         return b""
     tvar, tlen = _varint_bytes(r.open_time_ms)
     doubles = np.ascontiguousarray(r.proba[:, [UP, DOWN, RANGE]], dtype="<f8").view(np.uint8).reshape(n, 24)
-    body = 1 + tlen + 27 + 4  # tag+varint time, three tagged doubles, two tagged bools
-    # Row layout: [0x12, len, 0x08, t(10, masked), 0x11, d(8), 0x19, d(8), 0x21, d(8), 0x28, b, 0x30, b]
-    width = 2 + 1 + 10 + 27 + 4
+    scored = r.ood_score is not None
+    extra = 11 if scored else 0  # the OOD score and flag: a tagged double and a tagged bool
+    body = 1 + tlen + 27 + 4 + extra  # tag+varint time, three tagged doubles, two tagged bools
+    # Row layout: [0x12, len, 0x08, t(10, masked), 0x11, d(8), 0x19, d(8), 0x21, d(8), 0x28, b, 0x30, b] and, for a
+    # model with the score, [0x39, d(8), 0x40, b]
+    width = 2 + 1 + 10 + 27 + 4 + extra
     m = np.zeros((n, width), dtype=np.uint8)
     keep = np.ones((n, width), dtype=bool)
     m[:, 0] = _PREDICTION_TAG
@@ -148,6 +151,12 @@ def encode_predictions(r: Predictions) -> bytes:
     m[:, 41] = r.ready
     m[:, 42] = _IN_SAMPLE
     m[:, 43] = r.in_sample
+    if scored:
+        score, flag = r.ood_columns()
+        m[:, 44] = _OOD_SCORE
+        m[:, 45:53] = np.ascontiguousarray(score, dtype="<f8").view(np.uint8).reshape(n, 8)
+        m[:, 53] = _OOD
+        m[:, 54] = flag
     return m[keep].tobytes()
 
 
@@ -172,6 +181,7 @@ def response_for(request: inference_pb2.PredictRequest, model_id: str, r: Predic
 # Wire tags: PredictResponse.columns (field 3, length-delimited); PredictionColumns fields 1..6, all packed.
 _COLUMNS_TAG = 0x1A
 _COL_T, _COL_UP, _COL_DOWN, _COL_RANGE, _COL_READY, _COL_IN_SAMPLE = 0x0A, 0x12, 0x1A, 0x22, 0x2A, 0x32
+_COL_OOD_SCORE, _COL_OOD = 0x3A, 0x42
 
 
 _SHIFTS = np.arange(10, dtype=np.uint64) * np.uint64(7)
@@ -203,11 +213,14 @@ def encode_prediction_columns(r: Predictions) -> bytes:
         return b""
     times = _packed_varints(r.open_time_ms)
     doubles = [np.ascontiguousarray(r.proba[:, k], dtype="<f8").tobytes() for k in (UP, DOWN, RANGE)]
+    score, flag = r.ood_columns() if r.ood_score is not None else (np.empty(0), np.empty(0, dtype=bool))
     return b"".join([
         _packed(_COL_T, times),
         _packed(_COL_UP, doubles[0]), _packed(_COL_DOWN, doubles[1]), _packed(_COL_RANGE, doubles[2]),
         _packed(_COL_READY, np.asarray(r.ready, dtype=np.uint8).tobytes()),
         _packed(_COL_IN_SAMPLE, np.asarray(r.in_sample, dtype=np.uint8).tobytes()),
+        _packed(_COL_OOD_SCORE, np.ascontiguousarray(score, dtype="<f8").tobytes()),
+        _packed(_COL_OOD, np.asarray(flag, dtype=np.uint8).tobytes()),
     ])
 
 
@@ -236,6 +249,10 @@ def columns_response_slow(model_id: str, r: Predictions) -> inference_pb2.Predic
     cols.ml_range_prob.extend(r.proba[:, RANGE].tolist())
     cols.ready.extend(r.ready.tolist())
     cols.in_sample.extend(r.in_sample.tolist())
+    if r.ood_score is not None:
+        score, flag = r.ood_columns()
+        cols.ood_score.extend(score.tolist())
+        cols.ood.extend(flag.tolist())
     return response
 
 
@@ -245,11 +262,21 @@ def response_slow(model_id: str, r: Predictions) -> inference_pb2.PredictRespons
     times = r.open_time_ms.tolist()
     up, down, rng = r.proba[:, UP].tolist(), r.proba[:, DOWN].tolist(), r.proba[:, RANGE].tolist()
     ready, ins = r.ready.tolist(), r.in_sample.tolist()
+    if r.ood_score is None:
+        return inference_pb2.PredictResponse(
+            model_id=model_id,
+            predictions=[
+                P(open_time_ms=times[i], ml_up_prob=up[i], ml_down_prob=down[i], ml_range_prob=rng[i],
+                  ready=ready[i], in_sample=ins[i])
+                for i in range(len(times))
+            ],
+        )
+    score, flag = (a.tolist() for a in r.ood_columns())
     return inference_pb2.PredictResponse(
         model_id=model_id,
         predictions=[
             P(open_time_ms=times[i], ml_up_prob=up[i], ml_down_prob=down[i], ml_range_prob=rng[i],
-              ready=ready[i], in_sample=ins[i])
+              ready=ready[i], in_sample=ins[i], ood_score=score[i], ood=flag[i])
             for i in range(len(times))
         ],
     )

@@ -45,3 +45,12 @@ class Predictions:
     proba: np.ndarray  # (n, 3) float64 in CLASSES order (down, range, up); NaN rows where not ready
     ready: np.ndarray  # bool: the candle had warmup_bars candles of history
     in_sample: np.ndarray  # bool: the candle lies inside the model's training window
+    ood_score: np.ndarray | None = None  # float64 distance from the training rows (NaN where not ready); None: none
+    ood: np.ndarray | None = None  # bool: ood_score above the model's threshold
+
+    def ood_columns(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ood_score, ood) as served: NaN and False where the model has no score."""
+        n = len(self.open_time_ms)
+        score = self.ood_score if self.ood_score is not None else np.full(n, np.nan)
+        flag = self.ood if self.ood is not None else np.zeros(n, dtype=bool)
+        return score, flag

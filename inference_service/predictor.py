@@ -21,6 +21,7 @@ from inference_service.model_store import LoadedModel
 from shared.candles import check_batch_size
 from shared.errors import FailedPrecondition
 from shared.features import feature_matrix
+from shared.ood import ood_flags
 
 
 def read_candles(model: LoadedModel, candles: CandleSource, max_batch: int) -> CandleBatch:
@@ -69,9 +70,11 @@ def _thread_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def _proba_rows(model: LoadedModel, window: CandleBatch, a: int, b: int, whole: bool) -> np.ndarray:
+def _proba_rows(model: LoadedModel, window: CandleBatch, a: int, b: int,
+                whole: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Served probabilities of rows a..b-1 of window, all with a full warm-up window (FailedPrecondition when a
-    row's features are not finite). `whole` passes the whole window instead of only the rows the features read."""
+    row's features are not finite), and their out-of-distribution scores from the same features (None for a model
+    without the score). `whole` passes the whole window instead of only the rows the features read."""
     spec = model.record.feature_spec
     lo = 0 if whole else max(0, a - spec.warmup_bars + 1)
     part = window if lo == 0 and b == len(window) else window.slice(lo, b)
@@ -81,7 +84,8 @@ def _proba_rows(model: LoadedModel, window: CandleBatch, a: int, b: int, whole: 
         raise FailedPrecondition(
             f"candles: features of the candle at open_time_ms {int(window.open_time_ms[bad])} are not finite",
             field="candles")
-    return model.predict_proba(X)
+    ood = model.record.ood
+    return model.predict_proba(X), (ood.scores(X) if ood is not None else None)
 
 
 def predict_window(model: LoadedModel, window: CandleBatch, first_row: int) -> Predictions:
@@ -92,20 +96,30 @@ def predict_window(model: LoadedModel, window: CandleBatch, first_row: int) -> P
     ready = np.zeros(n - first_row, dtype=bool)
     ready[start - first_row:] = True
     rows = n - start
+    ood = model.record.ood
+    score: np.ndarray | None = None
     if rows <= 0:
         proba = np.full((n - first_row, 3), np.nan)
+        if ood is not None:
+            score = np.full(n - first_row, np.nan)
     else:
         tasks = min(_workers(), rows // ROWS_PER_TASK_MIN) if rows >= PARALLEL_MIN_ROWS else 1
         if tasks <= 1:
-            proba = _proba_rows(model, window, start, n, whole=True)
+            proba, score = _proba_rows(model, window, start, n, whole=True)
         else:
             bounds = np.linspace(start, n, tasks + 1).astype(int)
             pool = _thread_pool()
             futures = [pool.submit(_proba_rows, model, window, int(a), int(b), False)
                        for a, b in itertools.pairwise(bounds)]
-            proba = np.concatenate([f.result() for f in futures])  # the first failing range (in row order) raises
+            parts = [f.result() for f in futures]  # the first failing range (in row order) raises
+            proba = np.concatenate([p for p, _ in parts])
+            if ood is not None:
+                score = np.concatenate([s for _, s in parts if s is not None])
         if start > first_row:
             proba = np.concatenate([np.full((start - first_row, 3), np.nan), proba])
+            if score is not None:
+                score = np.concatenate([np.full(start - first_row, np.nan), score])
     t = window.open_time_ms[first_row:].copy()  # owned: a stream's window is a view of arrays it reuses
     rec = model.record
-    return Predictions(t, proba, ready, (t >= rec.train_start_ms) & (t <= rec.train_end_ms))
+    flags = ood_flags(ood, score) if ood is not None and score is not None else None
+    return Predictions(t, proba, ready, (t >= rec.train_start_ms) & (t <= rec.train_end_ms), score, flags)

@@ -24,9 +24,10 @@ def register(sub) -> None:
             "Read candles from a CSV with the header timestamp,open,high,low,close,volume and optionally "
             "funding_rate,open_interest (timestamp ISO-8601 UTC or epoch milliseconds; .gz and other compressions "
             "are read by extension; an empty optional field means absent), or a Binance kline file (12 fields, "
-            "no header, as `data import` reads it). Write the rows with ML_UP_PROB, "
-            "ML_DOWN_PROB, ML_RANGE_PROB, ML_READY, ML_IN_SAMPLE and ML_MODEL_ID added, and a one-line summary to "
-            "stderr. Probabilities are empty while a row is not ready (fewer than warmup_bars candles before it)."
+            "no header, as `data import` reads it). Write the rows with ML_UP_PROB, ML_DOWN_PROB, "
+            "ML_RANGE_PROB, ML_READY, ML_IN_SAMPLE, ML_MODEL_ID, ML_OOD_SCORE and ML_OOD added, and a one-line "
+            "summary to stderr. Probabilities are empty while a row is not ready (fewer than warmup_bars candles "
+            "before it)."
         ),
     )
     p.add_argument("--symbol", required=True, help="market symbol, like BTC/USDT")
@@ -173,7 +174,7 @@ def _numbers(col, name: str, path: Path, line, allow_empty: bool):
 @client_errors
 def _predict(args) -> int:
     from mlsignal.cli.security import security_kwargs
-    from mlsignal.client import InferenceClient
+    from mlsignal.client import ML_COLUMNS, InferenceClient
     from shared.settings import Settings
 
     frame, raw = read_candle_file(args.csv, args.timeframe)
@@ -181,7 +182,7 @@ def _predict(args) -> int:
     with InferenceClient(target, **security_kwargs(args)) as client:
         out = client.predict(frame, args.symbol, args.timeframe, model_id=args.model_id)
     result = raw.copy()
-    for col in ("ML_UP_PROB", "ML_DOWN_PROB", "ML_RANGE_PROB", "ML_READY", "ML_IN_SAMPLE", "ML_MODEL_ID"):
+    for col in ML_COLUMNS:
         result[col] = out[col].to_numpy()
     if args.out and args.out != "-":
         result.to_csv(args.out, index=False)
@@ -192,6 +193,8 @@ def _predict(args) -> int:
     in_sample = int(out["ML_IN_SAMPLE"].sum())
     ids = sorted(set(out["ML_MODEL_ID"]))
     summary = f"{len(out)} rows, {ready} ready, model {', '.join(ids)}, {in_sample} in-sample"
+    if out["ML_OOD_SCORE"].notna().any():
+        summary += f", {int(out['ML_OOD'].sum())} out of distribution"
     if in_sample:
         summary += " (in-sample rows lie inside the training window: not an honest backtest)"
     print(summary, file=sys.stderr)

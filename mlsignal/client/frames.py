@@ -34,7 +34,8 @@ __all__ = [
     "to_epoch_ms",
 ]
 
-ML_COLUMNS = ("ML_UP_PROB", "ML_DOWN_PROB", "ML_RANGE_PROB", "ML_READY", "ML_IN_SAMPLE", "ML_MODEL_ID")
+ML_COLUMNS = ("ML_UP_PROB", "ML_DOWN_PROB", "ML_RANGE_PROB", "ML_READY", "ML_IN_SAMPLE", "ML_MODEL_ID",
+              "ML_OOD_SCORE", "ML_OOD")
 REQUIRED_COLUMNS = ("open", "high", "low", "close", "volume")
 OPTIONAL_COLUMNS = ("funding_rate", "open_interest")
 # Where a frame or a row may carry its open time, in the order they are looked for.
@@ -229,8 +230,10 @@ def predictions_to_frame(
     """A copy of `df` with the ML columns from one Prediction per row (same order, same open times).
 
     Adds float ML_UP_PROB, ML_DOWN_PROB, ML_RANGE_PROB (NaN wherever ``ready`` is false, whatever the message holds),
-    bool ML_READY, bool ML_IN_SAMPLE and str ML_MODEL_ID (one id for all rows, or one per row). A count or time that
-    does not match the frame raises ProtocolError rather than misaligning probabilities.
+    bool ML_READY, bool ML_IN_SAMPLE, str ML_MODEL_ID (one id for all rows, or one per row), float ML_OOD_SCORE (how
+    far the candle lies from the model's training rows; NaN where not ready or where the model has no score) and
+    bool ML_OOD (the score above the model's threshold: 1 % of its training rows are). A count or time that does not
+    match the frame raises ProtocolError rather than misaligning probabilities.
 
     Example::
 
@@ -258,7 +261,10 @@ def predictions_to_frame(
     up = np.fromiter((p.ml_up_prob for p in predictions), dtype=np.float64, count=n)
     down = np.fromiter((p.ml_down_prob for p in predictions), dtype=np.float64, count=n)
     rng = np.fromiter((p.ml_range_prob for p in predictions), dtype=np.float64, count=n)
-    for arr in (up, down, rng):
+    score = np.fromiter((p.ood_score if p.HasField("ood_score") else np.nan for p in predictions), dtype=np.float64,
+                        count=n)
+    ood = np.fromiter((p.ood for p in predictions), dtype=bool, count=n)
+    for arr in (up, down, rng, score):
         arr[~ready] = np.nan
     out = df.copy()
     out["ML_UP_PROB"] = up
@@ -267,6 +273,8 @@ def predictions_to_frame(
     out["ML_READY"] = ready
     out["ML_IN_SAMPLE"] = in_sample
     out["ML_MODEL_ID"] = pd.Series(ids, index=out.index, dtype=str)
+    out["ML_OOD_SCORE"] = score
+    out["ML_OOD"] = ood & ready
     return out
 
 

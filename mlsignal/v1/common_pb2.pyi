@@ -93,20 +93,24 @@ class CandleColumns(_message.Message):
     def __init__(self, open_time_ms: _Optional[_Iterable[int]] = ..., open: _Optional[_Iterable[float]] = ..., high: _Optional[_Iterable[float]] = ..., low: _Optional[_Iterable[float]] = ..., close: _Optional[_Iterable[float]] = ..., volume: _Optional[_Iterable[float]] = ..., funding_rate: _Optional[_Iterable[float]] = ..., open_interest: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class PredictionColumns(_message.Message):
-    __slots__ = ("open_time_ms", "ml_up_prob", "ml_down_prob", "ml_range_prob", "ready", "in_sample")
+    __slots__ = ("open_time_ms", "ml_up_prob", "ml_down_prob", "ml_range_prob", "ready", "in_sample", "ood_score", "ood")
     OPEN_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     ML_UP_PROB_FIELD_NUMBER: _ClassVar[int]
     ML_DOWN_PROB_FIELD_NUMBER: _ClassVar[int]
     ML_RANGE_PROB_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     IN_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    OOD_SCORE_FIELD_NUMBER: _ClassVar[int]
+    OOD_FIELD_NUMBER: _ClassVar[int]
     open_time_ms: _containers.RepeatedScalarFieldContainer[int]
     ml_up_prob: _containers.RepeatedScalarFieldContainer[float]
     ml_down_prob: _containers.RepeatedScalarFieldContainer[float]
     ml_range_prob: _containers.RepeatedScalarFieldContainer[float]
     ready: _containers.RepeatedScalarFieldContainer[bool]
     in_sample: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, open_time_ms: _Optional[_Iterable[int]] = ..., ml_up_prob: _Optional[_Iterable[float]] = ..., ml_down_prob: _Optional[_Iterable[float]] = ..., ml_range_prob: _Optional[_Iterable[float]] = ..., ready: _Optional[_Iterable[bool]] = ..., in_sample: _Optional[_Iterable[bool]] = ...) -> None: ...
+    ood_score: _containers.RepeatedScalarFieldContainer[float]
+    ood: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, open_time_ms: _Optional[_Iterable[int]] = ..., ml_up_prob: _Optional[_Iterable[float]] = ..., ml_down_prob: _Optional[_Iterable[float]] = ..., ml_range_prob: _Optional[_Iterable[float]] = ..., ready: _Optional[_Iterable[bool]] = ..., in_sample: _Optional[_Iterable[bool]] = ..., ood_score: _Optional[_Iterable[float]] = ..., ood: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class ModelParams(_message.Message):
     __slots__ = ("n_estimators", "max_depth", "min_samples_leaf", "class_weight", "random_state")

@@ -26,7 +26,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from mlsignal.v1 import common_pb2 as mlsignal_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmlsignal/v1/inference.proto\x12\x0bmlsignal.v1\x1a\x17google/rpc/status.proto\x1a\x18mlsignal/v1/common.proto\"\x98\x01\n\x0ePredictRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12$\n\x07\x63\x61ndles\x18\x04 \x03(\x0b\x32\x13.mlsignal.v1.Candle\x12+\n\x07\x63olumns\x18\x05 \x01(\x0b\x32\x1a.mlsignal.v1.CandleColumns\"\x85\x01\n\nPrediction\x12\x14\n\x0copen_time_ms\x18\x01 \x01(\x03\x12\x12\n\nml_up_prob\x18\x02 \x01(\x01\x12\x14\n\x0cml_down_prob\x18\x03 \x01(\x01\x12\x15\n\rml_range_prob\x18\x04 \x01(\x01\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x11\n\tin_sample\x18\x06 \x01(\x08\"\xa5\x01\n\x0fPredictResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12,\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x17.mlsignal.v1.Prediction\x12/\n\x07\x63olumns\x18\x03 \x01(\x0b\x32\x1e.mlsignal.v1.PredictionColumns\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\"4\n\x0fGetModelRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\"P\n\x19GetLivePerformanceRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\"\x85\x01\n\x0eReliabilityBin\x12\x12\n\nclass_name\x18\x01 \x01(\t\x12\r\n\x05lower\x18\x02 \x01(\x01\x12\r\n\x05upper\x18\x03 \x01(\x01\x12\r\n\x05\x63ount\x18\x04 \x01(\x03\x12\x16\n\x0emean_predicted\x18\x05 \x01(\x01\x12\x1a\n\x12observed_frequency\x18\x06 \x01(\x01\"\xa6\x02\n\x0fLivePerformance\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06scored\x18\x02 \x01(\x03\x12\x10\n\x08log_loss\x18\x03 \x01(\x01\x12\x16\n\x0eprior_log_loss\x18\x04 \x01(\x01\x12\r\n\x05\x62rier\x18\x05 \x01(\x01\x12\x30\n\x0breliability\x18\x06 \x03(\x0b\x32\x1b.mlsignal.v1.ReliabilityBin\x12\x1a\n\x12\x66irst_open_time_ms\x18\x07 \x01(\x03\x12\x19\n\x11last_open_time_ms\x18\x08 \x01(\x03\x12\x35\n\x10prior_comparison\x18\t \x01(\x0b\x32\x1b.mlsignal.v1.LiveComparison\x12\x18\n\x10worse_than_prior\x18\n \x01(\x08\"o\n\x1d\x43ompareLivePerformanceRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x19\n\x11\x62\x61seline_model_id\x18\x04 \x01(\t\"\xbc\x01\n\x0eLiveComparison\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x19\n\x11\x62\x61seline_model_id\x18\x02 \x01(\t\x12\x0e\n\x06paired\x18\x03 \x01(\x03\x12 \n\x18mean_log_loss_difference\x18\x04 \x01(\x01\x12\x16\n\x0estandard_error\x18\x05 \x01(\x01\x12\x11\n\tstatistic\x18\x06 \x01(\x01\x12\x10\n\x08\x64\x65\x63ision\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t2\xa9\x03\n\x10InferenceService\x12\x44\n\x07Predict\x12\x1b.mlsignal.v1.PredictRequest\x1a\x1c.mlsignal.v1.PredictResponse\x12N\n\rStreamPredict\x12\x1b.mlsignal.v1.PredictRequest\x1a\x1c.mlsignal.v1.PredictResponse(\x01\x30\x01\x12@\n\x08GetModel\x12\x1c.mlsignal.v1.GetModelRequest\x1a\x16.mlsignal.v1.ModelInfo\x12Z\n\x12GetLivePerformance\x12&.mlsignal.v1.GetLivePerformanceRequest\x1a\x1c.mlsignal.v1.LivePerformance\x12\x61\n\x16\x43ompareLivePerformance\x12*.mlsignal.v1.CompareLivePerformanceRequest\x1a\x1b.mlsignal.v1.LiveComparisonb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmlsignal/v1/inference.proto\x12\x0bmlsignal.v1\x1a\x17google/rpc/status.proto\x1a\x18mlsignal/v1/common.proto\"\x98\x01\n\x0ePredictRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12$\n\x07\x63\x61ndles\x18\x04 \x03(\x0b\x32\x13.mlsignal.v1.Candle\x12+\n\x07\x63olumns\x18\x05 \x01(\x0b\x32\x1a.mlsignal.v1.CandleColumns\"\xb8\x01\n\nPrediction\x12\x14\n\x0copen_time_ms\x18\x01 \x01(\x03\x12\x12\n\nml_up_prob\x18\x02 \x01(\x01\x12\x14\n\x0cml_down_prob\x18\x03 \x01(\x01\x12\x15\n\rml_range_prob\x18\x04 \x01(\x01\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x11\n\tin_sample\x18\x06 \x01(\x08\x12\x16\n\tood_score\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x0b\n\x03ood\x18\x08 \x01(\x08\x42\x0c\n\n_ood_score\"\xa5\x01\n\x0fPredictResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12,\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x17.mlsignal.v1.Prediction\x12/\n\x07\x63olumns\x18\x03 \x01(\x0b\x32\x1e.mlsignal.v1.PredictionColumns\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\"4\n\x0fGetModelRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\"P\n\x19GetLivePerformanceRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\"\x85\x01\n\x0eReliabilityBin\x12\x12\n\nclass_name\x18\x01 \x01(\t\x12\r\n\x05lower\x18\x02 \x01(\x01\x12\r\n\x05upper\x18\x03 \x01(\x01\x12\r\n\x05\x63ount\x18\x04 \x01(\x03\x12\x16\n\x0emean_predicted\x18\x05 \x01(\x01\x12\x1a\n\x12observed_frequency\x18\x06 \x01(\x01\"\xa6\x02\n\x0fLivePerformance\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06scored\x18\x02 \x01(\x03\x12\x10\n\x08log_loss\x18\x03 \x01(\x01\x12\x16\n\x0eprior_log_loss\x18\x04 \x01(\x01\x12\r\n\x05\x62rier\x18\x05 \x01(\x01\x12\x30\n\x0breliability\x18\x06 \x03(\x0b\x32\x1b.mlsignal.v1.ReliabilityBin\x12\x1a\n\x12\x66irst_open_time_ms\x18\x07 \x01(\x03\x12\x19\n\x11last_open_time_ms\x18\x08 \x01(\x03\x12\x35\n\x10prior_comparison\x18\t \x01(\x0b\x32\x1b.mlsignal.v1.LiveComparison\x12\x18\n\x10worse_than_prior\x18\n \x01(\x08\"o\n\x1d\x43ompareLivePerformanceRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\ttimeframe\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x19\n\x11\x62\x61seline_model_id\x18\x04 \x01(\t\"\xbc\x01\n\x0eLiveComparison\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x19\n\x11\x62\x61seline_model_id\x18\x02 \x01(\t\x12\x0e\n\x06paired\x18\x03 \x01(\x03\x12 \n\x18mean_log_loss_difference\x18\x04 \x01(\x01\x12\x16\n\x0estandard_error\x18\x05 \x01(\x01\x12\x11\n\tstatistic\x18\x06 \x01(\x01\x12\x10\n\x08\x64\x65\x63ision\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t2\xa9\x03\n\x10InferenceService\x12\x44\n\x07Predict\x12\x1b.mlsignal.v1.PredictRequest\x1a\x1c.mlsignal.v1.PredictResponse\x12N\n\rStreamPredict\x12\x1b.mlsignal.v1.PredictRequest\x1a\x1c.mlsignal.v1.PredictResponse(\x01\x30\x01\x12@\n\x08GetModel\x12\x1c.mlsignal.v1.GetModelRequest\x1a\x16.mlsignal.v1.ModelInfo\x12Z\n\x12GetLivePerformance\x12&.mlsignal.v1.GetLivePerformanceRequest\x1a\x1c.mlsignal.v1.LivePerformance\x12\x61\n\x16\x43ompareLivePerformance\x12*.mlsignal.v1.CompareLivePerformanceRequest\x1a\x1b.mlsignal.v1.LiveComparisonb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,21 +36,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTREQUEST']._serialized_start=96
   _globals['_PREDICTREQUEST']._serialized_end=248
   _globals['_PREDICTION']._serialized_start=251
-  _globals['_PREDICTION']._serialized_end=384
-  _globals['_PREDICTRESPONSE']._serialized_start=387
-  _globals['_PREDICTRESPONSE']._serialized_end=552
-  _globals['_GETMODELREQUEST']._serialized_start=554
-  _globals['_GETMODELREQUEST']._serialized_end=606
-  _globals['_GETLIVEPERFORMANCEREQUEST']._serialized_start=608
-  _globals['_GETLIVEPERFORMANCEREQUEST']._serialized_end=688
-  _globals['_RELIABILITYBIN']._serialized_start=691
-  _globals['_RELIABILITYBIN']._serialized_end=824
-  _globals['_LIVEPERFORMANCE']._serialized_start=827
-  _globals['_LIVEPERFORMANCE']._serialized_end=1121
-  _globals['_COMPARELIVEPERFORMANCEREQUEST']._serialized_start=1123
-  _globals['_COMPARELIVEPERFORMANCEREQUEST']._serialized_end=1234
-  _globals['_LIVECOMPARISON']._serialized_start=1237
-  _globals['_LIVECOMPARISON']._serialized_end=1425
-  _globals['_INFERENCESERVICE']._serialized_start=1428
-  _globals['_INFERENCESERVICE']._serialized_end=1853
+  _globals['_PREDICTION']._serialized_end=435
+  _globals['_PREDICTRESPONSE']._serialized_start=438
+  _globals['_PREDICTRESPONSE']._serialized_end=603
+  _globals['_GETMODELREQUEST']._serialized_start=605
+  _globals['_GETMODELREQUEST']._serialized_end=657
+  _globals['_GETLIVEPERFORMANCEREQUEST']._serialized_start=659
+  _globals['_GETLIVEPERFORMANCEREQUEST']._serialized_end=739
+  _globals['_RELIABILITYBIN']._serialized_start=742
+  _globals['_RELIABILITYBIN']._serialized_end=875
+  _globals['_LIVEPERFORMANCE']._serialized_start=878
+  _globals['_LIVEPERFORMANCE']._serialized_end=1172
+  _globals['_COMPARELIVEPERFORMANCEREQUEST']._serialized_start=1174
+  _globals['_COMPARELIVEPERFORMANCEREQUEST']._serialized_end=1285
+  _globals['_LIVECOMPARISON']._serialized_start=1288
+  _globals['_LIVECOMPARISON']._serialized_end=1476
+  _globals['_INFERENCESERVICE']._serialized_start=1479
+  _globals['_INFERENCESERVICE']._serialized_end=1904
 # @@protoc_insertion_point(module_scope)

@@ -22,20 +22,24 @@ class PredictRequest(_message.Message):
     def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[str] = ..., model_id: _Optional[str] = ..., candles: _Optional[_Iterable[_Union[_common_pb2.Candle, _Mapping]]] = ..., columns: _Optional[_Union[_common_pb2.CandleColumns, _Mapping]] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("open_time_ms", "ml_up_prob", "ml_down_prob", "ml_range_prob", "ready", "in_sample")
+    __slots__ = ("open_time_ms", "ml_up_prob", "ml_down_prob", "ml_range_prob", "ready", "in_sample", "ood_score", "ood")
     OPEN_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     ML_UP_PROB_FIELD_NUMBER: _ClassVar[int]
     ML_DOWN_PROB_FIELD_NUMBER: _ClassVar[int]
     ML_RANGE_PROB_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     IN_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    OOD_SCORE_FIELD_NUMBER: _ClassVar[int]
+    OOD_FIELD_NUMBER: _ClassVar[int]
     open_time_ms: int
     ml_up_prob: float
     ml_down_prob: float
     ml_range_prob: float
     ready: bool
     in_sample: bool
-    def __init__(self, open_time_ms: _Optional[int] = ..., ml_up_prob: _Optional[float] = ..., ml_down_prob: _Optional[float] = ..., ml_range_prob: _Optional[float] = ..., ready: bool = ..., in_sample: bool = ...) -> None: ...
+    ood_score: float
+    ood: bool
+    def __init__(self, open_time_ms: _Optional[int] = ..., ml_up_prob: _Optional[float] = ..., ml_down_prob: _Optional[float] = ..., ml_range_prob: _Optional[float] = ..., ready: bool = ..., in_sample: bool = ..., ood_score: _Optional[float] = ..., ood: bool = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("model_id", "predictions", "columns", "error")

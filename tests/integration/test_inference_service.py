@@ -125,6 +125,46 @@ def test_stream_one_by_one_chunks_and_batch_agree_exactly(services, y2019):
         assert [p.ready for p in preds] == [p.ready for p in batch.predictions]
         got = np.array([[p.ml_down_prob, p.ml_range_prob, p.ml_up_prob] for p in preds])
         assert np.array_equal(got, probs(batch), equal_nan=True)  # exact, not approximately
+        # the out-of-distribution score too, bit for bit, and its flag
+        assert all(p.HasField("ood_score") for p in preds)
+        assert [np.float64(p.ood_score).tobytes() for p in preds] == \
+            [np.float64(p.ood_score).tobytes() for p in batch.predictions]
+        assert [p.ood for p in preds] == [p.ood for p in batch.predictions]
+    scores = np.array([p.ood_score for p in batch.predictions])
+    ready = np.array([p.ready for p in batch.predictions])
+    assert np.isnan(scores[~ready]).all() and np.isfinite(scores[ready]).all()
+    assert len(np.unique(scores[ready])) == ready.sum(), "a score per candle"
+    assert not any(p.ood for p in batch.predictions if not p.ready)
+
+
+def test_candles_far_outside_the_training_rows_are_flagged(services, sample_frame):
+    """Tenfold volatility (and prices): most candles are flagged; the untouched candles of the same period mostly
+    not. The threshold flags 1 % of the model's training rows."""
+    engine = make_engine(services.url)
+    rec = get_model(engine, services.btc_job.model_id)
+    engine.dispose()
+    assert rec is not None and rec.ood is not None and 0.005 <= rec.metrics["ood_rate_train"] <= 0.02
+    assert rec.metrics["ood_threshold"] == rec.ood.threshold
+    times = sample_frame.open_time_ms
+    frame = sample_frame[(times >= ms("2018-12-01")) & (times < ms("2019-02-01"))].reset_index(drop=True)
+    log_close = np.log(frame.close.to_numpy())
+    start = 200  # the first 200 candles as they were, then every move ten times larger
+    r = np.diff(log_close)
+    r[start - 1:] *= 10
+    new_log = log_close[0] + np.concatenate([[0.0], np.cumsum(r)])
+    new_log[start:] += np.log(10)
+    wild = frame.copy()
+    for c in ("open", "high", "low"):
+        offset = np.log(frame[c].to_numpy()) - log_close
+        offset[start:] *= 10
+        wild[c] = np.exp(new_log + offset)
+    wild["close"] = np.exp(new_log)
+    calm = predict(services.infer_stub, frame, model_id=services.btc_job.model_id).predictions
+    out = predict(services.infer_stub, wild, model_id=services.btc_job.model_id).predictions
+    settle = start + 100  # every feature's window lies in the scaled part
+    wild_rate = np.mean([p.ood for p in out[settle:]])
+    calm_rate = np.mean([p.ood for p in calm[settle:]])
+    assert wild_rate > 0.6 and calm_rate < 0.2, (wild_rate, calm_rate)
 
 
 def test_no_look_ahead(services, y2019):

@@ -49,15 +49,18 @@ def test_the_columns_encoder_equals_the_reference(ts, data, model_id):
     p = np.array(data.draw(st.lists(probs, min_size=3 * n, max_size=3 * n)), dtype=np.float64).reshape(n, 3)
     ready = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=bool)
     ins = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=bool)
-    r = Predictions(np.array(ts, dtype=np.int64), p, ready, ins)
+    score = np.array(data.draw(st.lists(probs, min_size=n, max_size=n)), dtype=np.float64)
+    flag = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=bool)
+    r = Predictions(np.array(ts, dtype=np.int64), p, ready, ins, score, flag)
     slow = columns_response_slow(model_id, r)
     wire = columns_response(model_id, r)
     for fast in (wire, inference_pb2.PredictResponse.FromString(wire.SerializeToString())):  # and over the wire
         assert fast.model_id == slow.model_id and fast.HasField("columns") and len(fast.predictions) == 0
         assert list(fast.columns.open_time_ms) == ts
-        for f in ("ml_up_prob", "ml_down_prob", "ml_range_prob"):
+        for f in ("ml_up_prob", "ml_down_prob", "ml_range_prob", "ood_score"):
             assert bits(getattr(fast.columns, f)) == bits(getattr(slow.columns, f))  # NaN payloads included
         assert list(fast.columns.ready) == ready.tolist() and list(fast.columns.in_sample) == ins.tolist()
+        assert list(fast.columns.ood) == flag.tolist()
 
 
 def test_the_wire_encoder_on_a_realistic_batch():

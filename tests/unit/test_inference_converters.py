@@ -14,19 +14,22 @@ probs = st.floats(allow_nan=True, allow_infinity=True, width=64)
 
 
 @settings(max_examples=200, deadline=None)
-@given(times, st.data(), st.text(max_size=200))
-def test_fast_response_equals_reference(ts, data, model_id):
+@given(times, st.data(), st.text(max_size=200), st.booleans())
+def test_fast_response_equals_reference(ts, data, model_id, scored):
     n = len(ts)
     p = np.array(data.draw(st.lists(probs, min_size=3 * n, max_size=3 * n)), dtype=np.float64).reshape(n, 3)
     ready = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=bool)
     ins = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=bool)
-    r = Predictions(np.array(ts, dtype=np.int64), p, ready, ins)
+    score = np.array(data.draw(st.lists(probs, min_size=n, max_size=n)), dtype=np.float64) if scored else None
+    flag = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=bool) if scored else None
+    r = Predictions(np.array(ts, dtype=np.int64), p, ready, ins, score, flag)
     fast, slow = response_wire(model_id, r), response_slow(model_id, r)
     assert predict_response(model_id, r) == slow
     assert fast.model_id == slow.model_id and len(fast.predictions) == n
     for a, b in zip(fast.predictions, slow.predictions, strict=True):
         assert a.open_time_ms == b.open_time_ms and a.ready == b.ready and a.in_sample == b.in_sample
-        for f in ("ml_up_prob", "ml_down_prob", "ml_range_prob"):
+        assert a.ood == b.ood and a.HasField("ood_score") == b.HasField("ood_score") == scored
+        for f in ("ml_up_prob", "ml_down_prob", "ml_range_prob", "ood_score"):
             x, y = getattr(a, f), getattr(b, f)
             assert np.float64(x).tobytes() == np.float64(y).tobytes()  # bit-identical, NaN payloads included
     # Deterministic serialisation agrees too (proto3 drops default fields either way).

@@ -70,7 +70,7 @@ def test_contract_names_are_the_documented_ones():
     pred = inference_pb2.Prediction.DESCRIPTOR
     assert [(f.name, f.number) for f in pred.fields] == [
         ("open_time_ms", 1), ("ml_up_prob", 2), ("ml_down_prob", 3), ("ml_range_prob", 4), ("ready", 5),
-        ("in_sample", 6)]
+        ("in_sample", 6), ("ood_score", 7), ("ood", 8)]
     assert [v.name for v in training_pb2.JobState.DESCRIPTOR.values] == [
         "JOB_STATE_UNSPECIFIED", "JOB_STATE_QUEUED", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED",
         "JOB_STATE_CANCELLED"]
