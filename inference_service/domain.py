@@ -47,6 +47,9 @@ class Predictions:
     in_sample: np.ndarray  # bool: the candle lies inside the model's training window
     ood_score: np.ndarray | None = None  # float64 distance from the training rows (NaN where not ready); None: none
     ood: np.ndarray | None = None  # bool: ood_score above the model's threshold
+    # The features of the ready rows (the last len(features) rows), as the model read them: for the drift window
+    # (`inference_service.journal`), never served.
+    features: np.ndarray | None = None
 
     def ood_columns(self) -> tuple[np.ndarray, np.ndarray]:
         """(ood_score, ood) as served: NaN and False where the model has no score."""

@@ -59,6 +59,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from inference_service.domain import CandleBatch, Predictions
+from inference_service.drift_window import DEFAULT_WINDOW, DriftWindows
 from inference_service.live_scores import realised_labels, score_rows
 from inference_service.model_store import LoadedModel
 from shared.errors import MlsignalError, Unavailable, one_line
@@ -159,7 +160,7 @@ class Journal:
 
     def __init__(self, engine: sa.Engine, *, flush_seconds: float = 1.0, retention_days: float = 90.0,
                  max_queued: int = 50_000, wake_entries: int = 1024, max_held: int = MAX_HELD_ANSWERS,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, drift_window: int = DEFAULT_WINDOW) -> None:
         self.engine = engine
         self.flush_seconds = flush_seconds
         self.retention_ms = int(retention_days * 86_400_000)
@@ -182,6 +183,7 @@ class Journal:
         self._warned_at = 0.0
         self._recorded_at = 0.0  # monotonic time of the last answer recorded
         self.dropped = 0  # answers not journaled: queue full, held beyond `max_held`, or refused by the database
+        self.drift = DriftWindows(drift_window)  # the features and OOD flags of the last candles each model served
 
     # -- the hot path --------------------------------------------------------------------------------------------
     def record(self, model: LoadedModel, predictions: Predictions, candles: CandleBatch) -> None:
@@ -248,8 +250,11 @@ class Journal:
             entries = list(self._held)
             self._held.clear()
             queue = self._queue
+            drift = self.drift
             while queue:
-                entries.append(queue.popleft())
+                entry = queue.popleft()
+                drift.add(entry[0], entry[1])
+                entries.append(entry)
             if entries:
                 self._process(entries)
 

@@ -25,6 +25,7 @@ import numpy as np
 from inference_service.model_store import ModelStore
 from inference_service.service import validate_key
 from shared.calibration import EPS
+from shared.drift import expected_log_loss
 from shared.errors import InvalidArgument, NotFound
 from shared.labels import CLASSES, UNLABELLED, LabelSpec, make_labels
 from shared.store import live, registry
@@ -94,6 +95,7 @@ class LivePerformance:
     reliability: list[ReliabilityBin]
     first_open_time_ms: int  # 0 when nothing is scored yet
     last_open_time_ms: int
+    expected_log_loss: float = math.nan  # mean entropy of the scored probabilities
 
     @property
     def log_loss_ratio(self) -> float:
@@ -137,6 +139,7 @@ def summarise(model_id: str, scores: live.Scores) -> LivePerformance:
         reliability=reliability(scores.proba, scores.label),
         first_open_time_ms=int(scores.open_time_ms[0]),
         last_open_time_ms=int(scores.open_time_ms[-1]),
+        expected_log_loss=expected_log_loss(scores.proba),
     )
 
 

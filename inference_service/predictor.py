@@ -71,10 +71,11 @@ def _thread_pool() -> ThreadPoolExecutor:
 
 
 def _proba_rows(model: LoadedModel, window: CandleBatch, a: int, b: int,
-                whole: bool) -> tuple[np.ndarray, np.ndarray | None]:
+                whole: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Served probabilities of rows a..b-1 of window, all with a full warm-up window (FailedPrecondition when a
-    row's features are not finite), and their out-of-distribution scores from the same features (None for a model
-    without the score). `whole` passes the whole window instead of only the rows the features read."""
+    row's features are not finite), their out-of-distribution scores from the same features (None for a model
+    without the score), and the features. `whole` passes the whole window instead of only the rows the features
+    read."""
     spec = model.record.feature_spec
     lo = 0 if whole else max(0, a - spec.warmup_bars + 1)
     part = window if lo == 0 and b == len(window) else window.slice(lo, b)
@@ -85,7 +86,7 @@ def _proba_rows(model: LoadedModel, window: CandleBatch, a: int, b: int,
             f"candles: features of the candle at open_time_ms {int(window.open_time_ms[bad])} are not finite",
             field="candles")
     ood = model.record.ood
-    return model.predict_proba(X), (ood.scores(X) if ood is not None else None)
+    return model.predict_proba(X), (ood.scores(X) if ood is not None else None), X
 
 
 def predict_window(model: LoadedModel, window: CandleBatch, first_row: int) -> Predictions:
@@ -98,6 +99,7 @@ def predict_window(model: LoadedModel, window: CandleBatch, first_row: int) -> P
     rows = n - start
     ood = model.record.ood
     score: np.ndarray | None = None
+    features: np.ndarray | None = None
     if rows <= 0:
         proba = np.full((n - first_row, 3), np.nan)
         if ood is not None:
@@ -105,16 +107,17 @@ def predict_window(model: LoadedModel, window: CandleBatch, first_row: int) -> P
     else:
         tasks = min(_workers(), rows // ROWS_PER_TASK_MIN) if rows >= PARALLEL_MIN_ROWS else 1
         if tasks <= 1:
-            proba, score = _proba_rows(model, window, start, n, whole=True)
+            proba, score, features = _proba_rows(model, window, start, n, whole=True)
         else:
             bounds = np.linspace(start, n, tasks + 1).astype(int)
             pool = _thread_pool()
             futures = [pool.submit(_proba_rows, model, window, int(a), int(b), False)
                        for a, b in itertools.pairwise(bounds)]
             parts = [f.result() for f in futures]  # the first failing range (in row order) raises
-            proba = np.concatenate([p for p, _ in parts])
+            proba = np.concatenate([p for p, _, _ in parts])
+            features = np.concatenate([x for _, _, x in parts])
             if ood is not None:
-                score = np.concatenate([s for _, s in parts if s is not None])
+                score = np.concatenate([s for _, s, _ in parts if s is not None])
         if start > first_row:
             proba = np.concatenate([np.full((start - first_row, 3), np.nan), proba])
             if score is not None:
@@ -122,4 +125,4 @@ def predict_window(model: LoadedModel, window: CandleBatch, first_row: int) -> P
     t = window.open_time_ms[first_row:].copy()  # owned: a stream's window is a view of arrays it reuses
     rec = model.record
     flags = ood_flags(ood, score) if ood is not None and score is not None else None
-    return Predictions(t, proba, ready, (t >= rec.train_start_ms) & (t <= rec.train_end_ms), score, flags)
+    return Predictions(t, proba, ready, (t >= rec.train_start_ms) & (t <= rec.train_end_ms), score, flags, features)

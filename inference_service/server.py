@@ -115,8 +115,8 @@ def start(settings: Settings, address: str | None = None) -> RunningInference:
     engine = make_engine(settings.database_url)
     metrics, interceptors = observability(settings, "inference", address)
     store = ModelStore(engine, settings.model_dir, settings.model_cache_size, settings.model_poll_seconds)
-    journal = Journal(engine, flush_seconds=settings.live_flush_seconds,
-                      retention_days=settings.live_retention_days) if settings.live_monitoring else None
+    journal = Journal(engine, flush_seconds=settings.live_flush_seconds, retention_days=settings.live_retention_days,
+                      drift_window=settings.drift_window) if settings.live_monitoring else None
     # A market's SHADOW models predict what its serving model answered, for the live test; only with the journal.
     shadows = Shadows(engine, settings.model_dir, journal.record, settings.model_poll_seconds) \
         if journal is not None else None
@@ -141,7 +141,8 @@ def start(settings: Settings, address: str | None = None) -> RunningInference:
                                   on_served=journal.record if journal is not None else None,
                                   shadows=shadows,
                                   live_test=LiveTestSettings(settings.shadow_min_scored, settings.shadow_max_scored,
-                                                         settings.shadow_alpha)), server),
+                                                             settings.shadow_alpha),
+                                  drift=journal.drift if journal is not None else None), server),
             [SERVICE_NAME],
             max_bytes,
             interceptors=interceptors,

@@ -11,6 +11,7 @@ runs on the loop.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager, nullcontext
 
@@ -18,6 +19,7 @@ import grpc
 
 from inference_service import converters
 from inference_service.comparisons import compare_live, prior_comparison
+from inference_service.drift_window import DriftWindows
 from inference_service.live_scores import LivePerformance, live_performance
 from inference_service.model_store import ModelStore, Resolved
 from inference_service.service import InferenceService, OnAnswered, OnPredicted, OnServed
@@ -46,10 +48,11 @@ class Answers:
 
     def __init__(self, store: ModelStore, max_batch: int, on_predicted: OnPredicted | None = None,
                  on_served: OnServed | None = None, on_answered: OnAnswered | None = None,
-                 live_test: LiveTestSettings = DEFAULT_TEST) -> None:
+                 live_test: LiveTestSettings = DEFAULT_TEST, drift: DriftWindows | None = None) -> None:
         self.store = store
         self.service = InferenceService(store, max_batch, on_predicted, on_served, on_answered)
         self.live_test = live_test
+        self.drift = drift
 
     def predict(self, request: inference_pb2.PredictRequest,
                 found: Resolved | None = None) -> inference_pb2.PredictResponse:
@@ -77,6 +80,16 @@ class Answers:
         perf = live_performance(self.store, request.symbol, request.timeframe, request.model_id)
         message = live_performance_message(perf)
         record = registry.get_model(self.store.engine, perf.model_id)
+        if self.drift is not None:
+            view = self.drift.view(perf.model_id)
+            # NaN when the candles served carry no score (a model registered before it); 0 with no candle at all
+            message.drift_candles, message.ood_rate = view.candles, view.ood_rate if view.candles else 0.0
+            if view.psi is not None and record is not None:
+                names = record.feature_spec.feature_names
+                message.drift.extend(inference_pb2.FeatureDrift(feature=name, psi=float(v))
+                                     for name, v in sorted(zip(names, view.psi, strict=True),
+                                                           key=lambda item: -item[1] if math.isfinite(item[1])
+                                                           else math.inf))
         if record is not None:
             against_prior = prior_comparison(self.store.engine, record, self.live_test)
             message.prior_comparison.CopyFrom(comparison_message("", perf.model_id, against_prior))
@@ -103,9 +116,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     def __init__(self, store: ModelStore, max_batch: int, on_predicted: OnPredicted | None = None,
                  max_streams: int = 10_000, on_served: OnServed | None = None,
-                 shadows: Shadows | None = None, live_test: LiveTestSettings = DEFAULT_TEST) -> None:
+                 shadows: Shadows | None = None, live_test: LiveTestSettings = DEFAULT_TEST,
+                 drift: DriftWindows | None = None) -> None:
         self.answers = Answers(store, max_batch, on_predicted, on_served,
-                               shadows.submit if shadows is not None else None, live_test)
+                               shadows.submit if shadows is not None else None, live_test, drift)
         self.shadows = shadows
         self.streams = StreamLimit(max_streams, "StreamPredict")
 
@@ -180,6 +194,7 @@ def live_performance_message(perf: LivePerformance) -> inference_pb2.LivePerform
     return inference_pb2.LivePerformance(
         model_id=perf.model_id, scored=perf.scored, log_loss=perf.log_loss, prior_log_loss=perf.prior_log_loss,
         brier=perf.brier, first_open_time_ms=perf.first_open_time_ms, last_open_time_ms=perf.last_open_time_ms,
+        expected_log_loss=perf.expected_log_loss,
         reliability=[inference_pb2.ReliabilityBin(class_name=b.class_name, lower=b.lower, upper=b.upper,
                                                   count=b.count, mean_predicted=b.mean_predicted,
                                                   observed_frequency=b.observed_frequency)

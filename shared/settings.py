@@ -16,6 +16,7 @@
 | MLSIGNAL_MODEL_MAX_AGE | (none) | e.g. `30d`: an older serving model makes health `mlsignal.staleness` NOT_SERVING |
 | MLSIGNAL_LIVE_MONITORING | 1 | `0`: inference does not journal predictions, so nothing is scored live |
 | MLSIGNAL_LIVE_FLUSH_SECONDS | 1 | how often the prediction journal writes what inference served and received |
+| MLSIGNAL_DRIFT_WINDOW | 1000 | last distinct candles per model that drift (PSI) and the OOD rate cover |
 | MLSIGNAL_LIVE_RETENTION_DAYS | 90 | days live scores (and predictions never scored) are kept after they are written |
 | MLSIGNAL_PROMOTION | shadow | `shadow`: past the gate, serves where nothing serves, else shadows; `auto`; `manual` |
 | MLSIGNAL_PROMOTION_TOLERANCE | 0 | gate: `log_loss < prior_log_loss * (1 + tolerance)`; negative is stricter; > -1 |
@@ -121,6 +122,7 @@ class Settings:
     live_monitoring: bool = True
     live_flush_seconds: float = 1.0
     live_retention_days: float = 90.0
+    drift_window: int = 1000
     promotion: str = "shadow"
     promotion_tolerance: float = 0.0
     shadow_min_scored: int = 500
@@ -165,6 +167,7 @@ class Settings:
             live_monitoring=_bool("MLSIGNAL_LIVE_MONITORING", d.live_monitoring),
             live_flush_seconds=_float("MLSIGNAL_LIVE_FLUSH_SECONDS", d.live_flush_seconds),
             live_retention_days=_float("MLSIGNAL_LIVE_RETENTION_DAYS", d.live_retention_days),
+            drift_window=_int("MLSIGNAL_DRIFT_WINDOW", d.drift_window),
             promotion=_str("MLSIGNAL_PROMOTION", d.promotion).strip().lower(),
             promotion_tolerance=_float("MLSIGNAL_PROMOTION_TOLERANCE", d.promotion_tolerance),
             shadow_min_scored=_int("MLSIGNAL_SHADOW_MIN_SCORED", d.shadow_min_scored),
@@ -210,6 +213,8 @@ class Settings:
         self.model_max_age_ms()
         if not 0 < self.live_flush_seconds <= 3600:
             raise ValueError("MLSIGNAL_LIVE_FLUSH_SECONDS must be > 0 and at most 3600")
+        if not 1 <= self.drift_window <= 1_000_000:
+            raise ValueError("MLSIGNAL_DRIFT_WINDOW must be between 1 and 1000000 (candles)")
         if not 0 < self.live_retention_days <= 36_500:
             raise ValueError("MLSIGNAL_LIVE_RETENTION_DAYS must be > 0 (days) and at most 36500")
         if self.promotion not in ("shadow", "auto", "manual"):

@@ -88,7 +88,7 @@ class ReliabilityBin(_message.Message):
     def __init__(self, class_name: _Optional[str] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., count: _Optional[int] = ..., mean_predicted: _Optional[float] = ..., observed_frequency: _Optional[float] = ...) -> None: ...
 
 class LivePerformance(_message.Message):
-    __slots__ = ("model_id", "scored", "log_loss", "prior_log_loss", "brier", "reliability", "first_open_time_ms", "last_open_time_ms", "prior_comparison", "worse_than_prior")
+    __slots__ = ("model_id", "scored", "log_loss", "prior_log_loss", "brier", "reliability", "first_open_time_ms", "last_open_time_ms", "prior_comparison", "worse_than_prior", "expected_log_loss", "ood_rate", "drift_candles", "drift")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SCORED_FIELD_NUMBER: _ClassVar[int]
     LOG_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,10 @@ class LivePerformance(_message.Message):
     LAST_OPEN_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     PRIOR_COMPARISON_FIELD_NUMBER: _ClassVar[int]
     WORSE_THAN_PRIOR_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_LOG_LOSS_FIELD_NUMBER: _ClassVar[int]
+    OOD_RATE_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_CANDLES_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     scored: int
     log_loss: float
@@ -109,7 +113,19 @@ class LivePerformance(_message.Message):
     last_open_time_ms: int
     prior_comparison: LiveComparison
     worse_than_prior: bool
-    def __init__(self, model_id: _Optional[str] = ..., scored: _Optional[int] = ..., log_loss: _Optional[float] = ..., prior_log_loss: _Optional[float] = ..., brier: _Optional[float] = ..., reliability: _Optional[_Iterable[_Union[ReliabilityBin, _Mapping]]] = ..., first_open_time_ms: _Optional[int] = ..., last_open_time_ms: _Optional[int] = ..., prior_comparison: _Optional[_Union[LiveComparison, _Mapping]] = ..., worse_than_prior: bool = ...) -> None: ...
+    expected_log_loss: float
+    ood_rate: float
+    drift_candles: int
+    drift: _containers.RepeatedCompositeFieldContainer[FeatureDrift]
+    def __init__(self, model_id: _Optional[str] = ..., scored: _Optional[int] = ..., log_loss: _Optional[float] = ..., prior_log_loss: _Optional[float] = ..., brier: _Optional[float] = ..., reliability: _Optional[_Iterable[_Union[ReliabilityBin, _Mapping]]] = ..., first_open_time_ms: _Optional[int] = ..., last_open_time_ms: _Optional[int] = ..., prior_comparison: _Optional[_Union[LiveComparison, _Mapping]] = ..., worse_than_prior: bool = ..., expected_log_loss: _Optional[float] = ..., ood_rate: _Optional[float] = ..., drift_candles: _Optional[int] = ..., drift: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ...) -> None: ...
+
+class FeatureDrift(_message.Message):
+    __slots__ = ("feature", "psi")
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    PSI_FIELD_NUMBER: _ClassVar[int]
+    feature: str
+    psi: float
+    def __init__(self, feature: _Optional[str] = ..., psi: _Optional[float] = ...) -> None: ...
 
 class CompareLivePerformanceRequest(_message.Message):
     __slots__ = ("symbol", "timeframe", "model_id", "baseline_model_id")

@@ -188,6 +188,45 @@ def test_a_month_of_live_candles_scores_like_an_independent_computation(services
     assert settled(stub, record) == perf
 
 
+def test_drift_ood_rate_and_expected_loss_of_the_candles_served(services, sample_frame):
+    """PSI per feature and the OOD rate over the distinct candles served (the same candles served again count once),
+    and the expected log loss: the mean entropy of the scored probabilities, computed here from the stored rows."""
+    from shared.drift import N_BINS, bin_counts, psi
+
+    record = new_market(services, FIXED_HORIZON)
+    assert record.drift is not None and record.ood is not None
+    stub = services.infer_stub
+    month = window(sample_frame, "2019-02-01", "2019-03-01")
+    responses = stream_one_by_one(stub, month, record)
+    answers = answers_of(responses)
+    perf = settled(stub, record, expect=len(expected_scores(month, answers, record)))
+    ready = [p for r in responses for p in r.predictions if p.ready]
+    assert perf.drift_candles == min(len(ready), services.settings.drift_window)
+    assert perf.ood_rate == pytest.approx(np.mean([p.ood for p in ready[-perf.drift_candles:]]), abs=1e-12)
+    names = [d.feature for d in perf.drift]
+    assert sorted(names) == sorted(record.feature_spec.feature_names)
+    values = [d.psi for d in perf.drift]
+    assert values == sorted(values, reverse=True) and all(v >= 0 for v in values)
+    # the same index from the features of the candles served, computed independently
+    from shared.features import feature_matrix
+
+    cols = {c: month[c].to_numpy(dtype=np.float64) for c in ("open", "high", "low", "close", "volume")}
+    X = feature_matrix(cols, record.feature_spec)
+    served = X[np.isfinite(X).all(axis=1)][-perf.drift_candles:]
+    own = dict(zip(record.feature_spec.feature_names,
+                   psi(record.drift.train_fractions, bin_counts(record.drift.bins(served), N_BINS)), strict=True))
+    assert {d.feature: d.psi for d in perf.drift} == pytest.approx(own, abs=1e-12)
+    # expected log loss: the mean entropy of the probabilities that were scored
+    stored = scored_rows(services.url, record.model_id)
+    p = np.clip(np.array([v[0] for v in stored.values()]), EPS, 1.0)
+    assert perf.expected_log_loss == pytest.approx(float(np.mean(-(p * np.log(p)).sum(axis=1))), rel=1e-9)
+    # serving the same candles again changes neither
+    stub.Predict(inference_pb2.PredictRequest(symbol=record.symbol, timeframe=TF, model_id=record.model_id,
+                                              candles=candles_of(month)), timeout=60)
+    again = settled(stub, record)
+    assert again.drift_candles == perf.drift_candles and list(again.drift) == list(perf.drift)
+
+
 def test_a_forming_candle_replaced_three_times_is_scored_once_in_its_final_version(services, sample_frame):
     record = new_market(services)
     stub = services.infer_stub
