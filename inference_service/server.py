@@ -126,7 +126,8 @@ def start(settings: Settings, address: str | None = None) -> RunningInference:
 
         on_predicted = inference_metrics(metrics, lambda: loaded_models(store))
         if journal is not None:
-            live_metrics(metrics, lambda: serving_models(store), _summary_of(journal), lambda: journal.dropped)
+            live_metrics(metrics, lambda: serving_models(store), _summary_of(journal), lambda: journal.dropped,
+                         _drift_of(journal, store))
     store.start_polling()
     if journal is not None:
         journal.start()
@@ -186,12 +187,22 @@ def serving_models(store: ModelStore) -> Iterator[tuple[str, str, str]]:
             yield m.record.symbol, m.record.timeframe, m.record.model_id
 
 
-def _summary_of(journal: Journal) -> Callable[[str], tuple[int, float, float]]:
-    def summary(model_id: str) -> tuple[int, float, float]:
+def _summary_of(journal: Journal) -> Callable[[str], tuple[int, float, float, float]]:
+    def summary(model_id: str) -> tuple[int, float, float, float]:
         s = journal.summary(model_id)
-        return s.scored, s.loss_sum, s.prior_loss_sum
+        return s.scored, s.loss_sum, s.prior_loss_sum, s.entropy_sum
 
     return summary
+
+
+def _drift_of(journal: Journal, store: ModelStore) -> Callable[[str], tuple[int, list[tuple[str, float]], float]]:
+    def drift(model_id: str) -> tuple[int, list[tuple[str, float]], float]:
+        view = journal.drift.view(model_id)
+        names = next((m.record.feature_spec.feature_names for _, m in store.loaded() if m.model_id == model_id), ())
+        psis = list(zip(names, view.psi.tolist(), strict=True)) if view.psi is not None and names else []
+        return view.candles, psis, view.ood_rate
+
+    return drift
 
 
 def _watch_staleness(settings: Settings, store: ModelStore, handle: ServerHandle) -> StalenessWatch | None:

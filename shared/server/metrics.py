@@ -11,6 +11,7 @@ follow the usual gRPC names (`grpc_server_handled_total` with `grpc_service`, `g
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import ssl
 import threading
@@ -192,11 +193,14 @@ def inference_metrics(metrics: Metrics,
 
 
 def live_metrics(metrics: Metrics, serving: Callable[[], Iterable[tuple[str, str, str]]],
-                 summary: Callable[[str], tuple[int, float, float]], dropped: Callable[[], int]) -> None:
+                 summary: Callable[[str], tuple[int, float, float, float]], dropped: Callable[[], int],
+                 drift: Callable[[str], tuple[int, Iterable[tuple[str, float]], float]] | None = None) -> None:
     """Live outcome monitoring gauges, computed at scrape time for every serving model in memory.
 
     `serving()` yields (symbol, timeframe, model_id) of the serving models; `summary(model_id)` gives (scored,
-    sum of live log loss, sum of the prior's log loss); `dropped()` the answers the journal could not keep.
+    sum of live log loss, sum of the prior's log loss, sum of the scored probabilities' entropy); `dropped()` the
+    answers the journal could not keep; `drift(model_id)` (candles in the drift window, (feature, PSI) pairs, OOD
+    rate) from this replica's memory.
     """
 
     def collect() -> Iterator[Metric]:
@@ -211,20 +215,42 @@ def live_metrics(metrics: Metrics, serving: Callable[[], Iterable[tuple[str, str
         prior = GaugeMetricFamily("mlsignal_live_prior_log_loss",
                                   "Log loss of the training class prior on the same candles, per serving model.",
                                   labels=labels)
+        expected = GaugeMetricFamily(
+            "mlsignal_expected_log_loss",
+            "Mean entropy of the scored probabilities per serving model: the log loss calibrated probabilities "
+            "expect (a live log loss above it shows calibration drifting).", labels=labels)
+        feature_psi = GaugeMetricFamily(
+            "mlsignal_feature_psi",
+            "Population stability index of each feature over the last MLSIGNAL_DRIFT_WINDOW candles a serving model "
+            "served on this replica, against its training rows (above 0.2: a large shift).",
+            labels=(*labels, "feature"))
+        ood_rate = GaugeMetricFamily(
+            "mlsignal_ood_rate",
+            "Share of the last MLSIGNAL_DRIFT_WINDOW candles a serving model served on this replica that were out of "
+            "distribution (1 % of its training rows are).", labels=labels)
         for symbol, timeframe, model_id in serving():
+            key = (symbol, timeframe, model_id)
+            if drift is not None:
+                candles, psis, rate = drift(model_id)
+                if candles:
+                    for feature, value in psis:
+                        if math.isfinite(value):
+                            feature_psi.add_metric((*key, feature), value)
+                    if math.isfinite(rate):
+                        ood_rate.add_metric(key, rate)
             try:
-                n, loss_sum, prior_sum = summary(model_id)
+                n, loss_sum, prior_sum, entropy_sum = summary(model_id)
             except Exception as exc:  # a scrape must not fail because the database is down
                 log.warning("metrics: cannot read the live scores of %s: %s", model_id, one_line(exc))
                 continue
-            key = (symbol, timeframe, model_id)
             scored.add_metric(key, n)
             if n:
                 loss.add_metric(key, loss_sum / n)
                 prior.add_metric(key, prior_sum / n)
+                expected.add_metric(key, entropy_sum / n)
                 if prior_sum > 0:
                     ratio.add_metric(key, loss_sum / prior_sum)
-        yield from (ratio, scored, loss, prior)
+        yield from (ratio, scored, loss, prior, expected, feature_psi, ood_rate)
         lost = CounterMetricFamily("mlsignal_journal_dropped",
                                    "Answers the prediction journal could not keep (queue full or database down).")
         lost.add_metric((), dropped())

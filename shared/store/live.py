@@ -23,6 +23,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from shared.calibration import EPS
 from shared.store.db import live_candles, live_markets, live_predictions, live_scores
 
 # Rows per statement when rows are deleted by key.
@@ -174,19 +175,28 @@ class ScoreSummary:
     scored: int
     loss_sum: float
     prior_loss_sum: float
+    entropy_sum: float = 0.0  # of the scored probabilities: the log loss they expect
+
+
+def _entropy_sum(dialect: str, s) -> sa.ColumnElement:
+    """SUM over rows of -sum_c p_c ln(max(p_c, EPS)), as `shared.drift.entropy` computes it."""
+    floor = sa.func.greatest if dialect == "postgresql" else sa.func.max  # SQLite's two-argument max is scalar
+    terms = [col * sa.func.ln(floor(col, EPS)) for col in (s.p_down, s.p_range, s.p_up)]
+    return -sa.func.sum(terms[0] + terms[1] + terms[2])
 
 
 def summaries(engine: sa.Engine, model_ids: Iterable[str]) -> dict[str, ScoreSummary]:
-    """Count and sums of log loss and prior log loss per model (models without scores are left out)."""
+    """Count and sums of log loss, prior log loss and entropy per model (models without scores are left out)."""
     ids = list(dict.fromkeys(model_ids))
     s = live_scores.c
     out: dict[str, ScoreSummary] = {}
+    entropy = _entropy_sum(engine.dialect.name, s)
     with engine.connect() as conn:
         for start in range(0, len(ids), _CHUNK):
-            q = (sa.select(s.model_id, sa.func.count(), sa.func.sum(s.loss), sa.func.sum(s.prior_loss))
+            q = (sa.select(s.model_id, sa.func.count(), sa.func.sum(s.loss), sa.func.sum(s.prior_loss), entropy)
                  .where(s.model_id.in_(ids[start:start + _CHUNK])).group_by(s.model_id))
-            for model_id, n, loss, prior in conn.execute(q):
-                out[model_id] = ScoreSummary(int(n), float(loss or 0.0), float(prior or 0.0))
+            for model_id, n, loss, prior, ent in conn.execute(q):
+                out[model_id] = ScoreSummary(int(n), float(loss or 0.0), float(prior or 0.0), float(ent or 0.0))
     return out
 
 

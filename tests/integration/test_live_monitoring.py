@@ -147,6 +147,15 @@ def check_equal(perf: inference_pb2.LivePerformance, rows: dict, record: ModelRe
             assert b.observed_frequency == pytest.approx((y[inside] == k).mean(), rel=1e-12)
 
 
+def without_window(perf: inference_pb2.LivePerformance) -> inference_pb2.LivePerformance:
+    """The performance without what the drift window holds (in memory, per replica)."""
+    out = inference_pb2.LivePerformance()
+    out.CopyFrom(perf)
+    for name in ("drift", "drift_candles", "ood_rate"):
+        out.ClearField(name)
+    return out
+
+
 def scored_rows(url: str, model_id: str) -> dict[int, tuple]:
     engine = make_engine(url)
     try:
@@ -312,7 +321,10 @@ def test_scores_and_pending_predictions_survive_a_restart(services, sample_frame
     try:
         with grpc.insecure_channel(f"127.0.0.1:{second.port}") as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
-            assert performance(stub, record) == before  # the same numbers after the restart
+            # the same numbers after the restart; the drift window is this replica's memory and starts again
+            after = performance(stub, record)
+            assert after.drift_candles == 0 and before.drift_candles > 0
+            assert without_window(after) == without_window(before)
             # the client reconnects with history; the predictions left pending before the restart are scored now
             a2 = answers_of(stream_one_by_one(stub, frame.iloc[half - record.warmup_bars:], record))
             # the second stream starts cold: its first answers are not ready, the first stream's were
@@ -330,6 +342,15 @@ def test_scores_and_pending_predictions_survive_a_restart(services, sample_frame
             count = next(float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith("mlsignal_live_scored_candles"))
             assert count == perf.scored
             assert ratio == pytest.approx(perf.log_loss / perf.prior_log_loss, rel=1e-9)
+            # the trust signals: expected log loss (SQL, every score), PSI and OOD rate (this replica's window)
+            mine = [line for line in text.decode().splitlines() if f'model_id="{record.model_id}"' in line]
+            expected = next(float(x.rsplit(" ", 1)[1]) for x in mine if x.startswith("mlsignal_expected_log_loss"))
+            assert expected == pytest.approx(perf.expected_log_loss, rel=1e-9)
+            psi = {x.split('feature="')[1].split('"')[0]: float(x.rsplit(" ", 1)[1])
+                   for x in mine if x.startswith("mlsignal_feature_psi")}
+            assert psi == pytest.approx({d.feature: d.psi for d in perf.drift}, rel=1e-9)
+            rate = next(float(x.rsplit(" ", 1)[1]) for x in mine if x.startswith("mlsignal_ood_rate"))
+            assert rate == pytest.approx(perf.ood_rate, abs=1e-12)
     finally:
         second.stop(0.5)
 
