@@ -31,8 +31,11 @@ def register(sub) -> None:
             "(ready, out-of-sample predictions, scored once their label is known): the number of candles scored, "
             "the live log loss next to the training class prior's on the same candles, the multiclass Brier score "
             "and the reliability of each class. Also the model's age and the `mlsignal.staleness` health "
-            "(NOT_SERVING when the server's MLSIGNAL_MODEL_MAX_AGE is exceeded). With --plot, draw the live "
-            "reliability diagram, next to the out-of-sample one from training when the model has it."
+            "(NOT_SERVING when the server's MLSIGNAL_MODEL_MAX_AGE is exceeded), the expected log loss of the "
+            "probabilities served, the live test against the class prior, and the trust signals of the last "
+            "MLSIGNAL_DRIFT_WINDOW candles this replica served: the out-of-distribution rate and the features that "
+            "drifted most (PSI). With --plot, draw the live reliability diagram, next to the out-of-sample one from "
+            "training when the model has it, and the feature drift."
         ),
     )
     p.add_argument("--symbol", required=True, help="market symbol, like BTC/USDT")
@@ -92,6 +95,13 @@ def format_report(perf: Any, info: Any, staleness: str, serving_id: str) -> str:
     lines.append(f"{'log_loss':12}{_num(perf.log_loss):>10}{_num(perf.prior_log_loss):>10}{_num(ratio, 3):>9}  "
                  f"{verdict}")
     lines.append(f"{'brier':12}{_num(perf.brier):>10}")
+    if perf.scored and math.isfinite(perf.expected_log_loss):
+        gap = perf.log_loss - perf.expected_log_loss
+        note = "calibration holds" if abs(gap) <= 0.02 else (
+            "WORSE than the probabilities expect: calibration drifting" if gap > 0 else
+            "better than the probabilities expect: they are too cautious")
+        lines.append(f"{'expected':12}{_num(perf.expected_log_loss):>10}{'':10}{'':9}  live log loss "
+                     f"{gap:+.4f} against it: {note}")
     c = perf.prior_comparison
     if c.paired:
         test = ("WORSE than its prior: significant" if perf.worse_than_prior else
@@ -99,6 +109,7 @@ def format_report(perf: Any, info: Any, staleness: str, serving_id: str) -> str:
                                                                                                   c.decision))
         lines.append(f"{'prior test':12}{c.paired:>10} paired, gain of the prior {c.mean_log_loss_difference:+.4f} "
                      f"\u00b1 {c.standard_error:.4f} (z {c.statistic:+.2f}): {test}")
+    lines.extend(_drift_lines(perf, info))
     if info is not None and "log_loss" in info.metrics and "prior_log_loss" in info.metrics:
         oos, prior = info.metrics["log_loss"], info.metrics["prior_log_loss"]
         lines.append(f"{'training':12}{_num(oos):>10}{_num(prior):>10}{_num(oos / prior if prior else math.nan, 3):>9}"
@@ -118,6 +129,31 @@ def format_report(perf: Any, info: Any, staleness: str, serving_id: str) -> str:
     return "\n".join(lines)
 
 
+#: PSI above this is a large shift of a feature's distribution (the usual reading: < 0.1 none, 0.1-0.2 moderate).
+PSI_ALERT = 0.2
+TOP_DRIFT = 5
+
+
+def _drift_lines(perf: Any, info: Any) -> list[str]:
+    """The OOD rate and the features that moved most, over the drift window of this replica."""
+    if not perf.drift_candles:
+        return ["drift       no candle served by this replica yet (the window is per replica, in memory)"]
+    lines = []
+    train_rate = info.metrics.get("ood_rate_train") if info is not None else None
+    rate = f"{perf.ood_rate:.1%}" if math.isfinite(perf.ood_rate) else "n/a (the model has no OOD score)"
+    versus = f" (training rows: {train_rate:.1%})" if train_rate is not None else ""
+    lines.append(f"ood rate    {rate} of the last {perf.drift_candles} candles served{versus}")
+    if perf.drift:
+        importance = dict(info.metrics) if info is not None else {}
+        top = ", ".join(
+            f"{d.feature} {d.psi:.2f}{' *' if d.psi > PSI_ALERT else ''}"
+            + (f" (importance {importance['importance.' + d.feature]:.3f})"
+               if f"importance.{d.feature}" in importance else "")
+            for d in perf.drift[:TOP_DRIFT])
+        lines.append(f"drift (PSI) {top}   (* above {PSI_ALERT}: a large shift)")
+    return lines
+
+
 def write_plot(perf: Any, oos: list[tuple[str, int, float, float, int]], path: Path, title: str) -> None:
     """Reliability diagrams, one panel per class: the live bins (marker area by count) and, when given, the
     out-of-sample bins from training."""
@@ -126,7 +162,9 @@ def write_plot(perf: Any, oos: list[tuple[str, int, float, float, int]], path: P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 5.4), sharey=True, layout="constrained")
+    fig, all_axes = plt.subplots(1, 4, figsize=(19, 5.4), layout="constrained",
+                                 gridspec_kw={"width_ratios": [1, 1, 1, 1.1]})
+    axes, drift_ax = all_axes[:3], all_axes[3]
     biggest = max([b.count for b in perf.reliability] + [c for *_, c in oos] + [1])
     for ax, name in zip(axes, CLASSES, strict=True):
         ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfectly calibrated")
@@ -150,9 +188,18 @@ def write_plot(perf: Any, oos: list[tuple[str, int, float, float, int]], path: P
         ax.set_xlabel("mean predicted probability")
         ax.legend(loc="lower right", fontsize=8)
     axes[0].set_ylabel("observed frequency")
+    if perf.drift:
+        top = list(perf.drift)[:12][::-1]
+        drift_ax.barh([d.feature for d in top], [d.psi for d in top],
+                      color=["tab:red" if d.psi > PSI_ALERT else "tab:gray" for d in top])
+        drift_ax.axvline(PSI_ALERT, color="tab:red", lw=1, ls="--", label=f"PSI {PSI_ALERT}")
+        drift_ax.legend(loc="lower right", fontsize=8)
+    rate = f", OOD rate {perf.ood_rate:.1%}" if perf.drift_candles and math.isfinite(perf.ood_rate) else ""
+    drift_ax.set_title(f"feature drift over the last {perf.drift_candles} candles{rate}")
+    drift_ax.set_xlabel("population stability index")
     ratio = perf.log_loss / perf.prior_log_loss if perf.scored and perf.prior_log_loss > 0 else math.nan
     fig.suptitle(f"{title}\nlive log loss {_num(perf.log_loss)} vs prior {_num(perf.prior_log_loss)} "
-                 f"(ratio {_num(ratio, 3)}, {perf.scored} candles scored)")
+                 f"(ratio {_num(ratio, 3)}, {perf.scored} candles scored), expected {_num(perf.expected_log_loss)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

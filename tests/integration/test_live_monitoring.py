@@ -197,7 +197,7 @@ def test_a_month_of_live_candles_scores_like_an_independent_computation(services
     assert settled(stub, record) == perf
 
 
-def test_drift_ood_rate_and_expected_loss_of_the_candles_served(services, sample_frame):
+def test_drift_ood_rate_and_expected_loss_of_the_candles_served(services, sample_frame, tmp_path, capsys):
     """PSI per feature and the OOD rate over the distinct candles served (the same candles served again count once),
     and the expected log loss: the mean entropy of the scored probabilities, computed here from the stored rows."""
     from shared.drift import N_BINS, bin_counts, psi
@@ -229,6 +229,18 @@ def test_drift_ood_rate_and_expected_loss_of_the_candles_served(services, sample
     stored = scored_rows(services.url, record.model_id)
     p = np.clip(np.array([v[0] for v in stored.values()]), EPS, 1.0)
     assert perf.expected_log_loss == pytest.approx(float(np.mean(-(p * np.log(p)).sum(axis=1))), rel=1e-9)
+    # mlsignal monitor shows them, and --plot draws them
+    from mlsignal.cli import main
+
+    plot = tmp_path / "monitor.png"
+    target = f"127.0.0.1:{services.inference.port}"
+    assert main(["monitor", "--symbol", record.symbol, "--timeframe", TF, "--model-id", record.model_id,
+                 "--target", target, "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert f"ood rate    {perf.ood_rate:.1%} of the last {perf.drift_candles} candles served" in out
+    assert f"drift (PSI) {perf.drift[0].feature} {perf.drift[0].psi:.2f}" in out
+    assert f"expected    {perf.expected_log_loss:>10.4f}" in out
+    assert plot.stat().st_size > 10_000
     # serving the same candles again changes neither
     stub.Predict(inference_pb2.PredictRequest(symbol=record.symbol, timeframe=TF, model_id=record.model_id,
                                               candles=candles_of(month)), timeout=60)
