@@ -262,6 +262,27 @@ def _ts(t) -> str:
     return ms_to_iso(ms) if ms is not None else "n/a"
 
 
+def ood_rows(m: Mapping[str, float]) -> list[tuple[str, str]]:
+    """The out-of-distribution score on the held-back part: how many candles it flagged (the threshold flags 1 % of
+    the training rows), and whether they scored worse than the rest (log-loss ratio to the prior of each group)."""
+    rate, flagged = _get(m, "ood_rate_test"), _get(m, "test_ood_rows")
+    if rate is None:
+        return [("out-of-distribution candles", "n/a (a model trained before the score existed)")]
+    train = _get(m, "ood_rate_train")
+    rows = [("out-of-distribution candles",
+             f"{rate:.2%} of the held-back part ({int(flagged or 0):,} candles; training rows: "
+             f"{_fmt(train, '.2%') if train is not None else 'n/a'})")]
+    ood, rest = _get(m, "test_ood_log_loss_ratio"), _get(m, "test_in_distribution_log_loss_ratio")
+    if ood is not None and rest is not None:
+        verdict = "worse than" if ood > rest else "no worse than"
+        rows.append(("log-loss ratio, flagged / the rest",
+                     f"{_fmt(ood)} / {_fmt(rest)}: flagged candles scored {verdict} the rest"
+                     + (" (few candles: read with care)" if (flagged or 0) < 30 else "")))
+    else:
+        rows.append(("log-loss ratio, flagged / the rest", "n/a (no held-back candle was flagged)"))
+    return rows
+
+
 def render_html(info: Any) -> str:
     m = dict(info.metrics)
     e = html.escape
@@ -311,6 +332,7 @@ def render_html(info: Any) -> str:
         ("balanced accuracy", _fmt(_get(m, "balanced_accuracy"))),
         ("shrink weight on the forest", _fmt(_get(m, "shrink_weight"), ".3f")),
     ]
+    test_rows.extend(ood_rows(m))
     if n_folds:
         test_rows.append((f"purged {n_folds}-fold CV, log-loss ratio",
                           f"{_fmt(cv_mean)} &plusmn; {_fmt(cv_std)} (mean &plusmn; standard deviation)"))

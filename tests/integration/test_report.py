@@ -34,6 +34,12 @@ def test_report_renders_with_embedded_charts_and_names_the_model(services, tmp_p
     for k in range(int(m["cv_folds"])):
         assert f"{m[f'cv_fold_{k}_log_loss_ratio']:.4f}" in page
     assert f"{m['cv_log_loss_ratio_mean']:.4f}" in page
+    # the out-of-distribution candles of the held-back part, and how they scored against the rest
+    assert f"{m['ood_rate_test']:.2%} of the held-back part ({int(m['test_ood_rows']):,} candles" in page
+    if "test_ood_log_loss_ratio" in m:
+        assert f"{m['test_ood_log_loss_ratio']:.4f} / {m['test_in_distribution_log_loss_ratio']:.4f}" in page
+    else:
+        assert "no held-back candle was flagged" in page
 
 
 def test_report_of_an_unknown_model_is_not_found(services, tmp_path, capsys):
