@@ -248,6 +248,45 @@ def test_drift_ood_rate_and_expected_loss_of_the_candles_served(services, sample
     assert again.drift_candles == perf.drift_candles and list(again.drift) == list(perf.drift)
 
 
+def _drift_after(stub, record, frame: pd.DataFrame, timeout: float = 30.0) -> inference_pb2.LivePerformance:
+    """Predict `frame` with the model, then its LivePerformance once the journal has taken the answer."""
+    stub.Predict(inference_pb2.PredictRequest(symbol=record.symbol, timeframe=TF, model_id=record.model_id,
+                                              candles=candles_of(frame)), timeout=120)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        perf = performance(stub, record)
+        if perf.drift_candles:
+            return perf
+        time.sleep(0.2)
+    raise AssertionError("the drift window stayed empty")
+
+
+def test_psi_is_near_zero_on_the_training_window_and_large_in_another_volatility_regime(services, sample_frame):
+    """With a window as long as the training year, the candles of the training window give the training deciles
+    back (PSI near 0); the same candles with tenfold volatility move the volatility features far (PSI > 0.2)."""
+    from inference_service.server import start as start_inference
+
+    year = window(sample_frame, "2018-01-01", "2019-01-01")
+    log_close = np.log(year.close.to_numpy())
+    wild = year.copy()
+    new_log = log_close[0] + np.concatenate([[0.0], np.cumsum(np.diff(log_close) * 10)]) + np.log(10)
+    for c in ("open", "high", "low"):
+        wild[c] = np.exp(new_log + (np.log(year[c].to_numpy()) - log_close) * 10)
+    wild["close"] = np.exp(new_log)
+    server = start_inference(replace(services.settings, drift_window=10_000), "127.0.0.1:0")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            record = new_market(services)
+            same = _drift_after(stub, record, year)
+            assert same.drift_candles == len(year) - (record.warmup_bars - 1)  # every ready candle of the year
+            assert max(d.psi for d in same.drift) < 0.01, list(same.drift)[:3]
+            moved = {d.feature: d.psi for d in _drift_after(stub, new_market(services), wild).drift}
+            assert moved["volatility_24"] > 0.2 and moved["natr_14"] > 0.2, moved
+    finally:
+        server.stop(0.5)
+
+
 def test_a_forming_candle_replaced_three_times_is_scored_once_in_its_final_version(services, sample_frame):
     record = new_market(services)
     stub = services.infer_stub
