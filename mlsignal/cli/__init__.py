@@ -15,7 +15,7 @@ import sys
 import traceback
 
 # Modules under mlsignal.cli that each define register(subparsers).
-COMMAND_MODULES = ("db", "data", "training", "policies", "inference", "monitor", "demo", "backtest", "health",
+COMMAND_MODULES = ("db", "data", "training", "policies", "inference", "stream", "monitor", "demo", "backtest", "health",
                    "loadtest", "report")
 
 # Top-level modules that only an extra brings: module -> (extra, what the extra is for in messages).
@@ -48,8 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mlsignal",
         description="Operate mlsignal: database, market data, training, inference and backtests.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show the traceback of an error (by default an error is one line)")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -59,7 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    _verbose_everywhere(parser)
     return parser
+
+
+VERBOSE_HELP = "show the traceback of an error (by default an error is one line); accepted anywhere on the line"
+
+
+def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept -v/--verbose after the sub-command too (`mlsignal predict ... --verbose`), not only before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if "--verbose" not in child._option_string_actions:
+                    flags = ["--verbose"] if "-v" in child._option_string_actions else ["-v", "--verbose"]
+                    # SUPPRESS: a sub-command without the flag keeps the value given before it.
+                    child.add_argument(*flags, action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+                _verbose_everywhere(child)
 
 
 def command_name(args: argparse.Namespace) -> str:
@@ -101,6 +116,24 @@ def _extra_module(exc: ModuleNotFoundError) -> str | None:
     return None
 
 
+def _refused_call(exc: BaseException) -> bool:
+    """Whether `exc` is what a command's error handler reports in one line: a refused call or a bad input."""
+    from mlsignal.client import MlsignalClientError
+
+    return isinstance(exc, MlsignalClientError | ValueError) and not isinstance(exc, ModuleNotFoundError)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The line a command's error handler prints for `exc` (after `error: `)."""
+    from mlsignal.client import MlsignalClientError
+
+    if isinstance(exc, MlsignalClientError):
+        status = exc.code.name if exc.code is not None else "ERROR"
+        note = f" ({exc.note})" if exc.note else ""
+        return f"{status}: {exc.details}{note}"
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     from shared.errors import MlsignalError
 
@@ -113,8 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(missing_extras_message(command_name(args), missing), file=sys.stderr)
         return 2
+    func = args.func
+    if args.verbose:
+        # Refused calls are normally reported in one line by the command's own error handler; unwrap it so the
+        # traceback can be shown too.
+        func = getattr(func, "__wrapped__", func)
     try:
-        return int(args.func(args) or 0)
+        return int(func(args) or 0)
     except MlsignalError as exc:
         if args.verbose:
             traceback.print_exc()
@@ -129,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not args.verbose or func is args.func or not _refused_call(exc):
+            raise
+        traceback.print_exc()
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,8 +9,12 @@ from __future__ import annotations
 import sys
 
 from mlsignal.cli.security import add_security_arguments, security_kwargs
+from mlsignal.client.channel import check_target_scheme
 
-KNOWN_SERVICES = ("mlsignal.v1.InferenceService", "mlsignal.v1.TrainingService")
+# Every name an mlsignal server reports a health status for, besides '' (the server as a whole): the inference
+# server has InferenceService and mlsignal.staleness (NOT_SERVING while a serving model is older than
+# MLSIGNAL_MODEL_MAX_AGE), the training server TrainingService.
+KNOWN_SERVICES = ("mlsignal.v1.InferenceService", "mlsignal.staleness", "mlsignal.v1.TrainingService")
 
 
 def register(sub) -> None:
@@ -28,12 +32,32 @@ def register(sub) -> None:
     p.add_argument("--training", action="store_true",
                    help="check the training service at MLSIGNAL_TRAINING_ADDR instead of the inference service")
     p.add_argument("--service", default="", metavar="NAME",
-                   help="service to check, e.g. mlsignal.v1.InferenceService (default: the server as a whole)")
+                   help="service to check: mlsignal.v1.InferenceService or mlsignal.staleness on the inference "
+                        "server, mlsignal.v1.TrainingService on the training server (default: the server as a whole)")
     p.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS", help="give up after this long (default 3)")
     add_security_arguments(p)
     p.add_argument("--server-name", metavar="NAME",
                    help="with TLS: the name the server certificate must carry, when it differs from the target host")
     p.set_defaults(func=_health)
+
+
+def _known_names(stub, refused: str, timeout: float) -> list[str]:
+    """The names of KNOWN_SERVICES the server has a health status for (asked one by one), without `refused`."""
+    import grpc
+    from grpc_health.v1 import health_pb2
+
+    names = []
+    for name in KNOWN_SERVICES:
+        if name == refused:
+            continue
+        try:
+            stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                continue
+            return [n for n in KNOWN_SERVICES if n != refused]  # cannot tell: every name mlsignal servers use
+        names.append(name)
+    return names
 
 
 def _channel(target: str, security: dict, server_name: str | None):
@@ -63,14 +87,20 @@ def _health(args) -> int:
 
         settings = Settings.from_env()
         target = settings.training_addr if args.training else settings.inference_addr
-    channel = _channel(target, security, args.server_name)
     try:
-        reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        check_target_scheme(target)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    channel = _channel(target, security, args.server_name)
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.NOT_FOUND:
-            print(f"error: {target} has no health status for service {args.service!r}; known names are '' (the "
-                  f"server as a whole), {', '.join(KNOWN_SERVICES)}", file=sys.stderr)
+            known = ", ".join(["'' (the server as a whole)", *_known_names(stub, args.service, args.timeout)])
+            print(f"error: {target} has no health status for service {args.service!r}; this server knows {known}",
+                  file=sys.stderr)
         else:
             print(f"error: {target}: {exc.code().name}: {exc.details() or 'no details'}", file=sys.stderr)
         return 1

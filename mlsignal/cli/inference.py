@@ -12,6 +12,10 @@ from shared.timeframes import TIMEFRAME_MS
 REQUIRED = ("timestamp", "open", "high", "low", "close", "volume")
 OPTIONAL = ("funding_rate", "open_interest")
 _DIGITS = re.compile(r"-?\d+")
+# A candle the server names in a message: `candles[5].open_time_ms: ...` or `columns.close[5]: ...`.
+_CANDLE_FIELD = re.compile(r"(?:candles\[(?P<i>\d+)\]\.(?P<name>\w+)|columns\.(?P<cname>\w+)\[(?P<ci>\d+)\]):?\s*")
+# The frame rows of one request of several (InferenceClient.predict's note).
+_REQUEST_ROWS = re.compile(r"frame rows (\d+)\.\.")
 
 
 def register(sub) -> None:
@@ -27,7 +31,10 @@ def register(sub) -> None:
             "no header, as `data import` reads it). Write the rows with ML_UP_PROB, ML_DOWN_PROB, "
             "ML_RANGE_PROB, ML_READY, ML_IN_SAMPLE, ML_MODEL_ID, ML_OOD_SCORE and ML_OOD added, and a one-line "
             "summary to stderr. Probabilities are empty while a row is not ready (fewer than warmup_bars candles "
-            "before it)."
+            "before it). A candle the service refuses is named by its file line and open time, like `line 52 "
+            "(2019-09-03T02:30:00Z): open_time_ms ... is not aligned to the timeframe`. Warnings on stderr say when "
+            "no row is ready (the history the model needs and the file's) and when the candles have gaps (how many "
+            "candles are missing and where the first gap starts)."
         ),
     )
     p.add_argument("--symbol", required=True, help="market symbol, like BTC/USDT")
@@ -72,6 +79,79 @@ def read_candle_file(path: Path, timeframe: str):
     for name in REQUIRED[1:]:
         raw[name] = candles[name].to_numpy()
     return frame, raw
+
+
+def first_data_line(path: Path) -> int:
+    """The file line of the first candle: 2 below a header, 1 for a Binance kline file without one."""
+    import pandas as pd
+
+    from shared.errors import MlsignalError
+    from shared.store.importers import detect_format
+
+    try:
+        if detect_format(path) != "binance":
+            return 2
+        first = pd.read_csv(path, header=None, nrows=1, dtype=str, compression="infer")
+    except (MlsignalError, ValueError, OSError, EOFError):
+        return 2
+    return 1 if _DIGITS.fullmatch(str(first.iat[0, 0]).strip()) else 2
+
+
+def refused_candle(details: str, lines, times_ms, offset: int = 0) -> str | None:
+    """`line L (ISO time): <what>` for a server message that names a candle by its index in the request
+    (`candles[i].field: ...`), with the index mapped back to the file line; None when it names no candle.
+
+    `lines[k]` and `times_ms[k]` are the file line and open time of candle k; `offset` is the index of the request's
+    first candle among them."""
+    from shared.timeframes import ms_to_iso
+
+    m = _CANDLE_FIELD.search(details)
+    if m is None:
+        return None
+    k = offset + int(m.group("i") or m.group("ci"))
+    if not 0 <= k < len(lines):
+        return None
+    name = m.group("name") or m.group("cname")
+    what = details[:m.start()] + f"{name} " + details[m.end():]
+    return f"line {int(lines[k])} ({ms_to_iso(int(times_ms[k]))}): {what.strip()}"
+
+
+def gaps_warning(times_ms, timeframe: str) -> str | None:
+    """`warning: ...` naming how many candles are missing between the given open times and the first gap."""
+    import numpy as np
+
+    from shared.timeframes import ms_to_iso
+
+    tf_ms = TIMEFRAME_MS[timeframe]
+    t = np.unique(np.asarray(times_ms, dtype=np.int64))
+    if t.size < 2:
+        return None
+    steps = np.diff(t)
+    holes = np.flatnonzero(steps > tf_ms)
+    if not holes.size:
+        return None
+    missing = int(sum(int(steps[i]) // tf_ms - 1 for i in holes))
+    first = ms_to_iso(int(t[holes[0]]) + tf_ms)
+    gaps = "1 gap" if holes.size == 1 else f"{holes.size} gaps"
+    return (f"warning: the input has gaps: {missing} {timeframe} candle{'s' if missing != 1 else ''} missing in "
+            f"{gaps}, the first at {first}; features after a gap span it")
+
+
+def not_ready_warning(client, symbol: str, timeframe: str, model_id: str, candles: int) -> str:
+    """`warning: no row is ready: ...` with the history the model needs (when the service says) and the input's."""
+    from mlsignal.client import MlsignalClientError
+
+    needed = None
+    try:
+        model = client.get_model(symbol, timeframe)
+        if not model_id or model.model_id == model_id:
+            needed = int(model.warmup_bars)
+    except MlsignalClientError:
+        pass
+    have = f"the file has {candles}"
+    if needed:
+        return f"warning: no row is ready: the model needs {needed} candles of history, {have}"
+    return f"warning: no row is ready: the model needs more candles of history than the file has ({candles})"
 
 
 def _check_consistency(frame, path: Path) -> None:
@@ -174,13 +254,28 @@ def _numbers(col, name: str, path: Path, line, allow_empty: bool):
 @client_errors
 def _predict(args) -> int:
     from mlsignal.cli.security import security_kwargs
-    from mlsignal.client import ML_COLUMNS, InferenceClient
+    from mlsignal.client import ML_COLUMNS, InferenceClient, MlsignalClientError
+    from mlsignal.client.frames import frame_times_ms
     from shared.settings import Settings
 
     frame, raw = read_candle_file(args.csv, args.timeframe)
+    times = frame_times_ms(frame)
+    lines = [first_data_line(args.csv) + i for i in range(len(frame))]
+    gaps = gaps_warning(times, args.timeframe)
+    if gaps:
+        print(gaps, file=sys.stderr)
     target = args.target or Settings.from_env().inference_addr
     with InferenceClient(target, **security_kwargs(args)) as client:
-        out = client.predict(frame, args.symbol, args.timeframe, model_id=args.model_id)
+        try:
+            out = client.predict(frame, args.symbol, args.timeframe, model_id=args.model_id)
+        except MlsignalClientError as exc:
+            rows = _REQUEST_ROWS.search(exc.note)
+            where = refused_candle(exc.details, lines, times, int(rows.group(1)) if rows else 0)
+            if where is None:
+                raise
+            raise type(exc)(exc.code, f"{args.csv} {where}") from exc
+        if not out["ML_READY"].any():
+            print(not_ready_warning(client, args.symbol, args.timeframe, args.model_id, len(out)), file=sys.stderr)
     result = raw.copy()
     for col in ML_COLUMNS:
         result[col] = out[col].to_numpy()

@@ -18,10 +18,11 @@ from typing import Any, Self
 
 import grpc
 
-from mlsignal.client.errors import error_from_rpc
+from mlsignal.client.errors import called_service, error_from_rpc, is_method_not_found, wrong_service_note
 from shared.settings import is_loopback_host
 
-__all__ = ["DEFAULT_TIMEOUT", "MAX_MESSAGE_BYTES", "ServiceClient", "connect_channel", "is_local_target"]
+__all__ = ["DEFAULT_TIMEOUT", "MAX_MESSAGE_BYTES", "ServiceClient", "check_target_scheme", "connect_channel",
+           "is_local_target"]
 
 # Large enough for a Predict over the service's default maximum batch of candles.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -142,6 +143,7 @@ def connect_channel(
     """
     if not isinstance(target, str) or not target.strip():
         raise ValueError(f"target must be an address like 127.0.0.1:50052 or dns:///host:port, got {target!r}")
+    check_target_scheme(target)
     if token is not None and (not isinstance(token, str) or not token or "\n" in token or "\r" in token):
         raise ValueError("token must be a non-empty string without line breaks")
     if root_certificates is not None and not tls:
@@ -174,6 +176,13 @@ def connect_channel(
     if token is not None:  # allow_insecure_token: the caller accepted a clear-text token
         channel = grpc.intercept_channel(channel, _MetadataInterceptor([("authorization", f"Bearer {token}")]))
     return channel
+
+
+def check_target_scheme(target: str) -> None:
+    """ValueError for a URL given as a gRPC target (``http://host:port``): gRPC targets have no http:// prefix."""
+    scheme = target.strip().lower().partition("://")[0]
+    if scheme in ("http", "https") and "://" in target:
+        raise ValueError(f"{target}: use host:port (no {scheme}:// prefix)")
 
 
 class ServiceClient:
@@ -209,4 +218,7 @@ class ServiceClient:
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as err:
+            if is_method_not_found(err):
+                wrong = wrong_service_note(self.channel, called_service(method), self.target)
+                note = f"{note}; {wrong}" if note and wrong else note or wrong
             raise error_from_rpc(err, note) from err

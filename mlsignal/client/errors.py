@@ -25,8 +25,11 @@ __all__ = [
     "TrainingFailedError",
     "UnauthenticatedError",
     "UnavailableError",
+    "called_service",
     "error_from_rpc",
     "error_from_status",
+    "is_method_not_found",
+    "wrong_service_note",
 ]
 
 
@@ -170,3 +173,50 @@ def error_from_status(status: Any, note: str = "") -> MlsignalClientError:
             exc.field = violations.field_violations[0].field
             break
     return exc
+
+
+# The two services, by gRPC service name: (what the CLI calls it, the variable that holds its address, its default).
+SERVICES = {
+    "mlsignal.v1.TrainingService": ("training", "MLSIGNAL_TRAINING_ADDR", "127.0.0.1:50051"),
+    "mlsignal.v1.InferenceService": ("inference", "MLSIGNAL_INFERENCE_ADDR", "127.0.0.1:50052"),
+}
+
+
+def called_service(method: Any) -> str:
+    """The gRPC service name of a stub method (a multi-callable or a path like /mlsignal.v1.TrainingService/X)."""
+    path = getattr(method, "_method", method)
+    if isinstance(path, bytes):
+        path = path.decode("utf-8", "replace")
+    if not isinstance(path, str):
+        return ""
+    return path.strip("/").partition("/")[0]
+
+
+def wrong_service_note(channel: grpc.Channel, service: str, target: str = "", timeout: float = 2.0) -> str:
+    """For an UNIMPLEMENTED answer to a call of `service`: which mlsignal service answered instead and where the
+    called one listens, like `this is the inference service; training listens on MLSIGNAL_TRAINING_ADDR (default
+    127.0.0.1:50051)`. The server's health service tells which service it runs; empty when `service` is not one of
+    mlsignal's."""
+    if service not in SERVICES:
+        return ""
+    wanted, variable, default = SERVICES[service]
+    where = f"{wanted} listens on {variable} (default {default})"
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    for other, (name, _, _) in SERVICES.items():
+        if other == service:
+            continue
+        try:
+            stub.Check(health_pb2.HealthCheckRequest(service=other), timeout=timeout)
+        except grpc.RpcError:
+            continue
+        return f"this is the {name} service; {where}"
+    at = f"{target} " if target else "the server "
+    return f"{at}does not offer {service}; {where}"
+
+
+def is_method_not_found(err: grpc.RpcError) -> bool:
+    """Whether a call failed UNIMPLEMENTED: the server does not have the method (e.g. the other service's port)."""
+    code_fn = getattr(err, "code", None)
+    return callable(code_fn) and code_fn() == grpc.StatusCode.UNIMPLEMENTED

@@ -18,7 +18,15 @@ import numpy as np
 import pandas as pd
 
 from mlsignal.client.channel import DEFAULT_TIMEOUT, ServiceClient
-from mlsignal.client.errors import MlsignalClientError, ProtocolError, error_from_rpc, error_from_status
+from mlsignal.client.errors import (
+    MlsignalClientError,
+    ProtocolError,
+    called_service,
+    error_from_rpc,
+    error_from_status,
+    is_method_not_found,
+    wrong_service_note,
+)
 from mlsignal.client.frames import batch_plan, candle_from_item, frame_to_candles, predictions_to_frame
 from mlsignal.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from shared.timeframes import ms_to_datetime, ms_to_iso
@@ -29,6 +37,9 @@ __all__ = ["InferenceClient", "LivePrediction"]
 @dataclass(frozen=True, slots=True)
 class LivePrediction:
     """One candle's prediction from `InferenceClient.stream`; up/down/range are NaN when `ready` is false.
+
+    `ood_score` is the candle's out-of-distribution score (NaN when the model has none or the candle is not ready)
+    and `ood` whether it is above the model's threshold.
 
     Example::
 
@@ -44,6 +55,8 @@ class LivePrediction:
     ready: bool
     in_sample: bool
     model_id: str
+    ood_score: float = math.nan
+    ood: bool = False
 
     @property
     def open_time(self) -> datetime:
@@ -258,7 +271,11 @@ class InferenceClient(ServiceClient):
             except grpc.RpcError as err:
                 if failure:
                     raise failure[0] from err
-                raise error_from_rpc(err, "in the prediction stream") from err
+                note = "in the prediction stream"
+                if is_method_not_found(err):
+                    wrong = wrong_service_note(self.channel, called_service(self._stub.StreamPredict), self.target)
+                    note = f"{note}; {wrong}" if wrong else note
+                raise error_from_rpc(err, note) from err
             if failure:
                 raise failure[0]
         finally:
@@ -274,7 +291,9 @@ class InferenceClient(ServiceClient):
         if p.open_time_ms != expected:
             raise ProtocolError(None, f"prediction for open_time_ms {p.open_time_ms} arrived where {expected} was "
                                       "expected")
+        score = p.ood_score if p.HasField("ood_score") else math.nan
         if p.ready:
             return LivePrediction(p.open_time_ms, p.ml_up_prob, p.ml_down_prob, p.ml_range_prob, True, p.in_sample,
-                                  resp.model_id)
-        return LivePrediction(p.open_time_ms, math.nan, math.nan, math.nan, False, p.in_sample, resp.model_id)
+                                  resp.model_id, score, p.ood)
+        return LivePrediction(p.open_time_ms, math.nan, math.nan, math.nan, False, p.in_sample, resp.model_id, score,
+                              p.ood)
