@@ -54,6 +54,10 @@ def register(sub) -> None:
         "--resample", choices=list(TIMEFRAME_MS), metavar="TF",
         help="also store candles aggregated to this longer timeframe; only buckets with every candle stored are kept",
     )  # fmt: skip
+    imp.add_argument(
+        "--force", action="store_true",
+        help="import candles even when the most common step between them is not --timeframe",
+    )  # fmt: skip
     imp.set_defaults(func=_import, needs=DATABASE)
 
     push = dsub.add_parser(
@@ -85,7 +89,7 @@ def register(sub) -> None:
 def _import(args) -> int:
     from shared.errors import InvalidArgument
     from shared.settings import Settings
-    from shared.store.importers import ImportRejected
+    from shared.store.importers import ImportRejected, TimeframeMismatch, spacing_text
     from shared.symbols import validate_symbol
 
     settings = Settings.from_env()
@@ -106,13 +110,21 @@ def _import(args) -> int:
         if args.kind == "candles":
             from shared.store.importers import read_candles
 
-            frame = read_candles(args.file, args.timeframe, args.format, closed_by_ms=_now_ms())
+            frame = read_candles(args.file, args.timeframe, args.format, closed_by_ms=_now_ms(),
+                                 check_spacing=not args.force)
         else:
             from shared.store.importers import read_series
 
             frame = read_series(args.file, args.kind)
+    except TimeframeMismatch as exc:
+        found = spacing_text(exc.spacing_ms)
+        print(f"error: {args.file}: --timeframe is {exc.timeframe} but the file's candles are {found} apart (the "
+              f"most common step between rows); pass --timeframe {found}, or --force to import it as "
+              f"{exc.timeframe} anyway", file=sys.stderr)
+        return 2
     except ImportRejected as exc:
-        print(f"error: {args.file} line {exc.line}: {exc.reason}", file=sys.stderr)
+        hint = _series_hint(args.file) if args.kind == "candles" and exc.line == 1 else ""
+        print(f"error: {args.file} line {exc.line}: {exc.reason}{hint}", file=sys.stderr)
         return 2
 
     engine = _connect(settings.database_url, migrate=True)
@@ -124,6 +136,34 @@ def _import(args) -> int:
     finally:
         engine.dispose()
     return 0
+
+
+def _series_hint(path: str) -> str:
+    """`; it looks like a funding-rate series: ...` when a file refused as candles holds a series instead."""
+    import pandas as pd
+
+    try:
+        head = pd.read_csv(path, nrows=50, dtype=str, keep_default_na=False, compression="infer")
+    except Exception:  # the refusal already says what is wrong with the file
+        return ""
+    columns = {str(c).strip().lower().replace("-", "_").replace(" ", "_"): c for c in head.columns}
+    if "open" in columns and "close" in columns:
+        return ""
+    name = Path(path).name.lower().replace("-", "_")
+    kind = ""
+    if any("funding" in c for c in columns) or "funding" in name:
+        kind = "funding-rate"
+    elif any("open_interest" in c or c in ("oi", "sum_open_interest") for c in columns) or "open_interest" in name:
+        kind = "open-interest"
+    elif "value" in columns:
+        values = pd.to_numeric(head[columns["value"]], errors="coerce").dropna()
+        if values.empty:
+            return ""
+        kind = "funding-rate" if (values < 0).any() or (values.abs() < 0.1).all() else "open-interest"
+    if not kind:
+        return ""
+    layout = "" if set(columns) >= {"timestamp", "value"} else " (series files have the header timestamp,value)"
+    return f"; it looks like a {kind} series: import it with --kind {kind}{layout}"
 
 
 def _check_resample(timeframe: str, target: str) -> None:

@@ -83,12 +83,14 @@ def detect_format(path: str | Path) -> str:
 
 
 def read_candles(
-    path: str | Path, timeframe: str, fmt: str = "auto", *, closed_by_ms: int | None = None
+    path: str | Path, timeframe: str, fmt: str = "auto", *, closed_by_ms: int | None = None,
+    check_spacing: bool = False,
 ) -> pd.DataFrame:
     """Validated candles of a file, sorted by time: columns open_time_ms (int64) and open..volume (float64).
 
     With `closed_by_ms` (an import: the clock now) every candle must have closed by then, open time + one timeframe
-    <= closed_by_ms; the line of a still-forming candle rejects the file.
+    <= closed_by_ms; the line of a still-forming candle rejects the file. With `check_spacing`, a file whose most
+    common step between candles is not the timeframe raises TimeframeMismatch before any row check.
     """
     tf_ms = _timeframe_ms(timeframe)
     if fmt not in FORMATS:
@@ -96,8 +98,8 @@ def read_candles(
     if fmt == "auto":
         fmt = detect_format(path)
     if fmt == "binance":
-        return _read_binance(path, timeframe, tf_ms, closed_by_ms)
-    return _read_generic(path, timeframe, tf_ms, closed_by_ms)
+        return _read_binance(path, timeframe, tf_ms, closed_by_ms, check_spacing)
+    return _read_generic(path, timeframe, tf_ms, closed_by_ms, check_spacing)
 
 
 def read_series(path: str | Path, kind: str) -> pd.DataFrame:
@@ -117,16 +119,18 @@ def read_series(path: str | Path, kind: str) -> pd.DataFrame:
     return pd.DataFrame({"time_ms": ts[order], "value": value[order]})
 
 
-def _read_generic(path, timeframe: str, tf_ms: int, closed_by_ms: int | None) -> pd.DataFrame:
+def _read_generic(path, timeframe: str, tf_ms: int, closed_by_ms: int | None, check_spacing: bool = False
+                  ) -> pd.DataFrame:
     raw = _read_raw(path, header=True)
     cols = _require_columns(raw, ("timestamp", *PRICE_COLUMNS, "volume"), "timestamp,open,high,low,close,volume")
     checks = _Checks(len(raw), first_line=2)
     ts = _timestamps(raw[cols["timestamp"]], checks, "timestamp")
     values = {name: _numbers(raw[cols[name]], checks, name) for name in (*PRICE_COLUMNS, "volume")}
-    return _finish_candles(raw, cols, ts, values, checks, timeframe, tf_ms, "timestamp", closed_by_ms)
+    return _finish_candles(raw, cols, ts, values, checks, timeframe, tf_ms, "timestamp", closed_by_ms, check_spacing)
 
 
-def _read_binance(path, timeframe: str, tf_ms: int, closed_by_ms: int | None) -> pd.DataFrame:
+def _read_binance(path, timeframe: str, tf_ms: int, closed_by_ms: int | None, check_spacing: bool = False
+                  ) -> pd.DataFrame:
     first = _read_raw(path, header=False, nrows=1)
     has_header = not first.empty and not _DIGITS.fullmatch(str(first.iloc[0, 0]))
     raw = _read_raw(path, header=has_header)
@@ -166,11 +170,14 @@ def _read_binance(path, timeframe: str, tf_ms: int, closed_by_ms: int | None) ->
         ),
         "close_time",
     )
-    return _finish_candles(raw, cols, ts, values, checks, timeframe, tf_ms, "open_time", closed_by_ms)
+    return _finish_candles(raw, cols, ts, values, checks, timeframe, tf_ms, "open_time", closed_by_ms, check_spacing)
 
 
-def _finish_candles(raw, cols, ts, values, checks, timeframe, tf_ms, time_field, closed_by_ms) -> pd.DataFrame:
+def _finish_candles(raw, cols, ts, values, checks, timeframe, tf_ms, time_field, closed_by_ms,
+                    check_spacing: bool = False) -> pd.DataFrame:
     """Row checks common to all candle layouts, then the sorted frame."""
+    if check_spacing:
+        check_timeframe_spacing(ts[(ts >= MIN_TIME_MS) & (ts < MAX_TIME_MS)], timeframe)
     _check_candle_values(values, checks, lambda name, i: _raw(raw, cols[name], i))
     checks.add(
         ts % tf_ms != 0,
@@ -256,6 +263,47 @@ def _require_columns(raw: pd.DataFrame, names: tuple[str, ...], layout: str) -> 
     if raw.empty:
         raise ImportRejected(2, "the file has a header but no data rows")
     return {n: found[n] for n in names}
+
+
+class TimeframeMismatch(InvalidArgument):
+    """The candles of a file are `spacing_ms` apart (the most common step between them), not one `timeframe`."""
+
+    def __init__(self, timeframe: str, spacing_ms: int):
+        super().__init__(f"the candles are {spacing_text(spacing_ms)} apart, not {timeframe}", field="timeframe")
+        self.timeframe = timeframe
+        self.spacing_ms = spacing_ms
+
+
+def spacing_text(ms: int) -> str:
+    """A step between candles as a timeframe name when it is one (`4h`), else in the largest whole unit."""
+    from shared.timeframes import TIMEFRAME_MS
+
+    for name, length in TIMEFRAME_MS.items():
+        if length == ms:
+            return name
+    for unit, length in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms % length == 0:
+            return f"{ms // length}{unit}"
+    return f"{ms} ms"
+
+
+def candle_spacing_ms(open_times_ms) -> int | None:
+    """The most common step between distinct open times (the smallest on a tie); None for fewer than two."""
+    t = np.unique(np.asarray(open_times_ms, dtype=np.int64))
+    if t.size < 2:
+        return None
+    steps, counts = np.unique(np.diff(t), return_counts=True)
+    return int(steps[np.argmax(counts)])
+
+
+def check_timeframe_spacing(open_times_ms, timeframe: str) -> None:
+    """TimeframeMismatch when the most common step between the candles is another timeframe than the given one (gaps
+    are fine; a step that is no timeframe at all is left to the row checks, which name the line at fault)."""
+    from shared.timeframes import TIMEFRAME_MS
+
+    spacing = candle_spacing_ms(open_times_ms)
+    if spacing is not None and spacing != _timeframe_ms(timeframe) and spacing in TIMEFRAME_MS.values():
+        raise TimeframeMismatch(timeframe, spacing)
 
 
 # --------------------------------------------------------------------------------------------------------------------

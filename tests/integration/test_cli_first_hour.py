@@ -194,3 +194,44 @@ def test_verbose_anywhere_shows_the_traceback_of_a_refused_call(services, tmp_pa
     assert "line 52 (2019-09-03T02:30:00Z)" in err.splitlines()[-1]
     assert cli_main(["predict", *args(services, path)]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+# 6. data import: the timeframe against the file's spacing, series files without --kind
+
+
+def four_hourly(n: int = 12) -> str:
+    start = pd.Timestamp("2024-01-01", tz="UTC")
+    body = [f"{(start + pd.Timedelta(hours=4 * i)).strftime('%Y-%m-%dT%H:%M:%SZ')},100,110,90,105,1"
+            for i in range(n)]
+    return "timestamp,open,high,low,close,volume\n" + "\n".join(body) + "\n"
+
+
+def test_import_refuses_a_timeframe_that_does_not_match_the_spacing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLSIGNAL_DATABASE_URL", f"sqlite:///{tmp_path}/m.db")
+    path = tmp_path / "four_hourly.csv"
+    path.write_text(four_hourly())
+    for given in ("1h", "1d"):
+        assert cli_main(["data", "import", str(path), "--symbol", "BTC/USDT", "--timeframe", given]) == 2
+        err = capsys.readouterr().err
+        assert (f"error: {path}: --timeframe is {given} but the file's candles are 4h apart (the most common step "
+                f"between rows); pass --timeframe 4h, or --force to import it as {given} anyway") in err
+    assert cli_main(["data", "import", str(path), "--symbol", "BTC/USDT", "--timeframe", "1h", "--force"]) == 0
+    assert "12 inserted" in capsys.readouterr().out
+    assert cli_main(["data", "import", str(path), "--symbol", "BTC/USDT", "--timeframe", "4h"]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(("name", "values", "kind"), [
+    ("rates.csv", ["0.0001", "-0.00005", "0.0002"], "funding-rate"),
+    ("oi.csv", ["152000.5", "153100", "151900.25"], "open-interest"),
+])
+def test_import_of_a_series_without_kind_suggests_the_kind(tmp_path, monkeypatch, capsys, name, values, kind):
+    monkeypatch.setenv("MLSIGNAL_DATABASE_URL", f"sqlite:///{tmp_path}/m.db")
+    path = tmp_path / name
+    path.write_text("timestamp,value\n" + "".join(f"2024-01-01T0{i}:00:00Z,{v}\n" for i, v in enumerate(values)))
+    assert cli_main(["data", "import", str(path), "--symbol", "BTC/USDT", "--timeframe", "1h"]) == 2
+    err = capsys.readouterr().err
+    assert "line 1: header lacks column(s)" in err
+    assert f"; it looks like a {kind} series: import it with --kind {kind}" in err
+    assert cli_main(["data", "import", str(path), "--symbol", "BTC/USDT", "--kind", kind]) == 0
+    capsys.readouterr()
