@@ -1,5 +1,5 @@
-"""`mlsignal data import|push|list`: load market-data files into the database (or, with `push`, send candles to the
-training service, which stores them), and show what is stored."""
+"""`mlsignal data import|push|list|delete`: load market-data files into the database (or, with `push`, send candles to
+the training service, which stores them), show what is stored, and delete a market's candles."""
 
 from __future__ import annotations
 
@@ -81,6 +81,24 @@ def register(sub) -> None:
                       help=f"candles per message (default: {PUSH_BATCH})")
     _target_arg(push)  # --target, TLS and token as for the other training-service commands
     push.set_defaults(func=_push)
+
+    delete = dsub.add_parser(
+        "delete",
+        help="delete a market's stored candles (all of them, or those between --start and --end)",
+        description=(
+            "Delete the candles of one symbol and timeframe from MLSIGNAL_DATABASE_URL: every one, or those whose "
+            "open time is at or after --start and before --end. Says how many will go and asks for confirmation "
+            "unless --yes is given (any answer but y or yes, or none, deletes nothing and exits 1). Funding rates "
+            "and open interest (per symbol, for every timeframe) and trained models are not touched."
+        ),
+    )
+    delete.add_argument("--symbol", required=True, help="market symbol, like BTC/USDT")
+    delete.add_argument("--timeframe", required=True, choices=list(TIMEFRAME_MS), metavar="TF",
+                        help=f"candle length, one of {' '.join(TIMEFRAME_MS)}")
+    delete.add_argument("--start", metavar="TIME", help="first open time to delete, ISO-8601 UTC (default: the first)")
+    delete.add_argument("--end", metavar="TIME", help="delete open times before this, ISO-8601 UTC (default: all)")
+    delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    delete.set_defaults(func=_delete, needs=DATABASE)
 
     ls = dsub.add_parser("list", help="stored candles per symbol and timeframe, and funding-rate/open-interest series")
     ls.set_defaults(func=_list, needs=DATABASE)
@@ -316,6 +334,50 @@ def _push(args) -> int:
         print(f"warning: {what}: {result.conflicting} candles differ from the ones already stored; the stored "
               "values are kept (the training service logs the first of each batch)", file=sys.stderr)
     print(f"{what}: {_counts_text(result)}, last {ms_to_iso(result.last_open_time_ms)}")
+    return 0
+
+
+def _delete(args) -> int:
+    from shared.errors import InvalidArgument
+    from shared.settings import Settings
+    from shared.store.marketdata import count_candles, delete_candles
+    from shared.symbols import validate_symbol
+    from shared.timeframes import ms_to_iso, parse_time
+
+    validate_symbol(args.symbol)
+    bounds = {}
+    for option in ("start", "end"):
+        text = getattr(args, option)
+        if text:
+            try:
+                bounds[option] = parse_time(text)
+            except ValueError as exc:
+                raise InvalidArgument(f"--{option}: {exc}", field=option) from None
+    start, end = bounds.get("start"), bounds.get("end")
+    if start is not None and end is not None and start >= end:
+        raise InvalidArgument(f"--start {args.start} must be before --end {args.end}", field="start")
+    what = f"{args.symbol} {args.timeframe}"
+    if start is not None or end is not None:
+        what += (f" from {ms_to_iso(start) if start is not None else 'the first'} to "
+                 f"{ms_to_iso(end) + ' (excluded)' if end is not None else 'the last'}")
+    engine = _connect(Settings.from_env().database_url, migrate=False)
+    try:
+        n = count_candles(engine, args.symbol, args.timeframe, start, end)
+        if n == 0:
+            print(f"{what}: no candles stored, nothing deleted")
+            return 0
+        if not args.yes:
+            try:
+                answer = input(f"delete {n} candles of {what}? [y/N] ").strip().lower()
+            except EOFError:  # no answer (stdin closed): nothing is deleted
+                answer = ""
+            if answer not in ("y", "yes"):
+                print("nothing deleted")
+                return 1
+        deleted = delete_candles(engine, args.symbol, args.timeframe, start, end)
+    finally:
+        engine.dispose()
+    print(f"{what}: {deleted} candles deleted")
     return 0
 
 

@@ -488,3 +488,22 @@ def _insert_skipping_existing(dialect: str, table: sa.Table) -> sa.Insert:
     if dialect == "sqlite":
         return sqlite.insert(table).on_conflict_do_nothing()
     raise FailedPrecondition(f"database dialect {dialect!r} is not supported; use SQLite or PostgreSQL")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# deleting
+
+
+def delete_candles(
+    engine: sa.Engine, symbol: str, timeframe: str, start_ms: int | None = None, end_ms: int | None = None
+) -> int:
+    """Delete the stored candles of a market with open time in [start_ms, end_ms) (every one without bounds); the
+    number deleted. Funding rates and open interest are per symbol, not per timeframe, and stay."""
+    validate_symbol(symbol)
+    _timeframe(timeframe)
+    c = candles.c
+    query = sa.delete(candles).where(
+        c.symbol == symbol, c.timeframe == timeframe, *_range_filter(c.open_time, start_ms, end_ms)
+    )
+    with engine.begin() as conn:
+        return int(conn.execute(query).rowcount or 0)

@@ -235,3 +235,43 @@ def test_import_of_a_series_without_kind_suggests_the_kind(tmp_path, monkeypatch
     assert f"; it looks like a {kind} series: import it with --kind {kind}" in err
     assert cli_main(["data", "import", str(path), "--symbol", "BTC/USDT", "--kind", kind]) == 0
     capsys.readouterr()
+
+
+# 7. data delete
+
+
+def test_data_delete_removes_a_markets_candles_after_confirmation(tmp_path, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setenv("MLSIGNAL_DATABASE_URL", f"sqlite:///{tmp_path}/m.db")
+    path = tmp_path / "four_hourly.csv"
+    path.write_text(four_hourly())  # 2024-01-01T00:00Z .. 2024-01-02T20:00Z, 4h
+    assert cli_main(["data", "import", str(path), "--symbol", "BTC/USDT", "--timeframe", "4h"]) == 0
+    assert cli_main(["data", "import", str(path), "--symbol", "ETH/USDT", "--timeframe", "4h"]) == 0
+    capsys.readouterr()
+    delete = ["data", "delete", "--symbol", "BTC/USDT", "--timeframe", "4h"]
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("n\n"))
+    assert cli_main([*delete, "--start", "2024-01-02", "--end", "2024-01-02T08:00:00Z"]) == 1
+    out = capsys.readouterr().out
+    assert "delete 2 candles of BTC/USDT 4h from 2024-01-02T00:00:00Z to 2024-01-02T08:00:00Z (excluded)? [y/N]" in out
+    assert "nothing deleted" in out
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))
+    assert cli_main([*delete, "--start", "2024-01-02", "--end", "2024-01-02T08:00:00Z"]) == 0
+    assert "BTC/USDT 4h from 2024-01-02T00:00:00Z to 2024-01-02T08:00:00Z (excluded): 2 candles deleted" in \
+        capsys.readouterr().out
+
+    assert cli_main([*delete, "--yes"]) == 0
+    assert "BTC/USDT 4h: 10 candles deleted" in capsys.readouterr().out
+    assert cli_main([*delete, "--yes"]) == 0
+    assert "BTC/USDT 4h: no candles stored, nothing deleted" in capsys.readouterr().out
+
+    from shared.store.db import make_engine
+    from shared.store.marketdata import count_candles
+
+    engine = make_engine(f"sqlite:///{tmp_path}/m.db")
+    try:
+        assert count_candles(engine, "ETH/USDT", "4h") == 12  # other markets stay
+    finally:
+        engine.dispose()
