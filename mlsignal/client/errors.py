@@ -152,6 +152,8 @@ def error_from_rpc(err: grpc.RpcError, note: str = "") -> MlsignalClientError:
     if not isinstance(code, grpc.StatusCode):
         code = grpc.StatusCode.UNKNOWN
     cls = _ERROR_CLASSES.get(code, MlsignalClientError)
+    if code == grpc.StatusCode.UNIMPLEMENTED and _not_found_details(details or "") and "listens on" not in note:
+        note = f"{note}; {WHERE_SERVICES}" if note else WHERE_SERVICES
     return cls(code, details or str(err) or code.name, note=note)
 
 
@@ -217,6 +219,22 @@ def wrong_service_note(channel: grpc.Channel, service: str, target: str = "", ti
 
 
 def is_method_not_found(err: grpc.RpcError) -> bool:
-    """Whether a call failed UNIMPLEMENTED: the server does not have the method (e.g. the other service's port)."""
+    """Whether a call failed because the server does not have the method (e.g. the other service's port): gRPC's own
+    UNIMPLEMENTED answer, not one a method sent itself."""
     code_fn = getattr(err, "code", None)
-    return callable(code_fn) and code_fn() == grpc.StatusCode.UNIMPLEMENTED
+    details_fn = getattr(err, "details", None)
+    if not (callable(code_fn) and code_fn() == grpc.StatusCode.UNIMPLEMENTED):
+        return False
+    details = (details_fn() if callable(details_fn) else "") or ""
+    return _not_found_details(details)
+
+
+def _not_found_details(details: str) -> bool:
+    """gRPC's texts for a method the server does not have (Python and C++ servers, Go servers)."""
+    text = details.strip().lower()
+    return text in ("", "method not found!") or text.startswith(("unknown service", "unknown method"))
+
+
+# For an UNIMPLEMENTED answer where the client could not ask which service answered.
+WHERE_SERVICES = ("is the target the other service's address? training listens on MLSIGNAL_TRAINING_ADDR (default "
+                  "127.0.0.1:50051), inference on MLSIGNAL_INFERENCE_ADDR (default 127.0.0.1:50052)")

@@ -99,6 +99,29 @@ def test_stream_follow_reads_lines_appended_to_the_file(services, tmp_path, caps
     assert sum("ready=yes" in line for line in lines) == 6
 
 
+def test_stream_follow_stops_cleanly_on_ctrl_c(services, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    path = write(rows(WARMUP + 2), tmp_path / "live.csv")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlsignal.cli", "stream", *args(services, path, "--follow", "--poll", "0.05")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        printed = [proc.stdout.readline() for _ in range(WARMUP + 2)]  # every candle of the file answered
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert all(LINE.match(line.strip()) for line in printed)
+    assert rest == ""
+    assert "stopped: 102 candles answered, 3 ready, 0 refused" in err
+    assert "Traceback" not in err
+
+
 def test_stream_follow_refuses_a_compressed_file(services, tmp_path, capsys):
     path = tmp_path / "c.csv.gz"
     rows(3).to_csv(path, index=False)
@@ -162,6 +185,15 @@ def test_a_call_to_the_other_service_says_which_service_answered(services, tmp_p
         err = capsys.readouterr().err
         assert ("this is the training service; inference listens on MLSIGNAL_INFERENCE_ADDR (default "
                 "127.0.0.1:50052)") in err, command
+
+
+def test_a_stream_to_the_other_service_names_both_addresses(services, tmp_path, capsys):
+    path = write(rows(5), tmp_path / "c.csv")
+    assert cli_main(["data", "push", str(path), "--symbol", "BTC/USD", "--timeframe", "1h", "--target",
+                     f"127.0.0.1:{services.inference.port}"]) == 2
+    err = capsys.readouterr().err
+    assert ("is the target the other service's address? training listens on MLSIGNAL_TRAINING_ADDR (default "
+            "127.0.0.1:50051), inference on MLSIGNAL_INFERENCE_ADDR (default 127.0.0.1:50052)") in err
 
 
 # 4. health --service
