@@ -42,7 +42,8 @@ def register(sub) -> None:
             "and ood=. A candle the service refuses is reported on stderr as `line L (time): <reason>` and the "
             "stream goes on. Without --follow every row is checked before anything is sent. With --follow the "
             "file is read line by line and then watched for new lines (a bad line is reported and skipped) until "
-            "Ctrl-C or --max-candles. A summary goes to stderr at the end; exit 0, or 2 when nothing could be sent."
+            "Ctrl-C or --max-candles. A summary goes to stderr at the end, with warnings when no candle was ready or "
+            "the candles have gaps. Exit 0 (also after Ctrl-C); 2 when the file cannot be read or the stream fails."
         ),
     )
     p.add_argument("--symbol", required=True, help="market symbol, like BTC/USDT")
