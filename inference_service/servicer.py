@@ -164,7 +164,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                         response = await asyncio.to_thread(self.answers.stream_step, session, request)
                 yield response
                 if jobs and shadows is not None:  # the response is sent: the shadows predict its candles now
-                    shadows.run(jobs)
+                    if candle_count(request) <= INLINE_CANDLES:
+                        shadows.run(jobs)
+                    else:  # as large a job as the answer, which was not computed on the event loop either
+                        shadows.enqueue(jobs)
 
     @maps_errors
     async def GetModel(

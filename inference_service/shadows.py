@@ -126,6 +126,11 @@ class Shadows:
         finally:
             _DEFERRED.reset(token)
 
+    def enqueue(self, jobs: list) -> None:
+        """Hand deferred jobs to the background thread instead."""
+        self._queue.extend(jobs)
+        self._wake.set()
+
     def run(self, jobs: list) -> None:
         """Predict and journal deferred jobs now (their market's shadows are in memory: no database, no disk)."""
         for job in jobs:
