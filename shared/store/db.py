@@ -229,11 +229,16 @@ def _sqlite_engine(url: str, create: bool) -> sa.Engine:
         @event.listens_for(engine, "connect")
         def _remember_file(_dbapi_conn, record):  # pragma: no cover - trivial
             record.info["sqlite_file"] = _file_id(watched)
+            # SQLite opens a write-protected file read-only, even with mode=rw, and the connection stays so
+            record.info["sqlite_writable"] = os.access(watched, os.W_OK)
 
         @event.listens_for(engine, "checkout")
         def _same_file(_dbapi_conn, record, _proxy):
             if _file_id(watched) != record.info.get("sqlite_file"):  # deleted, moved away or replaced meanwhile
                 raise sa.exc.DisconnectionError(f"the database file {watched} was removed or replaced")
+            if not record.info.get("sqlite_writable", True) and os.access(watched, os.W_OK):
+                raise sa.exc.DisconnectionError(f"the connection to {watched} was opened read-only while the file "
+                                                "refused writes; it takes writes again")
 
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial

@@ -208,3 +208,32 @@ def test_postgres_stopping_fails_the_running_job_and_the_next_one_runs(own_pg_ur
     url, stopped = own_pg_url
     load_market(url, sample_frame)
     _outage_during_a_job(url, tmp_path / "models", stopped)
+
+
+def test_a_sqlite_connection_opened_while_the_file_refused_writes_is_not_reused_read_only(tmp_path, sample_frame):
+    """SQLite opens a write-protected file read-only (even with mode=rw) and such a connection stays read-only: a
+    pool that kept it would refuse writes after the file takes them again."""
+    import sqlalchemy as sa
+
+    from shared.store.db import make_engine
+
+    if not _can_chattr(tmp_path):
+        pytest.skip("needs root and a filesystem with the immutable attribute (chattr +i)")
+    db = tmp_path / "mlsignal.db"
+    url = f"sqlite:///{db}"
+    load_market(url, sample_frame.iloc[:10])
+    engine = make_engine(url)
+    try:
+        files = [str(p) for p in (db, db.with_name(db.name + "-wal")) if p.exists()]
+        subprocess.run(["chattr", "+i", *files], check=True)
+        try:
+            with engine.connect() as conn:  # a reader during the outage opens (and pools) its connection
+                assert conn.execute(sa.text("SELECT count(*) FROM candles")).scalar() == 10
+        finally:
+            subprocess.run(["chattr", "-i", *files], check=True)
+        with engine.begin() as conn:  # the file takes writes again: so does the engine, at once
+            conn.execute(sa.text("DELETE FROM candles WHERE open_time = (SELECT min(open_time) FROM candles)"))
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM candles")).scalar() == 9
+    finally:
+        engine.dispose()
