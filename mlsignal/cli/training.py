@@ -224,8 +224,13 @@ def _train(args) -> int:
             bar.close()
             raise
         bar.close()
+        from mlsignal.client import model_stage_name
+
+        info = next((m for m in client.list_models(args.symbol, args.timeframe) if m.model_id == job.model_id), None)
     print(f"job    {job.job_id}")
     print(f"model  {job.model_id}")
+    if info is not None:  # what the model became: SERVING, SHADOW (until the live test decides), REJECTED, ...
+        print(f"stage  {model_stage_name(info.stage)}: {info.stage_reason}")
     print()
     print(metrics_table(job.metrics))
     return 0

@@ -92,6 +92,9 @@ def test_train_prints_metrics_against_the_prior_then_models_jobs_and_cancel_see_
     model_id = re.search(r"^model +(\S+)$", out, re.M).group(1)
     job = get_job(env, job_id)
     assert job.state == training_pb2.JOB_STATE_SUCCEEDED and job.model_id == model_id
+    stage = re.search(r"^stage +(\w+): (.+)$", out, re.M)  # what the new model became, and why
+    assert stage is not None and stage.group(1) in ("SERVING", "SHADOW", "REJECTED"), out
+    assert "log loss" in stage.group(2)
     assert job.request.params.n_estimators == 20
     assert job.request.start_time.ToMilliseconds() == ms("2018-03-01")
     assert job.request.end_time.ToMilliseconds() == ms("2018-10-01")
