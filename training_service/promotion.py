@@ -29,8 +29,7 @@ import sqlalchemy as sa
 
 from shared.errors import FailedPrecondition, MlsignalError, one_line
 from shared.live_comparison import DEFAULT_TEST, PROMOTE, UNDECIDED, LiveTestSettings, compare
-from shared.store import registry
-from shared.store.db import live_scores
+from shared.store import live, registry
 
 log = logging.getLogger(__name__)
 
@@ -64,24 +63,21 @@ class PromotionRunner:
         """One round over the registry; returns what it decided."""
         report = PromotionReport()
         serving = {(s, tf): m for s, tf, m, _ in registry.serving_models(self.engine)}
-        counts = self._score_counts()
-        for symbol, timeframe in registry.markets_with_shadows(self.engine):
-            serving_id = serving.get((symbol, timeframe))
-            if serving_id is None:
-                continue  # nothing to compare with; an operator decides (promote, or train again)
-            for row in registry.shadow_rows(self.engine, symbol, timeframe):
-                if self._test_shadow(row.model_id, serving_id, counts, report):
+        shadowed = []  # (serving model, its market's shadows): a market nothing serves waits for an operator
+        for key in registry.markets_with_shadows(self.engine):
+            if key in serving:
+                shadowed.append((serving[key], [row.model_id for row in registry.shadow_rows(self.engine, *key)]))
+        ids = [*serving.values(), *(m for _, shadows in shadowed for m in shadows)]
+        counts = {m: s.scored for m, s in live.summaries(self.engine, ids).items()}  # only the models tested
+        for serving_id, shadows in shadowed:
+            for shadow_id in shadows:
+                if self._test_shadow(shadow_id, serving_id, counts, report):
                     break  # a new model serves: the other shadows are compared with it from the next tick
         for model_id in serving.values():
             self._test_prior(model_id, counts, report)
         for model_id in set(self._worse) - set(serving.values()):  # no longer serving
             del self._worse[model_id]
         return report
-
-    def _score_counts(self) -> dict[str, int]:
-        s = live_scores.c
-        with self.engine.connect() as conn:
-            return {m: int(n) for m, n in conn.execute(sa.select(s.model_id, sa.func.count()).group_by(s.model_id))}
 
     def _changed(self, key: tuple[str, str], counts: dict[str, int]) -> bool:
         now = counts.get(key[0], 0) + counts.get(key[1], 0)
