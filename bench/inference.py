@@ -260,46 +260,39 @@ def run_cases(target: str, frame: pd.DataFrame, plan: Plan, in_process: bool, lo
 SHADOW_SETTLE_S = 5.0  # > 2 x MLSIGNAL_MODEL_POLL_SECONDS (2)
 
 
-def register_shadow(record, model_dir: Path) -> str:
-    """A copy of the served model (its own id and ONNX file) registered as a SHADOW of its market."""
+def register_copy(record, model_dir: Path, prefix: str, **changes) -> str:
+    """A copy of the served model with its own id and ONNX file, registered with `changes` (stage, ...)."""
     import shutil
     import uuid
     from dataclasses import replace
 
     from shared.store.db import make_engine
-    from shared.store.registry import SHADOW, insert_model
+    from shared.store.registry import insert_model
 
-    shadow_id = f"shadow-{uuid.uuid4().hex[:12]}"
-    shutil.copyfile(model_dir / record.artifact, model_dir / f"{shadow_id}.onnx")
+    copy_id = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    shutil.copyfile(model_dir / record.artifact, model_dir / f"{copy_id}.onnx")
     engine = make_engine(record_url(record))
     try:
         with engine.begin() as conn:
-            insert_model(conn, replace(record, model_id=shadow_id, artifact=f"{shadow_id}.onnx", stage=SHADOW,
-                                       stage_reason="benchmark shadow", created_at_ms=int(time.time() * 1000)))
+            insert_model(conn, replace(record, model_id=copy_id, artifact=f"{copy_id}.onnx",
+                                       created_at_ms=int(time.time() * 1000), **changes))
     finally:
         engine.dispose()
-    return shadow_id
+    return copy_id
+
+
+def register_shadow(record, model_dir: Path) -> str:
+    """A copy of the served model registered as a SHADOW of its market."""
+    from shared.store.registry import SHADOW
+
+    return register_copy(record, model_dir, "shadow", stage=SHADOW, stage_reason="benchmark shadow")
 
 
 def register_copy_without_ood(record, model_dir: Path) -> str:
-    """A copy of the served model (its own id and ONNX file) without the out-of-distribution score, RETIRED."""
-    import shutil
-    import uuid
-    from dataclasses import replace
+    """A copy of the served model without the out-of-distribution score, RETIRED."""
+    from shared.store.registry import RETIRED
 
-    from shared.store.db import make_engine
-    from shared.store.registry import RETIRED, insert_model
-
-    plain_id = f"plain-{uuid.uuid4().hex[:12]}"
-    shutil.copyfile(model_dir / record.artifact, model_dir / f"{plain_id}.onnx")
-    engine = make_engine(record_url(record))
-    try:
-        with engine.begin() as conn:
-            insert_model(conn, replace(record, model_id=plain_id, artifact=f"{plain_id}.onnx", stage=RETIRED, ood=None,
-                                       stage_reason="benchmark: no OOD score", created_at_ms=int(time.time() * 1000)))
-    finally:
-        engine.dispose()
-    return plain_id
+    return register_copy(record, model_dir, "plain", stage=RETIRED, ood=None, stage_reason="benchmark: no OOD score")
 
 
 def serve(record, model_id: str) -> None:
