@@ -367,6 +367,21 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
 
+def open_channels(target: str, n: int) -> list[grpc.aio.Channel]:
+    """`n` channels to `target`, each its own HTTP/2 connection (a local subchannel pool)."""
+    return [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1),
+                                                       ("grpc.max_receive_message_length", 64 << 20)])
+            for _ in range(n)]
+
+
+async def ready_stubs(chans: list[grpc.aio.Channel], timeout: float) -> tuple[list, list]:
+    """Health and inference stubs on every channel, once every channel is connected."""
+    for c in chans:
+        await asyncio.wait_for(c.channel_ready(), timeout)
+    return ([health_pb2_grpc.HealthStub(c) for c in chans],
+            [inference_pb2_grpc.InferenceServiceStub(c) for c in chans])
+
+
 def _windows(frame: pd.DataFrame, rounds: int) -> tuple[list, list]:
     """WINDOWS candle windows after the training window: (warm request, next-candle requests) per window."""
     from mlsignal.client.frames import frame_to_candles
@@ -389,15 +404,9 @@ async def desk_run(server: ServerProcess, n: int, frame: pd.DataFrame, channels:
     t_start = time.perf_counter()
     cpu_start = time.process_time()
     warm, nexts = _windows(frame, rounds)
-    # Distinct channel arguments and a local subchannel pool: each channel is its own HTTP/2 connection.
-    chans = [grpc.aio.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1),
-                                                                ("grpc.max_receive_message_length", 64 << 20)])
-             for _ in range(channels)]
+    chans = open_channels(server.target, channels)
     try:
-        health_stubs = [health_pb2_grpc.HealthStub(c) for c in chans]
-        infer_stubs = [inference_pb2_grpc.InferenceServiceStub(c) for c in chans]
-        for c in chans:
-            await asyncio.wait_for(c.channel_ready(), timeout)
+        health_stubs, infer_stubs = await ready_stubs(chans, timeout)
 
         # The model loads on first use: one Predict before anything is measured.
         t = time.perf_counter()

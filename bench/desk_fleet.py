@@ -46,7 +46,7 @@ from pathlib import Path
 
 import grpc
 import pandas as pd
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from bench.desk import (
     STREAM_HEADROOM,
@@ -59,9 +59,11 @@ from bench.desk import (
     _windows,
     burst,
     health_calls,
+    open_channels,
+    ready_stubs,
 )
 from bench.inference import SYMBOL, TIMEFRAME
-from mlsignal.v1 import inference_pb2, inference_pb2_grpc
+from mlsignal.v1 import inference_pb2
 
 TARGET_N = 1000
 TARGET_RATIO = 1.0  # the 1,000-market burst completes in <= 1.0 x the time of 1,000 concurrent health checks
@@ -382,14 +384,9 @@ async def fleet_run(server: ServerProcess, fleet: Fleet, n: int, frame: pd.DataF
     rounds, timeout, channels = args.rounds, args.timeout, args.channels
     warm, nexts = _windows(frame, rounds)
     markets, expected = fleet.markets[:n], fleet.model_ids[:n]
-    chans = [grpc.aio.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1),
-                                                                ("grpc.max_receive_message_length", 64 << 20)])
-             for _ in range(channels)]
+    chans = open_channels(server.target, channels)
     try:
-        health_stubs = [health_pb2_grpc.HealthStub(c) for c in chans]
-        infer_stubs = [inference_pb2_grpc.InferenceServiceStub(c) for c in chans]
-        for c in chans:
-            await asyncio.wait_for(c.channel_ready(), timeout)
+        health_stubs, infer_stubs = await ready_stubs(chans, timeout)
         await burst(health_calls(health_stubs, min(n, 100), timeout), timeout)  # warm the connections
 
         log(f"  idle server, no model loaded: CPU over {args.idle_seconds:g} s, health checks ...")
