@@ -206,10 +206,12 @@ def _drift_of(journal: Journal, store: ModelStore) -> Callable[[str], tuple[int,
 
 
 def _watch_staleness(settings: Settings, store: ModelStore, handle: ServerHandle) -> StalenessWatch | None:
-    """Report `mlsignal.staleness` SERVING, and with MLSIGNAL_MODEL_MAX_AGE set watch the serving models' age."""
+    """With MLSIGNAL_MODEL_MAX_AGE set, watch the serving models' age as the health name `mlsignal.staleness`.
+
+    Unset, the name is not registered (a Check of it is NOT_FOUND): a SERVING there would claim a watch that no one
+    configured."""
     max_age_ms = settings.model_max_age_ms()
     if max_age_ms is None:
-        handle.set_serving(STALENESS_SERVICE, True)
         return None
     watch = StalenessWatch(store, max_age_ms, lambda serving: handle.set_serving(STALENESS_SERVICE, serving),
                            interval=min(settings.model_poll_seconds, 60.0))

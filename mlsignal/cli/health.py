@@ -12,8 +12,8 @@ from mlsignal.cli.security import add_security_arguments, security_kwargs
 from mlsignal.client.channel import check_target_scheme
 
 # Every name an mlsignal server reports a health status for, besides '' (the server as a whole): the inference
-# server has InferenceService and mlsignal.staleness (NOT_SERVING while a serving model is older than
-# MLSIGNAL_MODEL_MAX_AGE), the training server TrainingService.
+# server has InferenceService and, when MLSIGNAL_MODEL_MAX_AGE is set, mlsignal.staleness (NOT_SERVING while a
+# serving model is older than that), the training server TrainingService.
 KNOWN_SERVICES = ("mlsignal.v1.InferenceService", "mlsignal.staleness", "mlsignal.v1.TrainingService")
 
 
@@ -32,8 +32,9 @@ def register(sub) -> None:
     p.add_argument("--training", action="store_true",
                    help="check the training service at MLSIGNAL_TRAINING_ADDR instead of the inference service")
     p.add_argument("--service", default="", metavar="NAME",
-                   help="service to check: mlsignal.v1.InferenceService or mlsignal.staleness on the inference "
-                        "server, mlsignal.v1.TrainingService on the training server (default: the server as a whole)")
+                   help="service to check: mlsignal.v1.InferenceService, or mlsignal.staleness (with "
+                        "MLSIGNAL_MODEL_MAX_AGE set) on the inference server, mlsignal.v1.TrainingService on the "
+                        "training server (default: the server as a whole)")
     p.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS", help="give up after this long (default 3)")
     add_security_arguments(p)
     p.add_argument("--server-name", metavar="NAME",
@@ -99,8 +100,11 @@ def _health(args) -> int:
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.NOT_FOUND:
             known = ", ".join(["'' (the server as a whole)", *_known_names(stub, args.service, args.timeout)])
-            print(f"error: {target} has no health status for service {args.service!r}; this server knows {known}",
-                  file=sys.stderr)
+            hint = ""
+            if args.service == "mlsignal.staleness" and "mlsignal.v1.InferenceService" in known:
+                hint = " (it reports mlsignal.staleness only when MLSIGNAL_MODEL_MAX_AGE is set on the server)"
+            print(f"error: {target} has no health status for service {args.service!r}; this server knows "
+                  f"{known}{hint}", file=sys.stderr)
         else:
             print(f"error: {target}: {exc.code().name}: {exc.details() or 'no details'}", file=sys.stderr)
         return 1

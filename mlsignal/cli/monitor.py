@@ -31,7 +31,8 @@ def register(sub) -> None:
             "(ready, out-of-sample predictions, scored once their label is known): the number of candles scored, "
             "the live log loss next to the training class prior's on the same candles, the multiclass Brier score "
             "and the reliability of each class. Also the model's age and the `mlsignal.staleness` health "
-            "(NOT_SERVING when the server's MLSIGNAL_MODEL_MAX_AGE is exceeded), the expected log loss of the "
+            "(NOT_SERVING when the server's MLSIGNAL_MODEL_MAX_AGE is exceeded; shown only when the server sets "
+            "it), the expected log loss of the "
             "probabilities served, the live test against the class prior, and the trust signals of the last "
             "MLSIGNAL_DRIFT_WINDOW candles this replica served: the out-of-distribution rate and the features that "
             "drifted most (PSI). With --plot, draw the live reliability diagram, next to the out-of-sample one from "
@@ -73,16 +74,17 @@ def _age(ms: int) -> str:
     return f"{days}d {rest // 3600}h" if days else f"{rest // 3600}h {rest % 3600 // 60}m"
 
 
-def format_report(perf: Any, info: Any, staleness: str, serving_id: str) -> str:
-    """The monitor table: model, scored candles, live metrics against the prior, the training figures, staleness and
-    the live reliability per class."""
+def format_report(perf: Any, info: Any, staleness: str | None, serving_id: str) -> str:
+    """The monitor table: model, scored candles, live metrics against the prior, the training figures, staleness (when
+    the server watches it) and the live reliability per class."""
     lines = []
     role = "serving" if perf.model_id == serving_id else "pinned"
     lines.append(f"model       {perf.model_id} ({role})")
     if info is not None and info.created_at.seconds:
         created_ms = info.created_at.ToMilliseconds()
         lines.append(f"created     {ms_to_iso(created_ms)} (age {_age(int(time.time() * 1000) - created_ms)})")
-    lines.append(f"staleness   {staleness}")
+    if staleness is not None:
+        lines.append(f"staleness   {staleness}")
     if perf.scored == 0:
         lines.append("scored      0 candles: no served prediction has a realised label yet")
         return "\n".join(lines)
@@ -205,7 +207,9 @@ def write_plot(perf: Any, oos: list[tuple[str, int, float, float, int]], path: P
     plt.close(fig)
 
 
-def _staleness(channel: Any) -> str:
+def _staleness(channel: Any) -> str | None:
+    """The server's `mlsignal.staleness` health, or None when it does not watch model age (MLSIGNAL_MODEL_MAX_AGE
+    unset there: the name is not registered)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -213,6 +217,8 @@ def _staleness(channel: Any) -> str:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=STALENESS_SERVICE), timeout=5)
     except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return None
         return f"unknown ({exc.code().name})"
     if reply.status == health_pb2.HealthCheckResponse.SERVING:
         return "SERVING (no serving model older than MLSIGNAL_MODEL_MAX_AGE)"

@@ -205,11 +205,36 @@ def test_health_lists_the_names_this_server_knows(services, capsys):
     assert rc == 1
     err = capsys.readouterr().err
     known = err.split("this server knows ", 1)[1]
-    assert "mlsignal.v1.InferenceService" in known and "mlsignal.staleness" in known
+    assert "mlsignal.v1.InferenceService" in known
     assert "mlsignal.v1.TrainingService" not in known
-    assert cli_main(["health", "--target", f"127.0.0.1:{services.inference.port}", "--service",
-                     "mlsignal.staleness"]) == 0
-    capsys.readouterr()
+    assert "mlsignal.staleness" not in known  # MLSIGNAL_MODEL_MAX_AGE is unset: nothing watches the age
+
+
+def test_staleness_is_reported_only_where_the_server_watches_model_age(services, capsys):
+    from dataclasses import replace
+
+    from inference_service.server import start as start_inference
+
+    unset = ["--target", f"127.0.0.1:{services.inference.port}"]
+    assert cli_main(["health", *unset, "--service", "mlsignal.staleness"]) == 1
+    err = capsys.readouterr().err
+    assert "only when MLSIGNAL_MODEL_MAX_AGE is set on the server" in err
+    assert cli_main(["monitor", *unset, "--symbol", "BTC/USD", "--timeframe", "1h"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("model ") and "staleness" not in out
+
+    watched = start_inference(replace(services.settings, model_max_age="3650d"), "127.0.0.1:0")
+    try:
+        at = ["--target", f"127.0.0.1:{watched.port}"]
+        assert cli_main(["health", *at, "--service", "mlsignal.staleness"]) == 0
+        assert capsys.readouterr().out.strip() == "SERVING"
+        assert cli_main(["monitor", *at, "--symbol", "BTC/USD", "--timeframe", "1h"]) == 0
+        out = capsys.readouterr().out
+        assert "staleness   SERVING (no serving model older than MLSIGNAL_MODEL_MAX_AGE)" in out
+        assert cli_main(["health", *at, "--service", "nope"]) == 1
+        assert "mlsignal.staleness" in capsys.readouterr().err.split("this server knows ", 1)[1]
+    finally:
+        watched.stop(0.5)
 
 
 # 5. --verbose anywhere
