@@ -6,7 +6,8 @@ is judged on:
 
 * each fold's test part is one contiguous block of rows (fold ``j`` of ``k``: rows ``[j n / k, (j + 1) n / k)``);
 * its fitting rows leave out a purge of ``h`` rows before the test part and ``h`` rows plus an embargo after it (the
-  embargo also keeps out rows whose features still describe the test period);
+  embargo keeps out rows whose features still describe the test period, so it is at least the feature warm-up,
+  ``warmup_bars`` rows, and at least 1 % of the window);
 * the calibration slice of a fold (where the shrink weight is fitted) is the last part of the remaining rows, with a
   purge of ``h`` rows between it and the fitting rows on each side; it never touches the test part.
 
@@ -38,8 +39,11 @@ class Fold:
     test: np.ndarray
 
 
-def embargo_rows(n: int) -> int:
-    return int(np.ceil(n * EMBARGO_FRACTION))
+def embargo_rows(n: int, warmup_bars: int = 0) -> int:
+    """Rows left out after each test part: 1 % of the window's rows, and never fewer than the feature warm-up (a
+    row's features read the `warmup_bars` candles up to it, so a row closer than that to the test part is partly
+    computed from the test part's candles)."""
+    return max(int(np.ceil(n * EMBARGO_FRACTION)), int(warmup_bars))
 
 
 def near(mask: np.ndarray, before: int, after: int) -> np.ndarray:
@@ -56,8 +60,10 @@ def near(mask: np.ndarray, before: int, after: int) -> np.ndarray:
     return (counts[hi] - counts[lo]) > 0
 
 
-def purged_kfold(n: int, horizon: int, folds: int = DEFAULT_CV_FOLDS, embargo: int | None = None) -> list[Fold]:
-    """The folds of purged, embargoed k-fold CV over `n` rows (see the module docstring).
+def purged_kfold(n: int, horizon: int, folds: int = DEFAULT_CV_FOLDS, embargo: int | None = None,
+                 warmup_bars: int = 0) -> list[Fold]:
+    """The folds of purged, embargoed k-fold CV over `n` rows (see the module docstring). The embargo is
+    `embargo_rows(n, warmup_bars)` unless `embargo` gives it.
 
     Raises ValueError when a fold would get fewer than MIN_FOLD_TEST_ROWS test rows, MIN_FOLD_CALIBRATION_ROWS
     calibration rows or MIN_FOLD_FIT_ROWS fitting rows.
@@ -66,7 +72,7 @@ def purged_kfold(n: int, horizon: int, folds: int = DEFAULT_CV_FOLDS, embargo: i
         raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
-    emb = embargo_rows(n) if embargo is None else int(embargo)
+    emb = embargo_rows(n, warmup_bars) if embargo is None else int(embargo)
     if emb < 0:
         raise ValueError(f"embargo must be >= 0, got {embargo}")
     bounds = [round(n * j / folds) for j in range(folds + 1)]
@@ -92,11 +98,11 @@ def purged_kfold(n: int, horizon: int, folds: int = DEFAULT_CV_FOLDS, embargo: i
     return out
 
 
-def folds_that_fit(n: int, horizon: int, wanted: int = DEFAULT_CV_FOLDS) -> list[Fold]:
+def folds_that_fit(n: int, horizon: int, wanted: int = DEFAULT_CV_FOLDS, warmup_bars: int = 0) -> list[Fold]:
     """`purged_kfold` with `wanted` folds, or the most folds (at least 2) the rows allow; [] if not even 2."""
     for k in range(wanted, 1, -1):
         try:
-            return purged_kfold(n, horizon, k)
+            return purged_kfold(n, horizon, k, warmup_bars=warmup_bars)
         except ValueError:
             continue
     return []

@@ -435,7 +435,8 @@ def train(
     progress("evaluating", 0.36)
 
     # 2. Purged, embargoed k-fold cross-validation over the whole window: the spread of the log-loss ratio.
-    folds = evaluation.folds_that_fit(n, h, cv_folds) if cv_folds >= 2 else []
+    warmup = data.spec.warmup_bars
+    folds = evaluation.folds_that_fit(n, h, cv_folds, warmup_bars=warmup) if cv_folds >= 2 else []
     ratios = []
     for k, fold in enumerate(folds):
         lo = 0.36 + 0.24 * k / len(folds)
@@ -459,7 +460,7 @@ def train(
     if ratios:
         metrics["cv_log_loss_ratio_mean"] = float(np.mean(ratios))
         metrics["cv_log_loss_ratio_std"] = float(np.std(ratios, ddof=1)) if len(ratios) > 1 else 0.0
-        metrics["cv_embargo_rows"] = float(evaluation.embargo_rows(n))
+        metrics["cv_embargo_rows"] = float(evaluation.embargo_rows(n, warmup))
     progress("cross-validating", 0.60)
 
     # 3. The registered model: the shrink weight comes from both purged out-of-sample slices (the evaluation

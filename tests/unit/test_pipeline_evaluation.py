@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from shared import calibration as cal
-from shared.features import feature_matrix
+from shared.features import FeatureSpec, feature_matrix
 from shared.labels import CLASSES, LabelSpec, make_labels, spans_gap
 from shared.params import UNIQUENESS, ForestParams
 from training_service import evaluation, pipeline
@@ -68,10 +68,13 @@ def test_purged_splits_refuse_too_few_rows():
 # purged, embargoed k-fold
 
 
-@pytest.mark.parametrize(("n", "horizon", "folds"), [(17_000, 24, 5), (5000, 24, 4), (3000, 1, 5), (9000, 96, 5)])
-def test_kfold_folds_keep_test_rows_out_of_fitting_and_calibration(n, horizon, folds):
-    emb = evaluation.embargo_rows(n)
-    parts = purged_kfold(n, horizon, folds)
+@pytest.mark.parametrize(("n", "horizon", "folds", "warmup"),
+                         [(17_000, 24, 5, 100), (5000, 24, 4, 100), (3000, 1, 5, 100), (9000, 96, 5, 100),
+                          (17_000, 24, 5, 0), (9000, 24, 5, 721)])
+def test_kfold_folds_keep_test_rows_out_of_fitting_and_calibration(n, horizon, folds, warmup):
+    emb = evaluation.embargo_rows(n, warmup)
+    assert emb >= warmup and emb >= n * evaluation.EMBARGO_FRACTION
+    parts = purged_kfold(n, horizon, folds, warmup_bars=warmup)
     assert len(parts) == folds
     tested = np.concatenate([p.test for p in parts])
     assert np.array_equal(np.sort(tested), np.arange(n))  # every row is tested exactly once
@@ -92,10 +95,39 @@ def test_kfold_folds_keep_test_rows_out_of_fitting_and_calibration(n, horizon, f
         assert len(p.fit) >= evaluation.MIN_FOLD_FIT_ROWS
 
 
+@pytest.mark.parametrize("n", [2000, 5000, 9000])
+def test_the_embargo_after_each_test_part_is_at_least_the_feature_warmup(n):
+    """1 % of a window under 10,000 rows is fewer rows than the default features' warm-up (100 candles): the embargo
+    must still cover the warm-up, so no fitting or calibration row's features read a candle of the test part."""
+    warmup = FeatureSpec().warmup_bars
+    assert n * evaluation.EMBARGO_FRACTION < warmup
+    assert evaluation.embargo_rows(n, warmup) == warmup
+    for p in purged_kfold(n, 24, 4, warmup_bars=warmup):
+        learned = np.concatenate([p.fit, p.calibration])
+        after = learned[learned > p.test[-1]]
+        if after.size:  # every later fitting/calibration row starts its feature window after the test block
+            assert after.min() - (warmup - 1) > p.test[-1] + 24
+            assert after.min() - p.test[-1] - 1 >= 24 + warmup
+
+
+def test_the_pipeline_embargoes_the_feature_warmup(recorded):
+    model, data, label, fits, _ = recorded
+    assert model.metrics["cv_embargo_rows"] == data.spec.warmup_bars == 100
+    k = int(model.metrics["cv_folds"])
+    for j, fold in enumerate(purged_kfold(len(data.y), label.horizon_bars, k, warmup_bars=100)):
+        assert np.array_equal(fits[1 + j], fold.fit)
+        after = fold.fit[fold.fit > fold.test[-1]]
+        if after.size:
+            assert after.min() - fold.test[-1] - 1 >= label.horizon_bars + 100
+
+
 def test_default_cv_has_at_least_four_folds_and_too_short_windows_get_none():
     assert evaluation.DEFAULT_CV_FOLDS >= 4
-    assert len(evaluation.folds_that_fit(17_000, 24)) == evaluation.DEFAULT_CV_FOLDS
-    assert len(evaluation.folds_that_fit(1000, 24)) == evaluation.DEFAULT_CV_FOLDS  # the smallest trainable window
+    assert len(evaluation.folds_that_fit(17_000, 24, warmup_bars=100)) == evaluation.DEFAULT_CV_FOLDS
+    # the smallest trainable window (1,000 rows) has no room for folds with a 100-row embargo; 1,100 rows have
+    assert evaluation.folds_that_fit(1000, 24, warmup_bars=100) == []
+    assert len(evaluation.folds_that_fit(1100, 24, warmup_bars=100)) == evaluation.DEFAULT_CV_FOLDS
+    assert len(evaluation.folds_that_fit(1000, 24)) == evaluation.DEFAULT_CV_FOLDS  # with the 1 % embargo alone
     assert evaluation.folds_that_fit(800, 24) == []
     with pytest.raises(ValueError, match="too few"):
         purged_kfold(800, 24, 5)
@@ -174,7 +206,7 @@ def test_cross_validation_fits_and_calibrates_away_from_each_test_part(recorded)
     assert k == 4
     cv_fits = fits[1:1 + k]
     cv_probas = probas[2:2 + 2 * k]
-    for j, fold in enumerate(purged_kfold(n, h, k)):
+    for j, fold in enumerate(purged_kfold(n, h, k, warmup_bars=data.spec.warmup_bars)):
         cal_rows, test_rows = cv_probas[2 * j], cv_probas[2 * j + 1]
         assert np.array_equal(cv_fits[j], fold.fit)
         assert np.array_equal(cal_rows, fold.calibration) and np.array_equal(test_rows, fold.test)
