@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mlsignal.backtest import LABEL_COLUMNS  # the label each row's model was trained on
 from mlsignal.client import (
     InferenceClient,
     ResourceExhaustedError,
@@ -43,12 +44,13 @@ from mlsignal.client import (
     TrainingJobHandle,
     frame_times_ms,
 )
-from shared.labels import LabelSpec
+from shared.labels import FIXED_HORIZON, TRIPLE_BARRIER, LabelSpec
 from shared.timeframes import ms_to_iso, timeframe_ms
 
 __all__ = [
     "DAY_MS",
     "HOUR_MS",
+    "LABEL_COLUMNS",
     "ML_SIGNAL_COLUMNS",
     "LeakageError",
     "Step",
@@ -64,8 +66,8 @@ DAY_MS = 24 * HOUR_MS
 ML_SIGNAL_COLUMNS = ("ML_UP_PROB", "ML_DOWN_PROB", "ML_RANGE_PROB", "ML_READY", "ML_IN_SAMPLE", "ML_MODEL_ID")
 OUTPUT_COLUMNS = (
     "open_time_ms", "timestamp", "open", "high", "low", "close", "volume",
-    *ML_SIGNAL_COLUMNS, "train_start_ms", "train_end_ms", "step",
-)  # fmt: skip
+    *ML_SIGNAL_COLUMNS, "train_start_ms", "train_end_ms", *LABEL_COLUMNS, "step",
+)  # fmt: skip (and funding_rate after volume when the candles carry funding rates)
 _CANDLE_COLUMNS = ("open", "high", "low", "close", "volume")
 _OPTIONAL_COLUMNS = ("funding_rate", "open_interest")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -176,8 +178,11 @@ def walk_forward(
     total_steps, message)` is called once the jobs are submitted and after each step is trained and predicted.
 
     Returns one row per candle in [start_ms, end_ms), oldest first: open_time_ms, timestamp (UTC), open, high, low,
-    close, volume, ML_UP_PROB, ML_DOWN_PROB, ML_RANGE_PROB, ML_READY, ML_IN_SAMPLE (always false), ML_MODEL_ID,
-    train_start_ms and train_end_ms (the model's first and last training candle, from its ModelInfo) and step.
+    close, volume, funding_rate (only when the candles carry funding rates: the rate as of each close, which a
+    backtest charges a long position), ML_UP_PROB, ML_DOWN_PROB, ML_RANGE_PROB, ML_READY, ML_IN_SAMPLE (always
+    false), ML_MODEL_ID, train_start_ms and train_end_ms (the model's first and last training candle, from its
+    ModelInfo), the model's label ML_HORIZON_BARS, ML_THRESHOLD and ML_LABEL_KIND (fixed_horizon or triple_barrier;
+    a backtest holds each position for this label) and step.
 
     Raises LeakageError if any row is in-sample for its model or is not later than its model's last training candle
     plus the label horizon; MlsignalClientError subclasses for refused calls (TrainingFailedError when a step's
@@ -225,6 +230,8 @@ def walk_forward(
         raise
 
     out = pd.concat(parts, ignore_index=True)
+    if "funding_rate" in out.columns and not np.isfinite(out["funding_rate"].to_numpy(dtype=np.float64)).any():
+        out = out.drop(columns="funding_rate")  # no funding rate stored for these candles
     check_out_of_sample(out, purge_ms)
     return out
 
@@ -279,13 +286,21 @@ def _output_rows(candles: pd.DataFrame, predicted: pd.DataFrame, info, step: Ste
     got = frame_times_ms(predicted)
     if len(got) != len(times) or np.any(got != times):
         raise RuntimeError(f"{step.describe()}: predictions do not line up with the step's candles")
+    from mlsignal.v1 import common_pb2
+
+    kind = TRIPLE_BARRIER if info.label.kind == common_pb2.LABEL_KIND_TRIPLE_BARRIER else FIXED_HORIZON
+    funding = {"funding_rate": candles["funding_rate"].to_numpy()} if "funding_rate" in candles.columns else {}
     out = pd.DataFrame({
         "open_time_ms": times,
         "timestamp": pd.to_datetime(times, unit="ms", utc=True),
         **{c: candles[c].to_numpy() for c in _CANDLE_COLUMNS},
+        **funding,
         **{c: predicted[c].to_numpy() for c in ML_SIGNAL_COLUMNS},
         "train_start_ms": np.int64(info.train_start.ToMilliseconds()),
         "train_end_ms": np.int64(info.train_end.ToMilliseconds()),
+        "ML_HORIZON_BARS": np.int64(info.label.horizon_bars),
+        "ML_THRESHOLD": float(info.label.threshold),
+        "ML_LABEL_KIND": kind,
         "step": np.int64(step.index),
     })  # fmt: skip
     return out

@@ -33,7 +33,13 @@ def frame(close, up=None, ready=True, down=None, step_ms=H) -> pd.DataFrame:
         "ML_IN_SAMPLE": False,
     })  # fmt: skip
     out["ML_DOWN_PROB"] = 0.2 if down is None else np.asarray(down, dtype=float)
+    out["train_end_ms"] = T0 - 100 * H  # every row comes after its model's training window
     return out
+
+
+def run_candle(signals, rule=StrategyRule(), **kwargs):
+    """The one-candle mode: re-decided at every close, held one candle."""
+    return run_backtest(signals, rule, hold="candle", **kwargs)
 
 
 ML_ONLY = StrategyRule(up_min=0.6, rsi_max=None)  # six candles are too few for a 14-candle RSI
@@ -44,7 +50,7 @@ UP6 = [0.5, 0.7, 0.5, 0.7, 0.7, 0.7]
 
 
 def test_hand_computed_positions_returns_fees_and_trades():
-    res = run_backtest(frame(CLOSE6, UP6), ML_ONLY, fee_bps=10, delay_bars=1)
+    res = run_candle(frame(CLOSE6, UP6), ML_ONLY, fee_bps=10, delay_bars=1)
     s = res.strategy
     assert s.position.tolist() == [0, 0, 1, 0, 1, 1]  # decided at t=1 -> held from t=2
     r5 = 100.0 / 108.9 - 1.0
@@ -71,16 +77,16 @@ def test_hand_computed_positions_returns_fees_and_trades():
 
 
 def test_delay_shifts_the_position_and_zero_delay_is_refused():
-    s = run_backtest(frame(CLOSE6, UP6), ML_ONLY, fee_bps=0, delay_bars=2).strategy
+    s = run_candle(frame(CLOSE6, UP6), ML_ONLY, fee_bps=0, delay_bars=2).strategy
     assert s.position.tolist() == [0, 0, 0, 1, 0, 1]
     assert np.allclose(s.returns, [0, 0, 0, 0.0, 0, 100 / 108.9 - 1], atol=1e-15)
     with pytest.raises(ValueError, match="delay_bars"):
-        run_backtest(frame(CLOSE6, UP6), ML_ONLY, delay_bars=0)
+        run_candle(frame(CLOSE6, UP6), ML_ONLY, delay_bars=0)
 
 
 def test_fees_are_charged_per_side_on_every_change():
-    free = run_backtest(frame(CLOSE6, UP6), ML_ONLY, fee_bps=0).strategy
-    paid = run_backtest(frame(CLOSE6, UP6), ML_ONLY, fee_bps=25).strategy
+    free = run_candle(frame(CLOSE6, UP6), ML_ONLY, fee_bps=0).strategy
+    paid = run_candle(frame(CLOSE6, UP6), ML_ONLY, fee_bps=25).strategy
     changes = 4  # in at 2, out at 3, in at 4, out at the end
     assert np.isclose((free.returns - paid.returns).sum(), changes * 0.0025, atol=1e-15)
     assert free.trades == paid.trades == 2
@@ -88,9 +94,9 @@ def test_fees_are_charged_per_side_on_every_change():
 
 def test_no_trades_where_the_model_is_not_ready():
     ready = [True, False, True, False, True, True]
-    s = run_backtest(frame(CLOSE6, UP6, ready=ready), ML_ONLY, fee_bps=0).strategy
+    s = run_candle(frame(CLOSE6, UP6, ready=ready), ML_ONLY, fee_bps=0).strategy
     assert s.position.tolist() == [0, 0, 0, 0, 0, 1]  # only the decision at t=4 (ready) is taken
-    nothing = run_backtest(frame(CLOSE6, UP6, ready=False), ML_ONLY, fee_bps=10)
+    nothing = run_candle(frame(CLOSE6, UP6, ready=False), ML_ONLY, fee_bps=10)
     for row in (nothing.strategy, nothing.rsi_only):
         assert row.trades == 0 and row.total_return == 0.0 and row.exposure == 0.0 and math.isnan(row.hit_rate)
         assert math.isnan(row.sharpe)
@@ -99,13 +105,13 @@ def test_no_trades_where_the_model_is_not_ready():
 def test_down_max_filter():
     down = [0.1, 0.1, 0.1, 0.5, 0.1, 0.1]
     rule = StrategyRule(up_min=0.6, rsi_max=None, down_max=0.3)
-    s = run_backtest(frame(CLOSE6, UP6, down=down), rule, fee_bps=0).strategy
+    s = run_candle(frame(CLOSE6, UP6, down=down), rule, fee_bps=0).strategy
     assert s.position.tolist() == [0, 0, 1, 0, 0, 1]
 
 
 def test_buy_and_hold_is_the_price_ratio():
     close = [100.0, 120.0, 90.0, 95.0, 130.0, 117.0]
-    bh = run_backtest(frame(close), ML_ONLY).buy_and_hold
+    bh = run_candle(frame(close), ML_ONLY).buy_and_hold
     assert bh.total_return == pytest.approx(117.0 / 100.0 - 1.0, rel=1e-15)
     assert np.allclose(bh.equity.to_numpy(), np.array(close) / 100.0, rtol=1e-15)
     assert bh.max_drawdown == pytest.approx(1 - 90 / 120)
@@ -126,8 +132,8 @@ def test_sharpe_is_annualised_by_the_timeframe():
     assert annualised_sharpe(r, "1d") == pytest.approx(expected * math.sqrt(365))
     assert math.isnan(annualised_sharpe(np.zeros(10), "1h"))
     # run_backtest reads the timeframe from the candle spacing
-    daily = run_backtest(frame(CLOSE6, UP6, step_ms=86_400_000), ML_ONLY)
-    hourly = run_backtest(frame(CLOSE6, UP6), ML_ONLY)
+    daily = run_candle(frame(CLOSE6, UP6, step_ms=86_400_000), ML_ONLY)
+    hourly = run_candle(frame(CLOSE6, UP6), ML_ONLY)
     assert daily.timeframe == "1d" and hourly.timeframe == "1h"
     assert daily.strategy.sharpe == pytest.approx(hourly.strategy.sharpe * math.sqrt(365 / 8760))
 
@@ -156,7 +162,7 @@ def test_rsi_is_the_shared_feature_rsi():
 def test_rsi_only_baseline_drops_the_ml_condition():
     sig = random_signals()
     rule = StrategyRule(up_min=0.6, rsi_max=55)
-    res = run_backtest(sig, rule, fee_bps=0)
+    res = run_candle(sig, rule, fee_bps=0)
     r = rsi(sig.close.to_numpy(), 14)
     ready = sig.ML_READY.to_numpy()
     with np.errstate(invalid="ignore"):
@@ -170,26 +176,26 @@ def test_rsi_only_baseline_drops_the_ml_condition():
 @pytest.mark.parametrize("rule", [StrategyRule(), StrategyRule(up_min=0.55, rsi_max=60, down_max=0.3)])
 def test_no_look_ahead(rule):
     sig = random_signals()
-    base = run_backtest(sig, rule, fee_bps=10)
+    base = run_candle(sig, rule, fee_bps=10)
     n = len(sig)
     # a signal changed at the last candle changes no equity value at all before it
     for col, value in (("ML_UP_PROB", 0.99), ("ML_UP_PROB", 0.01), ("ML_DOWN_PROB", 0.0), ("ML_READY", False)):
         changed = sig.copy()
         changed.loc[n - 1, col] = value
-        for a, b in zip(run_backtest(changed, rule, fee_bps=10).rows, base.rows, strict=True):
+        for a, b in zip(run_candle(changed, rule, fee_bps=10).rows, base.rows, strict=True):
             assert np.array_equal(a.equity.to_numpy()[: n - 1], b.equity.to_numpy()[: n - 1])
     # a signal or a price changed at candle k changes nothing before k + delay (signal) or k (price)
     for k in (50, 200, 333):
         for delay in (1, 3):
-            ref = run_backtest(sig, rule, fee_bps=10, delay_bars=delay)
+            ref = run_candle(sig, rule, fee_bps=10, delay_bars=delay)
             changed = sig.copy()
             changed.loc[k:, "ML_UP_PROB"] = 1.0 - changed.loc[k:, "ML_UP_PROB"]
-            out = run_backtest(changed, rule, fee_bps=10, delay_bars=delay)
+            out = run_candle(changed, rule, fee_bps=10, delay_bars=delay)
             assert np.array_equal(out.strategy.equity.to_numpy()[: k + delay],
                                   ref.strategy.equity.to_numpy()[: k + delay])
             moved = sig.copy()
             moved.loc[k:, "close"] = moved.loc[k:, "close"] * np.linspace(0.5, 2.0, n - k)
-            out = run_backtest(moved, rule, fee_bps=10, delay_bars=delay)
+            out = run_candle(moved, rule, fee_bps=10, delay_bars=delay)
             for a, b in zip(out.rows, ref.rows, strict=True):
                 assert np.array_equal(a.equity.to_numpy()[:k], b.equity.to_numpy()[:k])
 
@@ -198,17 +204,18 @@ def test_refuses_in_sample_rows_and_bad_input():
     sig = frame(CLOSE6, UP6)
     sig.loc[2, "ML_IN_SAMPLE"] = True
     with pytest.raises(ValueError, match="ML_IN_SAMPLE"):
-        run_backtest(sig, ML_ONLY)
+        run_candle(sig, ML_ONLY)
     with pytest.raises(ValueError, match="ML_UP_PROB"):
-        run_backtest(frame(CLOSE6).drop(columns="ML_UP_PROB"), ML_ONLY)
+        run_candle(frame(CLOSE6).drop(columns="ML_UP_PROB"), ML_ONLY)
     with pytest.raises(ValueError, match="increasing"):
-        run_backtest(frame(CLOSE6).iloc[::-1], ML_ONLY)
+        run_candle(frame(CLOSE6).iloc[::-1], ML_ONLY)
 
 
 def test_report_table_is_aligned_with_three_rows():
-    text = format_report(run_backtest(random_signals(), StrategyRule()))
+    text = format_report(run_candle(random_signals(), StrategyRule()))
     lines = text.splitlines()
-    table = lines[lines.index("") + 1:]
+    first = lines.index("") + 1
+    table = lines[first:lines.index("", first)]
     assert [line.split("  ")[0].strip() for line in table[2:]] == ["strategy", "rsi only", "buy and hold"]
     assert len({len(line) for line in table}) == 1  # right-aligned numbers: every line has the same width
     for word in ("total return", "max drawdown", "sharpe", "trades", "hit rate", "exposure", "not optimised"):
