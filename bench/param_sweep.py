@@ -9,9 +9,16 @@ candles (a 48-bar horizon on 30m would be a different product default, not a dif
 A candidate replaces the current choice only if it lowers the log-loss ratio (served log loss / prior log loss) on all
 three series, or on two of them without raising it on the third by more than 0.002.
 
+The grids of labels and features (`barriers`, `context`) and `defaults` are scored on two periods, six series-periods
+in all, and a candidate is kept only if it passes the rule on both: the selection year above, and the untouched split
+(train 2017-07-01 .. 2018-04-01, which is 2017-10-01 .. 2018-04-01 for the 30m series whose files start there; score
+2018-04-01 .. 2018-10-01). Every ratio >= 1 (no better than the prior) is marked "miss".
+
     .venv/bin/python -m bench.param_sweep                      # the candidates (100 trees each)
     .venv/bin/python -m bench.param_sweep --grid uniqueness    # second round, around the best of the first
-    .venv/bin/python -m bench.param_sweep --grid defaults      # previous and current defaults (200 trees)
+    .venv/bin/python -m bench.param_sweep --grid barriers      # volatility-scaled barriers (100 trees, both periods)
+    .venv/bin/python -m bench.param_sweep --grid context       # longer-window context features (100 trees, both)
+    .venv/bin/python -m bench.param_sweep --grid defaults      # previous and current defaults (200 trees, both)
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from shared.calibration import EPS, log_loss, shrink_to_prior
-from shared.features import feature_matrix
+from shared.features import FeatureSpec, feature_matrix
 from shared.labels import LabelSpec, make_labels
 from shared.onnxmodel import OnnxForest
 from shared.params import UNIQUENESS, ForestParams
@@ -89,6 +96,62 @@ GRIDS = {"candidates": _candidates, "uniqueness": _uniqueness, "defaults": _defa
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# labels and features, scored on both periods
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    name: str
+    params: ForestParams
+    label: dict = dataclasses.field(default_factory=dict)  # LabelSpec fields that differ from the command line's
+    spec: FeatureSpec = FeatureSpec()
+
+
+@dataclasses.dataclass(frozen=True)
+class Period:
+    name: str
+    train_start: str
+    split: str
+    end: str
+
+
+PERIODS = (
+    Period("2019", "2017-10-01", "2018-10-01", "2019-10-01"),  # the selection year
+    Period("2018", "2017-07-01", "2018-04-01", "2018-10-01"),  # untouched: the 30m files start on 2017-10-01
+)
+
+
+def _screen(**kw) -> ForestParams:
+    return ForestParams(n_estimators=CANDIDATE_TREES, **kw)
+
+
+def _barriers() -> list[Candidate]:
+    """Volatility-scaled barriers: k * sigma_t * sqrt(h), sigma_t over the last `bars` 1-bar returns (closes <= t)."""
+    out = [Candidate("fixed 2 % barrier (current default)", _screen())]
+    for bars, k in ((24, 0.5), (168, 0.35), (168, 0.5), (168, 0.75), (720, 0.5)):
+        out.append(Candidate(f"volatility barrier: {bars} bars, k {k}", _screen(),
+                             {"volatility_bars": bars, "volatility_multiple": k}))
+    return out
+
+
+def _context() -> list[Candidate]:
+    """Context features of the same series over longer windows (return, range, position in range, volatility)."""
+    out = [Candidate("no context features (current default)", _screen())]
+    for bars in ((24,), (24, 96), (96, 336), (168, 720)):
+        out.append(Candidate(f"context bars {', '.join(map(str, bars))}", _screen(),
+                             spec=FeatureSpec(context_bars=bars)))
+    return out
+
+
+def _defaults6() -> list[Candidate]:
+    return [Candidate("previous defaults (leaf 200, depth 6)", PREVIOUS_DEFAULTS),
+            Candidate("current defaults", ForestParams())]
+
+
+GRIDS6 = {"barriers": _barriers, "context": _context, "defaults": _defaults6}
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # calibration alternatives, fitted on the rows the shrink weight was fitted on
 
 
@@ -130,13 +193,13 @@ def _isotonic(raw: np.ndarray, y: np.ndarray):
 
 
 def out_of_sample(frame: pd.DataFrame, tf: str, train_start_ms: int, split_ms: int, end_ms: int, label: LabelSpec,
-                  params: ForestParams, calibrators: bool = False) -> dict:
+                  params: ForestParams, calibrators: bool = False, spec: FeatureSpec = FeatureSpec()) -> dict:
     """Train on [train_start_ms, split_ms), score the served probabilities of every labelled candle in
     [split_ms, end_ms)."""
     window = frame[(frame.open_time_ms >= train_start_ms) & (frame.open_time_ms < split_ms)].reset_index(drop=True)
     t0 = time.perf_counter()
-    model: TrainedModel = train(window, label, params, n_jobs=-1, timeframe_ms=timeframe_ms(tf), cv_folds=0,
-                                importance_repeats=0)
+    model: TrainedModel = train(window, label, params, n_jobs=-1, base_spec=spec, timeframe_ms=timeframe_ms(tf),
+                                cv_folds=0, importance_repeats=0)
     seconds = time.perf_counter() - t0
     frame = frame[frame.open_time_ms < end_ms].reset_index(drop=True)
     cols = {c: frame[c].to_numpy(np.float64) for c in ("open", "high", "low", "close", "volume")}
@@ -170,9 +233,59 @@ def keep(candidate: list[float], current: list[float], tolerance: float = TOLERA
     return len(worse) == 1 and worse[0] <= tolerance and len(candidate) > 2
 
 
+def cell(ratio: float) -> str:
+    """A ratio for the table; at or above 1 (no better than the prior) it is marked as a miss."""
+    return f"{ratio:.4f}" + (" **miss**" if ratio >= 1 else "")
+
+
+def six(candidates: list[Candidate], base_label: LabelSpec, frames: dict) -> dict[str, list[float]]:
+    """Score every candidate on the three series and both periods; prints the table and the rule's verdicts."""
+    names = [s[0] for s in SERIES]
+    cols = [f"{n} {p.name}" for p in PERIODS for n in names]
+    print(f"label {base_label.kind} {base_label.horizon_bars} bars, threshold {base_label.threshold} unless the row "
+          "says otherwise; ratio = served log loss / prior log loss (w = shrink weight); "
+          + "; ".join(f"{p.name}: train {p.train_start} .. {p.split}, score {p.split} .. {p.end}" for p in PERIODS))
+    print("| candidate | " + " | ".join(cols) + " | fit s |")
+    print("| --- | " + " | ".join("---" for _ in cols) + " | --- |")
+    results: dict[str, list[float]] = {}
+    for cand in candidates:
+        label = dataclasses.replace(base_label, **cand.label)
+        rows = []
+        for period in PERIODS:
+            start, split, end = (parse_time(x) for x in (period.train_start, period.split, period.end))
+            for sname in names:
+                frame, tf = frames[sname]
+                rows.append(out_of_sample(frame, tf, start, split, end, label, cand.params, spec=cand.spec))
+        ratios = [r["log_loss"] / r["prior_log_loss"] for r in rows]
+        results[cand.name] = ratios
+        cells = " | ".join(f"{cell(x)} (w {r['shrink_weight']:.2f})" for x, r in zip(ratios, rows, strict=True))
+        print(f"| {cand.name} | {cells} | {sum(r['train_seconds'] for r in rows):.0f} |", flush=True)
+    base = candidates[0].name
+    print()
+    k = len(names)
+    for name, ratios in results.items():
+        if name == base:
+            continue
+        verdicts = []
+        for j, period in enumerate(PERIODS):
+            c, b = ratios[j * k:(j + 1) * k], results[base][j * k:(j + 1) * k]
+            delta = " / ".join(f"{x - y:+.4f}" for x, y in zip(c, b, strict=True))
+            verdicts.append((period.name, delta, keep(c, b)))
+        verdict = "keep" if all(v[2] for v in verdicts) else "reject"
+        detail = "; ".join(f"{p}: {d} ({'pass' if ok else 'fail'})" for p, d, ok in verdicts)
+        print(f"| {name} | {detail} | {verdict} |", flush=True)
+    misses = {n: sum(x >= 1 for x in r) for n, r in results.items()}
+    print()
+    for name, m in misses.items():
+        print(f"{name}: {6 - m} of 6 series-periods below the prior" + ("" if m == 0 else f", {m} miss"))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--grid", choices=sorted(GRIDS), default="candidates")
+    ap.add_argument("--grid", choices=sorted(set(GRIDS) | set(GRIDS6)), default="candidates")
+    ap.add_argument("--single-period", action="store_true",
+                    help="for --grid defaults: the older table on the selection year only, with calibrators")
     ap.add_argument("--train-start", default="2017-10-01")
     ap.add_argument("--split", default="2018-10-01", help="first out-of-sample candle (default 2018-10-01)")
     ap.add_argument("--end", default="2019-10-01", help="end of the scored year, exclusive (default 2019-10-01)")
@@ -183,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     label = LabelSpec(args.horizon, args.threshold, args.label.replace("-", "_"))
     start, split, end = parse_time(args.train_start), parse_time(args.split), parse_time(args.end)
     frames = {name: (read_candles(path, tf), tf) for name, path, tf in SERIES}
+    if args.grid in GRIDS6 and not (args.grid == "defaults" and args.single_period):
+        six(GRIDS6[args.grid](), label, frames)
+        return 0
     grid = GRIDS[args.grid]()
     print(f"label {label.kind} {label.horizon_bars} bars, threshold {label.threshold}; train {args.train_start} .. "
           f"{args.split}, score {args.split} .. {args.end}; ratio = served log loss / prior log loss")

@@ -43,7 +43,9 @@ import numpy as np
 import pandas as pd
 
 FEATURE_SET_NAME = "ohlcv"
-FEATURE_SET_VERSION = 1
+FEATURE_SET_VERSION = 1  # the set without context features
+CONTEXT_FEATURE_SET_VERSION = 2  # the same set plus the context features of `context_bars`
+FEATURE_SET_VERSIONS = (FEATURE_SET_VERSION, CONTEXT_FEATURE_SET_VERSION)
 
 OHLCV_COLUMNS = ("open", "high", "low", "close", "volume")
 FUNDING_COLUMN = "funding_rate"
@@ -62,6 +64,7 @@ _accumulate = np.add.accumulate  # np.cumsum without the Python wrapper
 
 _WINDOW_FIELDS = ("rsi_period", "bb_window", "volume_window", "volatility_window", "atr_window", "funding_window")
 _LAG_FIELDS = ("sma_windows", "return_lags", "oi_lags")
+_OPTIONAL_LAG_FIELDS = ("context_bars",)  # may be empty
 _BOOL_FIELDS = ("use_funding_rate", "use_open_interest")
 # Windows that need at least two values to mean anything (a standard deviation).
 _MIN_WINDOW = {"bb_window": 2, "volatility_window": 2}
@@ -95,14 +98,18 @@ class FeatureSpec:
     funding_window: int = 24
     use_open_interest: bool = False
     oi_lags: tuple[int, ...] = (1, 24)
+    # Longer-horizon context of the same series, one group of features per window (in candles): the return over
+    # the window, its high-low range and the close's position in it, and the volatility of its 1-bar returns.
+    # Empty: the version-1 feature set; non-empty: version 2.
+    context_bars: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in _LAG_FIELDS:
+        for name in _LAG_FIELDS + _OPTIONAL_LAG_FIELDS:
             raw = getattr(self, name)
             if isinstance(raw, (str, bytes)) or not hasattr(raw, "__iter__"):
                 raise ValueError(f"{name} must be a sequence of integers, got {raw!r}")
-            values = tuple(_check_int(name, v, 1) for v in raw)
-            if not values:
+            values = tuple(_check_int(name, v, 2 if name in _OPTIONAL_LAG_FIELDS else 1) for v in raw)
+            if not values and name not in _OPTIONAL_LAG_FIELDS:
                 raise ValueError(f"{name} must not be empty")
             if len(set(values)) != len(values):
                 raise ValueError(f"{name} must not repeat a value, got {values}")
@@ -116,6 +123,7 @@ class FeatureSpec:
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        object.__setattr__(self, "version", CONTEXT_FEATURE_SET_VERSION if self.context_bars else FEATURE_SET_VERSION)
 
     @property
     def key(self) -> str:
@@ -135,6 +143,8 @@ class FeatureSpec:
             self.volatility_window + 1,
             self.atr_window + 1,
         ]
+        if self.context_bars:
+            needs.append(max(self.context_bars) + 1)
         if self.use_funding_rate:
             needs.append(self.funding_window)
         if self.use_open_interest:
@@ -154,6 +164,8 @@ class FeatureSpec:
             "candle_body",
             "candle_range",
         ]
+        for w in self.context_bars:
+            names += [f"ctx_ret_{w}", f"ctx_range_{w}", f"ctx_pos_{w}", f"ctx_vol_{w}"]
         if self.use_funding_rate:
             names += ["funding_rate", f"funding_mean_{self.funding_window}"]
         if self.use_open_interest:
@@ -171,8 +183,12 @@ class FeatureSpec:
         return cols
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe form (tuples become lists)."""
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+        """JSON-safe form (tuples become lists). A version-1 spec has no ``context_bars`` key, exactly as stored before
+        context features existed."""
+        out = {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+        if not self.context_bars:
+            del out["context_bars"]
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FeatureSpec:
@@ -184,14 +200,19 @@ class FeatureSpec:
         version = data.pop("version", None)
         if name != FEATURE_SET_NAME:
             raise ValueError(f"feature spec name must be {FEATURE_SET_NAME!r}, got {name!r}")
-        if isinstance(version, bool) or version != FEATURE_SET_VERSION:
+        if isinstance(version, bool) or version not in FEATURE_SET_VERSIONS:
             raise ValueError(f"feature spec version {version!r} of {name!r} is not supported; "
-                             f"expected {FEATURE_SET_VERSION}")
+                             f"expected one of {', '.join(map(str, FEATURE_SET_VERSIONS))}")
         known = {f.name for f in fields(cls) if f.init}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"feature spec has unknown parameters: {', '.join(map(str, unknown))}")
-        return cls(**data)
+        spec = cls(**data)
+        if spec.version != version:
+            raise ValueError(f"feature spec version {version} does not match its parameters: version "
+                             f"{CONTEXT_FEATURE_SET_VERSION} has context_bars, version {FEATURE_SET_VERSION} has none "
+                             f"(got context_bars={list(spec.context_bars)})")
+        return spec
 
 
 def _windows(x: np.ndarray, start: int, stop: int, width: int) -> np.ndarray:
@@ -309,6 +330,15 @@ def _volatility_rows(returns: np.ndarray) -> np.ndarray:
 def _natr_rows(true_ranges: np.ndarray, c: np.ndarray) -> np.ndarray:
     """Mean true range over the window, relative to close."""
     return (_total(true_ranges) / true_ranges.shape[0]) / c
+
+
+def _range_rows(highs: np.ndarray, lows: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """High-low range of the window relative to close, and the close's position in it (0 at the low, 1 at the
+    high, 0.5 for a window without range). max and min are exact, so no summation order is involved."""
+    hi = highs.max(axis=0)
+    lo = lows.min(axis=0)
+    span = hi - lo
+    return span / c, np.where(span == 0, 0.5, (c - lo) / span)
 
 
 def _mean_rows(windows: np.ndarray) -> np.ndarray:
@@ -588,6 +618,15 @@ def _fill_block(
     out[:, col + 1] = candle_range(high[a:b], low[a:b], c)
     col += 2
 
+    for w in spec.context_bars:
+        out[:, col] = _return_rows(c, close[a - w : b - w])
+        out[:, col + 1], out[:, col + 2] = _range_rows(_windows(high, a, b, w), _windows(low, a, b, w), c)
+        lo_w = a - w + 1
+        prev_w = close[lo_w - 1 : b - 1]
+        rets = (close[lo_w:b] - prev_w) / prev_w
+        out[:, col + 3] = _volatility_rows(_windows(rets, w - 1, w - 1 + b - a, w))
+        col += 4
+
     if funding is not None:
         out[:, col] = funding[a:b]
         out[:, col + 1] = _mean_rows(_windows(funding, a, b, spec.funding_window))
@@ -682,6 +721,19 @@ def _single_row(spec, t, opn, high, low, close, volume, funding, oi) -> list[flo
     o = float(opn[t])
     feats.append((c - o) / o)
     feats.append((float(high[t]) - float(low[t])) / c)
+
+    for w in spec.context_bars:
+        cw = close[t - w: t + 1].tolist()[::-1]  # cw[k] = close[t - k]
+        past = cw[w]
+        feats.append((c - past) / past)
+        hi_w = float(high[t - w + 1: t + 1].max())  # exact, and NaN-propagating like the array path
+        lo_w = float(low[t - w + 1: t + 1].min())
+        span_w = hi_w - lo_w
+        feats.append(span_w / c)
+        feats.append(0.5 if span_w == 0 else (c - lo_w) / span_w)
+        rw = [(cw[k] - cw[k + 1]) / cw[k + 1] for k in range(w)]
+        mean_w = _seq_sum(rw) / w
+        feats.append(math.sqrt(_seq_sum([(x - mean_w) * (x - mean_w) for x in rw]) / w))
 
     if funding is not None:
         wf = spec.funding_window

@@ -8,6 +8,13 @@ Two definitions (``LabelSpec.kind``):
   ``+threshold``, down if it first falls below ``-threshold``, range if neither happens within ``h``. A move to +5 %
   that comes back by the horizon is up here and range under the fixed horizon.
 
+Either reads its barrier as a fixed ``threshold`` (the default) or, with ``volatility_bars > 0``, as a multiple of
+the market's recent volatility: at candle t the barrier is ``volatility_multiple * sigma_t * sqrt(h)``, where
+``sigma_t`` is the population standard deviation of the last ``volatility_bars`` 1-bar returns up to and including
+t (closes ``t - volatility_bars .. t``, never a later one; the same finite-window formula as the ``volatility_<n>``
+feature). The barrier then moves with the market's regime, so a quiet month and a crash both produce all three
+classes. Rows without enough history for ``sigma_t`` are unlabelled.
+
 Labels count candles, so a label whose horizon spans missing candles measures a different span of time than it says;
 given the candles' open times, such labels are dropped (``UNLABELLED``).
 
@@ -27,6 +34,7 @@ DOWN, RANGE, UP = 0, 1, 2
 UNLABELLED = -1
 
 MAX_HORIZON_BARS = 10_000
+MAX_VOLATILITY_BARS = 10_000
 
 # Binary floating point cannot represent most thresholds or price ratios exactly: 102 / 100 - 1 is
 # 0.020000000000000018, not 0.02. A move of exactly the threshold in decimal terms must count as
@@ -49,6 +57,11 @@ class LabelSpec:
     horizon_bars: int = 24
     threshold: float = 0.02
     kind: str = FIXED_HORIZON
+    # Volatility-scaled barrier: 0 (the default) means the fixed `threshold`; otherwise the barrier at t is
+    # volatility_multiple * (std of the last volatility_bars 1-bar returns) * sqrt(horizon_bars), and `threshold`
+    # is not used.
+    volatility_bars: int = 0
+    volatility_multiple: float = 0.0
 
     def __post_init__(self) -> None:
         h = self.horizon_bars
@@ -61,6 +74,41 @@ class LabelSpec:
         object.__setattr__(self, "threshold", float(t))
         if self.kind not in LABEL_KINDS:
             raise ValueError(f"kind must be one of {', '.join(LABEL_KINDS)}, got {self.kind!r}")
+        v = self.volatility_bars
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not (v == 0 or 2 <= v <= MAX_VOLATILITY_BARS):
+            raise ValueError(f"volatility_bars must be 0 (fixed threshold) or an integer between 2 and "
+                             f"{MAX_VOLATILITY_BARS}, got {v!r}")
+        object.__setattr__(self, "volatility_bars", int(v))
+        m = self.volatility_multiple
+        if isinstance(m, bool) or not isinstance(m, numbers.Real) or not math.isfinite(m) or not 0 <= m <= 100:
+            raise ValueError(f"volatility_multiple must be a finite number between 0 and 100, got {m!r}")
+        object.__setattr__(self, "volatility_multiple", float(m))
+        if (self.volatility_bars > 0) != (self.volatility_multiple > 0):
+            raise ValueError("volatility_bars and volatility_multiple must be set together (both 0 for a fixed "
+                             f"threshold), got {self.volatility_bars} and {self.volatility_multiple}")
+
+    @property
+    def volatility_scaled(self) -> bool:
+        return self.volatility_bars > 0
+
+    @property
+    def history_bars(self) -> int:
+        """Candles before t that labelling row t reads: volatility_bars for a volatility-scaled barrier, else 0."""
+        return self.volatility_bars
+
+
+def barriers(close: np.ndarray, spec: LabelSpec) -> np.ndarray:
+    """The barrier (a return, > 0) of every row: ``threshold`` everywhere for a fixed threshold; for a
+    volatility-scaled one ``volatility_multiple * sigma_t * sqrt(horizon_bars)`` from closes <= t, NaN where t has
+    fewer than ``volatility_bars`` earlier closes."""
+    close = np.asarray(close, dtype=np.float64)
+    if not spec.volatility_scaled:
+        return np.full(close.shape[0], spec.threshold)
+    from shared.features import volatility
+
+    if close.shape[0] <= spec.volatility_bars:
+        return np.full(close.shape[0], np.nan)
+    return volatility(close, spec.volatility_bars) * (spec.volatility_multiple * math.sqrt(spec.horizon_bars))
 
 
 def future_return(close: np.ndarray, horizon_bars: int) -> np.ndarray:
@@ -87,15 +135,19 @@ def make_labels(close: np.ndarray, spec: LabelSpec, open_time_ms: np.ndarray | N
     up iff the return r > threshold + 1e-12, down iff r < -threshold - 1e-12, range otherwise (for the triple
     barrier: whichever barrier the path crosses first). A move of exactly the threshold is range: 100 -> 102 with
     threshold 0.02 gives r = 0.020000000000000018 in binary floating point, which the tolerance treats as 0.02.
+    With a volatility-scaled barrier (``spec.volatility_bars > 0``) the threshold of row t is ``barriers(close,
+    spec)[t]``, and rows without enough earlier closes for it are unlabelled.
     """
+    barrier = spec.threshold if not spec.volatility_scaled else barriers(close, spec)
     if spec.kind == TRIPLE_BARRIER:
-        labels = triple_barrier_labels(close, spec.horizon_bars, spec.threshold)
+        labels = triple_barrier_labels(close, spec.horizon_bars, barrier)
     else:
         r = future_return(close, spec.horizon_bars)
         labels = np.full(r.shape[0], RANGE, dtype=np.int8)
-        labels[r > spec.threshold + THRESHOLD_TOLERANCE] = UP
-        labels[r < -spec.threshold - THRESHOLD_TOLERANCE] = DOWN
-        labels[np.isnan(r)] = UNLABELLED
+        with np.errstate(invalid="ignore"):
+            labels[r > barrier + THRESHOLD_TOLERANCE] = UP
+            labels[r < -barrier - THRESHOLD_TOLERANCE] = DOWN
+        labels[np.isnan(r) | np.isnan(barrier)] = UNLABELLED
     if open_time_ms is not None:
         if timeframe_ms is None:
             raise ValueError("timeframe_ms is needed with open_time_ms to find the candles a horizon spans")
@@ -114,10 +166,10 @@ def spans_gap(open_time_ms: np.ndarray, horizon_bars: int, timeframe_ms: int) ->
     return out
 
 
-def triple_barrier_labels(close: np.ndarray, horizon_bars: int, threshold: float) -> np.ndarray:
+def triple_barrier_labels(close: np.ndarray, horizon_bars: int, threshold: float | np.ndarray) -> np.ndarray:
     """Triple-barrier class codes: the first of ``close[t+k] / close[t] - 1 > threshold`` (up) and
     ``< -threshold`` (down) for k = 1 .. h decides; range if neither happens; -1 for the last h rows and where the
-    path has a missing close."""
+    path has a missing close. `threshold` is one number or one per row (NaN: unlabelled)."""
     close = np.asarray(close, dtype=np.float64)
     if close.ndim != 1:
         raise ValueError(f"close must be one-dimensional, got shape {close.shape}")
@@ -125,9 +177,14 @@ def triple_barrier_labels(close: np.ndarray, horizon_bars: int, threshold: float
     n = close.shape[0]
     labels = np.full(n, UNLABELLED, dtype=np.int8)
     rows = max(0, n - h)
-    upper, lower = threshold + THRESHOLD_TOLERANCE, -threshold - THRESHOLD_TOLERANCE
+    per_row = np.ndim(threshold) > 0
+    thr = np.asarray(threshold, dtype=np.float64)
+    if per_row and thr.shape != (n,):
+        raise ValueError(f"threshold must be one number or one per close ({n}), got shape {thr.shape}")
     for a in range(0, rows, _BLOCK_ROWS):
         b = min(rows, a + _BLOCK_ROWS)
+        t_ab = thr[a:b, None] if per_row else thr
+        upper, lower = t_ab + THRESHOLD_TOLERANCE, -t_ab - THRESHOLD_TOLERANCE
         base = close[a:b, None]
         # path[i, k-1] = close[a + i + k] for k = 1 .. h
         path = np.lib.stride_tricks.sliding_window_view(close[a + 1: b + h], h)
@@ -141,6 +198,8 @@ def triple_barrier_labels(close: np.ndarray, horizon_bars: int, threshold: float
         block[first_up < first_down] = UP
         block[first_down < first_up] = DOWN
         missing = np.isnan(base[:, 0]) | np.isnan(path).any(axis=1)
+        if per_row:
+            missing |= np.isnan(thr[a:b])
         block[missing] = UNLABELLED
         labels[a:b] = block
     return labels

@@ -105,8 +105,9 @@ specs = st.builds(
     funding_window=st.integers(1, 30),
     use_open_interest=st.booleans(),
     oi_lags=_distinct(1, 30, 3),
+    context_bars=st.one_of(st.just(()), _distinct(2, 60, 2)),
 )
-spec_choices = st.one_of(st.just(DEFAULT), specs)
+spec_choices = st.one_of(st.just(DEFAULT), st.just(FeatureSpec(context_bars=(24, 96))), specs)
 
 
 def _ohlcv_valid(cols: dict[str, np.ndarray]) -> bool:
@@ -139,6 +140,40 @@ def test_default_spec():
     assert DEFAULT.required_columns == ("open", "high", "low", "close", "volume")
 
 
+def test_context_features_are_version_2_and_lengthen_the_warmup():
+    spec = FeatureSpec(context_bars=(24, 168))
+    assert spec.version == 2 and spec.key == "ohlcv-v2" and spec.warmup_bars == 169
+    assert spec.feature_names[: len(DEFAULT.feature_names)] == DEFAULT.feature_names
+    assert spec.feature_names[len(DEFAULT.feature_names):] == (
+        "ctx_ret_24", "ctx_range_24", "ctx_pos_24", "ctx_vol_24",
+        "ctx_ret_168", "ctx_range_168", "ctx_pos_168", "ctx_vol_168",
+    )  # fmt: skip
+    d = json.loads(json.dumps(spec.to_dict()))
+    assert d["version"] == 2 and d["context_bars"] == [24, 168]
+    assert FeatureSpec.from_dict(d) == spec
+    # a version-1 record is exactly what was stored before context features existed (no new key)
+    assert "context_bars" not in DEFAULT.to_dict()
+    assert set(DEFAULT.to_dict()) == {
+        "name", "version", "sma_windows", "rsi_period", "bb_window", "bb_k", "return_lags", "volume_window",
+        "volatility_window", "atr_window", "use_funding_rate", "funding_window", "use_open_interest", "oi_lags"}
+    with pytest.raises(ValueError, match="does not match"):
+        FeatureSpec.from_dict({**DEFAULT.to_dict(), "context_bars": [24]})  # context features claimed as version 1
+    with pytest.raises(ValueError, match="does not match"):
+        FeatureSpec.from_dict({**d, "context_bars": []})
+    with pytest.raises(ValueError, match="version 3"):
+        FeatureSpec.from_dict({**d, "version": 3})
+    for bad in ((1,), (24, 24), (0,), (10_001,)):
+        with pytest.raises(ValueError, match="context_bars"):
+            FeatureSpec(context_bars=bad)
+
+
+def test_context_features_leave_the_version_1_columns_bit_identical(real, real_features):
+    wide = feature_matrix(real, FeatureSpec(context_bars=(96, 336)))
+    k = len(DEFAULT.feature_names)
+    assert _same(wide[336:, :k], real_features[336:])
+    assert np.isnan(wide[:336]).all() and np.isfinite(wide[336:]).all()  # warm-up: 337 candles
+
+
 def test_optional_features_add_names_and_columns():
     spec = FeatureSpec(use_funding_rate=True, use_open_interest=True)
     assert spec.feature_names[-4:] == ("funding_rate", "funding_mean_24", "oi_change_1", "oi_change_24")
@@ -159,6 +194,7 @@ def test_optional_features_add_names_and_columns():
         ({"sma_windows": (5,), "return_lags": (1,), "bb_window": 77}, 77),
         ({"sma_windows": (5,), "return_lags": (1,), "volume_window": 66}, 66),
         ({"sma_windows": (130, 7), "return_lags": (1,)}, 130),
+        ({"sma_windows": (5,), "return_lags": (1,), "context_bars": (3, 140)}, 141),
     ],
 )
 def test_warmup_is_derived_and_tight(real, params, warmup):
@@ -424,6 +460,12 @@ def _reference(cols: dict[str, np.ndarray], spec: FeatureSpec, t: int) -> dict[s
     out[f"natr_{wa}"] = mean(tr) / c[t]
     out["candle_body"] = (c[t] - o[t]) / o[t]
     out["candle_range"] = (h[t] - lo[t]) / c[t]
+    for w in spec.context_bars:
+        out[f"ctx_ret_{w}"] = c[t] / c[t - w] - 1
+        top, bottom = max(h[t - w + 1 : t + 1]), min(lo[t - w + 1 : t + 1])
+        out[f"ctx_range_{w}"] = (top - bottom) / c[t]
+        out[f"ctx_pos_{w}"] = Fraction(1, 2) if top == bottom else (c[t] - bottom) / (top - bottom)
+        out[f"ctx_vol_{w}"] = pstd([c[j] / c[j - 1] - 1 for j in range(t - w + 1, t + 1)])
     if spec.use_funding_rate:
         f = [Fraction(x) for x in cols["funding_rate"].tolist()]
         out["funding_rate"] = f[t]

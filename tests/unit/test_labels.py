@@ -224,3 +224,78 @@ def test_a_gap_drops_exactly_the_labels_whose_horizon_spans_it(kind):
 def test_label_kind_is_checked():
     with pytest.raises(ValueError, match="kind"):
         LabelSpec(kind="path")
+
+
+# --------------------------------------------------------------------------- volatility-scaled barriers
+
+
+def test_volatility_fields_default_to_a_fixed_threshold_and_are_set_together():
+    assert (LabelSpec().volatility_bars, LabelSpec().volatility_multiple) == (0, 0.0)
+    assert not LabelSpec().volatility_scaled
+    spec = LabelSpec(volatility_bars=np.int64(168), volatility_multiple=np.float32(0.5))
+    assert spec.volatility_scaled and (spec.volatility_bars, spec.volatility_multiple) == (168, 0.5)
+    assert isinstance(spec.volatility_bars, int) and isinstance(spec.volatility_multiple, float)
+    for bad in ({"volatility_bars": 168}, {"volatility_multiple": 0.5}):
+        with pytest.raises(ValueError, match="set together"):
+            LabelSpec(**bad)
+    for bars in (1, -1, 10_001, 2.5, True):
+        with pytest.raises(ValueError, match="volatility_bars"):
+            LabelSpec(volatility_bars=bars, volatility_multiple=0.5)
+    for k in (-0.5, float("nan"), float("inf"), 101.0, True):
+        with pytest.raises(ValueError, match="volatility_multiple"):
+            LabelSpec(volatility_bars=24, volatility_multiple=k)
+
+
+def _reference_barrier(close: np.ndarray, t: int, bars: int, k: float, h: int) -> float:
+    """k * (population std of the `bars` 1-bar returns ending at t) * sqrt(h), in plain Python from closes <= t."""
+    r = [close[j] / close[j - 1] - 1 for j in range(t - bars + 1, t + 1)]
+    m = sum(r) / bars
+    return k * math.sqrt(sum((x - m) ** 2 for x in r) / bars) * math.sqrt(h)
+
+
+@pytest.mark.parametrize("kind", ["fixed_horizon", "triple_barrier"])
+def test_volatility_barrier_reads_only_past_closes_and_matches_a_reference(kind):
+    from shared.labels import barriers, triple_barrier_labels
+
+    rng = np.random.default_rng(11)
+    vol = np.where(np.arange(600) < 300, 0.002, 0.02)  # a quiet half, then a wild half
+    close = 100 * np.exp(np.cumsum(rng.normal(0, vol)))
+    spec = LabelSpec(horizon_bars=6, threshold=0.02, kind=kind, volatility_bars=48, volatility_multiple=0.8)
+    b = barriers(close, spec)
+    assert np.isnan(b[:48]).all() and np.isfinite(b[48:]).all()
+    for t in (48, 200, 299, 300, 350, 599):
+        assert b[t] == pytest.approx(_reference_barrier(close, t, 48, 0.8, 6), rel=1e-9)
+    # a later close cannot change the barrier of t
+    changed = close.copy()
+    changed[301:] *= 3.0
+    assert np.array_equal(barriers(changed, spec)[:301], b[:301], equal_nan=True)
+    labels = make_labels(close, spec)
+    assert (labels[:48] == NONE).all() and (labels[-6:] == NONE).all()
+    for t in range(48, len(close) - 6):
+        expected = int(triple_barrier_labels(close[t: t + 7], 6, float(b[t]))[0]) if kind == "triple_barrier" else (
+            UP if close[t + 6] / close[t] - 1 > b[t] + 1e-12 else
+            DOWN if close[t + 6] / close[t] - 1 < -b[t] - 1e-12 else RANGE)
+        assert labels[t] == expected, t
+    # the barrier follows the regime: both halves have moves beyond it, unlike a fixed 2 % barrier in the quiet half
+    quiet, wild = labels[60:290], labels[360:590]
+    for part in (quiet, wild):
+        assert {DOWN, RANGE, UP} <= set(part.tolist())
+    fixed = make_labels(close, LabelSpec(horizon_bars=6, threshold=0.02, kind=kind))
+    assert set(fixed[60:290].tolist()) == {RANGE}
+
+
+def test_volatility_barrier_history_and_gaps():
+    rng = np.random.default_rng(2)
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, 300)))
+    spec = LabelSpec(horizon_bars=4, volatility_bars=24, volatility_multiple=0.5)
+    assert spec.history_bars == 24 and LabelSpec().history_bars == 0
+    whole = make_labels(close, spec)
+    # labelling a later window gives the same label wherever the window holds volatility_bars earlier closes
+    part = make_labels(close[100:], spec)
+    assert np.array_equal(part[24:], whole[124:])
+    assert (part[:24] == NONE).all()
+    assert (make_labels(close[:20], spec) == NONE).all()
+    times = np.arange(300, dtype=np.int64) * 60_000
+    times[150:] += 60_000  # one missing candle before row 150
+    gapped = make_labels(close, spec, times, 60_000)
+    assert (gapped[146:150] == NONE).all() and np.array_equal(gapped[:146], whole[:146])
