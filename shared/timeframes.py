@@ -89,6 +89,9 @@ def parse_time(text: str) -> int:
         dt = datetime.fromisoformat(s)
     except ValueError:
         raise ValueError(f"{text!r} is not an ISO-8601 date or datetime") from None
+    fraction = re.search(r"[.,](\d+)", s)
+    if fraction and fraction.group(1)[3:].strip("0"):  # fromisoformat would drop digits past the microsecond
+        raise ValueError(f"{text!r} has sub-millisecond precision; candle times are whole milliseconds")
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     try:

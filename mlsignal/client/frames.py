@@ -8,6 +8,7 @@ are checked here before anything is sent; the naive-datetime rule itself belongs
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -77,6 +78,45 @@ def to_epoch_ms(value: Any, what: str = "time") -> int:
                      f"got {type(value).__name__}")
 
 
+# A time of day followed by its zone: `2019-09-01T00:00:00Z`, `... 00:00+02:00` (a date alone names no zone).
+_ZONED = r"[T ]\d\d(?::?\d\d){0,2}(?:[.,]\d+)?(?:Z|[+-]\d\d(?::?\d\d)?)$"
+
+
+def candle_time_text_ms(text: str) -> int:
+    """Epoch milliseconds of a candle time written as text: ISO-8601 naming its zone (``Z`` or an offset).
+
+    A candle time without a zone is refused, as a tz-naive datetime is: reading it as UTC would silently shift every
+    candle of a file written in local time. `frame_times_ms` (predict) and `candle_from_item` (stream) share this
+    rule and its messages.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"candle time {text!r} is not text")
+    stripped = text.strip()
+    try:
+        ms = parse_time(stripped)
+    except ValueError as exc:
+        raise ValueError(f"candle time {exc}") from None
+    if not re.search(_ZONED, stripped):
+        raise ValueError(f"candle time {text!r} has no time zone; write it as UTC (2019-09-01T00:00:00Z) or with "
+                         "an offset (+00:00)")
+    return ms
+
+
+def _text_times_ms(values: pd.Series) -> np.ndarray:
+    """`candle_time_text_ms` over a column, vectorised; the first bad value raises its message."""
+    text = values.astype("string").str.strip()
+    zoned = text.str.contains(_ZONED).fillna(False).to_numpy(dtype=bool)
+    error: ValueError | None = None
+    if zoned.all():
+        try:
+            return _index_ms(pd.DatetimeIndex(pd.to_datetime(text, format="ISO8601", utc=True)), "candle times")
+        except ValueError as exc:
+            error = exc
+    for value in values:  # the first value that fails, with the message a single candle gets
+        candle_time_text_ms(value)
+    raise error if error is not None else ValueError("candle times could not be read")
+
+
 def _index_ms(index: pd.DatetimeIndex, what: str) -> np.ndarray:
     if index.tz is None:
         raise ValueError(f"{what} is tz-naive; candle times must be UTC: use df.tz_localize('UTC') if the times are "
@@ -93,8 +133,9 @@ def frame_times_ms(df: pd.DataFrame) -> np.ndarray:
     """Candle open times of a frame as int64 UTC epoch milliseconds.
 
     The times come from a tz-aware DatetimeIndex, or else from an ``open_time_ms``, ``open_time`` or ``timestamp``
-    column holding tz-aware datetimes or int epoch milliseconds. A tz-naive index or column is refused with
-    ValueError, as are integers too small to be epoch milliseconds.
+    column holding tz-aware datetimes, int epoch milliseconds or ISO-8601 text that names its zone (as
+    ``pd.read_csv`` leaves ``2019-09-01T00:00:00Z``). A tz-naive index, column or text is refused with ValueError,
+    as are integers too small to be epoch milliseconds.
 
     Example::
 
@@ -115,8 +156,10 @@ def frame_times_ms(df: pd.DataFrame) -> np.ndarray:
                 raise ValueError(f"column {name!r} holds integers before 1973 as epoch milliseconds; epoch seconds "
                                  "must be multiplied by 1000")
             return ms
-        raise ValueError(f"column {name!r} has dtype {col.dtype}; expected tz-aware datetimes or int epoch "
-                         f"milliseconds (parse strings with pd.to_datetime(df[{name!r}], utc=True))")
+        if pd.api.types.is_object_dtype(col.dtype) or pd.api.types.is_string_dtype(col.dtype):
+            return _text_times_ms(col)
+        raise ValueError(f"column {name!r} has dtype {col.dtype}; expected tz-aware datetimes, int epoch "
+                         "milliseconds or ISO-8601 text with a zone")
     raise ValueError("no candle times: give the frame a tz-aware DatetimeIndex or an "
                      f"{', '.join(repr(c) for c in TIME_COLUMNS)} column")
 
@@ -307,7 +350,9 @@ def candle_from_item(item: Any) -> common_pb2.Candle:
     if time_value is None:
         raise ValueError("candle has no time: expected key open_time_ms, open_time or timestamp, or a row whose "
                          "index is its open time")
-    ms = to_epoch_ms(time_value, "candle open time")
+    # Text follows the rule and message `predict` applies to a text column.
+    ms = (candle_time_text_ms(time_value) if isinstance(time_value, str)
+          else to_epoch_ms(time_value, "candle open time"))
     fields: dict[str, Any] = {"open_time_ms": ms}
     for name in REQUIRED_COLUMNS:
         if name not in item:

@@ -332,3 +332,28 @@ def test_data_delete_removes_a_markets_candles_after_confirmation(tmp_path, monk
         assert count_candles(engine, "ETH/USDT", "4h") == 12  # other markets stay
     finally:
         engine.dispose()
+
+
+# 6. the SDK reads a plain pd.read_csv, and predict and stream refuse the same times alike
+
+
+def test_sdk_predict_and_stream_take_the_same_times_and_refuse_them_alike(services):
+    from mlsignal.client import InferenceClient
+
+    frame = rows(WARMUP + 5)  # pd.read_csv: `timestamp` is text like 2019-09-01T00:00:00Z
+    with InferenceClient(f"127.0.0.1:{services.inference.port}") as ml:
+        out = ml.predict(frame, "BTC/USD", "1h")
+        live = list(ml.stream(frame.to_dict("records"), "BTC/USD", "1h"))
+        assert int(out.ML_READY.sum()) == 6 == sum(p.ready for p in live)
+        assert [p.up for p in live if p.ready] == out.ML_UP_PROB[out.ML_READY].tolist()
+
+        for bad, says in (("2019-09-01T05:00:00", "has no time zone"), ("5 Sept", "is not an ISO-8601"),
+                          ("2019-09-01T05:00:00.0001Z", "has sub-millisecond")):
+            broken = frame.copy()
+            broken.loc[5, "timestamp"] = bad
+            with pytest.raises(ValueError) as by_predict:
+                ml.predict(broken, "BTC/USD", "1h")
+            with pytest.raises(ValueError) as by_stream:
+                list(ml.stream(broken.to_dict("records"), "BTC/USD", "1h"))
+            assert str(by_predict.value) == str(by_stream.value), bad
+            assert str(by_predict.value).startswith(f"candle time {bad!r} {says}")

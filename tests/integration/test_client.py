@@ -468,8 +468,10 @@ def test_tz_naive_times_are_rejected_with_a_clear_error():
         mc.frame_to_candles(df.reset_index(drop=True))
     with pytest.raises(ValueError, match="epoch seconds"):
         mc.frame_to_candles(df.reset_index(drop=True).assign(timestamp=np.arange(3) * 3600 + 1_546_300_800))
-    with pytest.raises(ValueError, match=r"pd\.to_datetime"):
+    with pytest.raises(ValueError, match="'2019-01-01' has no time zone"):
         mc.frame_to_candles(df.reset_index(drop=True).assign(timestamp=["2019-01-01"] * 3))
+    zoned = df.reset_index(drop=True).assign(timestamp=[t.strftime("%Y-%m-%dT%H:%M:%SZ") for t in df.index])
+    assert [c.open_time_ms for c in mc.frame_to_candles(zoned)] == [int(t.value // 10**6) for t in df.index]
 
 
 def test_missing_or_non_numeric_columns_are_rejected():
