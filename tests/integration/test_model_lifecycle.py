@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mlsignal.v1 import common_pb2, inference_pb2, training_pb2
+from prior_checks import require_beats_prior
 from service_fixtures import SMALL_PARAMS, load_market, ms, start_services, stop_services, train, ts, wait_job
 from shared.store.db import make_engine
 from shared.store.marketdata import insert_candles
@@ -49,10 +50,18 @@ def code_of(fn) -> tuple[grpc.StatusCode, str]:
     return err.value.code(), err.value.details()
 
 
+def beats_prior(m: common_pb2.ModelInfo) -> None:
+    """Below the prior on the held-back test part, with a shrink weight above 0 both there and in the served model
+    (a model shrunk fully to the prior has the prior's log loss and beats nothing)."""
+    require_beats_prior(m.metrics["log_loss"], m.metrics["prior_log_loss"], m.metrics["eval_shrink_weight"],
+                        what=f"model {m.model_id} on its held-back test part")
+    assert m.metrics["shrink_weight"] > 0, f"model {m.model_id} serves the class prior (shrink weight 0)"
+
+
 def test_a_model_that_beats_the_prior_serves(services):
     job = services.btc_job
     m = info(services.train_stub, job.model_id)
-    assert m.metrics["log_loss"] < m.metrics["prior_log_loss"] and m.metrics["shrink_weight"] > 0
+    beats_prior(m)
     # it served from its registration on (later tests of the session may have replaced it since)
     changes = services.train_stub.ListModelStageChanges(training_pb2.ListModelStageChangesRequest(
         symbol="BTC/USD", timeframe=TF, model_id=job.model_id), timeout=30).changes
@@ -86,6 +95,7 @@ def test_under_the_default_a_second_model_shadows_and_promote_and_rollback_verif
     assert info(stub, first).stage == STAGE.MODEL_STAGE_SERVING  # nothing served the market: it serves at once
     second = train(stub, symbol=symbol).model_id
     shadow = info(stub, second)
+    beats_prior(shadow)
     assert shadow.stage == STAGE.MODEL_STAGE_SHADOW
     assert " < prior" in shadow.stage_reason and shadow.stage_reason.endswith(
         f"; shadows {first} until live candles decide")
@@ -281,6 +291,7 @@ def test_gate_rejects_under_a_strict_tolerance_and_manual_mode_waits(tmp_path, s
         replacing = train(s.train_stub)
         m = info(s.train_stub, replacing.model_id)
         assert m.stage == STAGE.MODEL_STAGE_SERVING and " < prior" in m.stage_reason
+        beats_prior(m)
         assert info(s.train_stub, rejected.model_id).stage_reason == f"replaced by {replacing.model_id}"
         wait_serving(s, "BTC/USD", replacing.model_id)
     finally:
