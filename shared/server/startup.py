@@ -40,11 +40,16 @@ class StartupError(Exception):
 
 
 def database_label(url: str) -> str:
-    """The database URL with its password hidden, for messages."""
+    """The database URL with its password hidden, for messages; a relative SQLite path also as the absolute file it
+    names from here, since the same URL means another file in another working directory."""
     try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
+        label = sa.engine.make_url(url).render_as_string(hide_password=True)
     except Exception:  # an unparsable URL is shown by the name of its setting
         return "MLSIGNAL_DATABASE_URL"
+    path = sqlite_path(url)
+    if path is not None and not path.is_absolute():
+        label += f" (the file {path.resolve()}: the path is relative to the working directory)"
+    return label
 
 
 def database_problem(url: str, exc: BaseException) -> str:
@@ -65,8 +70,9 @@ def check_database(url: str) -> None:
     label = database_label(url)
     path = sqlite_path(url)
     if path is not None and not path.exists():
-        raise StartupError(f"cannot use the database {label}: the file {path} does not exist; "
-                           "create it with `mlsignal db upgrade`")
+        where = "" if path.is_absolute() else " (run it in the directory the services run in, or use an absolute path)"
+        raise StartupError(f"cannot use the database {label}: the file does not exist; create it with "
+                           f"`mlsignal db upgrade`{where}")
     quiet = logging.getLogger("alembic.runtime.migration")  # "Context impl SQLiteImpl." is no news to an operator
     level = quiet.level
     quiet.setLevel(logging.WARNING)

@@ -60,8 +60,10 @@ def test_a_database_without_the_current_schema_stops_both_servers_and_creates_no
     empty.write_bytes(b"")  # an SQLite file with no tables
     old = tmp_path / "old.db"
     assert upgrade(f"sqlite:///{old}", "0001") == "0001"
+    relative = Path("var") / f"absent-{tmp_path.name}" / "mlsignal.db"  # the servers run in REPO
     cases = {
         "missing": _env(f"sqlite:///{missing}", tmp_path),
+        "relative": _env(f"sqlite:///{relative}", tmp_path),
         "empty": _env(f"sqlite:///{empty}", tmp_path),
         "old": _env(f"sqlite:///{old}", tmp_path),
     }
@@ -72,11 +74,15 @@ def test_a_database_without_the_current_schema_stops_both_servers_and_creates_no
         assert "Traceback" not in result.stderr and "listening" not in result.stdout, (case, prog, result.stderr)
         assert len(lines) == 1 and lines[0].startswith(f"{prog}: cannot use the database "), (case, prog, lines)
         assert "`mlsignal db upgrade`" in lines[0], lines[0]
-        expected = {"missing": f"the file {missing} does not exist", "empty": "it has no mlsignal schema",
+        expected = {"missing": f"sqlite:///{missing}: the file does not exist",
+                    "relative": f"sqlite:///{relative} (the file {REPO / relative}: the path is relative to the "
+                                "working directory): the file does not exist; create it with `mlsignal db upgrade` "
+                                "(run it in the directory the services run in, or use an absolute path)",
+                    "empty": "it has no mlsignal schema",
                     "old": "its schema is at migration 0001, older than"}[case]
         assert expected in lines[0], lines[0]
     # no server created the database or its directory, nor touched the others
-    assert not missing.exists() and not missing_dir.exists()
+    assert not missing.exists() and not missing_dir.exists() and not (REPO / relative).parent.exists()
     with sqlite3.connect(empty) as conn:  # still without a table
         assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
     assert upgrade(f"sqlite:///{old}", "0001") == "0001"
