@@ -13,6 +13,7 @@
 | MLSIGNAL_DASK_SPREAD_FIT | 0 | `1`: with Dask, grow each forest's trees as tasks across the cluster |
 | MLSIGNAL_MODEL_POLL_SECONDS | 2 | how often inference checks the registry for newer models |
 | MLSIGNAL_MODEL_CACHE_SIZE | 0 | serving models kept in memory: 0 one per market in use, N the N most recent markets |
+| MLSIGNAL_FOREST_RUNTIME | auto | `native` (scikit-learn's exact numbers) or `onnx` forests; `auto`: native else onnx |
 | MLSIGNAL_MODEL_MAX_AGE | (none) | e.g. `30d`: an older serving model makes health `mlsignal.staleness` NOT_SERVING |
 | MLSIGNAL_LIVE_MONITORING | 1 | `0`: inference does not journal predictions, so nothing is scored live |
 | MLSIGNAL_LIVE_FLUSH_SECONDS | 1 | how often the prediction journal writes what inference served and received |
@@ -66,6 +67,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ENV_PREFIX = "MLSIGNAL_"
+#: What may execute a served forest (MLSIGNAL_FOREST_RUNTIME).
+FOREST_RUNTIMES = ("auto", "native", "onnx")
 
 
 def _int(name: str, default: int) -> int:
@@ -118,6 +121,7 @@ class Settings:
     dask_spread_fit: bool = False
     model_poll_seconds: float = 2.0
     model_cache_size: int = 0
+    forest_runtime: str = "auto"
     model_max_age: str | None = None
     live_monitoring: bool = True
     live_flush_seconds: float = 1.0
@@ -163,6 +167,7 @@ class Settings:
             dask_spread_fit=_bool("MLSIGNAL_DASK_SPREAD_FIT", d.dask_spread_fit),
             model_poll_seconds=_float("MLSIGNAL_MODEL_POLL_SECONDS", d.model_poll_seconds),
             model_cache_size=_int("MLSIGNAL_MODEL_CACHE_SIZE", d.model_cache_size),
+            forest_runtime=_str("MLSIGNAL_FOREST_RUNTIME", d.forest_runtime).strip().lower(),
             model_max_age=_optional("MLSIGNAL_MODEL_MAX_AGE"),
             live_monitoring=_bool("MLSIGNAL_LIVE_MONITORING", d.live_monitoring),
             live_flush_seconds=_float("MLSIGNAL_LIVE_FLUSH_SECONDS", d.live_flush_seconds),
@@ -210,6 +215,8 @@ class Settings:
             raise ValueError("MLSIGNAL_MODEL_POLL_SECONDS must be > 0")
         if self.model_cache_size < 0:
             raise ValueError("MLSIGNAL_MODEL_CACHE_SIZE must be >= 0 (0: one model per market in use)")
+        if self.forest_runtime not in FOREST_RUNTIMES:
+            raise ValueError(f"MLSIGNAL_FOREST_RUNTIME={self.forest_runtime!r}: expected 'auto', 'native' or 'onnx'")
         self.model_max_age_ms()
         if not 0 < self.live_flush_seconds <= 3600:
             raise ValueError("MLSIGNAL_LIVE_FLUSH_SECONDS must be > 0 and at most 3600")
