@@ -33,7 +33,8 @@ STAGE_TO_PROTO = {
 
 def label_message(label: LabelSpec) -> common_pb2.LabelSpec:
     return common_pb2.LabelSpec(horizon_bars=label.horizon_bars, threshold=label.threshold,
-                                kind=LABEL_KIND_TO_PROTO[label.kind])
+                                kind=LABEL_KIND_TO_PROTO[label.kind], volatility_bars=label.volatility_bars,
+                                volatility_multiple=label.volatility_multiple)
 
 
 def params_message(p: ForestParams) -> common_pb2.ModelParams:

@@ -87,6 +87,14 @@ class LabelSpec:
             raise ValueError("volatility_bars and volatility_multiple must be set together (both 0 for a fixed "
                              f"threshold), got {self.volatility_bars} and {self.volatility_multiple}")
 
+    def to_dict(self) -> dict:
+        """JSON-safe form. A fixed-threshold label has no volatility keys, exactly as stored before they existed, so
+        ``LabelSpec(**d)`` reads old and new records alike."""
+        d: dict = {"horizon_bars": self.horizon_bars, "threshold": self.threshold, "kind": self.kind}
+        if self.volatility_scaled:
+            d.update(volatility_bars=self.volatility_bars, volatility_multiple=self.volatility_multiple)
+        return d
+
     @property
     def volatility_scaled(self) -> bool:
         return self.volatility_bars > 0

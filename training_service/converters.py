@@ -17,7 +17,7 @@ from shared.converters import (
     params_message,
 )
 from shared.errors import InvalidArgument
-from shared.labels import FIXED_HORIZON, LabelSpec
+from shared.labels import FIXED_HORIZON, MAX_VOLATILITY_BARS, LabelSpec
 from shared.params import (
     DEFAULT_MAX_DEPTH,
     DEFAULT_MIN_SAMPLES_LEAF,
@@ -119,6 +119,21 @@ def training_request(msg: training_pb2.StartTrainingRequest) -> TrainingRequest:
     kind = PROTO_TO_LABEL_KIND[msg.label.kind]
     if msg.purpose not in PROTO_TO_PURPOSE:
         raise _bad("purpose", f"unknown training purpose {msg.purpose}")
+    vol_bars, vol_k = msg.label.volatility_bars, msg.label.volatility_multiple
+    if not (vol_bars == 0 or 2 <= vol_bars <= MAX_VOLATILITY_BARS):
+        raise _bad("label.volatility_bars",
+                   f"must be 0 (a fixed threshold) or between 2 and {MAX_VOLATILITY_BARS}, got {vol_bars}")
+    if not (math.isfinite(vol_k) and 0 <= vol_k <= 100):
+        raise _bad("label.volatility_multiple", f"must be a number between 0 and 100, got {vol_k}")
+    if (vol_bars > 0) != (vol_k > 0):
+        missing = "label.volatility_multiple" if vol_bars else "label.volatility_bars"
+        raise _bad(missing, f"a volatility-scaled barrier needs both label.volatility_bars and "
+                            f"label.volatility_multiple (got {vol_bars} and {vol_k}); set both, or neither for the "
+                            "fixed threshold")
+    if vol_bars and PROTO_TO_PURPOSE[msg.purpose] != RESEARCH_PURPOSE:
+        raise _bad("label.volatility_bars",
+                   "a volatility-scaled barrier is for research models only (purpose TRAINING_PURPOSE_RESEARCH): "
+                   "live scoring keeps the candles from each prediction on, not the volatility_bars before it")
 
     p = msg.params
     n_estimators = p.n_estimators or DEFAULT_N_ESTIMATORS
@@ -155,7 +170,8 @@ def training_request(msg: training_pb2.StartTrainingRequest) -> TrainingRequest:
         timeframe=msg.timeframe,
         start_ms=start_ms,
         end_ms=end_ms,
-        label=LabelSpec(horizon_bars=horizon, threshold=threshold, kind=kind),
+        label=LabelSpec(horizon_bars=horizon, threshold=threshold, kind=kind, volatility_bars=vol_bars,
+                        volatility_multiple=vol_k),
         params=ForestParams(n_estimators=n_estimators, max_depth=max_depth, min_samples_leaf=leaf,
                             class_weight=class_weight, random_state=seed),
         purpose=PROTO_TO_PURPOSE[msg.purpose],

@@ -44,6 +44,13 @@ def register(sub) -> None:
                     help="fixed-horizon: the return to the close --horizon candles later decides; triple-barrier: "
                          "whichever of +-threshold the closes cross first within --horizon candles "
                          "(default: fixed-horizon)")
+    tr.add_argument("--volatility-bars", type=int, default=0, metavar="BARS",
+                    help="volatility-scaled barrier instead of --threshold: the standard deviation of the last BARS "
+                         "1-bar returns (with --volatility-multiple; research models only, see --research)")
+    tr.add_argument("--volatility-multiple", type=float, default=0.0, metavar="K",
+                    help="the barrier is K x that volatility x sqrt(horizon)")
+    tr.add_argument("--research", action="store_true",
+                    help="register a RESEARCH model: it never serves unless a request pins it by model id")
     tr.add_argument("--trees", type=int, default=0, metavar="N", help="number of trees (default: 200)")
     tr.add_argument("--max-depth", type=int, default=0, metavar="N", help="tree depth, -1 for unlimited (default: 6)")
     tr.add_argument("--min-samples-leaf", type=int, default=0, metavar="N",
@@ -190,6 +197,9 @@ def _train(args) -> int:
             class_weight=args.class_weight,
             random_state=args.seed,
             label_kind=args.label,
+            volatility_bars=args.volatility_bars,
+            volatility_multiple=args.volatility_multiple,
+            purpose="research" if args.research else "production",
         )
         if args.no_wait:
             print(f"job {handle.job_id} queued")

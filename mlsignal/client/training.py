@@ -156,6 +156,8 @@ class TrainingClient(ServiceClient):
         random_state: int | None = None,
         purpose: str = "production",
         label_kind: str | None = None,
+        volatility_bars: int = 0,
+        volatility_multiple: float = 0.0,
     ) -> TrainingJobHandle:
         """Queue a training job and return its handle at once.
 
@@ -165,6 +167,9 @@ class TrainingClient(ServiceClient):
         "balanced". `purpose` "production" (the default) registers the model through the promotion gate, so it may
         serve; "research" registers it as RESEARCH, which never serves unless a request pins it by model_id.
         `label_kind` is None (service default: fixed horizon), "fixed_horizon" or "triple_barrier" (hyphens work too).
+        `volatility_bars` and `volatility_multiple` (both or neither; research models only) replace the fixed threshold
+        by a volatility-scaled barrier: `volatility_multiple` x the standard deviation of the last `volatility_bars`
+        1-bar returns x sqrt(horizon_bars).
 
         Example::
 
@@ -174,7 +179,7 @@ class TrainingClient(ServiceClient):
         request = training_pb2.StartTrainingRequest(
             symbol=symbol,
             timeframe=timeframe,
-            label=_label_message(horizon_bars, threshold, label_kind),
+            label=_label_message(horizon_bars, threshold, label_kind, volatility_bars, volatility_multiple),
             params=_params_message(n_estimators, max_depth, min_samples_leaf, class_weight, random_state),
         )
         if purpose not in _PURPOSES:
@@ -441,15 +446,20 @@ def _params_message(n_estimators: int, max_depth: int, min_samples_leaf: int, cl
     return params
 
 
-def _label_message(horizon_bars: int, threshold: float, label_kind: str | None) -> common_pb2.LabelSpec:
+def _label_message(horizon_bars: int, threshold: float, label_kind: str | None, volatility_bars: int = 0,
+                   volatility_multiple: float = 0.0) -> common_pb2.LabelSpec:
     """LabelSpec from the keyword arguments of `train` and `set_policy` (zero or None: the service default)."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)):
         raise ValueError(f"threshold must be a number (a fraction: 0.02 means 2 %), got {threshold!r}")
+    if isinstance(volatility_multiple, bool) or not isinstance(volatility_multiple,
+                                                                (int, float, np.floating, np.integer)):
+        raise ValueError(f"volatility_multiple must be a number, got {volatility_multiple!r}")
     kind = label_kind.replace("-", "_") if isinstance(label_kind, str) else label_kind
     if kind not in _LABEL_KINDS:
         raise ValueError(f"label_kind must be None, 'fixed_horizon' or 'triple_barrier', got {label_kind!r}")
     return common_pb2.LabelSpec(horizon_bars=_int_arg(horizon_bars, "horizon_bars"), threshold=float(threshold),
-                                kind=_LABEL_KINDS[kind])
+                                kind=_LABEL_KINDS[kind], volatility_bars=_int_arg(volatility_bars, "volatility_bars"),
+                                volatility_multiple=float(volatility_multiple))
 
 
 def _duration_arg(value: Any, name: str) -> duration_pb2.Duration:

@@ -63,14 +63,18 @@ class Candle(_message.Message):
     def __init__(self, open_time_ms: _Optional[int] = ..., open: _Optional[float] = ..., high: _Optional[float] = ..., low: _Optional[float] = ..., close: _Optional[float] = ..., volume: _Optional[float] = ..., funding_rate: _Optional[float] = ..., open_interest: _Optional[float] = ...) -> None: ...
 
 class LabelSpec(_message.Message):
-    __slots__ = ("horizon_bars", "threshold", "kind")
+    __slots__ = ("horizon_bars", "threshold", "kind", "volatility_bars", "volatility_multiple")
     HORIZON_BARS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    VOLATILITY_BARS_FIELD_NUMBER: _ClassVar[int]
+    VOLATILITY_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
     horizon_bars: int
     threshold: float
     kind: LabelKind
-    def __init__(self, horizon_bars: _Optional[int] = ..., threshold: _Optional[float] = ..., kind: _Optional[_Union[LabelKind, str]] = ...) -> None: ...
+    volatility_bars: int
+    volatility_multiple: float
+    def __init__(self, horizon_bars: _Optional[int] = ..., threshold: _Optional[float] = ..., kind: _Optional[_Union[LabelKind, str]] = ..., volatility_bars: _Optional[int] = ..., volatility_multiple: _Optional[float] = ...) -> None: ...
 
 class CandleColumns(_message.Message):
     __slots__ = ("open_time_ms", "open", "high", "low", "close", "volume", "funding_rate", "open_interest")

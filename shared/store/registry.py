@@ -92,6 +92,9 @@ class ModelRecord:
             "versions": self.versions,
             "label_kind": self.label.kind,
         }
+        if self.label.volatility_scaled:  # absent for a fixed threshold, as in manifests written before
+            out["label_volatility_bars"] = self.label.volatility_bars
+            out["label_volatility_multiple"] = self.label.volatility_multiple
         if self.ood is not None:
             out["ood"] = self.ood.to_dict()
         if self.drift is not None:
@@ -109,7 +112,8 @@ def _row_to_record(row) -> ModelRecord:
         train_start_ms=row.train_start,
         train_end_ms=row.train_end,
         label=LabelSpec(horizon_bars=row.horizon_bars, threshold=row.threshold,
-                        kind=m.get("label_kind", FIXED_HORIZON)),
+                        kind=m.get("label_kind", FIXED_HORIZON), volatility_bars=m.get("label_volatility_bars", 0),
+                        volatility_multiple=m.get("label_volatility_multiple", 0.0)),
         feature_spec=FeatureSpec.from_dict(m["feature_spec"]),
         params=ForestParams.from_dict(m["params"]),
         classes=tuple(m["classes"]),
