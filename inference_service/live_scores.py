@@ -5,7 +5,10 @@ exactly as training labels candles (`shared.labels.make_labels` over the stored 
 horizon spans missing candles is dropped, as in training):
 
 * fixed horizon: the closes of t and t+h;
-* triple barrier: the path of closes t+1 .. t+h.
+* triple barrier: the path of closes t+1 .. t+h;
+* a volatility-scaled barrier (``LabelSpec.volatility_bars > 0``) also reads the ``volatility_bars`` closes before t,
+  as in training; without them in the candle window the label is not realised (a research-only label: the journal
+  keeps the candles from each prediction on).
 
 A close counts in its final version: candle t+h is final once a later candle of the market has been received (until
 then it may still be forming), so a prediction is scored when a candle after t+h has arrived.

@@ -60,6 +60,24 @@ def test_triple_barrier_uses_the_path():
     assert realised_labels(times[:1], times, close, LabelSpec(horizon_bars=3, threshold=0.02), H).tolist() == [1]
 
 
+@pytest.mark.parametrize("kind", ["fixed_horizon", TRIPLE_BARRIER])
+def test_a_volatility_scaled_label_is_realised_as_training_labels_it(kind):
+    """The barrier of candle t is k x the volatility of the closes up to t: with those candles received, the realised
+    label is the training label; without them it is not realised (never labelled against a guessed barrier)."""
+    spec = LabelSpec(horizon_bars=4, kind=kind, volatility_bars=24, volatility_multiple=0.5)
+    rng = np.random.default_rng(5)
+    close = 100 * np.exp(np.cumsum(rng.normal(0, np.where(np.arange(200) < 100, 0.002, 0.02))))
+    times = T0 + H * np.arange(200)
+    training = make_labels(close, spec, times, H)
+    preds = times[24:195]
+    got = realised_labels(preds, times, close, spec, H)
+    assert np.array_equal(got, training[24:195]) and (got != UNLABELLED).all()
+    assert {0, 1, 2} <= set(got[:70].tolist())  # the quiet part has moves beyond its own (small) barrier
+    # the journal's copy holds the candles from the prediction on, not the 24 before it: not realised
+    late = realised_labels(times[150:190], times[150:], close[150:], spec, H)
+    assert (late[:24] == UNLABELLED).all() and np.array_equal(late[24:], training[174:190])
+
+
 def test_prediction_without_its_candle_is_not_realised():
     spec = LabelSpec(horizon_bars=1, threshold=0.01)
     times = T0 + H * np.arange(4)
