@@ -45,8 +45,9 @@ def window(frame: pd.DataFrame, start: str, end: str) -> pd.DataFrame:
     return frame[(frame.open_time_ms >= ms(start)) & (frame.open_time_ms < ms(end))].reset_index(drop=True)
 
 
-def new_market(services, kind: str = FIXED_HORIZON, created_ago_ms: int = 0) -> ModelRecord:
-    """A copy of the session's BTC/USD model registered (SERVING where the registry has stages) for a new symbol."""
+def new_market(services, kind: str = FIXED_HORIZON, created_ago_ms: int = 0, write_kind: bool = True) -> ModelRecord:
+    """A copy of the session's BTC/USD model registered (SERVING where the registry has stages) for a new symbol.
+    `write_kind` False leaves the label kind out of the copy's manifest, as a registry that does not keep it would."""
     symbol = f"LV{next(_markets)}X{uuid.uuid4().hex[:4].upper()}/USD"
     engine = make_engine(services.url)
     try:
@@ -56,6 +57,8 @@ def new_market(services, kind: str = FIXED_HORIZON, created_ago_ms: int = 0) -> 
             model_id = uuid.uuid4().hex
             manifest = json.loads(row["manifest"])
             manifest["label_kind"] = kind
+            if not write_kind:
+                del manifest["label_kind"]
             row.update(model_id=model_id, symbol=symbol, manifest=json.dumps(manifest, sort_keys=True))
             if created_ago_ms:
                 row["created_at"] = int(time.time() * 1000) - created_ago_ms
@@ -65,7 +68,10 @@ def new_market(services, kind: str = FIXED_HORIZON, created_ago_ms: int = 0) -> 
         record = get_model(engine, model_id)
     finally:
         engine.dispose()
-    assert record is not None and record.label.kind == kind, record
+    # A registry that cannot keep the label kind this test needs is a failure, never a skip: scoring a triple-barrier
+    # model as a fixed-horizon one would compare the wrong labels.
+    assert record is not None, f"model {model_id} was inserted but the registry does not return it"
+    assert record.label.kind == kind, f"the registry does not keep label kind {kind}: it reads {record.label.kind}"
     return record
 
 
@@ -341,6 +347,12 @@ def test_in_sample_and_not_ready_predictions_are_never_scored(services, sample_f
     finally:
         engine.dispose()
     assert pending == 0  # nothing was even journaled
+
+
+def test_a_registry_without_the_label_kind_fails_instead_of_skipping(services):
+    new_market(services, TRIPLE_BARRIER)
+    with pytest.raises(AssertionError, match="does not keep label kind triple_barrier"):
+        new_market(services, TRIPLE_BARRIER, write_kind=False)
 
 
 def test_unknown_model_is_not_found(services):
