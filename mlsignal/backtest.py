@@ -738,15 +738,18 @@ def _describe_labels(labels: tuple[tuple[int, float, str], ...]) -> str:
 
 def _execution_line(res: BacktestResult) -> str:
     fees = f"fee {res.fee_bps:g} bps per side"
+    delay = ("filled at the decision's close, held from the next candle" if res.delay_bars == 1 else
+             f"filled at the close {res.delay_bars - 1} candle(s) after the decision")
     if res.hold == HOLD_CANDLE:
-        return (f"execution  long/flat re-decided every candle (--hold candle: each decision held one candle, the "
-                f"label's horizon ignored), from {res.delay_bars} candle(s) after the decision, close-to-close "
+        return (f"execution  long/flat re-decided every candle (hold candle: each decision held one candle, the "
+                f"label's horizon ignored), held from {res.delay_bars} candle(s) after the decision, close-to-close "
                 f"returns, {fees}")
     overlap = ("a new signal while in a position is ignored" if res.overlap == OVERLAP_IGNORE else
                f"every signal opens its own sleeve of 1/{max((h for h, _, _ in res.labels), default=1)} of equity")
-    return (f"execution  each entry held for its model's label ({_describe_labels(res.labels)}), a triple barrier "
-            f"exits at the first barrier crossed (close-based); filled {res.delay_bars} candle(s) after the "
-            f"decision at the decision's close; {overlap}; {fees}")
+    barrier = (", to the first barrier crossed (close-based) for a triple barrier"
+               if any(kind == TRIPLE_BARRIER for _, _, kind in res.labels) else "")
+    return (f"execution  each entry held for its model's label ({_describe_labels(res.labels)}){barrier}; "
+            f"{delay}; {overlap}; {fees}")
 
 
 def _stats_line(res: BacktestResult) -> list[str]:

@@ -68,14 +68,22 @@ def register(sub) -> None:
 
     bt = sub.add_parser(
         "backtest",
-        help="long/flat backtest of walk-forward signals: strategy, RSI only and buy-and-hold",
+        help="backtest of walk-forward or predicted signals that trades the label: strategy, RSI only, buy-and-hold",
         description=(
-            "Read a signal file written by backtest-signals and print total return, max drawdown, annualised "
-            "Sharpe, round trips, hit rate and exposure for: long when ML_UP_PROB - ML_DOWN_PROB > --edge-min (and, "
-            "if given, ML_UP_PROB > --up-min) and RSI < --rsi-max; "
-            "the same rule without the ML condition; and buy-and-hold. The position decided at a candle's close is "
-            "held from --delay candles later; fees are charged per side on every change. The thresholds are fixed "
-            "inputs: choose them before looking at the period, never by trying values on it."
+            "Read a signal file (written by backtest-signals, or by predict --csv) and print total return, max "
+            "drawdown, annualised Sharpe, trades, hit rate and exposure for: long when ML_UP_PROB - ML_DOWN_PROB > "
+            "--edge-min (and, if given, ML_UP_PROB > --up-min) and RSI < --rsi-max; the same rule without the ML "
+            "condition; and buy-and-hold; then the strategy's Sharpe ratio with its probabilistic and deflated "
+            "Sharpe ratios and the number of trials (`sharpe 0.53  PSR 0.81  DSR 0.42  trials 12`), and a verdict. "
+            "By default each entry is held for its model's label horizon (--hold label; a triple-barrier model "
+            "exits at the first barrier crossed); --hold candle re-decides every candle. Fees are charged per side, "
+            "funding where the file has a funding_rate column. Every row's model and training window is checked in "
+            "the registry (the training service): a row the model was trained on, or predicted before its "
+            "training window ended, is refused. Trials are the market's distinct research configurations in the "
+            "registry plus the rules of this run (plus --extra-trials); without the registry the backtest refuses "
+            "to run unless --trials is given and the file carries train_end_ms and the label columns. The "
+            "thresholds are fixed inputs: choose them before looking at the period, never by trying values on it. "
+            "Exit status 0 on success, 2 when the file or the registry refuses."
         ),
     )
     bt.add_argument("--signals", required=True, metavar="FILE", help="signal file (.csv or .parquet)")
@@ -92,9 +100,57 @@ def register(sub) -> None:
     bt.add_argument("--fee-bps", type=float, default=10.0, help="fee per side in basis points (default 10)")
     bt.add_argument("--delay", type=int, default=1, metavar="BARS",
                     help="candles between the decision and the first candle held, at least 1 (default 1)")
+    bt.add_argument("--hold", type=_hold_arg, default="label", metavar="label|candle",
+                    help="label: hold each entry for its model's label horizon, to the first barrier for a "
+                         "triple-barrier model (default); candle (or 1): re-decide at every close, hold one candle")
+    bt.add_argument("--overlap", choices=("ignore", "stack"), default="ignore",
+                    help="holding the label, a signal while a position is open: ignore it (default), or stack: "
+                         "every signal opens its own sleeve of 1/horizon of equity")
+    bt.add_argument("--funding-interval", type=_duration_arg, default=8 * 3_600_000, metavar="DUR",
+                    help="funding is settled every DUR from 00:00 UTC when the file has a funding_rate column "
+                         "(default 8h)")
+    bt.add_argument("--trials", type=_positive_int, metavar="N",
+                    help="the number of configurations tried, instead of counting them in the registry (needed "
+                         "when the training service cannot be reached)")
+    bt.add_argument("--extra-trials", type=_non_negative_int, default=0, metavar="N",
+                    help="rules already tried on these signals before this run, added to the trial count (default 0)")
+    bt.add_argument("--symbol", help="the signals' market, to list only its models (default: every model)")
+    bt.add_argument("--training-target", metavar="ADDR",
+                    help="training service address, for the registry (default: MLSIGNAL_TRAINING_ADDR, "
+                         "127.0.0.1:50051)")
     bt.add_argument("--timeframe", metavar="TF", choices=list(TIMEFRAME_MS),
                     help="timeframe of the signals (default: read from the candle spacing)")
+    add_security_arguments(bt)
     bt.set_defaults(func=_backtest)
+
+
+def _hold_arg(text: str) -> str:
+    value = text.strip().lower()
+    if value in ("candle", "1"):
+        return "candle"
+    if value == "label":
+        return "label"
+    raise argparse.ArgumentTypeError(f"expected label, candle or 1, got {text!r}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
 
 
 @client_errors
@@ -161,15 +217,70 @@ def _optional_float(text: str) -> float | None:
     return None if text.strip().lower() == "none" else float(text)
 
 
+def _model_ids(signals) -> list[str]:
+    if "ML_MODEL_ID" not in signals.columns:
+        return []
+    ids = signals["ML_MODEL_ID"].dropna().astype(str)
+    return sorted({i for i in ids if i and i.lower() != "nan"})
+
+
+def _registry(args, signals):
+    """The registry's models (ListModels on the training service), or the reason it could not be reached."""
+    from mlsignal.cli.security import security_kwargs
+    from mlsignal.client import DeadlineExceededError, TrainingClient, UnavailableError
+    from shared.settings import Settings
+
+    target = args.training_target or Settings.from_env().training_addr
+    try:
+        with TrainingClient(target, **security_kwargs(args)) as training:
+            return training.list_models(args.symbol or "", ""), target, None
+    except (UnavailableError, DeadlineExceededError) as exc:
+        return None, target, exc
+
+
 @client_errors
 def _backtest(args) -> int:
-    from mlsignal.backtest import StrategyRule, format_report, run_backtest
+    from mlsignal.backtest import (
+        LABEL_COLUMNS,
+        StrategyRule,
+        TrialCount,
+        attach_model_info,
+        count_trials,
+        format_report,
+        run_backtest,
+    )
     from mlsignal.walkforward import read_signals
 
     signals = read_signals(args.signals)
     rule = StrategyRule(up_min=args.up_min, rsi_max=args.rsi_max, down_max=args.down_max,
                         rsi_period=args.rsi_period, edge_min=args.edge_min)
-    result = run_backtest(signals, rule, fee_bps=args.fee_bps, delay_bars=args.delay, timeframe=args.timeframe)
+    models, target, unreachable = _registry(args, signals)
+    ids = _model_ids(signals)
+    trials: TrialCount | int
+    if models is None:
+        needs = ["train_end_ms", *(LABEL_COLUMNS if args.hold == "label" else ())]
+        lacking = [c for c in needs if c not in signals.columns]
+        if args.trials is None or lacking:
+            why = []
+            if args.trials is None:
+                why.append("to count the configurations tried on this market (or pass --trials N)")
+            if lacking:
+                why.append(f"to look up {', '.join(lacking)} of the signals' models by ML_MODEL_ID")
+            print(f"error: the registry (training service at {target}) cannot be reached: {unreachable}; the "
+                  f"backtest needs it {' and '.join(why)}", file=sys.stderr)
+            return 2
+        print(f"note: the registry (training service at {target}) cannot be reached; the training windows and "
+              f"labels are the file's own, and trials {args.trials} as given", file=sys.stderr)
+        trials = args.trials
+    else:
+        by_id = {m.model_id: m for m in models}
+        if ids:
+            signals = attach_model_info(signals, by_id)
+        given = args.trials is not None
+        trials = args.trials if given else count_trials(models, ids, rules=1, extra=args.extra_trials)
+    result = run_backtest(signals, rule, fee_bps=args.fee_bps, delay_bars=args.delay, timeframe=args.timeframe,
+                          hold=args.hold, overlap=args.overlap, funding_interval_ms=args.funding_interval,
+                          trials=trials)
     print(format_report(result))
     if result.strategy.trades == 0:
         up = signals["ML_UP_PROB"].max()

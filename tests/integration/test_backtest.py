@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ from mlsignal.backtest import (
     max_drawdown,
     run_backtest,
 )
+from service_fixtures import ms
 from shared.features import FeatureSpec, compute_features, rsi
 
 T0 = 1_546_300_800_000  # 2019-01-01T00:00:00Z
@@ -37,7 +39,22 @@ def frame(close, up=None, ready=True, down=None, step_ms=H) -> pd.DataFrame:
     return out
 
 
-def run_candle(signals, rule=StrategyRule(), **kwargs):
+def labelled(signals, horizon, threshold=0.02, kind="fixed_horizon") -> pd.DataFrame:
+    out = signals.copy()
+    out["ML_HORIZON_BARS"] = horizon
+    out["ML_THRESHOLD"] = threshold
+    out["ML_LABEL_KIND"] = kind
+    return out
+
+
+def signal_at(close, *decisions, **label) -> pd.DataFrame:
+    """Signals on `close` where the ML-only rule fires exactly at the given decision candles."""
+    up = np.full(len(close), 0.5)
+    up[list(decisions)] = 0.7
+    return labelled(frame(close, up), **label)
+
+
+def run_candle(signals, rule, **kwargs):
     """The one-candle mode: re-decided at every close, held one candle."""
     return run_backtest(signals, rule, hold="candle", **kwargs)
 
@@ -223,6 +240,261 @@ def test_report_table_is_aligned_with_three_rows():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# holding the label
+
+
+CLOSE10 = [100.0, 100.0, 101.0, 103.5, 99.0, 98.0, 97.0, 100.0, 104.0, 105.0]
+
+
+def test_a_fixed_horizon_entry_is_held_for_the_horizon_with_one_fee_per_side():
+    sig = signal_at(CLOSE10, 1, horizon=3)
+    s = run_backtest(sig, ML_ONLY, fee_bps=10).strategy
+    # decided at the close of 1, filled at that close, held over candles 2, 3, 4: close[4] / close[1], as the label
+    assert s.position.tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 0, 0]
+    r = np.array(CLOSE10[1:]) / np.array(CLOSE10[:-1]) - 1
+    expected = np.zeros(10)
+    expected[2:5] = r[1:4]
+    expected[2] -= FEE  # entry fee on the first candle held
+    expected[4] -= FEE  # exit fee on the candle at whose close it exits
+    assert np.allclose(s.returns.to_numpy(), expected, rtol=0, atol=1e-15)
+    assert s.trades == 1 and s.exits == {"horizon": 1, "up barrier": 0, "down barrier": 0, "end of data": 0}
+    gross = (1 + r[1] - FEE) * (1 + r[2]) * (1 + r[3] - FEE)
+    assert s.total_return == pytest.approx(gross - 1, rel=1e-12)
+    assert s.hit_rate == (1.0 if gross > 1 else 0.0)
+    # the same decision a candle later with two candles of delay: filled at the close of 2
+    late = run_backtest(sig, ML_ONLY, fee_bps=10, delay_bars=2).strategy
+    assert late.position.tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0, 0]
+
+
+def test_overlap_ignore_holds_one_position_and_stack_opens_a_sleeve_per_signal():
+    sig = signal_at(CLOSE10, 1, 2, 4, horizon=3)
+    ignore = run_backtest(sig, ML_ONLY, fee_bps=10, overlap="ignore").strategy
+    # the signal at 2 comes while the first position (2..4) is open: ignored; the one at 4, the exit candle, is not
+    assert ignore.position.tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 0, 0]
+    assert ignore.trades == 2
+    stack = run_backtest(sig, ML_ONLY, fee_bps=10, overlap="stack").strategy
+    third = 1 / 3
+    assert np.allclose(stack.position.to_numpy(), [0, 0, third, 2 * third, 2 * third, 2 * third, third, third, 0, 0])
+    assert stack.trades == 3
+    r = np.array([0.0, *(np.array(CLOSE10[1:]) / np.array(CLOSE10[:-1]) - 1)])
+    fees = np.zeros(10)
+    for first, last in ((2, 4), (3, 5), (5, 7)):  # each sleeve pays 1/3 of a fee at its entry and its exit
+        fees[first] += third * FEE
+        fees[last] += third * FEE
+    assert np.allclose(stack.returns.to_numpy(), stack.position.to_numpy() * r - fees, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="overlap"):
+        run_backtest(sig, ML_ONLY, overlap="both")
+    with pytest.raises(ValueError, match="hold='label'"):
+        run_backtest(sig, ML_ONLY, hold="candle", overlap="stack")
+
+
+def test_a_triple_barrier_entry_exits_at_the_first_barrier_crossed_close_based():
+    up = run_backtest(signal_at(CLOSE10, 1, horizon=6, kind="triple_barrier"), ML_ONLY).strategy
+    # from 100: 101 (+1 %), 103.5 (+3.5 % > 2 %): out at the close of candle 3
+    assert up.position.tolist() == [0, 0, 1, 1, 0, 0, 0, 0, 0, 0] and up.exits["up barrier"] == 1
+    down = run_backtest(signal_at(CLOSE10, 3, horizon=6, kind="triple_barrier"), ML_ONLY).strategy
+    # from 103.5: 99 (-4.3 %): out at the close of candle 4
+    assert down.position.tolist() == [0, 0, 0, 0, 1, 0, 0, 0, 0, 0] and down.exits["down barrier"] == 1
+    # a move of exactly the threshold (102 / 100 - 1 = 0.020000000000000018) is no crossing, as in shared.labels
+    exact = [100.0, 100.0, 102.0, 98.0, 100.0, 100.0]
+    held = run_backtest(signal_at(exact, 1, horizon=3, kind="triple_barrier"), ML_ONLY).strategy
+    assert held.position.tolist() == [0, 0, 1, 1, 1, 0] and held.exits["horizon"] == 1
+    # the horizon beyond the last candle: closed at the last close
+    cut = run_backtest(signal_at(CLOSE10, 7, horizon=6, kind="triple_barrier", threshold=0.5), ML_ONLY).strategy
+    assert cut.position.tolist() == [0] * 8 + [1, 1] and cut.exits["end of data"] == 1
+
+
+def test_triple_barrier_exits_agree_with_the_shared_labels():
+    from shared.labels import DOWN, RANGE, UP, triple_barrier_labels
+
+    rng = np.random.default_rng(11)
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, 300)))
+    labels = triple_barrier_labels(close, 24, 0.02)
+    reason = {UP: "up barrier", DOWN: "down barrier", RANGE: "horizon"}
+    for t in rng.choice(np.arange(0, 300 - 25), size=40, replace=False):
+        s = run_backtest(signal_at(close, int(t), horizon=24, kind="triple_barrier"), ML_ONLY, fee_bps=0).strategy
+        assert s.exits[reason[int(labels[t])]] == 1, t
+        held = np.flatnonzero(s.position.to_numpy())
+        assert held[0] == t + 1 and held[-1] <= t + 24
+
+
+def test_funding_is_paid_at_each_funding_time_held_through():
+    close = list(100.0 + np.arange(20.0))
+    base = signal_at(close, 1, horizon=8)  # held over candles 2..9; candle 7 closes at 08:00 UTC, a funding time
+    funded = base.copy()
+    funded["funding_rate"] = 0.0001
+    a = run_backtest(base, ML_ONLY).strategy
+    b = run_backtest(funded, ML_ONLY).strategy
+    diff = a.returns.to_numpy() - b.returns.to_numpy()
+    expected = np.zeros(20)
+    expected[7] = 0.0001
+    assert np.allclose(diff, expected, rtol=0, atol=1e-15)
+    assert b.funding_paid == pytest.approx(0.0001)
+    # a negative rate is received; a 4h interval has a second funding time (04:00, candle 3) in the position
+    funded["funding_rate"] = -0.0002
+    c = run_backtest(funded, ML_ONLY, funding_interval_ms=4 * H).strategy
+    assert c.funding_paid == pytest.approx(-0.0004)
+    # the one-candle mode pays it too
+    d = run_backtest(funded, ML_ONLY, hold="candle").strategy
+    assert d.funding_paid == pytest.approx(-0.0002 * d.position.to_numpy()[[7, 15]].sum())
+    # a funding time held without a rate is an error; a file without any rate pays none
+    gap = base.copy()
+    gap["funding_rate"] = 0.0001
+    gap.loc[7, "funding_rate"] = np.nan
+    with pytest.raises(ValueError, match="funding_rate is missing at 2019-01-01T07:00:00Z"):
+        run_backtest(gap, ML_ONLY)
+    none = base.copy()
+    none["funding_rate"] = np.nan
+    assert run_backtest(none, ML_ONLY).strategy.funding_paid == 0.0
+    assert "funding    none" in format_report(run_backtest(none, ML_ONLY))
+
+
+def test_rows_the_model_could_have_seen_are_refused():
+    sig = signal_at(CLOSE10, 1, horizon=3)
+    run_backtest(sig, ML_ONLY)
+    seen = sig.copy()
+    seen.loc[4:, "train_end_ms"] = seen.loc[6, "open_time_ms"]  # rows 4..6 lie in the window, 7..9 after it
+    with pytest.raises(ValueError, match=r"3 row\(s\) were predicted by a model trained on a window that contains"):
+        run_backtest(seen, ML_ONLY)
+    later = sig.copy()
+    later["train_end_ms"] = T0 + 50 * H  # a window that ends after every row
+    with pytest.raises(ValueError, match="2019-01-01T00:00:00Z"):
+        run_backtest(later, ML_ONLY, hold="candle")
+    with pytest.raises(ValueError, match="train_end_ms"):
+        run_backtest(sig.drop(columns="train_end_ms"), ML_ONLY)
+    unknown = sig.copy()
+    unknown.loc[3, "train_end_ms"] = np.nan
+    with pytest.raises(ValueError, match="train_end_ms is missing on 1 ready row"):
+        run_backtest(unknown, ML_ONLY)
+    # rows that are not ready carry no prediction and no trade: their window is not needed
+    unknown.loc[3, "ML_READY"] = False
+    run_backtest(unknown, ML_ONLY)
+
+
+def test_holding_the_label_needs_the_label_columns():
+    sig = frame(CLOSE10, [0.7] * 10)
+    with pytest.raises(ValueError, match="ML_HORIZON_BARS, ML_THRESHOLD, ML_LABEL_KIND"):
+        run_backtest(sig, ML_ONLY)
+    run_backtest(sig, ML_ONLY, hold="candle")
+    bad = labelled(sig, 24, kind="straddle")
+    with pytest.raises(ValueError, match="ML_LABEL_KIND must be fixed_horizon or triple_barrier"):
+        run_backtest(bad, ML_ONLY)
+    with pytest.raises(ValueError, match="ML_HORIZON_BARS must be an integer >= 1"):
+        run_backtest(labelled(sig, 0), ML_ONLY)
+
+
+@pytest.mark.parametrize("overlap", ["ignore", "stack"])
+@pytest.mark.parametrize("kind", ["fixed_horizon", "triple_barrier"])
+def test_holding_the_label_has_no_look_ahead(overlap, kind):
+    sig = labelled(random_signals(), 24, kind=kind)
+    rule = StrategyRule()
+    n = len(sig)
+    for k in (50, 200, 333):
+        for delay in (1, 3):
+            ref = run_backtest(sig, rule, fee_bps=10, delay_bars=delay, overlap=overlap)
+            changed = sig.copy()
+            changed.loc[k:, "ML_UP_PROB"] = 1.0 - changed.loc[k:, "ML_UP_PROB"]
+            out = run_backtest(changed, rule, fee_bps=10, delay_bars=delay, overlap=overlap)
+            assert np.array_equal(out.strategy.equity.to_numpy()[: k + delay],
+                                  ref.strategy.equity.to_numpy()[: k + delay])
+            moved = sig.copy()
+            moved.loc[k:, "close"] = moved.loc[k:, "close"] * np.linspace(0.5, 2.0, n - k)
+            out = run_backtest(moved, rule, fee_bps=10, delay_bars=delay, overlap=overlap)
+            for a, b in zip(out.rows, ref.rows, strict=True):
+                assert np.array_equal(a.equity.to_numpy()[:k], b.equity.to_numpy()[:k])
+
+
+def test_the_report_prints_psr_dsr_and_trials_as_tokens_and_a_verdict():
+    sig = labelled(random_signals(2000), 24)
+    res = run_backtest(sig, StrategyRule(), trials=12)
+    text = format_report(res)
+    st = res.sharpe_stats
+    assert re.search(rf"^strategy   sharpe {res.strategy.sharpe:.2f}  PSR {st.psr:.2f}  DSR {st.dsr:.2f}  trials 12$",
+                     text, re.M), text
+    assert st.trials == 12 and st.dsr < st.psr  # deflating for 12 trials lowers the probability
+    assert "exits      horizon" in text and "verdict    The signal" in text
+    assert "fixed horizon 24 candles, ±2 %" in text
+    unknown = format_report(run_backtest(sig, StrategyRule()))
+    assert "DSR n/a  trials unknown" in unknown and "luck cannot be ruled out" in unknown
+    # the same PSR as mlsignal.stats on the strategy's per-candle net returns
+    from mlsignal.stats import sharpe_stats
+
+    assert st.psr == sharpe_stats(res.strategy.returns.to_numpy(), 12).psr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the registry: training windows, labels and trials
+
+
+def model_info(model_id, symbol="BT/USD", stage="RESEARCH", start=T0 - 400 * H, end=T0 - 30 * H, horizon=24,
+               threshold=0.02, kind="fixed_horizon", trees=50, seed=42, reason=""):
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from mlsignal.v1 import common_pb2
+
+    def ts(ms):
+        t = Timestamp()
+        t.FromMilliseconds(ms)
+        return t
+
+    return common_pb2.ModelInfo(
+        model_id=model_id, symbol=symbol, timeframe="1h", train_start=ts(start), train_end=ts(end),
+        label=common_pb2.LabelSpec(horizon_bars=horizon, threshold=threshold,
+                                   kind=common_pb2.LabelKind.Value(f"LABEL_KIND_{kind.upper()}")),
+        params=common_pb2.ModelParams(n_estimators=trees, max_depth=6, min_samples_leaf=25, random_state=seed),
+        feature_set="ohlcv-v1", features=["rsi_14", "ret_1"],
+        stage=common_pb2.ModelStage.Value(f"MODEL_STAGE_{stage}"), stage_reason=reason,
+    )  # fmt: skip
+
+
+def test_attach_model_info_fills_windows_and_labels_by_model_id_and_checks_the_file():
+    from mlsignal.backtest import attach_model_info
+
+    sig = frame(CLOSE10, [0.7] * 10).drop(columns="train_end_ms")
+    sig["ML_MODEL_ID"] = ["a"] * 5 + ["b"] * 5
+    models = {"a": model_info("a"), "b": model_info("b", end=T0 + 3 * H, kind="triple_barrier", horizon=6)}
+    out = attach_model_info(sig, models)
+    assert out.train_end_ms.tolist() == [T0 - 30 * H] * 5 + [T0 + 3 * H] * 5
+    assert out.ML_HORIZON_BARS.tolist() == [24] * 5 + [6] * 5
+    assert out.ML_LABEL_KIND.tolist() == ["fixed_horizon"] * 5 + ["triple_barrier"] * 5
+    assert out.ML_THRESHOLD.tolist() == pytest.approx([0.02] * 10)
+    # model b's window ends at row 3, before its rows 5..9: accepted; moved to row 6, rows 5 and 6 are refused
+    run_backtest(out, ML_ONLY)
+    models["b"] = model_info("b", end=T0 + 6 * H)
+    with pytest.raises(ValueError, match=r"2 row\(s\) were predicted .*\(model b\)"):
+        run_backtest(attach_model_info(sig, models), ML_ONLY)
+    with pytest.raises(ValueError, match="ML_MODEL_ID c is not in the registry"):
+        attach_model_info(sig.assign(ML_MODEL_ID="c"), models)
+    # a file whose own columns disagree with the registry is refused
+    edited = out.copy()
+    edited.loc[2, "train_end_ms"] = T0 - 90 * H
+    with pytest.raises(ValueError, match=r"train_end_ms .* registry says"):
+        attach_model_info(edited, {"a": model_info("a"), "b": model_info("b", end=T0 + 3 * H)})
+
+
+def test_trials_count_the_markets_distinct_research_configurations_and_the_rules():
+    from mlsignal.backtest import count_trials
+
+    models = [
+        model_info("w1"), model_info("w2", start=T0 - 300 * H),  # walk-forward steps: one configuration
+        model_info("t1", threshold=0.03), model_info("t2", kind="triple_barrier"), model_info("s1", seed=7),
+        model_info("old", trees=300, stage="RETIRED", reason="research retention"),  # tried, then retired
+        model_info("live", trees=200, stage="SERVING"), model_info("gone", trees=400, stage="RETIRED"),
+        model_info("other", symbol="ETH/USD", trees=999),  # another market
+    ]
+    count = count_trials(models, ["w1", "w2"])
+    assert count.research_configs == 5 and count.total == 6 and count.market == "BT/USD 1h"
+    assert "5 research configuration(s) of BT/USD 1h in the registry + 1 rule(s) in this run" in count.describe()
+    assert count_trials(models, ["w1"], extra=4).total == 10
+    # the model that predicted the signals is a configuration tried even when it is not a research model
+    assert count_trials(models, ["live"]).research_configs == 6
+    with pytest.raises(ValueError, match="2 markets"):
+        count_trials(models, ["w1", "other"])
+    with pytest.raises(ValueError, match="not in the registry"):
+        count_trials(models, ["nope"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # CLI on the real services
 
 CLI_SYMBOL = "BTCLI/USD"
@@ -256,15 +528,50 @@ def test_cli_backtest_signals_writes_the_file_and_backtest_prints_the_table(serv
     assert len(signals) == 50 * 24 and signals.ML_MODEL_ID.nunique() == 2 and not signals.ML_IN_SAMPLE.any()
     assert (signals.open_time_ms > signals.train_end_ms + 24 * 3_600_000).all()
 
-    code = main(["backtest", "--signals", str(out), "--up-min", "0.4", "--rsi-max", "70", "--fee-bps", "10",
-                 "--delay", "1"])
+    assert signals.ML_HORIZON_BARS.eq(24).all() and signals.ML_THRESHOLD.eq(0.02).all()
+    assert signals.ML_LABEL_KIND.eq("fixed_horizon").all()
+
+    training = f"127.0.0.1:{services.training.port}"
+    code = main(["backtest", "--signals", str(out), "--edge-min", "0", "--rsi-max", "70", "--fee-bps", "10",
+                 "--delay", "1", "--training-target", training])
     printed = capsys.readouterr().out
     assert code == 0
-    rows = [line for line in printed.splitlines() if line.startswith(("strategy", "rsi only", "buy and hold"))]
+    rows = [line for line in printed.splitlines()
+            if line.startswith(("strategy  ", "rsi only", "buy and hold")) and "PSR" not in line]
     assert [r.split("  ")[0].strip() for r in rows] == ["strategy", "rsi only", "buy and hold"]
     bh = rows[2].split()
     close = signals.close.to_numpy()
     assert bh[3] == f"{(close[-1] / close[0] - 1) * 100:.2f}%"
+    assert "each entry held for its model's label (fixed horizon 24 candles, ±2 %)" in printed
+    # trials: the market's research configurations in the registry (both walk-forward models share one) + the rule
+    from mlsignal.backtest import count_trials
+    from mlsignal.client import TrainingClient
+
+    with TrainingClient(training) as client:
+        expected = count_trials(client.list_models(CLI_SYMBOL, "1h"), list(signals.ML_MODEL_ID.unique()))
+    assert expected.research_configs == 1 and expected.total == 2
+    assert re.search(r"^strategy   sharpe \S+  PSR \d\.\d\d  DSR (\d\.\d\d|n/a)  trials 2$", printed, re.M), printed
+    assert "1 research configuration(s) of BTCLI/USD 1h in the registry + 1 rule(s) in this run" in printed
+    assert main(["backtest", "--signals", str(out), "--training-target", training, "--extra-trials", "3"]) == 0
+    assert "  trials 5" in capsys.readouterr().out
+
+    # the one-candle mode is still there
+    assert main(["backtest", "--signals", str(out), "--hold", "candle", "--training-target", training]) == 0
+    assert "re-decided every candle" in capsys.readouterr().out
+
+    # without the registry: refused, unless the trials are given (the file carries its windows and labels)
+    nowhere = "127.0.0.1:1"
+    assert main(["backtest", "--signals", str(out), "--training-target", nowhere]) == 2
+    err = capsys.readouterr().err
+    assert "registry (training service at 127.0.0.1:1) cannot be reached" in err and "--trials N" in err
+    assert main(["backtest", "--signals", str(out), "--training-target", nowhere, "--trials", "7"]) == 0
+    captured = capsys.readouterr()
+    assert "  trials 7" in captured.out and "7 as given (--trials)" in captured.out
+    assert "cannot be reached" in captured.err
+    stripped = tmp_path / "stripped.csv"
+    signals.drop(columns=["train_end_ms"]).to_csv(stripped, index=False)
+    assert main(["backtest", "--signals", str(stripped), "--training-target", nowhere, "--trials", "7"]) == 2
+    assert "to look up train_end_ms" in capsys.readouterr().err
 
     assert main(["backtest", "--signals", str(tmp_path / "missing.csv")]) == 2
     with pytest.raises(SystemExit) as exit_info:
@@ -280,16 +587,56 @@ def test_cli_defaults_compare_the_classes_and_a_rule_that_never_fires_is_reporte
     rng = np.random.default_rng(5)
     n = 400
     close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, n)))
-    sig = frame(close, rng.uniform(0.2, 0.45, n), ready=np.arange(n) >= 20, down=rng.uniform(0.2, 0.45, n))
+    sig = labelled(frame(close, rng.uniform(0.2, 0.45, n), ready=np.arange(n) >= 20, down=rng.uniform(0.2, 0.45, n)),
+                   24)
     path = write_signals(sig, tmp_path / "signals.csv")
 
-    assert main(["backtest", "--signals", str(path)]) == 0
+    offline = ["--training-target", "127.0.0.1:1", "--trials", "1"]  # a hand-made file names no model
+    assert main(["backtest", "--signals", str(path), *offline]) == 0
     out = capsys.readouterr()
     strategy = next(line for line in out.out.splitlines() if line.startswith("strategy"))
     assert "ML_UP_PROB - ML_DOWN_PROB > 0" in out.out and "never fired" not in out.err
     assert int(strategy.split()[-3]) > 0  # the trades column
 
-    assert main(["backtest", "--signals", str(path), "--up-min", "0.6", "--edge-min", "none"]) == 0
+    assert main(["backtest", "--signals", str(path), "--up-min", "0.6", "--edge-min", "none", *offline]) == 0
     err = capsys.readouterr().err
     assert "never fired (0 trades)" in err
     assert f"highest ML_UP_PROB in these signals is {sig.ML_UP_PROB.max():.3f}" in err
+
+
+def test_cli_backtest_accepts_predict_output_and_checks_it_against_the_registry(services, sample_frame, tmp_path,
+                                                                                 capsys):
+    """`mlsignal predict --csv` writes ML_MODEL_ID but no training window: the backtest looks the model up."""
+    from mlsignal.cli import main
+
+    model_id = services.btc_job.model_id  # BTC/USD, trained on 2018
+    training = f"127.0.0.1:{services.training.port}"
+
+    def predicted(start, end, name):
+        rows = sample_frame[(sample_frame.open_time_ms >= ms(start)) & (sample_frame.open_time_ms < ms(end))]
+        candles = tmp_path / f"{name}-candles.csv"
+        pd.DataFrame({
+            "timestamp": pd.to_datetime(rows.open_time_ms, unit="ms", utc=True).dt.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            **{c: rows[c].to_numpy() for c in ("open", "high", "low", "close", "volume")},
+        }).to_csv(candles, index=False)  # fmt: skip
+        out = tmp_path / f"{name}-signals.csv"
+        assert main(["predict", "--symbol", "BTC/USD", "--timeframe", "1h", "--csv", str(candles), "--out", str(out),
+                     "--target", f"127.0.0.1:{services.inference.port}", "--model-id", model_id]) == 0
+        capsys.readouterr()
+        return out
+
+    after = predicted("2019-02-01", "2019-03-15", "after")
+    assert main(["backtest", "--signals", str(after), "--training-target", training]) == 0
+    printed = capsys.readouterr().out
+    assert "each entry held for its model's label" in printed
+    assert re.search(r"PSR \d\.\d\d  DSR \d\.\d\d  trials \d+$", printed, re.M), printed
+
+    # candles the model was trained on (2018): refused, though predict marks only some rows in-sample
+    inside = predicted("2018-12-20", "2019-01-20", "inside")
+    assert main(["backtest", "--signals", str(inside), "--training-target", training]) == 2
+    err = capsys.readouterr().err
+    assert "ML_IN_SAMPLE" in err or "contains them or ends after them" in err
+    no_flag = tmp_path / "no-flag.csv"
+    pd.read_csv(inside).drop(columns="ML_IN_SAMPLE").to_csv(no_flag, index=False)
+    assert main(["backtest", "--signals", str(no_flag), "--training-target", training]) == 2
+    assert "contains them or ends after them, the first at 2018-12-2" in capsys.readouterr().err
