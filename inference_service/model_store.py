@@ -7,7 +7,8 @@ market, whatever its stage.
 
 A loaded model is immutable. Swapping replaces a reference under a lock, so a call that already holds the old
 model finishes on it, and no call can see a half-loaded one. Files are read only from the model directory, only
-when their sha256 matches the registry, and only as ONNX (never unpickled).
+when their sha256 matches the registry, and never unpickled: the ONNX graph, and for the native forest runtime
+(MLSIGNAL_FOREST_RUNTIME) the scikit-learn file read as plain arrays by `shared.forest_runtime.read_forest`.
 
 A model that cannot be used (its registry row cannot be read, its file is missing or fails its sha256 check, or
 ONNX Runtime rejects it) is refused: the reason is logged once, the model that served before keeps serving, and
@@ -41,7 +42,9 @@ import sqlalchemy as sa
 from shared.artifacts import ArtifactError, read_verified, resolve_in
 from shared.calibration import shrink_to_prior
 from shared.errors import DataLoss, InvalidArgument, NotFound, Unavailable, one_line
+from shared.forest_runtime import ForestArtifactError, NativeForest, NativeUnavailable, read_forest
 from shared.onnxmodel import OnnxForest
+from shared.settings import FOREST_RUNTIMES, Settings
 from shared.store import registry
 from shared.store.registry import ModelRecord, ModelRow
 
@@ -59,7 +62,7 @@ PINNED_CACHE = 1024
 @dataclass(frozen=True)
 class LoadedModel:
     record: ModelRecord
-    forest: OnnxForest
+    forest: OnnxForest | NativeForest
     prior: np.ndarray
     weight: float
 
@@ -67,27 +70,79 @@ class LoadedModel:
     def model_id(self) -> str:
         return self.record.model_id
 
+    @property
+    def runtime(self) -> str:
+        """"native" (scikit-learn's trees in the native forest runtime) or "onnx" (ONNX Runtime)."""
+        return "native" if isinstance(self.forest, NativeForest) else "onnx"
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Served probabilities (n, 3) in CLASSES order: the forest shrunk toward the prior, as in training."""
         return shrink_to_prior(self.forest.predict_proba(X), self.prior, self.weight)
 
 
-def load_model(record: ModelRecord, model_dir: Path) -> LoadedModel:
+_fallback_logged = False
+
+
+class _NoSklearnArtifact(ForestArtifactError):
+    pass
+
+
+def _native_forest(record: ModelRecord, model_dir: Path) -> NativeForest:
+    """The model's scikit-learn forest in the native runtime. NativeUnavailable when this machine cannot build the
+    kernel; ForestArtifactError (or ArtifactError) when the model's scikit-learn file is missing, fails its sha256
+    check or is not a forest the runtime serves."""
+    if not record.sklearn_artifact or not record.sklearn_sha256:
+        raise _NoSklearnArtifact("it has no scikit-learn artifact in the registry")
+    flat = read_forest(read_verified(model_dir, record.sklearn_artifact, record.sklearn_sha256))
+    n_classes = len(record.classes)
+    if flat.n_features != len(record.feature_spec.feature_names):
+        raise ForestArtifactError(f"its scikit-learn forest takes {flat.n_features} features, its feature spec "
+                                  f"defines {len(record.feature_spec.feature_names)}")
+    if not np.array_equal(flat.classes, np.arange(n_classes)):
+        raise ForestArtifactError(f"its scikit-learn forest has classes {flat.classes.tolist()}, expected "
+                                  f"{list(range(n_classes))}")
+    return NativeForest(flat)
+
+
+def load_model(record: ModelRecord, model_dir: Path, runtime: str | None = None) -> LoadedModel:
     """Verify and load one model; DataLoss if its file is missing or does not match the registry.
 
+    `runtime` (default: MLSIGNAL_FOREST_RUNTIME) picks what executes the forest: "native" the model's scikit-learn
+    trees in the native runtime (`shared.forest_runtime`; refused with DataLoss when that is impossible), "onnx"
+    ONNX Runtime on the ONNX graph, "auto" native when possible, else ONNX Runtime with a log line saying why.
     The message may name the file's path: log it, and give clients `client_reason` instead.
     """
+    global _fallback_logged
+    runtime = Settings.from_env().forest_runtime if runtime is None else runtime
+    if runtime not in FOREST_RUNTIMES:
+        raise ValueError(f"runtime: expected one of {FOREST_RUNTIMES}, got {runtime!r}")
     try:
         data = read_verified(model_dir, record.artifact, record.sha256)
     except ArtifactError as exc:
         raise DataLoss(f"model {record.model_id} refused: {exc}") from None
+    prior, weight = np.asarray(record.prior, dtype=np.float64), float(record.shrink_weight)
+    if runtime != "onnx":
+        try:
+            return LoadedModel(record, _native_forest(record, model_dir), prior, weight)
+        except NativeUnavailable as exc:
+            if runtime == "native":
+                raise DataLoss(f"model {record.model_id} refused: MLSIGNAL_FOREST_RUNTIME=native, but {exc}") from None
+            if not _fallback_logged:
+                _fallback_logged = True
+                log.warning("forest runtime: %s; models are served through ONNX Runtime", exc)
+        except (ArtifactError, ForestArtifactError) as exc:
+            if runtime == "native":
+                raise DataLoss(f"model {record.model_id} refused: MLSIGNAL_FOREST_RUNTIME=native, but the native "
+                               f"forest runtime cannot serve it: {exc}") from None
+            log.log(logging.INFO if isinstance(exc, _NoSklearnArtifact) else logging.WARNING,
+                    "model %s is served through ONNX Runtime, not the native forest runtime: %s", record.model_id, exc)
     forest = OnnxForest(data)
     if forest.n_features != len(record.feature_spec.feature_names):
         raise DataLoss(
             f"model {record.model_id} refused: its ONNX graph takes {forest.n_features} features, "
             f"its feature spec defines {len(record.feature_spec.feature_names)}"
         )
-    return LoadedModel(record, forest, np.asarray(record.prior, dtype=np.float64), float(record.shrink_weight))
+    return LoadedModel(record, forest, prior, weight)
 
 
 def client_reason(text: str, model_dir: Path) -> str:
@@ -115,8 +170,13 @@ class _Refusal:
 
 
 class ModelStore:
-    def __init__(self, engine: sa.Engine, model_dir: Path, cache_size: int = 0, poll_seconds: float = 2.0) -> None:
+    def __init__(self, engine: sa.Engine, model_dir: Path, cache_size: int = 0, poll_seconds: float = 2.0,
+                 forest_runtime: str | None = None) -> None:
         self.engine = engine
+        # what executes the forests (see load_model); MLSIGNAL_FOREST_RUNTIME unless given
+        self.forest_runtime = Settings.from_env().forest_runtime if forest_runtime is None else forest_runtime
+        if self.forest_runtime not in FOREST_RUNTIMES:
+            raise ValueError(f"forest_runtime: expected one of {FOREST_RUNTIMES}, got {self.forest_runtime!r}")
         self.model_dir = Path(model_dir)
         self.cache_size = cache_size  # 0: unbounded
         self.pinned_cache_size = cache_size or PINNED_CACHE
@@ -299,7 +359,7 @@ class ModelStore:
 
     @property
     def loads(self) -> int:
-        """How many models this store has loaded (verified and built an ONNX session for) since it started."""
+        """How many models this store has loaded (verified and built a forest runtime for) since it started."""
         with self._lock:
             return self._loads
 
@@ -336,7 +396,7 @@ class ModelStore:
             detail = f"model {row.model_id} refused: its registry row cannot be read: {one_line(exc, with_type=True)}"
             raise self._refuse(row, file, detail, serving) from None
         try:
-            model = load_model(record, self.model_dir)
+            model = load_model(record, self.model_dir, self.forest_runtime)
         except DataLoss as exc:
             raise self._refuse(row, file, str(exc), serving) from None
         except Exception as exc:  # ONNX Runtime rejects the graph, the file cannot be read, ...
