@@ -114,7 +114,8 @@ def start(settings: Settings, address: str | None = None) -> RunningInference:
     ready = gate.check()
     engine = make_engine(settings.database_url)
     metrics, interceptors = observability(settings, "inference", address)
-    store = ModelStore(engine, settings.model_dir, settings.model_cache_size, settings.model_poll_seconds)
+    store = ModelStore(engine, settings.model_dir, settings.model_cache_size, settings.model_poll_seconds,
+                       settings.forest_runtime)
     journal = Journal(engine, flush_seconds=settings.live_flush_seconds, retention_days=settings.live_retention_days,
                       drift_window=settings.drift_window) if settings.live_monitoring else None
     # A market's SHADOW models predict what its serving model answered, for the live test; only with the journal.
