@@ -18,6 +18,7 @@ in all, and a candidate is kept only if it passes the rule on both: the selectio
     .venv/bin/python -m bench.param_sweep --grid uniqueness    # second round, around the best of the first
     .venv/bin/python -m bench.param_sweep --grid barriers      # volatility-scaled barriers (100 trees, both periods)
     .venv/bin/python -m bench.param_sweep --grid context       # longer-window context features (100 trees, both)
+    .venv/bin/python -m bench.param_sweep --grid context-round2  # around the best of the first round
     .venv/bin/python -m bench.param_sweep --grid defaults      # previous and current defaults (200 trees, both)
 """
 
@@ -143,12 +144,22 @@ def _context() -> list[Candidate]:
     return out
 
 
+def _context_round2() -> list[Candidate]:
+    """Second round, around the best of the first (context bars 168, 720)."""
+    out = [Candidate("context bars 168, 720 (best of the first round)", _screen(),
+                     spec=FeatureSpec(context_bars=(168, 720)))]
+    for bars in ((720,), (96, 720), (336, 720), (168, 1440), (24, 168, 720)):
+        out.append(Candidate(f"context bars {', '.join(map(str, bars))}", _screen(),
+                             spec=FeatureSpec(context_bars=bars)))
+    return out
+
+
 def _defaults6() -> list[Candidate]:
     return [Candidate("previous defaults (leaf 200, depth 6)", PREVIOUS_DEFAULTS),
             Candidate("current defaults", ForestParams())]
 
 
-GRIDS6 = {"barriers": _barriers, "context": _context, "defaults": _defaults6}
+GRIDS6 = {"barriers": _barriers, "context": _context, "context-round2": _context_round2, "defaults": _defaults6}
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -722,18 +722,20 @@ def _single_row(spec, t, opn, high, low, close, volume, funding, oi) -> list[flo
     feats.append((c - o) / o)
     feats.append((float(high[t]) - float(low[t])) / c)
 
+    # Context windows are long (hundreds of candles): numpy over the window, in the same order of operations as the
+    # array path (a 1-D accumulate adds strictly in sequence, newest value first as there; max and min are exact).
     for w in spec.context_bars:
-        cw = close[t - w: t + 1].tolist()[::-1]  # cw[k] = close[t - k]
-        past = cw[w]
+        past = float(close[t - w])
         feats.append((c - past) / past)
-        hi_w = float(high[t - w + 1: t + 1].max())  # exact, and NaN-propagating like the array path
+        hi_w = float(high[t - w + 1: t + 1].max())
         lo_w = float(low[t - w + 1: t + 1].min())
         span_w = hi_w - lo_w
         feats.append(span_w / c)
         feats.append(0.5 if span_w == 0 else (c - lo_w) / span_w)
-        rw = [(cw[k] - cw[k + 1]) / cw[k + 1] for k in range(w)]
-        mean_w = _seq_sum(rw) / w
-        feats.append(math.sqrt(_seq_sum([(x - mean_w) * (x - mean_w) for x in rw]) / w))
+        prev_w = close[t - w: t]
+        rw = ((close[t - w + 1: t + 1] - prev_w) / prev_w)[::-1]  # rw[k]: the return of candle t - k
+        r_dev = rw - float(_accumulate(rw)[-1]) / w
+        feats.append(math.sqrt(float(_accumulate(r_dev * r_dev)[-1]) / w))
 
     if funding is not None:
         wf = spec.funding_window
