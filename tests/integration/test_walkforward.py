@@ -108,9 +108,18 @@ def test_every_row_comes_from_a_model_trained_only_on_earlier_data(first, client
         assert info.label.horizon_bars == HORIZON
         assert rows.train_end_ms.iat[0] == info.train_end.ToMilliseconds()
         assert rows.train_start_ms.iat[0] == info.train_start.ToMilliseconds()
+        # the label each row's model answers, which a backtest holds
+        assert rows.ML_HORIZON_BARS.eq(info.label.horizon_bars).all() and info.label.horizon_bars == HORIZON
+        assert rows.ML_THRESHOLD.eq(info.label.threshold).all() and info.label.threshold == 0.02
+        assert (rows.ML_LABEL_KIND == "fixed_horizon").all()
         # the sample has no gaps: the last training candle opens one candle before the purged end of the window
         assert info.train_end.ToMilliseconds() == step.start_ms - PURGE - TF_MS
         assert info.train_start.ToMilliseconds() == step.start_ms - PURGE - WINDOW
+
+
+def test_funding_rate_is_written_only_when_the_candles_carry_it(first):
+    out, _ = first
+    assert "funding_rate" not in out.columns  # the sample has no funding rate stored
 
 
 def test_several_distinct_models_one_per_step(first):
