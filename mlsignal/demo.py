@@ -230,7 +230,7 @@ def _print_table(streamed: pd.DataFrame, rows: int = 8) -> None:
 
 def _walk_forward_step(opts, tc, ic, candles, split_ms, end_ms) -> dict:
     """Walk-forward out-of-sample signals, the strategy report and the chart."""
-    from mlsignal.backtest import StrategyRule, format_report, run_backtest
+    from mlsignal.backtest import StrategyRule, count_trials, format_report, run_backtest
     from mlsignal.walkforward import walk_forward, write_signals
     from shared.timeframes import parse_duration
 
@@ -248,13 +248,20 @@ def _walk_forward_step(opts, tc, ic, candles, split_ms, end_ms) -> dict:
     write_signals(signals, out)
     _say(f"      {len(signals)} out-of-sample rows from {signals.ML_MODEL_ID.nunique()} models -> {out}")
 
+    # Fixed before the walk-forward ran, never tuned on it: enter when up is more likely than down and RSI < 70,
+    # and hold each entry for the question the model answers (its label: 24 candles by default).
     rule = StrategyRule(up_min=None, edge_min=0.0, rsi_max=70.0)
-    _say(f"[7/8] strategy: long when {rule.describe()}; fees 10 bps per side, one-candle delay")
+    _say(f"[7/8] strategy: long when {rule.describe()}; each entry held for its model's label horizon "
+         f"({int(signals.ML_HORIZON_BARS.iloc[0])} candles), fees 10 bps per side, funding where the data has it")
     _say(f"      (thresholds fixed in advance; up to {signals.ML_UP_PROB.max():.2f} for ML_UP_PROB in this period, "
          "so an absolute 0.6 rule would never trade)")
-    results = run_backtest(signals, rule, fee_bps=10.0, delay_bars=1)
+    trials = count_trials(tc.list_models(SYMBOL, TIMEFRAME), signals.ML_MODEL_ID.unique().tolist(), rules=1)
+    results = run_backtest(signals, rule, fee_bps=10.0, delay_bars=1, hold="label", overlap="ignore", trials=trials)
     for line in format_report(results).splitlines():
         _say("      " + line)
+    candle = run_backtest(signals, rule, fee_bps=10.0, delay_bars=1, hold="candle", trials=trials).strategy
+    _say(f"      for comparison, re-deciding every candle (hold one candle, the label ignored): "
+         f"{candle.total_return * 100:+.1f} % in {candle.trades} trades")
     chart = opts.var_dir / "demo.png"
     write_chart(signals, results, chart)
     _say(f"      chart -> {chart}")

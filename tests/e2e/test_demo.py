@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -21,6 +22,17 @@ def test_demo_runs_end_to_end_and_writes_the_chart(tmp_path):
         assert f"[{step}/8]" in out
     assert "vs class prior" in out and "ML_UP_PROB" in out
     assert "buy and hold" in out and "rsi only" in out
+    # label-consistent execution, PSR / DSR / trials as tokens, and a plain verdict
+    assert "each entry held for its model's label (fixed horizon 24 candles, ±2 %)" in out
+    stats = re.search(r"^ +strategy   sharpe \S+  PSR (\d\.\d\d)  DSR (\d\.\d\d)  trials (\d+)$", out, re.M)
+    assert stats, out
+    psr, dsr, trials = float(stats[1]), float(stats[2]), int(stats[3])
+    assert 0 <= dsr <= psr <= 1
+    assert trials == 2  # the walk-forward models share one research configuration, plus the rule
+    assert "1 research configuration(s) of BTC/USD 1h in the registry + 1 rule(s) in this run" in out
+    verdict = re.search(r"^ +verdict    The (signal (lost to|beat) buy-and-hold|rule never traded)", out, re.M)
+    assert verdict, out
+    assert re.search(r"re-deciding every candle .*: [+-]\d+\.\d % in \d+ trades", out)
     assert "demo finished" in out
     chart = tmp_path / "var" / "demo.png"
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 20_000
