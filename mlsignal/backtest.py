@@ -521,7 +521,7 @@ def attach_model_info(signals: pd.DataFrame, models: Mapping[str, Any]) -> pd.Da
     if unknown:
         raise ValueError(f"ML_MODEL_ID {unknown[0]} is not in the registry ({len(unknown)} unknown model id(s)), so "
                          "its training window cannot be checked")
-    table = {
+    table: dict[str, dict[str, Any]] = {
         "train_start_ms": {i: float(models[i].train_start.ToMilliseconds()) for i in present},
         "train_end_ms": {i: float(models[i].train_end.ToMilliseconds()) for i in present},
         "ML_HORIZON_BARS": {i: float(models[i].label.horizon_bars) for i in present},
