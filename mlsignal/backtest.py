@@ -71,7 +71,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -88,8 +88,10 @@ __all__ = [
     "LABEL_COLUMNS",
     "OVERLAP_IGNORE",
     "OVERLAP_STACK",
+    "VOLATILITY_COLUMNS",
     "WINDOW_COLUMNS",
     "BacktestResult",
+    "LabelKey",
     "StrategyRule",
     "StrategyStats",
     "TrialCount",
@@ -111,6 +113,8 @@ OVERLAPS = (OVERLAP_IGNORE, OVERLAP_STACK)
 FUNDING_INTERVAL_MS = 8 * 3_600_000
 # The label of each row's model, as walk-forward writes it (and `attach_model_info` fills it from the registry).
 LABEL_COLUMNS = ("ML_HORIZON_BARS", "ML_THRESHOLD", "ML_LABEL_KIND")
+# A volatility-scaled label (0 or absent: the fixed threshold), and optionally its barrier per row (a return).
+VOLATILITY_COLUMNS = ("ML_VOLATILITY_BARS", "ML_VOLATILITY_MULTIPLE")
 # The first and last training candle of each row's model (open times, ms).
 WINDOW_COLUMNS = ("train_start_ms", "train_end_ms")
 EXIT_REASONS = ("horizon", "up barrier", "down barrier", "end of data")
@@ -171,6 +175,21 @@ class StrategyStats:
     funding_paid: float = 0.0  # sum of the per-candle funding costs (negative: received)
 
 
+class LabelKey(NamedTuple):
+    """One label held by the backtest: its horizon, threshold, kind and volatility scaling (0: fixed threshold)."""
+
+    horizon_bars: int
+    threshold: float
+    kind: str
+    volatility_bars: int = 0
+    volatility_multiple: float = 0.0
+
+    def describe(self) -> str:
+        move = (f"±{self.volatility_multiple:g} x volatility({self.volatility_bars}) x sqrt({self.horizon_bars})"
+                if self.volatility_bars else f"±{self.threshold * 100:g} %")
+        return f"{self.kind.replace('_', ' ')} {self.horizon_bars} candles, {move}"
+
+
 @dataclass(frozen=True)
 class TrialCount:
     """How many configurations were tried on the market, and where the number comes from (printed with the DSR)."""
@@ -206,7 +225,7 @@ class BacktestResult:
     buy_and_hold: StrategyStats
     hold: str = HOLD_LABEL
     overlap: str = OVERLAP_IGNORE
-    labels: tuple[tuple[int, float, str], ...] = ()  # the distinct (horizon_bars, threshold, kind) held
+    labels: tuple[LabelKey, ...] = ()  # the distinct labels held
     funding: bool = False  # funding rates were charged
     funding_interval_ms: int = FUNDING_INTERVAL_MS
     trials: TrialCount | None = None
@@ -385,7 +404,7 @@ def _hold_label(name: str, close: np.ndarray, r: np.ndarray, want: np.ndarray, d
         last = min(end, n - 1)
         exit_at, reason = last, ("horizon" if end <= n - 1 else "end of data")
         if labels.triple[t]:
-            barrier = float(labels.threshold[t]) + THRESHOLD_TOLERANCE
+            barrier = labels.entry_barrier(int(t)) + THRESHOLD_TOLERANCE
             path = close[fill + 1:last + 1] / close[fill] - 1.0
             hit = np.flatnonzero((path > barrier) | (path < -barrier))
             if hit.size:
@@ -427,13 +446,23 @@ def _buy_and_hold(close: np.ndarray, index: pd.DatetimeIndex, timeframe: str) ->
 @dataclass(frozen=True)
 class _RowLabels:
     horizon: np.ndarray  # int64, 0 where the row has no label (not ready)
-    threshold: np.ndarray
+    barrier: np.ndarray  # the triple barrier of the row (a return); NaN where it is not needed
     triple: np.ndarray  # bool
-    distinct: tuple[tuple[int, float, str], ...]
+    distinct: tuple[LabelKey, ...]
+    volatility_bars: np.ndarray
+    times: np.ndarray
+
+    def entry_barrier(self, t: int) -> float:
+        b = float(self.barrier[t])
+        if not (math.isfinite(b) and b > 0):
+            raise ValueError(f"the volatility-scaled barrier of the entry at {ms_to_iso(int(self.times[t]))} needs "
+                             f"{int(self.volatility_bars[t])} candles before it, which the file lacks; include "
+                             "earlier candles in the file (rows that are not ready are fine) or an ML_BARRIER column")
+        return b
 
     @property
     def max_horizon(self) -> int:
-        return max(h for h, _, _ in self.distinct)
+        return max(key[0] for key in self.distinct)
 
 
 def _label_kind(text: Any) -> str:
@@ -443,7 +472,13 @@ def _label_kind(text: Any) -> str:
     return aliases.get(kind, kind)
 
 
-def _row_labels(signals: pd.DataFrame, ready: np.ndarray, times: np.ndarray) -> _RowLabels:
+def _optional_numbers(signals: pd.DataFrame, col: str) -> np.ndarray:
+    if col not in signals.columns:
+        return np.zeros(len(signals))
+    return pd.to_numeric(signals[col], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _row_labels(signals: pd.DataFrame, ready: np.ndarray, times: np.ndarray, close: np.ndarray) -> _RowLabels:
     missing = [c for c in LABEL_COLUMNS if c not in signals.columns]
     if missing:
         raise ValueError(f"signals lack column(s) {', '.join(missing)}, the label of each row's model, which holding "
@@ -452,12 +487,18 @@ def _row_labels(signals: pd.DataFrame, ready: np.ndarray, times: np.ndarray) -> 
     horizon = pd.to_numeric(signals["ML_HORIZON_BARS"], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     threshold = pd.to_numeric(signals["ML_THRESHOLD"], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     kinds = np.array([_label_kind(k) for k in signals["ML_LABEL_KIND"].to_numpy()], dtype=object)
+    vol_bars = _optional_numbers(signals, "ML_VOLATILITY_BARS")
+    vol_multiple = _optional_numbers(signals, "ML_VOLATILITY_MULTIPLE")
     bad_h = ready & ~(np.isfinite(horizon) & (horizon >= 1) & (horizon == np.round(horizon)))
     bad_t = ready & ~(np.isfinite(threshold) & (threshold > 0) & (threshold < 1))
     bad_k = ready & ~np.isin(kinds, (FIXED_HORIZON, TRIPLE_BARRIER))
+    bad_vb = ready & ~(np.isfinite(vol_bars) & (vol_bars >= 0) & (vol_bars == np.round(vol_bars)))
+    bad_vm = ready & ~(np.isfinite(vol_multiple) & (vol_multiple >= 0) & ((vol_bars > 0) == (vol_multiple > 0)))
     for bad, col, expected in ((bad_h, "ML_HORIZON_BARS", "an integer >= 1"),
                                (bad_t, "ML_THRESHOLD", "a fraction > 0 and < 1"),
-                               (bad_k, "ML_LABEL_KIND", f"{FIXED_HORIZON} or {TRIPLE_BARRIER}")):
+                               (bad_k, "ML_LABEL_KIND", f"{FIXED_HORIZON} or {TRIPLE_BARRIER}"),
+                               (bad_vb, "ML_VOLATILITY_BARS", "an integer >= 0"),
+                               (bad_vm, "ML_VOLATILITY_MULTIPLE", "> 0 exactly where ML_VOLATILITY_BARS is")):
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             value = signals[col].iloc[i]
@@ -465,10 +506,44 @@ def _row_labels(signals: pd.DataFrame, ready: np.ndarray, times: np.ndarray) -> 
                              f"{ms_to_iso(int(times[i]))} ({int(bad.sum())} row(s))")
     h = np.where(ready, np.nan_to_num(horizon), 0).astype(np.int64)
     th = np.where(ready, np.nan_to_num(threshold), 0.0)
+    vb = np.where(ready, np.nan_to_num(vol_bars), 0).astype(np.int64)
+    vm = np.where(ready, np.nan_to_num(vol_multiple), 0.0)
     triple = ready & (kinds == TRIPLE_BARRIER)
-    distinct = tuple(sorted({(int(a), float(b), str(c)) for a, b, c in zip(h[ready], th[ready], kinds[ready],
-                                                                             strict=True)}))
-    return _RowLabels(horizon=h, threshold=th, triple=triple, distinct=distinct)
+    keys = [LabelKey(int(a), float(b), str(c), int(d), float(e))
+            for a, b, c, d, e in zip(h[ready], th[ready], kinds[ready], vb[ready], vm[ready], strict=True)]
+    distinct = tuple(sorted(set(keys)))
+    barrier = np.where(triple, th, np.nan)
+    scaled = triple & (vb > 0)
+    if scaled.any():
+        barrier[scaled] = _volatility_barriers(signals, close, times, scaled, h, vb, vm)
+    return _RowLabels(horizon=h, barrier=barrier, triple=triple, distinct=distinct, volatility_bars=vb, times=times)
+
+
+def _volatility_barriers(signals: pd.DataFrame, close: np.ndarray, times: np.ndarray, rows: np.ndarray,
+                         h: np.ndarray, vb: np.ndarray, vm: np.ndarray) -> np.ndarray:
+    """The volatility-scaled barriers of `rows`, by `shared.labels.barriers` over the file's closes (the label's own
+    definition: closes up to the row only). ML_BARRIER, when the file has it (walk-forward computes it with the
+    history before the period), is used where the file is too short, and must agree with the closes elsewhere.
+    NaN where neither gives it."""
+    from shared.labels import LabelSpec, barriers
+
+    out = np.full(int(rows.sum()), np.nan)
+    idx = np.flatnonzero(rows)
+    for key in sorted({(int(h[i]), int(vb[i]), float(vm[i])) for i in idx}):
+        spec = LabelSpec(horizon_bars=key[0], kind=TRIPLE_BARRIER, volatility_bars=key[1],
+                         volatility_multiple=key[2])
+        mine = (h[idx] == key[0]) & (vb[idx] == key[1]) & (vm[idx] == key[2])
+        out[mine] = barriers(close, spec)[idx[mine]]
+    if "ML_BARRIER" in signals.columns:
+        given = pd.to_numeric(signals["ML_BARRIER"], errors="coerce").to_numpy(dtype=np.float64,
+                                                                            na_value=np.nan)[idx]
+        differ = np.isfinite(out) & np.isfinite(given) & ~np.isclose(out, given, rtol=1e-9, atol=1e-15)
+        if differ.any():
+            i = idx[int(np.flatnonzero(differ)[0])]
+            raise ValueError(f"ML_BARRIER at {ms_to_iso(int(times[i]))} does not match the volatility-scaled barrier "
+                             "of the row's label computed from the file's closes")
+        out = np.where(np.isfinite(out), out, given)
+    return out  # NaN where the file is too short: an error only if the row enters a position
 
 
 def _check_windows(signals: pd.DataFrame, ready: np.ndarray, times: np.ndarray) -> None:
@@ -509,7 +584,8 @@ def attach_model_info(signals: pd.DataFrame, models: Mapping[str, Any]) -> pd.Da
     """The signals with each row's training window and label filled from its model's ModelInfo (by ML_MODEL_ID).
 
     `models` maps model ids to ModelInfo messages (`TrainingClient.list_models`). Columns the file lacks are added
-    (train_start_ms, train_end_ms, ML_HORIZON_BARS, ML_THRESHOLD, ML_LABEL_KIND); where the file has them, they must
+    (train_start_ms, train_end_ms, ML_HORIZON_BARS, ML_THRESHOLD, ML_LABEL_KIND, ML_VOLATILITY_BARS,
+    ML_VOLATILITY_MULTIPLE); where the file has them, they must
     agree with the registry, or a ValueError names the column and the model. Rows without a model id (not ready)
     get NaN. A model id the registry does not know is an error.
     """
@@ -527,6 +603,8 @@ def attach_model_info(signals: pd.DataFrame, models: Mapping[str, Any]) -> pd.Da
         "ML_HORIZON_BARS": {i: float(models[i].label.horizon_bars) for i in present},
         "ML_THRESHOLD": {i: float(models[i].label.threshold) for i in present},
         "ML_LABEL_KIND": {i: _label_kind_name(models[i]) for i in present},
+        "ML_VOLATILITY_BARS": {i: float(models[i].label.volatility_bars) for i in present},
+        "ML_VOLATILITY_MULTIPLE": {i: float(models[i].label.volatility_multiple) for i in present},
     }
     out = signals.copy()
     for col, by_id in table.items():
@@ -551,7 +629,9 @@ def attach_model_info(signals: pd.DataFrame, models: Mapping[str, Any]) -> pd.Da
 def _config_key(info: Any) -> tuple:
     p = info.params
     seed = int(p.random_state) if p.HasField("random_state") else None
-    return (int(info.label.horizon_bars), round(float(info.label.threshold), 12), int(info.label.kind),
+    label = info.label
+    return (int(label.horizon_bars), round(float(label.threshold), 12), int(label.kind),
+            int(label.volatility_bars), round(float(label.volatility_multiple), 12),
             int(p.n_estimators), int(p.max_depth), int(p.min_samples_leaf), int(p.class_weight), seed,
             str(info.feature_set), tuple(info.features))
 
@@ -664,7 +744,7 @@ def run_backtest(
         raise ValueError("close must be finite and positive in every row")
     ready = signals["ML_READY"].to_numpy(dtype=bool)
     _check_windows(signals, ready, times)
-    labels = _row_labels(signals, ready, times) if hold == HOLD_LABEL else None
+    labels = _row_labels(signals, ready, times, close) if hold == HOLD_LABEL else None
     funding = _funding(signals, times, tf_ms, int(funding_interval_ms))
     index = pd.DatetimeIndex(pd.to_datetime(times, unit="ms", utc=True), name="timestamp")
     rsi_values = rsi(close, rule.rsi_period) if rule.rsi_max is not None else None
@@ -732,8 +812,8 @@ def _num(x: float) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.2f}"
 
 
-def _describe_labels(labels: tuple[tuple[int, float, str], ...]) -> str:
-    return "; ".join(f"{kind.replace('_', ' ')} {h} candles, ±{t * 100:g} %" for h, t, kind in labels) or "none ready"
+def _describe_labels(labels: tuple[LabelKey, ...]) -> str:
+    return "; ".join(key.describe() for key in labels) or "none ready"
 
 
 def _execution_line(res: BacktestResult) -> str:
@@ -745,9 +825,10 @@ def _execution_line(res: BacktestResult) -> str:
                 f"label's horizon ignored), held from {res.delay_bars} candle(s) after the decision, close-to-close "
                 f"returns, {fees}")
     overlap = ("a new signal while in a position is ignored" if res.overlap == OVERLAP_IGNORE else
-               f"every signal opens its own sleeve of 1/{max((h for h, _, _ in res.labels), default=1)} of equity")
+               f"every signal opens its own sleeve of 1/{max((k.horizon_bars for k in res.labels), default=1)} of "
+               "equity")
     barrier = (", to the first barrier crossed (close-based) for a triple barrier"
-               if any(kind == TRIPLE_BARRIER for _, _, kind in res.labels) else "")
+               if any(k.kind == TRIPLE_BARRIER for k in res.labels) else "")
     return (f"execution  each entry held for its model's label ({_describe_labels(res.labels)}){barrier}; "
             f"{delay}; {overlap}; {fees}")
 
@@ -757,16 +838,18 @@ def _stats_line(res: BacktestResult) -> list[str]:
     if st is None:
         return []
     trials = str(res.trials.total) if res.trials is not None else "unknown"
-    line = (f"strategy   sharpe {_num(res.strategy.sharpe)}  PSR {_num(st.psr)}  DSR {_num(st.dsr)}  "
-            f"trials {trials}")
-    out = [line]
-    if res.trials is not None and math.isfinite(st.expected_max_sharpe):
-        best = st.expected_max_sharpe * math.sqrt(bars_per_year(res.timeframe))
+    out = [f"strategy   sharpe {_num(res.strategy.sharpe)}  PSR {_num(st.psr)}  DSR {_num(st.dsr)}  trials {trials}"]
+    if math.isfinite(st.psr):
         out.append(f"           PSR: probability that the true Sharpe ratio is above 0 ({st.n_obs} candles, skewness "
-                   f"{st.skew:.2f}, kurtosis {st.kurtosis:.1f}); DSR: above {best:.2f}, the best Sharpe ratio "
-                   f"expected from {res.trials.total} trial(s) of noise; trials: {res.trials.describe()}")
-    elif res.trials is None:
+                   f"{st.skew:.2f}, kurtosis {st.kurtosis:.1f})")
+    if res.trials is None:
         out.append("           DSR n/a: the number of trials is unknown")
+        return out
+    if math.isfinite(st.expected_max_sharpe):
+        best = st.expected_max_sharpe * math.sqrt(bars_per_year(res.timeframe))
+        out.append(f"           DSR: probability that it is above {best:.2f}, the best Sharpe ratio expected from "
+                   f"{res.trials.total} trial(s) of noise over as many candles")
+    out.append(f"           trials: {res.trials.describe()}")
     return out
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mlsignal.backtest import LABEL_COLUMNS  # the label each row's model was trained on
+from mlsignal.backtest import LABEL_COLUMNS, VOLATILITY_COLUMNS  # the label each row's model was trained on
 from mlsignal.client import (
     InferenceClient,
     ResourceExhaustedError,
@@ -44,7 +44,7 @@ from mlsignal.client import (
     TrainingJobHandle,
     frame_times_ms,
 )
-from shared.labels import FIXED_HORIZON, TRIPLE_BARRIER, LabelSpec
+from shared.labels import FIXED_HORIZON, TRIPLE_BARRIER, LabelSpec, barriers
 from shared.timeframes import ms_to_iso, timeframe_ms
 
 __all__ = [
@@ -66,7 +66,7 @@ DAY_MS = 24 * HOUR_MS
 ML_SIGNAL_COLUMNS = ("ML_UP_PROB", "ML_DOWN_PROB", "ML_RANGE_PROB", "ML_READY", "ML_IN_SAMPLE", "ML_MODEL_ID")
 OUTPUT_COLUMNS = (
     "open_time_ms", "timestamp", "open", "high", "low", "close", "volume",
-    *ML_SIGNAL_COLUMNS, "train_start_ms", "train_end_ms", *LABEL_COLUMNS, "step",
+    *ML_SIGNAL_COLUMNS, "train_start_ms", "train_end_ms", *LABEL_COLUMNS, *VOLATILITY_COLUMNS, "ML_BARRIER", "step",
 )  # fmt: skip (and funding_rate after volume when the candles carry funding rates)
 _CANDLE_COLUMNS = ("open", "high", "low", "close", "volume")
 _OPTIONAL_COLUMNS = ("funding_rate", "open_interest")
@@ -163,6 +163,8 @@ def walk_forward(
     class_weight: str | None = None,
     random_state: int | None = None,
     label_kind: str | None = None,
+    volatility_bars: int = 0,
+    volatility_multiple: float = 0.0,
     on_progress: Progress | None = None,
 ) -> pd.DataFrame:
     """Walk-forward signals for the candles of `candles` with open time in [start_ms, end_ms).
@@ -174,15 +176,18 @@ def walk_forward(
     training service on the candles stored in its database.
 
     Training parameters (0 / None: the service defaults) are the same for every step; `label_kind` is
-    "fixed_horizon" or "triple_barrier" (None: the service default). `on_progress(done_steps,
+    "fixed_horizon" or "triple_barrier" (None: the service default); `volatility_bars` and `volatility_multiple`
+    (both or neither) make the barrier volatility-scaled instead of `threshold`. `on_progress(done_steps,
     total_steps, message)` is called once the jobs are submitted and after each step is trained and predicted.
 
     Returns one row per candle in [start_ms, end_ms), oldest first: open_time_ms, timestamp (UTC), open, high, low,
     close, volume, funding_rate (only when the candles carry funding rates: the rate as of each close, which a
     backtest charges a long position), ML_UP_PROB, ML_DOWN_PROB, ML_RANGE_PROB, ML_READY, ML_IN_SAMPLE (always
     false), ML_MODEL_ID, train_start_ms and train_end_ms (the model's first and last training candle, from its
-    ModelInfo), the model's label ML_HORIZON_BARS, ML_THRESHOLD and ML_LABEL_KIND (fixed_horizon or triple_barrier;
-    a backtest holds each position for this label) and step.
+    ModelInfo), the model's label ML_HORIZON_BARS, ML_THRESHOLD, ML_LABEL_KIND (fixed_horizon or triple_barrier),
+    ML_VOLATILITY_BARS and ML_VOLATILITY_MULTIPLE (0: the fixed threshold), ML_BARRIER (the label's barrier at the
+    row, a return: the threshold, or the volatility-scaled barrier from the closes up to the row, history before the
+    period included; a backtest holds each position for this label) and step.
 
     Raises LeakageError if any row is in-sample for its model or is not later than its model's last training candle
     plus the label horizon; MlsignalClientError subclasses for refused calls (TrainingFailedError when a step's
@@ -207,7 +212,8 @@ def walk_forward(
     try:
         for step, _ in work:
             handles.append(_submit(training, handles, symbol, timeframe, step, horizon, threshold, n_estimators,
-                                   max_depth, min_samples_leaf, class_weight, random_state, label_kind))
+                                   max_depth, min_samples_leaf, class_weight, random_state, label_kind,
+                                   volatility_bars, volatility_multiple))
         report(0, total, f"submitted {total} training job(s)")
 
         infos: dict[str, object] = {}
@@ -221,7 +227,8 @@ def walk_forward(
             chunk = frame.iloc[first:hi]
             predicted = inference.predict(chunk.drop(columns="open_time_ms"), symbol, timeframe,
                                           model_id=job.model_id)
-            part = _output_rows(frame.iloc[lo:hi], predicted.iloc[lo - first:], info, step)
+            part = _output_rows(frame.iloc[lo:hi], predicted.iloc[lo - first:], info, step,
+                                _row_barriers(frame, info)[lo:hi])
             check_out_of_sample(part, horizon * tf_ms)
             parts.append(part)
             report(done, total, f"{step.describe()}: model {job.model_id}")
@@ -237,7 +244,8 @@ def walk_forward(
 
 
 def _submit(training, handles, symbol, timeframe, step, horizon, threshold, n_estimators, max_depth,
-            min_samples_leaf, class_weight, random_state, label_kind=None) -> TrainingJobHandle:
+            min_samples_leaf, class_weight, random_state, label_kind=None, volatility_bars=0,
+            volatility_multiple=0.0) -> TrainingJobHandle:
     """Queue the step's training; when the service queue is full, wait for the oldest unfinished job and retry."""
     waited = 0
     while True:
@@ -246,7 +254,8 @@ def _submit(training, handles, symbol, timeframe, step, horizon, threshold, n_es
                 symbol, timeframe, int(step.train_start_ms), int(step.train_end_ms),
                 horizon_bars=horizon, threshold=threshold, n_estimators=n_estimators, max_depth=max_depth,
                 min_samples_leaf=min_samples_leaf, class_weight=class_weight, random_state=random_state,
-                purpose="research", label_kind=label_kind,
+                purpose="research", label_kind=label_kind, volatility_bars=volatility_bars,
+                volatility_multiple=volatility_multiple,
             )
         except ResourceExhaustedError:
             if waited >= len(handles):
@@ -281,14 +290,27 @@ def _check_model(info, step: Step, symbol: str, timeframe: str, horizon: int) ->
         raise LeakageError(f"model {info.model_id} for {step.describe()}: " + "; ".join(problems))
 
 
-def _output_rows(candles: pd.DataFrame, predicted: pd.DataFrame, info, step: Step) -> pd.DataFrame:
+def _label_spec(info) -> LabelSpec:
+    from mlsignal.v1 import common_pb2
+
+    kind = TRIPLE_BARRIER if info.label.kind == common_pb2.LABEL_KIND_TRIPLE_BARRIER else FIXED_HORIZON
+    return LabelSpec(horizon_bars=int(info.label.horizon_bars), threshold=float(info.label.threshold), kind=kind,
+                     volatility_bars=int(info.label.volatility_bars),
+                     volatility_multiple=float(info.label.volatility_multiple))
+
+
+def _row_barriers(frame: pd.DataFrame, info) -> np.ndarray:
+    """The label's barrier at every candle of `frame` (shared.labels.barriers: from closes up to the candle)."""
+    return barriers(frame["close"].to_numpy(dtype=np.float64), _label_spec(info))
+
+
+def _output_rows(candles: pd.DataFrame, predicted: pd.DataFrame, info, step: Step,
+                 barrier: np.ndarray) -> pd.DataFrame:
     times = candles["open_time_ms"].to_numpy(dtype=np.int64)
     got = frame_times_ms(predicted)
     if len(got) != len(times) or np.any(got != times):
         raise RuntimeError(f"{step.describe()}: predictions do not line up with the step's candles")
-    from mlsignal.v1 import common_pb2
-
-    kind = TRIPLE_BARRIER if info.label.kind == common_pb2.LABEL_KIND_TRIPLE_BARRIER else FIXED_HORIZON
+    label = _label_spec(info)
     funding = {"funding_rate": candles["funding_rate"].to_numpy()} if "funding_rate" in candles.columns else {}
     out = pd.DataFrame({
         "open_time_ms": times,
@@ -298,9 +320,12 @@ def _output_rows(candles: pd.DataFrame, predicted: pd.DataFrame, info, step: Ste
         **{c: predicted[c].to_numpy() for c in ML_SIGNAL_COLUMNS},
         "train_start_ms": np.int64(info.train_start.ToMilliseconds()),
         "train_end_ms": np.int64(info.train_end.ToMilliseconds()),
-        "ML_HORIZON_BARS": np.int64(info.label.horizon_bars),
-        "ML_THRESHOLD": float(info.label.threshold),
-        "ML_LABEL_KIND": kind,
+        "ML_HORIZON_BARS": np.int64(label.horizon_bars),
+        "ML_THRESHOLD": label.threshold,
+        "ML_LABEL_KIND": label.kind,
+        "ML_VOLATILITY_BARS": np.int64(label.volatility_bars),
+        "ML_VOLATILITY_MULTIPLE": label.volatility_multiple,
+        "ML_BARRIER": barrier,
         "step": np.int64(step.index),
     })  # fmt: skip
     return out

@@ -35,7 +35,8 @@ def register(sub) -> None:
             "predict the step's candles with that model pinned. Every row is out-of-sample for its model; this is "
             "checked, and a violation aborts without writing. Candles are read from MLSIGNAL_DATABASE_URL. The "
             "output (CSV, or Parquet with pyarrow) has one row per candle: OHLCV, ML_UP_PROB, ML_DOWN_PROB, "
-            "ML_RANGE_PROB, ML_READY, ML_IN_SAMPLE, ML_MODEL_ID and the model's training window. Exit status 0 on "
+            "ML_RANGE_PROB, ML_READY, ML_IN_SAMPLE, ML_MODEL_ID, the model's training window and its label (what "
+            "`mlsignal backtest` holds), and funding_rate when the candles have it. Exit status 0 on "
             "success, 1 when the out-of-sample check fails or a training job fails, 2 when a request is refused."
         ),
     )
@@ -56,6 +57,11 @@ def register(sub) -> None:
                      help="label of every step's model: the return --horizon candles later (fixed-horizon) or the "
                           "first of +-threshold crossed within --horizon candles (triple-barrier) "
                           "(default: fixed-horizon)")
+    sig.add_argument("--volatility-bars", type=int, default=0, metavar="BARS",
+                     help="volatility-scaled barrier instead of --threshold: the standard deviation of the last BARS "
+                          "1-bar returns (with --volatility-multiple)")
+    sig.add_argument("--volatility-multiple", type=float, default=0.0, metavar="K",
+                     help="the barrier is K x that volatility x sqrt(horizon)")
     sig.add_argument("--trees", type=int, default=0, metavar="N", help="number of trees (default: 200)")
     sig.add_argument("--seed", type=int, help="random seed of every forest (default: the service default, 42)")
     sig.add_argument("--out", required=True, metavar="FILE", help="output file, .csv (or .csv.gz) or .parquet")
@@ -196,7 +202,9 @@ def _signals(args) -> int:
             signals = walk_forward(
                 training, inference, candles, args.symbol, args.timeframe, args.start, args.end,
                 args.train_window, args.step, horizon_bars=horizon, threshold=args.threshold,
-                n_estimators=args.trees, random_state=args.seed, label_kind=args.label, on_progress=on_progress,
+                n_estimators=args.trees, random_state=args.seed, label_kind=args.label,
+                volatility_bars=args.volatility_bars, volatility_multiple=args.volatility_multiple,
+                on_progress=on_progress,
             )
     except (LeakageError, TrainingFailedError) as exc:
         print(f"error: {exc}", file=sys.stderr)

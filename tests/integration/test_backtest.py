@@ -19,6 +19,7 @@ from mlsignal.backtest import (
 )
 from service_fixtures import ms
 from shared.features import FeatureSpec, compute_features, rsi
+from shared.timeframes import ms_to_iso
 
 T0 = 1_546_300_800_000  # 2019-01-01T00:00:00Z
 H = 3_600_000
@@ -318,6 +319,39 @@ def test_triple_barrier_exits_agree_with_the_shared_labels():
         assert held[0] == t + 1 and held[-1] <= t + 24
 
 
+def test_volatility_scaled_barriers_are_the_labels_own():
+    from shared.labels import DOWN, RANGE, UP, LabelSpec, barriers, triple_barrier_labels
+
+    rng = np.random.default_rng(5)
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, 300)))
+    spec = LabelSpec(horizon_bars=24, kind="triple_barrier", volatility_bars=20, volatility_multiple=0.5)
+    barrier = barriers(close, spec)
+    labels = triple_barrier_labels(close, 24, barrier)
+    reason = {UP: "up barrier", DOWN: "down barrier", RANGE: "horizon"}
+
+    def scaled(t, **extra):
+        out = signal_at(close, t, horizon=24, kind="triple_barrier").assign(
+            ML_VOLATILITY_BARS=20, ML_VOLATILITY_MULTIPLE=0.5, **extra)
+        out["ML_READY"] = (np.arange(300) >= 20) | (np.arange(300) == t)  # the RSI-only baseline enters when ready
+        return out
+
+    for t in rng.choice(np.arange(20, 300 - 25), size=30, replace=False):
+        s = run_backtest(scaled(int(t)), ML_ONLY, fee_bps=0).strategy
+        assert s.exits[reason[int(labels[t])]] == 1, t
+    assert "triple barrier 24 candles, ±0.5 x volatility(20) x sqrt(24)" in format_report(
+        run_backtest(scaled(50), ML_ONLY))
+    # an entry with fewer than 20 candles before it in the file: its barrier is unknown
+    with pytest.raises(ValueError, match="entry at 2019-01-01T05:00:00Z needs 20 candles before it"):
+        run_backtest(scaled(5), ML_ONLY)
+    # ... unless the file carries it (walk-forward computes ML_BARRIER with the history before the period)
+    given = np.where(np.isnan(barrier), 0.03, barrier)
+    assert run_backtest(scaled(5, ML_BARRIER=given), ML_ONLY).strategy.trades == 1
+    with pytest.raises(ValueError, match=r"ML_BARRIER at .* does not match"):
+        run_backtest(scaled(50, ML_BARRIER=given * 1.01), ML_ONLY)
+    with pytest.raises(ValueError, match="ML_VOLATILITY_MULTIPLE"):
+        run_backtest(scaled(50).assign(ML_VOLATILITY_MULTIPLE=0.0), ML_ONLY)
+
+
 def test_funding_is_paid_at_each_funding_time_held_through():
     close = list(100.0 + np.arange(20.0))
     base = signal_at(close, 1, horizon=8)  # held over candles 2..9; candle 7 closes at 08:00 UTC, a funding time
@@ -532,7 +566,7 @@ def test_cli_backtest_signals_writes_the_file_and_backtest_prints_the_table(serv
     assert signals.ML_LABEL_KIND.eq("fixed_horizon").all()
 
     training = f"127.0.0.1:{services.training.port}"
-    code = main(["backtest", "--signals", str(out), "--edge-min", "0", "--rsi-max", "70", "--fee-bps", "10",
+    code = main(["backtest", "--signals", str(out), "--edge-min", "none", "--rsi-max", "70", "--fee-bps", "10",
                  "--delay", "1", "--training-target", training])
     printed = capsys.readouterr().out
     assert code == 0
@@ -550,7 +584,7 @@ def test_cli_backtest_signals_writes_the_file_and_backtest_prints_the_table(serv
     with TrainingClient(training) as client:
         expected = count_trials(client.list_models(CLI_SYMBOL, "1h"), list(signals.ML_MODEL_ID.unique()))
     assert expected.research_configs == 1 and expected.total == 2
-    assert re.search(r"^strategy   sharpe \S+  PSR \d\.\d\d  DSR (\d\.\d\d|n/a)  trials 2$", printed, re.M), printed
+    assert re.search(r"^strategy   sharpe \S+  PSR \d\.\d\d  DSR \d\.\d\d  trials 2$", printed, re.M), printed
     assert "1 research configuration(s) of BTCLI/USD 1h in the registry + 1 rule(s) in this run" in printed
     assert main(["backtest", "--signals", str(out), "--training-target", training, "--extra-trials", "3"]) == 0
     assert "  trials 5" in capsys.readouterr().out
@@ -612,8 +646,15 @@ def test_cli_backtest_accepts_predict_output_and_checks_it_against_the_registry(
     model_id = services.btc_job.model_id  # BTC/USD, trained on 2018
     training = f"127.0.0.1:{services.training.port}"
 
-    def predicted(start, end, name):
-        rows = sample_frame[(sample_frame.open_time_ms >= ms(start)) & (sample_frame.open_time_ms < ms(end))]
+    from mlsignal.client import TrainingClient
+
+    with TrainingClient(training) as client:
+        (info,) = [m for m in client.list_models("BTC/USD", "1h") if m.model_id == model_id]
+    history = (info.warmup_bars + 1) * 3_600_000  # the candles before the first ready row
+
+    def predicted(first_ready, end, name):
+        rows = sample_frame[(sample_frame.open_time_ms >= ms(first_ready) - history)
+                            & (sample_frame.open_time_ms < ms(end))]
         candles = tmp_path / f"{name}-candles.csv"
         pd.DataFrame({
             "timestamp": pd.to_datetime(rows.open_time_ms, unit="ms", utc=True).dt.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -626,6 +667,7 @@ def test_cli_backtest_accepts_predict_output_and_checks_it_against_the_registry(
         return out
 
     after = predicted("2019-02-01", "2019-03-15", "after")
+    assert pd.read_csv(after).ML_READY.sum() > 900
     assert main(["backtest", "--signals", str(after), "--training-target", training]) == 0
     printed = capsys.readouterr().out
     assert "each entry held for its model's label" in printed
@@ -639,4 +681,6 @@ def test_cli_backtest_accepts_predict_output_and_checks_it_against_the_registry(
     no_flag = tmp_path / "no-flag.csv"
     pd.read_csv(inside).drop(columns="ML_IN_SAMPLE").to_csv(no_flag, index=False)
     assert main(["backtest", "--signals", str(no_flag), "--training-target", training]) == 2
-    assert "contains them or ends after them, the first at 2018-12-2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "contains them or ends after them, the first at 2018-12-" in err
+    assert f"trained up to {ms_to_iso(info.train_end.ToMilliseconds())}" in err

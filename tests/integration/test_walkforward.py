@@ -112,6 +112,7 @@ def test_every_row_comes_from_a_model_trained_only_on_earlier_data(first, client
         assert rows.ML_HORIZON_BARS.eq(info.label.horizon_bars).all() and info.label.horizon_bars == HORIZON
         assert rows.ML_THRESHOLD.eq(info.label.threshold).all() and info.label.threshold == 0.02
         assert (rows.ML_LABEL_KIND == "fixed_horizon").all()
+        assert rows.ML_VOLATILITY_BARS.eq(0).all() and rows.ML_BARRIER.eq(0.02).all()
         # the sample has no gaps: the last training candle opens one candle before the purged end of the window
         assert info.train_end.ToMilliseconds() == step.start_ms - PURGE - TF_MS
         assert info.train_start.ToMilliseconds() == step.start_ms - PURGE - WINDOW
