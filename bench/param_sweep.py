@@ -155,8 +155,11 @@ def _context_round2() -> list[Candidate]:
 
 
 def _defaults6() -> list[Candidate]:
-    return [Candidate("previous defaults (leaf 200, depth 6)", PREVIOUS_DEFAULTS),
-            Candidate("current defaults", ForestParams())]
+    """The previous forest defaults, the forest defaults without context features, and the product defaults."""
+    return [Candidate("previous defaults (leaf 200, depth 6)", PREVIOUS_DEFAULTS, spec=FeatureSpec()),
+            Candidate("defaults without context features (feature set v1)", ForestParams(), spec=FeatureSpec()),
+            Candidate("defaults: context bars 168, 720 (feature set v2)", ForestParams(),
+                      spec=FeatureSpec(context_bars=(168, 720)))]
 
 
 GRIDS6 = {"barriers": _barriers, "context": _context, "context-round2": _context_round2, "defaults": _defaults6}

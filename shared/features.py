@@ -215,6 +215,21 @@ class FeatureSpec:
         return spec
 
 
+# The feature set new models are trained with: version 2, the version-1 set plus context over 168 and 720 candles
+# (a week and a month of 1h candles). Chosen by bench/param_sweep.py (README "Probability quality"): it lowered the
+# out-of-sample log-loss ratio against the class prior on three series and two periods. `FeatureSpec()` stays the
+# version-1 set, the definition older models were trained with.
+DEFAULT_CONTEXT_BARS = (168, 720)
+
+
+def training_spec() -> FeatureSpec:
+    """The default feature spec of a new model (before funding-rate / open-interest columns are added)."""
+    return FeatureSpec(context_bars=DEFAULT_CONTEXT_BARS)
+
+
+TRAINING_SPEC = training_spec()
+
+
 def _windows(x: np.ndarray, start: int, stop: int, width: int) -> np.ndarray:
     """Read-only view ``V`` of shape (width, stop - start) with ``V[k, i] = x[start + i - k]``.
 

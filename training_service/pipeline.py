@@ -43,7 +43,7 @@ from shared import calibration as cal
 from shared import drift as drift_stats
 from shared.drift import DriftModel, fit_drift
 from shared.errors import FailedPrecondition
-from shared.features import FeatureSpec, feature_matrix, spec_for_frame
+from shared.features import TRAINING_SPEC, FeatureSpec, feature_matrix, spec_for_frame
 from shared.labels import CLASSES, LabelSpec, class_balance, make_labels
 from shared.ood import OodModel, fit_ood
 from shared.params import UNIQUENESS, ForestParams
@@ -112,7 +112,7 @@ def infer_timeframe_ms(open_time_ms: np.ndarray) -> int:
     return int(steps.min())
 
 
-def build_dataset(frame: pd.DataFrame, label: LabelSpec, base_spec: FeatureSpec = FeatureSpec(),
+def build_dataset(frame: pd.DataFrame, label: LabelSpec, base_spec: FeatureSpec = TRAINING_SPEC,
                   timeframe_ms: int | None = None) -> Dataset:
     """Features and labels for every candle that has both (warm-up and the last h rows drop out, and so does every
     label whose horizon spans missing candles). `timeframe_ms` defaults to the candles' spacing."""
@@ -329,7 +329,7 @@ def train(
     params: ForestParams,
     progress: Progress = lambda stage, frac: None,
     n_jobs: int = -1,
-    base_spec: FeatureSpec = FeatureSpec(),
+    base_spec: FeatureSpec = TRAINING_SPEC,
     should_stop: ShouldStop | None = None,
     fit_context: FitContext | None = None,
     timeframe_ms: int | None = None,

@@ -167,6 +167,12 @@ def test_context_features_are_version_2_and_lengthen_the_warmup():
             FeatureSpec(context_bars=bad)
 
 
+def test_new_models_train_on_the_version_2_set():
+    assert features.TRAINING_SPEC == FeatureSpec(context_bars=(168, 720)) == features.training_spec()
+    assert features.TRAINING_SPEC.key == "ohlcv-v2" and features.TRAINING_SPEC.warmup_bars == 721
+    assert DEFAULT.key == "ohlcv-v1"  # the constructor's defaults stay the definition of older models
+
+
 def test_context_features_leave_the_version_1_columns_bit_identical(real, real_features):
     wide = feature_matrix(real, FeatureSpec(context_bars=(96, 336)))
     k = len(DEFAULT.feature_names)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from shared import calibration as cal
-from shared.features import FeatureSpec, feature_matrix
+from shared.features import TRAINING_SPEC, FeatureSpec, feature_matrix
 from shared.labels import CLASSES, LabelSpec, make_labels, spans_gap
 from shared.params import UNIQUENESS, ForestParams
 from training_service import evaluation, pipeline
@@ -110,6 +110,13 @@ def test_the_embargo_after_each_test_part_is_at_least_the_feature_warmup(n):
             assert after.min() - p.test[-1] - 1 >= 24 + warmup
 
 
+def test_the_default_features_embargo_their_warmup_and_still_leave_five_folds_on_a_year():
+    warmup = TRAINING_SPEC.warmup_bars
+    assert warmup == 721
+    assert evaluation.embargo_rows(8760, warmup) == warmup  # a year of 1h candles: 1 % would be 88 rows
+    assert len(evaluation.folds_that_fit(8000, 24, warmup_bars=warmup)) == evaluation.DEFAULT_CV_FOLDS
+
+
 def test_the_pipeline_embargoes_the_feature_warmup(recorded):
     model, data, label, fits, _ = recorded
     assert model.metrics["cv_embargo_rows"] == data.spec.warmup_bars == 100
@@ -178,10 +185,10 @@ def recorded():
     mp.setattr(pipeline, "class_proba", proba)
     try:
         model = train(frame, label, ForestParams(n_estimators=4, min_samples_leaf=20), n_jobs=1, cv_folds=4,
-                      importance_repeats=0)
+                      importance_repeats=0, base_spec=FeatureSpec())
     finally:
         mp.undo()
-    data = real_build(frame, label)
+    data = real_build(frame, label, FeatureSpec())
     return model, data, label, fits, probas
 
 
@@ -257,7 +264,7 @@ def test_a_gap_in_the_middle_drops_exactly_the_labels_that_span_it():
     missing = np.arange(700, 705)  # five candles missing
     frame = full.drop(index=missing).reset_index(drop=True)
     label = LabelSpec(horizon_bars=24, threshold=0.02)
-    data = build_dataset(frame, label)
+    data = build_dataset(frame, label, FeatureSpec())  # the version-1 warm-up (100) ends before the gap
     times = frame.open_time_ms.to_numpy()
     before_gap = times[times < full.open_time_ms[700]]
     # the labels of the last 24 candles before the hole look across it; nothing else is lost to the gap
@@ -314,7 +321,7 @@ def test_average_uniqueness_of_overlapping_labels():
 
 
 def test_uniqueness_sized_bootstraps_train():
-    frame = candles(1600, seed=5)
+    frame = candles(2400, seed=5)  # warm-up (721), horizon and 1,000 labelled rows
     params = ForestParams(n_estimators=3, min_samples_leaf=10, max_samples=UNIQUENESS)
     model = train(frame, LabelSpec(horizon_bars=12), params, n_jobs=1, cv_folds=0, importance_repeats=0)
     assert 0.0 <= model.shrink_weight <= 1.0
