@@ -591,7 +591,15 @@ def test_cli_backtest_signals_writes_the_file_and_backtest_prints_the_table(serv
 
     # the one-candle mode is still there
     assert main(["backtest", "--signals", str(out), "--hold", "candle", "--training-target", training]) == 0
-    assert "re-decided every candle" in capsys.readouterr().out
+    candle = capsys.readouterr().out
+    assert "re-decided every candle" in candle
+    assert main(["backtest", "--signals", str(out), "--hold", "1", "--training-target", training]) == 0
+    assert capsys.readouterr().out == candle
+    with pytest.raises(SystemExit) as exit_info:
+        main(["backtest", "--signals", str(out), "--hold", "24"])
+    assert exit_info.value.code == 2 and "expected label, candle or 1" in capsys.readouterr().err
+    assert main(["backtest", "--signals", str(out), "--overlap", "stack", "--training-target", training]) == 0
+    assert "every signal opens its own sleeve of 1/24 of equity" in capsys.readouterr().out
 
     # without the registry: refused, unless the trials are given (the file carries its windows and labels)
     nowhere = "127.0.0.1:1"
