@@ -15,12 +15,14 @@ values (float64) are added tree after tree from zero and divided by the number o
 depend on the batch it is in.
 
 How it runs. Trees of depth <= `COMPLETE_MAX_DEPTH` are padded to complete trees (a leaf above the full depth is
-copied into all its descendants) and walked branch-free, eight rows together; deeper trees and rows holding a NaN
-go through the trees' own node arrays. The C kernel (`KERNEL_SOURCE`) is compiled once per process with the system C
-compiler into a private temporary directory; the library's sha256 is taken right after the build and checked
-again immediately before it is loaded, and no other native code is ever loaded by this module. Without a compiler,
-`NativeUnavailable` says why (the model store then serves through ONNX Runtime, or refuses when native execution
-was demanded). Calls release the GIL, so concurrent predictions run in parallel.
+copied into all its descendants) and walked branch-free: blocks of 128 rows go through the forest tree by tree (a
+tree's nodes and leaves stay in the L1 cache), eight rows walking a tree together, each row's class sums in its own
+vector lanes; deeper trees and rows holding a NaN go through the trees' own node arrays. The C kernel
+(`KERNEL_SOURCE`) is compiled once per process with the system C compiler into a private temporary directory; the
+library's sha256 is taken right after the build and checked again immediately before it is loaded, and no other
+native code is ever loaded by this module. Without a compiler, `NativeUnavailable` says why (the model store then
+serves through ONNX Runtime, or refuses when native execution was demanded). Calls release the GIL, so concurrent
+predictions run in parallel.
 """
 
 from __future__ import annotations
@@ -71,12 +73,18 @@ KERNEL_SOURCE = r"""
 
 #define ROWS 8
 #define MAXC 8
+#define RB 128
+
+typedef struct {
+    float threshold;
+    int32_t offset; /* the split feature's byte offset in a row: 4 * feature */
+} node_t;
 
 typedef struct {
     int64_t n_features, n_trees, n_classes, depth; /* depth < 0: no complete layout */
-    const int32_t *c_feature;   /* [n_trees][2^depth - 1] */
-    const float *c_threshold;   /* [n_trees][2^depth - 1] */
-    const double *c_leaf;       /* [n_trees][2^depth][n_classes] */
+    int64_t leaf_stride;        /* doubles per leaf in c_leaf: n_classes padded to 4 or 8 with zeros */
+    const node_t *c_node;       /* [n_trees][2^depth - 1] */
+    const double *c_leaf;       /* [n_trees][2^depth][leaf_stride] */
     const int64_t *offset;      /* [n_trees + 1]: tree t's nodes are offset[t] .. offset[t+1]-1, its root first */
     const int64_t *tree_depth;  /* [n_trees] */
     const int32_t *left;        /* children within the tree; a leaf is its own left and right child */
@@ -149,12 +157,11 @@ static void row_complete(const forest_t *m, const float *xr, double *out)
     for (int64_t c = 0; c < k; c++)
         acc[c] = 0.0;
     for (int64_t t = 0; t < m->n_trees; t++) {
-        const int32_t *f = m->c_feature + t * n_inner;
-        const float *th = m->c_threshold + t * n_inner;
+        const node_t *nd = m->c_node + t * n_inner;
         uint32_t i = 0;
         for (int64_t s = 0; s < d; s++)
-            i = 2 * i + 1 + (uint32_t)!(xr[f[i]] <= th[i]);
-        const double *lv = m->c_leaf + (t * n_leaves + (i - n_inner)) * k;
+            i = 2 * i + 1 + (uint32_t)!(xr[nd[i].offset / 4] <= nd[i].threshold);
+        const double *lv = m->c_leaf + (t * n_leaves + (i - n_inner)) * m->leaf_stride;
         for (int64_t c = 0; c < k; c++)
             acc[c] += lv[c];
     }
@@ -170,32 +177,71 @@ static int has_nan(const float *x, int64_t n)
     return any;
 }
 
-#define BLOCK(K)                                                                                  \
-    do {                                                                                          \
-        double acc[ROWS][K];                                                                      \
-        for (int b = 0; b < ROWS; b++)                                                            \
-            for (int c = 0; c < K; c++)                                                           \
-                acc[b][c] = 0.0;                                                                  \
-        for (int64_t t = 0; t < m->n_trees; t++) {                                                \
-            const int32_t *f = m->c_feature + t * n_inner;                                        \
-            const float *th = m->c_threshold + t * n_inner;                                       \
-            const double *v = m->c_leaf + t * n_leaves * K;                                       \
-            uint32_t idx[ROWS];                                                                   \
-            for (int b = 0; b < ROWS; b++)                                                        \
-                idx[b] = 0;                                                                       \
-            for (int64_t s = 0; s < d; s++)                                                       \
-                for (int b = 0; b < ROWS; b++) {                                                  \
-                    const uint32_t i = idx[b];                                                    \
-                    idx[b] = 2 * i + 1 + (uint32_t)!(xr[b * nf + f[i]] <= th[i]);                 \
-                }                                                                                 \
-            for (int b = 0; b < ROWS; b++)                                                        \
-                for (int c = 0; c < K; c++)                                                       \
-                    acc[b][c] += v[((int64_t)idx[b] - n_inner) * K + c];                          \
-        }                                                                                         \
-        for (int b = 0; b < ROWS; b++)                                                            \
-            for (int c = 0; c < K; c++)                                                           \
-                out[(r + b) * K + c] = acc[b][c] / (double)m->n_trees;                            \
-    } while (0)
+typedef double v4d __attribute__((vector_size(32)));
+
+static inline v4d load4(const double *p)
+{
+    v4d v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* Rows of a block (at most RB) walk the trees tree by tree, so one tree's nodes and leaves stay in the L1 cache
+ * while every row of the block passes through it; ROWS rows walk together. Each row's sums are its own vector
+ * lanes (one per class), added tree after tree. The block's rows are first copied to a stride of S floats (S a
+ * constant >= n_features), so a row's feature is one load at a constant offset. */
+#define BLOCK_S(S)                                                                                        \
+static void block_complete_##S(const forest_t *m, const float *x, int64_t n, double *out)                \
+{                                                                                                         \
+    const int64_t nf = m->n_features, k = m->n_classes, d = m->depth, ls = m->leaf_stride;               \
+    const int64_t n_inner = ((int64_t)1 << d) - 1, n_leaves = (int64_t)1 << d;                            \
+    float xp[RB * S];                                                                                      \
+    v4d acc[RB][MAXC / 4];                                                                                \
+    const v4d zero = {0.0, 0.0, 0.0, 0.0};                                                                \
+    for (int64_t r = 0; r < n; r++) {                                                                     \
+        for (int64_t j = 0; j < nf; j++)                                                                  \
+            xp[r * S + j] = x[r * nf + j];                                                                \
+        for (int64_t j = 0; j < ls / 4; j++)                                                              \
+            acc[r][j] = zero;                                                                             \
+    }                                                                                                     \
+    for (int64_t t = 0; t < m->n_trees; t++) {                                                            \
+        const node_t *nd = m->c_node + t * n_inner;                                                       \
+        const double *v = m->c_leaf + t * n_leaves * ls;                                                      \
+        int64_t r = 0;                                                                                    \
+        for (; r + ROWS <= n; r += ROWS) {                                                                \
+            const char *xr = (const char *)(xp + r * S);                                                  \
+            uint64_t idx[ROWS];                                                                           \
+            for (int b = 0; b < ROWS; b++)                                                                \
+                idx[b] = 0;                                                                               \
+            for (int64_t s = 0; s < d; s++)                                                               \
+                for (int b = 0; b < ROWS; b++) {                                                          \
+                    const node_t *q = nd + idx[b];                                                        \
+                    float xv;                                                                             \
+                    __builtin_memcpy(&xv, xr + (int64_t)b * S * 4 + (int64_t)q->offset, 4);               \
+                    idx[b] = 2 * idx[b] + 1 + (uint64_t)!(xv <= q->threshold);                            \
+                }                                                                                         \
+            for (int b = 0; b < ROWS; b++)                                                                \
+                for (int64_t j = 0; j < ls / 4; j++)                                                      \
+                    acc[r + b][j] += load4(v + ((int64_t)idx[b] - n_inner) * ls + 4 * j);                         \
+        }                                                                                                 \
+        for (; r < n; r++) {                                                                              \
+            const float *xr = xp + r * S;                                                                 \
+            uint32_t i = 0;                                                                               \
+            for (int64_t s = 0; s < d; s++)                                                               \
+                i = 2 * i + 1 + (uint32_t)!(xr[nd[i].offset / 4] <= nd[i].threshold);                      \
+            for (int64_t j = 0; j < ls / 4; j++)                                                          \
+                acc[r][j] += load4(v + ((int64_t)i - n_inner) * ls + 4 * j);                                        \
+        }                                                                                                 \
+    }                                                                                                     \
+    for (int64_t r = 0; r < n; r++)                                                                       \
+        for (int64_t c = 0; c < k; c++)                                                                   \
+            out[r * k + c] = acc[r][c / 4][c % 4] / (double)m->n_trees;                                   \
+}
+
+BLOCK_S(16)
+BLOCK_S(32)
+BLOCK_S(64)
+BLOCK_S(128)
 
 void forest_predict(const forest_t *m, const float *x, int64_t n_rows, double *out)
 {
@@ -208,30 +254,26 @@ void forest_predict(const forest_t *m, const float *x, int64_t n_rows, double *o
             row_nodes(m, x + r * nf, out + r * k);
         return;
     }
-    const int64_t n_inner = ((int64_t)1 << d) - 1, n_leaves = (int64_t)1 << d;
-    int64_t r = 0;
-    for (; r + ROWS <= n_rows; r += ROWS) {
-        const float *xr = x + r * nf;
-        if (has_nan(xr, ROWS * nf)) {
-            for (int b = 0; b < ROWS; b++) {
-                if (has_nan(xr + b * nf, nf))
-                    row_nodes(m, xr + b * nf, out + (r + b) * k);
-                else
-                    row_complete(m, xr + b * nf, out + (r + b) * k);
-            }
-        } else if (k == 3) {
-            BLOCK(3);
+    for (int64_t r0 = 0; r0 < n_rows; r0 += RB) {
+        const int64_t n = n_rows - r0 < RB ? n_rows - r0 : RB;
+        const float *xb = x + r0 * nf;
+        double *ob = out + r0 * k;
+        if (n < ROWS || nf > 128) {
+            for (int64_t r = 0; r < n; r++)
+                row_complete(m, xb + r * nf, ob + r * k);
+        } else if (nf <= 16) {
+            block_complete_16(m, xb, n, ob);
+        } else if (nf <= 32) {
+            block_complete_32(m, xb, n, ob);
+        } else if (nf <= 64) {
+            block_complete_64(m, xb, n, ob);
         } else {
-            for (int b = 0; b < ROWS; b++)
-                row_complete(m, xr + b * nf, out + (r + b) * k);
+            block_complete_128(m, xb, n, ob);
         }
-    }
-    for (; r < n_rows; r++) {
-        const float *xr = x + r * nf;
-        if (has_nan(xr, nf))
-            row_nodes(m, xr, out + r * k);
-        else
-            row_complete(m, xr, out + r * k);
+        if (has_nan(xb, n * nf))  /* rows holding a NaN: again, node by node */
+            for (int64_t r = 0; r < n; r++)
+                if (has_nan(xb + r * nf, nf))
+                    row_nodes(m, xb + r * nf, ob + r * k);
     }
 }
 """
@@ -578,8 +620,8 @@ class _Model(ctypes.Structure):
     """forest_t of the kernel: sizes and the addresses of the arrays."""
 
     _fields_: ClassVar[list[tuple[str, type]]] = [
-        *[(name, ctypes.c_int64) for name in ("n_features", "n_trees", "n_classes", "depth")],
-        *[(name, ctypes.c_void_p) for name in ("c_feature", "c_threshold", "c_leaf", "offset", "tree_depth", "left",
+        *[(name, ctypes.c_int64) for name in ("n_features", "n_trees", "n_classes", "depth", "leaf_stride")],
+        *[(name, ctypes.c_void_p) for name in ("c_node", "c_leaf", "offset", "tree_depth", "left",
                                                 "right", "feature", "threshold", "missing_left", "value")],
     ]
 
@@ -621,28 +663,32 @@ class NativeForest:
         }
         d = int(tree_depth.max())
         self.depth = d if d <= complete_max_depth else -1
+        self.leaf_stride = 4 if k <= 4 else 8
         if self.depth >= 0:
             n_inner, n_leaves = (1 << d) - 1, 1 << d
             tree = np.repeat(np.arange(t_count), np.diff(f.offset))
-            feat = np.zeros((t_count, n_inner), dtype=np.int32)
-            thr = np.full((t_count, n_inner), np.inf, dtype=np.float32)
+            # node_t of the kernel: (float32 threshold, int32 byte offset of the feature in a row); padding nodes
+            # below a leaf compare feature 0 with +inf (both sides lead to the same leaf value)
+            node = np.zeros((t_count, n_inner), dtype=[("threshold", "<f4"), ("offset", "<i4")])
+            node["threshold"] = np.inf
             inner = ~leaf
-            feat[tree[inner], f.position[inner]] = f.feature[inner]
-            thr[tree[inner], f.position[inner]] = threshold32[inner]
+            node["offset"][tree[inner], f.position[inner]] = 4 * f.feature[inner]
+            node["threshold"][tree[inner], f.position[inner]] = threshold32[inner]
             # A leaf at depth a, position p fills the 2**(d-a) leaf slots below it, from ((p+1) << (d-a)) - 1.
             span = np.left_shift(1, d - f.depth[leaf])
             first = np.left_shift(f.position[leaf] + 1, d - f.depth[leaf]) - 1 - n_inner
             starts = np.repeat(first - np.concatenate([[0], np.cumsum(span)[:-1]]), span)
             slots = starts + np.arange(int(span.sum()))
-            leaf_values = np.zeros((t_count, n_leaves, k), dtype=np.float64)
-            leaf_values[np.repeat(tree[leaf], span), slots] = np.repeat(f.value[leaf], span, axis=0)
-            arrays.update(c_feature=feat, c_threshold=thr, c_leaf=leaf_values)
+            # each leaf's class values padded with zeros to a whole number of 4-double vectors
+            leaf_values = np.zeros((t_count, n_leaves, self.leaf_stride), dtype=np.float64)
+            leaf_values[np.repeat(tree[leaf], span), slots, :k] = np.repeat(f.value[leaf], span, axis=0)
+            arrays.update(c_node=node, c_leaf=leaf_values)
         # Kept here for as long as this object lives: the kernel reads them through the addresses in _model.
         self._arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
         self.nbytes = sum(a.nbytes for a in self._arrays.values())
-        self._model = _Model(self.n_features, self.n_trees, k, self.depth,
+        self._model = _Model(self.n_features, self.n_trees, k, self.depth, self.leaf_stride,
                              *[self._arrays[name].ctypes.data if name in self._arrays else None
-                               for name, _ in _Model._fields_[4:]])
+                               for name, _ in _Model._fields_[5:]])
         self._model_ref = ctypes.addressof(self._model)
         self._predict = self._lib.forest_predict
 

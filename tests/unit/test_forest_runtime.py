@@ -249,3 +249,15 @@ def test_the_store_takes_the_setting(tmp_path, monkeypatch):
 
     with pytest.raises(ValueError, match="MLSIGNAL_FOREST_RUNTIME='gpu'"):
         Settings.from_env()
+
+
+@pytest.mark.parametrize(("n_features", "n_classes"), [(5, 2), (40, 3), (90, 5), (140, 3)])
+def test_any_feature_count_and_class_count_the_kernel_takes(n_features, n_classes):
+    """Row strides of 16, 64 and 128 floats, rows wider than that, and leaves of 2 to 5 classes."""
+    rng = np.random.default_rng(n_features)
+    X = rng.normal(size=(700, n_features))
+    y = (np.abs(X[:, 0] + X[:, 1]) * n_classes).astype(int) % n_classes
+    forest = RandomForestClassifier(n_estimators=5, max_depth=5, min_samples_leaf=5, random_state=0, n_jobs=1)
+    forest.fit(X[:400].astype(np.float32), y[:400])
+    native = _native(forest)
+    assert np.array_equal(native.predict_proba(X[400:]), forest.predict_proba(X[400:].astype(np.float32)))
