@@ -16,7 +16,11 @@ What it does:
 5. measures the naive baseline the original system used, in process and without gRPC: for every new candle, the
    pandas features of the last warmup_bars + 1 candles (`shared.features.compute_features`) and the scikit-learn
    forest's `predict_proba` (the model's joblib artifact, loaded only after its sha256 verifies);
-6. prints a table (p50 and p99 latency, requests/s, candles/s, p50 relative to the floor, candles/s relative to the
+6. measures model execution (`bench.forest_runtime`) on the served model: the native forest runtime the server uses
+   (MLSIGNAL_FOREST_RUNTIME=auto) against ONNX Runtime, on 1 and 1,024 rows, one caller and two concurrent callers,
+   in alternating rounds; then the columnar Predict cases again on a second inference server with
+   MLSIGNAL_FOREST_RUNTIME=onnx (the fallback), and where the time of a columnar Predict goes, stage by stage;
+7. prints a table (p50 and p99 latency, requests/s, candles/s, p50 relative to the floor, candles/s relative to the
    naive baseline) with PASS/FAIL against the DESIGN targets, and writes everything as JSON.
 
 Timings depend on the machine and on whatever else runs on it; the load average is recorded next to the results.
@@ -34,7 +38,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +56,7 @@ STREAM_TARGET_RATIO = 1.5  # one-candle StreamPredict p50 <= 1.5 x the floor
 SHADOW_TARGET_RATIO = 1.1  # the same with one shadow model in the market <= 1.1 x without
 BATCH_TARGET_CPS = 100_000  # 1,024-candle Predict >= 100,000 candles/s
 COLUMNS_TARGET_CPS = 300_000  # 1,024-candle Predict as columns >= 300,000 candles/s
+RUNTIME_TARGET_RATIO = 3.0  # the forest runtime >= 3x ONNX Runtime on 1,024 rows, and no slower on 1 row
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,13 @@ OOD_CASES = (
     Case("stream_1_no_ood", "StreamPredict, 1 candle per message, the same model without it", "StreamPredict", 1, 1),
 )
 OOD_TARGET_RATIO = 1.1  # the score stays inside the one-candle budget
+# Measured again on an inference server that executes forests with ONNX Runtime (MLSIGNAL_FOREST_RUNTIME=onnx).
+ONNX_CASES = (
+    Case("columns_1024_onnx", "Predict, 1,024 candles as columns, ONNX Runtime server", "Predict", 1024, 1,
+         columns=True),
+    Case("columns_1024_c4_onnx", "Predict, 1,024 candles as columns, 4 concurrent, ONNX Runtime server", "Predict",
+         1024, 4, columns=True),
+)
 
 
 @dataclass(frozen=True)
@@ -203,7 +215,7 @@ def naive_baseline(frame: pd.DataFrame, record, model_dir: Path, n: int) -> dict
 
 
 def run_cases(target: str, frame: pd.DataFrame, plan: Plan, in_process: bool, log,
-              shadow: tuple[Any, Path] | None = None) -> dict:
+              shadow: tuple[Any, Path] | None = None, cases: tuple[Case, ...] = CASES) -> dict:
     """Every case of CASES; with `shadow` (the served model's record and the model directory), then SHADOW_ROUNDS
     pairs of the one-candle stream with and without a shadow model registered for the market (the p50 of a
     pair's runs are compared, so a change of the machine's load between rounds cancels out)."""
@@ -224,7 +236,7 @@ def run_cases(target: str, frame: pd.DataFrame, plan: Plan, in_process: bool, lo
     try:
         if pool is not None:
             pool.submit(_client_ready).result()  # import everything in the client before the first case
-        for case in CASES:
+        for case in cases:
             results[case.key] = run(case)
         if shadow is not None:
             record, model_dir = shadow
@@ -331,6 +343,32 @@ def _client_ready() -> bool:
     return True
 
 
+def model_execution(record, model_dir: Path, frame: pd.DataFrame, quick: bool) -> dict:
+    """The served model on both runtimes, in process: `bench.forest_runtime.compare_runtimes` on feature rows after
+    the training window, and the stages of a columnar Predict (`columnar_breakdown`)."""
+    import joblib
+
+    from bench import forest_runtime as fr
+    from inference_service.model_store import load_model
+    from shared.artifacts import read_verified
+    from shared.features import compute_features
+
+    models = {name: load_model(record, model_dir, name) for name in ("onnx", "native")}
+    if models["native"].runtime != "native":
+        raise RuntimeError(f"model {record.model_id} cannot be executed by the native forest runtime")
+    after = frame[frame["open_time_ms"] >= pd.Timestamp(TRAIN_END, tz="UTC").value // 1_000_000]
+    X = compute_features(after, record.feature_spec).to_numpy()
+    X = X[np.isfinite(X).all(axis=1)]
+    forest = joblib.load(io.BytesIO(read_verified(model_dir, record.sklearn_artifact, record.sklearn_sha256)))
+    forest.n_jobs = 1
+    reference = forest.predict_proba(X.astype(np.float32))
+    out = fr.compare_runtimes(models["onnx"].forest, models["native"].forest, X, fr.QUICK if quick else fr.FULL,
+                              reference)
+    out["trees"] = len(forest.estimators_)
+    out["breakdown"] = fr.columnar_breakdown(models, frame, SYMBOL, TIMEFRAME)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # report
 
@@ -346,10 +384,10 @@ def _num(v: float | None, digits: int = 3) -> str:
 
 
 def build_report(results: dict, naive: dict, training: dict, plan: Plan, quick: bool, in_process: bool,
-                 load_before, load_after) -> tuple[dict, str]:
+                 load_before, load_after, execution: dict) -> tuple[dict, str]:
     floor_p50 = results["floor"].latency_ms["p50"]
     rows = []
-    for case in (*CASES, *SHADOW_CASES, *OOD_CASES):
+    for case in (*CASES, *SHADOW_CASES, *OOD_CASES, *ONNX_CASES):
         r = results[case.key]
         label = case.label if case.rpc != "Predict" else f"{case.label} (+{r.history} history)"
         cps = r.candles_per_s if case.rpc != "Health" else None
@@ -433,6 +471,31 @@ def build_report(results: dict, naive: dict, training: dict, plan: Plan, quick: 
             "pass": best_columns >= COLUMNS_TARGET_CPS,
         },
     ]
+    r1024, r1 = execution["1_thread_1024_rows"], execution["1_thread_1_rows"]
+    t1024, t1 = execution["2_threads_1024_rows"], execution["2_threads_1_rows"]
+    targets += [
+        {
+            "target": f"forest runtime >= {RUNTIME_TARGET_RATIO:g}x ONNX Runtime on 1,024 rows (1 and 2 threads)",
+            "measured": f"{r1024['ratio']:.2f}x on 1 thread ({r1024['native_us']:,.0f} us vs "
+                        f"{r1024['onnx_us']:,.0f} us), {t1024['ratio']:.2f}x on 2 threads",
+            "value": min(r1024["ratio"], t1024["ratio"]),
+            "pass": min(r1024["ratio"], t1024["ratio"]) >= RUNTIME_TARGET_RATIO,
+        },
+        {
+            "target": "forest runtime no slower than ONNX Runtime on 1 row (1 and 2 threads)",
+            "measured": f"{r1['ratio']:.2f}x on 1 thread ({r1['native_us']:.1f} us vs {r1['onnx_us']:.1f} us), "
+                        f"{t1['ratio']:.2f}x on 2 threads",
+            "value": min(r1["ratio"], t1["ratio"]),
+            "pass": min(r1["ratio"], t1["ratio"]) >= 1.0,
+        },
+        {
+            "target": "served probabilities equal scikit-learn's predict_proba to 1e-12",
+            "measured": f"largest difference {execution['parity_max_abs_diff']['native']:.2g} "
+                        f"(ONNX Runtime: {execution['parity_max_abs_diff']['onnx']:.2g})",
+            "value": execution["parity_max_abs_diff"]["native"],
+            "pass": execution["parity_max_abs_diff"]["native"] <= 1e-12,
+        },
+    ]
 
     head = (f"{'case':<60} {'p50 ms':>8} {'p99 ms':>8} {'requests/s':>11} {'candles/s':>11} {'p50/floor':>9} "
             f"{'speedup':>8}")
@@ -451,6 +514,13 @@ def build_report(results: dict, naive: dict, training: dict, plan: Plan, quick: 
     lines.append("DESIGN targets")
     for t in targets:
         lines.append(f"  [{'PASS' if t['pass'] else 'FAIL'}] {t['target']}: {t['measured']}")
+    from bench.forest_runtime import breakdown_lines, runtime_lines
+
+    lines.append("")
+    lines += runtime_lines(execution)
+    lines.append("")
+    lines += breakdown_lines(execution["breakdown"], {"native": results["columns_1024"].candles_per_s,
+                                                      "onnx": results["columns_1024_onnx"].candles_per_s})
     lines.append("")
     lines.append(f"training: {training['trees']} trees, {TRAIN_START} .. {TRAIN_END} "
                  f"({training['candles']:,} candles), {training['seconds']:.1f} s from started_at to finished_at "
@@ -470,6 +540,7 @@ def build_report(results: dict, naive: dict, training: dict, plan: Plan, quick: 
         "floor_p50_ms": floor_p50,
         "rows": rows,
         "targets": targets,
+        "model_execution": execution,
     }
     return report, "\n".join(lines)
 
@@ -533,8 +604,20 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  {train_seconds:.1f} s, model {job.model_id}")
             log("measuring through gRPC ...")
             _URLS[record.model_id] = url
+            served_runtime = inference.store.current(SYMBOL, TIMEFRAME).runtime
+            log(f"  the server executes the forest with the {served_runtime} runtime")
             results = run_cases(f"127.0.0.1:{inference.port}", frame, plan, args.client_in_process, log,
                                 shadow=(record, settings.model_dir))
+            log("the columnar cases on a second server with MLSIGNAL_FOREST_RUNTIME=onnx ...")
+            onnx_server = start_inference(replace(settings, forest_runtime="onnx"), "127.0.0.1:0")
+            try:
+                results.update(run_cases(f"127.0.0.1:{onnx_server.port}", frame, plan, args.client_in_process, log,
+                                         cases=ONNX_CASES))
+            finally:
+                onnx_server.stop(0.5)
+            log("model execution in process: native forest runtime against ONNX Runtime ...")
+            execution = model_execution(record, settings.model_dir, frame, args.quick)
+            execution["served_runtime"] = served_runtime
             log(f"naive baseline, {plan.naive_candles} candles ...")
             naive = naive_baseline(frame, record, settings.model_dir, plan.naive_candles)
         finally:
@@ -543,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
             training.stop(0.5)
     load_after = _loadavg()
     report, table = build_report(results, naive, training_info, plan, args.quick, args.client_in_process,
-                                 load_before, load_after)
+                                 load_before, load_after, execution)
     report["wall_seconds"] = time.perf_counter() - t_all
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
