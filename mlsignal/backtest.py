@@ -337,7 +337,8 @@ def _account(name: str, r: np.ndarray, weight: np.ndarray, fee_units: np.ndarray
     net = weight * r - fee_units * fee - fund
     equity = np.cumprod(1.0 + net)
     if trades:
-        per_unit_fund = funding.cost(np.ones(r.size), name) if funding is not None else np.zeros(r.size)
+        held = (weight > 0).astype(np.float64)
+        per_unit_fund = funding.cost(held, name) if funding is not None else np.zeros(r.size)
         growth = []
         for first, last in trades:
             g = 1.0 + r[first:last + 1] - per_unit_fund[first:last + 1]

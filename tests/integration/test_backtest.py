@@ -377,6 +377,12 @@ def test_funding_is_paid_at_each_funding_time_held_through():
     gap.loc[7, "funding_rate"] = np.nan
     with pytest.raises(ValueError, match="funding_rate is missing at 2019-01-01T07:00:00Z"):
         run_backtest(gap, ML_ONLY)
+    # a funding time no position holds needs no rate: candle 23 (closing at 24:00) after the last ready row
+    late = signal_at(list(100.0 + np.arange(30.0)), 1, horizon=8)
+    late["ML_READY"] = np.arange(30) < 10
+    late["funding_rate"] = 0.0001
+    late.loc[23, "funding_rate"] = np.nan
+    assert run_backtest(late, ML_ONLY).rsi_only.position.to_numpy()[23] == 0
     none = base.copy()
     none["funding_rate"] = np.nan
     assert run_backtest(none, ML_ONLY).strategy.funding_paid == 0.0
