@@ -20,8 +20,11 @@ tree's nodes and leaves stay in the L1 cache), eight rows walking a tree togethe
 vector lanes; deeper trees and rows holding a NaN go through the trees' own node arrays. The C kernel
 (`KERNEL_SOURCE`) is compiled once per process with the system C compiler into a private temporary directory; the
 library's sha256 is taken right after the build and checked again immediately before it is loaded, and no other
-native code is ever loaded by this module. Without a compiler, `NativeUnavailable` says why (the model store then
-serves through ONNX Runtime, or refuses when native execution was demanded). Calls release the GIL, so concurrent
+native code is ever loaded by this module. Without a compiler, a kernel built ahead of time (`build_prebuilt`,
+`python -m shared.forest_runtime --build-prebuilt DIR`, as the Docker image does) is loaded from PREBUILT_DIR only if
+its record names this source's sha256 and the library's sha256 matches it, and the files belong to root and are
+writable by root only; otherwise `NativeUnavailable` says why (the model store then serves through ONNX Runtime, or
+refuses when native execution was demanded). Calls release the GIL, so concurrent
 predictions run in parallel.
 """
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import io
+import json
 import logging
 import os
 import pickle
@@ -561,34 +565,103 @@ def _compiler() -> str | None:
     return None
 
 
+def _compile(cc: str, out: str, flags: tuple[str, ...]) -> None:
+    """Compile KERNEL_SOURCE into the shared library `out` (its directory must be private)."""
+    src = os.path.join(os.path.dirname(out), "forest_kernel.c")
+    with open(src, "w", encoding="ascii") as fh:
+        fh.write(KERNEL_SOURCE)
+    proc = subprocess.run([cc, *flags, "-o", out, src, "-lm"], capture_output=True, text=True, timeout=120,
+                          check=False)
+    if proc.returncode != 0:
+        raise NativeUnavailable(f"{cc} failed to build the forest kernel: {' '.join(proc.stderr.split())[:300]}")
+
+
+def _sha256_file(path: str) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+def _bind(handle: ctypes.CDLL) -> ctypes.CDLL:
+    handle.forest_predict.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    handle.forest_predict.restype = None
+    return handle
+
+
 def _build_and_load() -> tuple[ctypes.CDLL, str]:
     cc = _compiler()
     if cc is None:
-        raise NativeUnavailable("no C compiler (cc, gcc or clang) on PATH to build the forest kernel")
+        return _load_prebuilt()
     workdir = tempfile.mkdtemp(prefix="mlsignal-forest-")  # mode 0700, owned by this process's user
     try:
-        src, lib = os.path.join(workdir, "forest_kernel.c"), os.path.join(workdir, "forest_kernel.so")
-        with open(src, "w", encoding="ascii") as fh:
-            fh.write(KERNEL_SOURCE)
-        proc = subprocess.run([cc, *CFLAGS, "-o", lib, src, "-lm"], capture_output=True, text=True, timeout=120,
-                              check=False)
-        if proc.returncode != 0:
-            raise NativeUnavailable(f"{cc} failed to build the forest kernel: {' '.join(proc.stderr.split())[:300]}")
-        with open(lib, "rb") as fh:
-            built = hashlib.sha256(fh.read()).hexdigest()
+        lib = os.path.join(workdir, "forest_kernel.so")
+        _compile(cc, lib, CFLAGS)
+        built = _sha256_file(lib)
         st = os.stat(workdir)
         if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
             raise NativeUnavailable(f"the build directory {workdir} is not private to this user")
-        with open(lib, "rb") as fh:
-            loading = hashlib.sha256(fh.read()).hexdigest()
+        loading = _sha256_file(lib)
         if loading != built:
             raise NativeUnavailable(f"the built forest kernel changed before loading (sha256 {loading}, built {built})")
         handle = ctypes.CDLL(lib)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    handle.forest_predict.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-    handle.forest_predict.restype = None
-    return handle, built
+    return _bind(handle), built
+
+
+# -- a kernel built ahead of time (an image without a compiler) ---------------------------------------------------
+#: Where a kernel built ahead of time is looked for when there is no compiler: this package's directory.
+PREBUILT_DIR = os.path.dirname(os.path.abspath(__file__))
+PREBUILT_LIBRARY = "_forest_kernel.so"
+PREBUILT_RECORD = "_forest_kernel.json"  # {"library_sha256", "source_sha256"}
+#: The ahead-of-time build runs elsewhere than where it is loaded: no -march=native.
+PREBUILT_CFLAGS = tuple(f for f in CFLAGS if not f.startswith("-march"))
+
+
+def build_prebuilt(directory: str) -> str:
+    """Build the kernel ahead of time into `directory` with the record of its sha256 and of the source it was
+    built from (for an image without a compiler: install both, read-only, into PREBUILT_DIR); returns the sha256."""
+    cc = _compiler()
+    if cc is None:
+        raise NativeUnavailable("no C compiler (cc, gcc or clang) on PATH to build the forest kernel")
+    os.makedirs(directory, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="mlsignal-forest-")
+    try:
+        lib = os.path.join(workdir, PREBUILT_LIBRARY)
+        _compile(cc, lib, PREBUILT_CFLAGS)
+        sha = _sha256_file(lib)
+        shutil.copyfile(lib, os.path.join(directory, PREBUILT_LIBRARY))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    record = {"library_sha256": sha, "source_sha256": hashlib.sha256(KERNEL_SOURCE.encode()).hexdigest()}
+    with open(os.path.join(directory, PREBUILT_RECORD), "w", encoding="ascii") as fh:
+        json.dump(record, fh)
+    return sha
+
+
+def _load_prebuilt() -> tuple[ctypes.CDLL, str]:
+    """The kernel built ahead of time, loaded only if it is this source's build, its sha256 is the recorded one, and
+    it, its record and their directory belong to root and are writable by root only."""
+    lib, rec = os.path.join(PREBUILT_DIR, PREBUILT_LIBRARY), os.path.join(PREBUILT_DIR, PREBUILT_RECORD)
+    if not (os.path.exists(lib) and os.path.exists(rec)):
+        raise NativeUnavailable("no C compiler (cc, gcc or clang) on PATH to build the forest kernel, and no kernel "
+                                f"built ahead of time in {PREBUILT_DIR}")
+    for path in (PREBUILT_DIR, lib, rec):
+        st = os.stat(path)
+        if st.st_uid != 0 or stat.S_IMODE(st.st_mode) & 0o022:
+            raise NativeUnavailable(f"the kernel built ahead of time is not loaded: {path} is not owned by root and "
+                                    "writable by root only, so its recorded sha256 would prove nothing")
+    try:
+        with open(rec, encoding="ascii") as fh:
+            record = json.load(fh)
+        want, source = str(record["library_sha256"]), str(record["source_sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise NativeUnavailable(f"the record {rec} of the kernel built ahead of time cannot be read: {exc}") from None
+    if source != hashlib.sha256(KERNEL_SOURCE.encode()).hexdigest():
+        raise NativeUnavailable(f"the kernel built ahead of time in {PREBUILT_DIR} is of another source version")
+    actual = _sha256_file(lib)
+    if actual != want:
+        raise NativeUnavailable(f"the kernel built ahead of time {lib} has sha256 {actual}, its record says {want}")
+    return _bind(ctypes.CDLL(lib)), actual
 
 
 def native_library() -> ctypes.CDLL:
@@ -607,7 +680,7 @@ def native_library() -> ctypes.CDLL:
         except (OSError, subprocess.SubprocessError) as exc:
             _lib_error = f"the forest kernel could not be built or loaded: {exc}"
             raise NativeUnavailable(_lib_error) from None
-        log.info("forest kernel built (sha256 %s)", _lib_sha256)
+        log.info("forest kernel loaded (sha256 %s)", _lib_sha256)
         return _lib
 
 
@@ -701,3 +774,12 @@ class NativeForest:
         if len(X32):
             self._predict(self._model_ref, X32.ctypes.data, len(X32), out.ctypes.data)
         return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m shared.forest_runtime",
+                                     description="Build the forest kernel ahead of time, with its sha256 record.")
+    parser.add_argument("--build-prebuilt", metavar="DIR", required=True)
+    print(build_prebuilt(parser.parse_args().build_prebuilt))

@@ -261,3 +261,51 @@ def test_any_feature_count_and_class_count_the_kernel_takes(n_features, n_classe
     forest.fit(X[:400].astype(np.float32), y[:400])
     native = _native(forest)
     assert np.array_equal(native.predict_proba(X[400:]), forest.predict_proba(X[400:].astype(np.float32)))
+
+
+def test_a_kernel_built_ahead_of_time_loads_only_when_its_record_and_ownership_vouch_for_it(tmp_path):
+    """Without a compiler (an image without build tools) the kernel built ahead of time is used: only its own
+    source's build, only with the recorded sha256, only when root owns it and alone can write it."""
+    import subprocess
+    import sys
+
+    prebuilt = tmp_path / "kernel"
+    sha = forest_runtime.build_prebuilt(str(prebuilt))
+    forest, X = _fit(9)
+    (tmp_path / "forest.joblib").write_bytes(_joblib_bytes(forest))
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "want.npy", forest.predict_proba(X.astype(np.float32)))
+    script = (
+        "import sys, numpy as np\n"
+        "import shared.forest_runtime as fr\n"
+        f"fr.PREBUILT_DIR = {str(prebuilt)!r}\n"
+        "try:\n"
+        "    native = fr.NativeForest(fr.read_forest(open(sys.argv[1] + '/forest.joblib', 'rb').read()))\n"
+        "except fr.NativeUnavailable as exc:\n"
+        "    print('UNAVAILABLE', exc); raise SystemExit(0)\n"
+        "X, want = np.load(sys.argv[1] + '/X.npy'), np.load(sys.argv[1] + '/want.npy')\n"
+        "print('LOADED', fr.library_sha256(), np.array_equal(native.predict_proba(X), want))\n"
+    )
+
+    def run() -> str:
+        env = {**os.environ, "PATH": str(tmp_path / "no-compiler-here")}
+        proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True,
+                              text=True, timeout=120, cwd=Path(__file__).resolve().parents[2], check=True)
+        return proc.stdout.strip()
+
+    if os.geteuid() == 0:
+        assert run() == f"LOADED {sha} True"
+    else:
+        assert "not owned by root" in run()
+    os.chmod(prebuilt / forest_runtime.PREBUILT_LIBRARY, 0o666)
+    assert "not owned by root and writable by root only" in run()
+    os.chmod(prebuilt / forest_runtime.PREBUILT_LIBRARY, 0o644)
+    if os.geteuid() == 0:
+        with open(prebuilt / forest_runtime.PREBUILT_LIBRARY, "ab") as fh:
+            fh.write(b"\0")
+        assert f"its record says {sha}" in run()
+        record = prebuilt / forest_runtime.PREBUILT_RECORD
+        record.write_text(record.read_text().replace('"source_sha256": "', '"source_sha256": "0'))
+        assert "of another source version" in run()
+    (prebuilt / forest_runtime.PREBUILT_LIBRARY).unlink()
+    assert "no kernel built ahead of time" in run()
