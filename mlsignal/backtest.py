@@ -10,7 +10,8 @@ and is compared with the same rule without the ML condition (RSI only) and with 
 * **Holding the label (hold="label", the default).** The probabilities answer a question about the next
   `horizon_bars` candles (the label of each row's model: ML_HORIZON_BARS, ML_THRESHOLD, ML_LABEL_KIND), so a
   position entered on a signal is held for exactly that question: from the fill at the close of candle f (the
-  decision candle when delay_bars=1) to the close of candle f + horizon_bars, the label's end point. For a
+  decision candle when delay_bars=1) to the close of candle f + horizon_bars, the label's end point (a span of
+  time: across missing candles, the first close at or after it). For a
   triple-barrier model it exits earlier, at the close of the first candle f + k (k = 1 .. horizon_bars) whose return
   ``close[f + k] / close[f] - 1`` is above +threshold (take profit) or below -threshold (stop), with the same
   close-based comparison and tolerance as `shared.labels` (a move of exactly the threshold does not exit). A position
@@ -400,8 +401,9 @@ def _hold_label(name: str, close: np.ndarray, r: np.ndarray, want: np.ndarray, d
             break  # no candle left to hold
         if overlap == OVERLAP_IGNORE and fill < free_from:
             continue
-        h = int(labels.horizon[t])
-        end = fill + h
+        # The horizon is a span of time, h candles after the fill; across missing candles the position exits at the
+        # first close at or after it (without gaps: exactly h rows later).
+        end = int(np.searchsorted(labels.times, labels.times[fill] + int(labels.horizon[t]) * labels.tf_ms))
         last = min(end, n - 1)
         exit_at, reason = last, ("horizon" if end <= n - 1 else "end of data")
         if labels.triple[t]:
@@ -452,6 +454,7 @@ class _RowLabels:
     distinct: tuple[LabelKey, ...]
     volatility_bars: np.ndarray
     times: np.ndarray
+    tf_ms: int
 
     def entry_barrier(self, t: int) -> float:
         b = float(self.barrier[t])
@@ -479,7 +482,8 @@ def _optional_numbers(signals: pd.DataFrame, col: str) -> np.ndarray:
     return pd.to_numeric(signals[col], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def _row_labels(signals: pd.DataFrame, ready: np.ndarray, times: np.ndarray, close: np.ndarray) -> _RowLabels:
+def _row_labels(signals: pd.DataFrame, ready: np.ndarray, times: np.ndarray, close: np.ndarray,
+                tf_ms: int) -> _RowLabels:
     missing = [c for c in LABEL_COLUMNS if c not in signals.columns]
     if missing:
         raise ValueError(f"signals lack column(s) {', '.join(missing)}, the label of each row's model, which holding "
@@ -517,7 +521,8 @@ def _row_labels(signals: pd.DataFrame, ready: np.ndarray, times: np.ndarray, clo
     scaled = triple & (vb > 0)
     if scaled.any():
         barrier[scaled] = _volatility_barriers(signals, close, times, scaled, h, vb, vm)
-    return _RowLabels(horizon=h, barrier=barrier, triple=triple, distinct=distinct, volatility_bars=vb, times=times)
+    return _RowLabels(horizon=h, barrier=barrier, triple=triple, distinct=distinct, volatility_bars=vb, times=times,
+                      tf_ms=int(tf_ms))
 
 
 def _volatility_barriers(signals: pd.DataFrame, close: np.ndarray, times: np.ndarray, rows: np.ndarray,
@@ -745,7 +750,7 @@ def run_backtest(
         raise ValueError("close must be finite and positive in every row")
     ready = signals["ML_READY"].to_numpy(dtype=bool)
     _check_windows(signals, ready, times)
-    labels = _row_labels(signals, ready, times, close) if hold == HOLD_LABEL else None
+    labels = _row_labels(signals, ready, times, close, tf_ms) if hold == HOLD_LABEL else None
     funding = _funding(signals, times, tf_ms, int(funding_interval_ms))
     index = pd.DatetimeIndex(pd.to_datetime(times, unit="ms", utc=True), name="timestamp")
     rsi_values = rsi(close, rule.rsi_period) if rule.rsi_max is not None else None

@@ -267,6 +267,15 @@ def test_a_fixed_horizon_entry_is_held_for_the_horizon_with_one_fee_per_side():
     assert late.position.tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0, 0]
 
 
+def test_the_horizon_is_a_span_of_time_across_missing_candles():
+    sig = signal_at(CLOSE10, 1, horizon=3)
+    sig.loc[3:, "open_time_ms"] += 2 * H  # candles 3 and 4 missing: rows 3.. open 2 h later
+    s = run_backtest(sig, ML_ONLY, timeframe="1h").strategy
+    # filled at the close of row 1 (01:00 open); 3 candles later is the close of the 04:00 candle, which is missing:
+    # out at the first close after it, row 3 (the 05:00 candle)
+    assert s.position.tolist() == [0, 0, 1, 1, 0, 0, 0, 0, 0, 0] and s.exits["horizon"] == 1
+
+
 def test_overlap_ignore_holds_one_position_and_stack_opens_a_sleeve_per_signal():
     sig = signal_at(CLOSE10, 1, 2, 4, horizon=3)
     ignore = run_backtest(sig, ML_ONLY, fee_bps=10, overlap="ignore").strategy
