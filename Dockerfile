@@ -13,6 +13,11 @@ COPY shared ./shared
 COPY training_service ./training_service
 COPY inference_service ./inference_service
 RUN pip wheel --wheel-dir /wheels ".[training,dask]"
+# The native forest kernel, built here with the record of its sha256 and source (shared/forest_runtime.py): the final
+# image has no compiler, and inference loads this build only if the record vouches for it.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/* \
+ && pip install --no-index --find-links=/wheels numpy \
+ && python -m shared.forest_runtime --build-prebuilt /kernel
 
 # ---- final: the installed wheel, no compilers or build tools, a non-root user ------------------------------------
 FROM python:3.11-slim
@@ -31,6 +36,8 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
  && useradd --system --uid 10001 --gid mlsignal --home-dir /var/lib/mlsignal --shell /usr/sbin/nologin mlsignal \
  && mkdir -p /var/lib/mlsignal/models \
  && chown -R mlsignal:mlsignal /var/lib/mlsignal
+# The forest kernel built in the builder stage, owned by root and read-only to the service user.
+COPY --from=builder /kernel/ /usr/local/lib/python3.11/site-packages/shared/
 WORKDIR /var/lib/mlsignal
 USER 10001:10001
 # 50051 training, 50052 inference (gRPC); 9100 Prometheus metrics when MLSIGNAL_METRICS_PORT=9100.
