@@ -19,6 +19,7 @@ in all, and a candidate is kept only if it passes the rule on both: the selectio
     .venv/bin/python -m bench.param_sweep --grid barriers      # volatility-scaled barriers (100 trees, both periods)
     .venv/bin/python -m bench.param_sweep --grid context       # longer-window context features (100 trees, both)
     .venv/bin/python -m bench.param_sweep --grid context-round2  # around the best of the first round
+    .venv/bin/python -m bench.param_sweep --grid context-short   # windows with a warm-up under two weeks of 1h
     .venv/bin/python -m bench.param_sweep --grid defaults      # previous and current defaults (200 trees, both)
 """
 
@@ -33,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from shared.calibration import EPS, log_loss, shrink_to_prior
-from shared.features import FeatureSpec, feature_matrix
+from shared.features import CONTEXT_SPEC, TRAINING_SPEC, FeatureSpec, feature_matrix
 from shared.labels import LabelSpec, make_labels
 from shared.onnxmodel import OnnxForest
 from shared.params import UNIQUENESS, ForestParams
@@ -154,15 +155,24 @@ def _context_round2() -> list[Candidate]:
     return out
 
 
+def _context_short() -> list[Candidate]:
+    """Context windows whose warm-up fits in two weeks of 1h candles (336), against no context features."""
+    out = [Candidate("no context features (feature set v1)", _screen())]
+    for bars in ((168,), (24, 168), (48, 168), (96, 240)):
+        out.append(Candidate(f"context bars {', '.join(map(str, bars))}", _screen(),
+                             spec=FeatureSpec(context_bars=bars)))
+    return out
+
+
 def _defaults6() -> list[Candidate]:
-    """The previous forest defaults, the forest defaults without context features, and the product defaults."""
+    """The previous forest defaults, the defaults, and the defaults with the measured context features."""
     return [Candidate("previous defaults (leaf 200, depth 6)", PREVIOUS_DEFAULTS, spec=FeatureSpec()),
-            Candidate("defaults without context features (feature set v1)", ForestParams(), spec=FeatureSpec()),
-            Candidate("defaults: context bars 168, 720 (feature set v2)", ForestParams(),
-                      spec=FeatureSpec(context_bars=(168, 720)))]
+            Candidate("defaults (feature set v1)", ForestParams(), spec=TRAINING_SPEC),
+            Candidate("defaults + context bars 168, 720 (feature set v2)", ForestParams(), spec=CONTEXT_SPEC)]
 
 
-GRIDS6 = {"barriers": _barriers, "context": _context, "context-round2": _context_round2, "defaults": _defaults6}
+GRIDS6 = {"barriers": _barriers, "context": _context, "context-round2": _context_round2,
+          "context-short": _context_short, "defaults": _defaults6}
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -215,16 +215,17 @@ class FeatureSpec:
         return spec
 
 
-# The feature set new models are trained with: version 2, the version-1 set plus context over 168 and 720 candles
-# (a week and a month of 1h candles). Chosen by bench/param_sweep.py (README "Probability quality"): it lowered the
-# out-of-sample log-loss ratio against the class prior on three series and two periods. `FeatureSpec()` stays the
-# version-1 set, the definition older models were trained with.
+# Context windows measured by bench/param_sweep.py (README "Probability quality"): over 168 and 720 candles (a week
+# and a month of 1h candles) they lower the out-of-sample log-loss ratio against the class prior on three series and
+# two periods. They are not the training default: their warm-up is 721 candles instead of 100, which every client's
+# history, the shipped sample files and policy windows would have to grow to.
 DEFAULT_CONTEXT_BARS = (168, 720)
+CONTEXT_SPEC = FeatureSpec(context_bars=DEFAULT_CONTEXT_BARS)
 
 
 def training_spec() -> FeatureSpec:
-    """The default feature spec of a new model (before funding-rate / open-interest columns are added)."""
-    return FeatureSpec(context_bars=DEFAULT_CONTEXT_BARS)
+    """The default feature spec of a new model (before funding-rate / open-interest columns are added): version 1."""
+    return FeatureSpec()
 
 
 TRAINING_SPEC = training_spec()

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from shared.errors import InvalidArgument, ResourceExhausted, Unavailable, one_line
-from shared.features import TRAINING_SPEC
+from shared.features import FeatureSpec
 from shared.store import policies as store
 from shared.store import registry
 from shared.store.policies import JOB_ACTIVE, RetrainPolicy
@@ -62,7 +62,7 @@ def validate(policy: RetrainPolicy) -> RetrainPolicy:
         raise InvalidArgument(
             f"every: must be at least one {policy.timeframe} candle ({format_duration(tf_ms)}) and at most 50 years, "
             f"got {format_duration(policy.every_ms)}", field="every")
-    needed = min_candles_needed(TRAINING_SPEC, policy.label)
+    needed = min_candles_needed(FeatureSpec(), policy.label)
     if policy.window_ms < needed * tf_ms:
         raise InvalidArgument(
             f"window: {format_duration(policy.window_ms)} holds {policy.window_ms // tf_ms} {policy.timeframe} "

@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared.features import FeatureSpec
 from shared.labels import LabelSpec
 from shared.params import ForestParams
 from training_service.pipeline import train
@@ -38,8 +37,7 @@ def test_funding_on_95_percent_is_used_and_train_start_is_where_the_data_starts(
     n = len(frame)
     first = n // 20
     frame["funding_rate"] = np.where(np.arange(n) >= first, 0.0001 * np.sin(np.arange(n)), np.nan)
-    # the version-1 features (warm-up 100): the funding rate, not the warm-up, decides where training starts
-    model = train(frame, LabelSpec(), PARAMS, n_jobs=1, base_spec=FeatureSpec())
+    model = train(frame, LabelSpec(), PARAMS, n_jobs=1)
     assert model.spec.use_funding_rate
     # the first row with every feature needs funding_window values of funding rate behind it
     first_trained = first + model.spec.funding_window - 1

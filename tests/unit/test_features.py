@@ -167,10 +167,10 @@ def test_context_features_are_version_2_and_lengthen_the_warmup():
             FeatureSpec(context_bars=bad)
 
 
-def test_new_models_train_on_the_version_2_set():
-    assert features.TRAINING_SPEC == FeatureSpec(context_bars=(168, 720)) == features.training_spec()
-    assert features.TRAINING_SPEC.key == "ohlcv-v2" and features.TRAINING_SPEC.warmup_bars == 721
-    assert DEFAULT.key == "ohlcv-v1"  # the constructor's defaults stay the definition of older models
+def test_new_models_train_on_the_version_1_set_and_the_measured_context_is_version_2():
+    assert features.TRAINING_SPEC == DEFAULT == features.training_spec() and DEFAULT.key == "ohlcv-v1"
+    assert FeatureSpec(context_bars=(168, 720)) == features.CONTEXT_SPEC
+    assert features.CONTEXT_SPEC.key == "ohlcv-v2" and features.CONTEXT_SPEC.warmup_bars == 721
 
 
 def test_context_features_leave_the_version_1_columns_bit_identical(real, real_features):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from shared import calibration as cal
-from shared.features import TRAINING_SPEC, FeatureSpec, feature_matrix
+from shared.features import CONTEXT_SPEC, FeatureSpec, feature_matrix
 from shared.labels import CLASSES, LabelSpec, make_labels, spans_gap
 from shared.params import UNIQUENESS, ForestParams
 from training_service import evaluation, pipeline
@@ -110,8 +110,8 @@ def test_the_embargo_after_each_test_part_is_at_least_the_feature_warmup(n):
             assert after.min() - p.test[-1] - 1 >= 24 + warmup
 
 
-def test_the_default_features_embargo_their_warmup_and_still_leave_five_folds_on_a_year():
-    warmup = TRAINING_SPEC.warmup_bars
+def test_the_context_features_embargo_their_warmup_and_still_leave_five_folds_on_a_year():
+    warmup = CONTEXT_SPEC.warmup_bars
     assert warmup == 721
     assert evaluation.embargo_rows(8760, warmup) == warmup  # a year of 1h candles: 1 % would be 88 rows
     assert len(evaluation.folds_that_fit(8000, 24, warmup_bars=warmup)) == evaluation.DEFAULT_CV_FOLDS

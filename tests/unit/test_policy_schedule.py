@@ -49,11 +49,11 @@ def test_validation_names_every_and_window():
     with pytest.raises(InvalidArgument) as caught:
         validate(_policy(timeframe="1d", every_ms=12 * H))
     assert caught.value.field == "every" and "at least one 1d candle (1d)" in str(caught.value)
-    needed = 1744  # warm-up 721 - 1 (the default feature set) + horizon 24 + 1,000 labelled rows
+    needed = 1123  # warm-up 100 - 1 + horizon 24 + 1,000 labelled rows
     assert validate(_policy(window_ms=needed * H)).window_ms == needed * H
     with pytest.raises(InvalidArgument) as caught:
         validate(_policy(window_ms=needed * H - 1))
-    assert caught.value.field == "window" and "needs at least 1744" in str(caught.value)
+    assert caught.value.field == "window" and "needs at least 1123" in str(caught.value)
     with pytest.raises(InvalidArgument) as caught:
         validate(_policy(window_ms=47 * D, label=LabelSpec(horizon_bars=200)))
     assert caught.value.field == "window" and "label.horizon_bars=200" in str(caught.value)
