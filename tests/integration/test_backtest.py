@@ -707,3 +707,44 @@ def test_cli_backtest_accepts_predict_output_and_checks_it_against_the_registry(
     err = capsys.readouterr().err
     assert "contains them or ends after them, the first at 2018-12-" in err
     assert f"trained up to {ms_to_iso(info.train_end.ToMilliseconds())}" in err
+
+
+def test_cli_volatility_scaled_triple_barrier_signals_carry_their_barrier(services, sample_frame, tmp_path,
+                                                                          monkeypatch, capsys):
+    """backtest-signals with a volatility-scaled triple barrier writes each row's barrier from the closes before it
+    (the history before the period included), and the backtest exits at those barriers."""
+    from mlsignal.cli import main
+    from mlsignal.walkforward import read_signals
+    from shared.labels import LabelSpec, barriers
+    from shared.store.db import make_engine
+    from shared.store.marketdata import insert_candles
+
+    symbol = "BTVOL/USD"
+    engine = make_engine(services.url)
+    try:
+        insert_candles(engine, symbol, "1h", sample_frame)
+    finally:
+        engine.dispose()
+    monkeypatch.setenv("MLSIGNAL_DATABASE_URL", services.url)
+    out = tmp_path / "vol.csv"
+    training = f"127.0.0.1:{services.training.port}"
+    assert main([
+        "backtest-signals", "--symbol", symbol, "--timeframe", "1h", "--start", "2019-01-01", "--end", "2019-01-21",
+        "--train-window", "90d", "--step", "20d", "--horizon", "24", "--label", "triple-barrier",
+        "--volatility-bars", "48", "--volatility-multiple", "1.0", "--trees", "10", "--seed", "1", "--out", str(out),
+        "--training-target", training, "--inference-target", f"127.0.0.1:{services.inference.port}",
+    ]) == 0  # fmt: skip
+    capsys.readouterr()
+    signals = read_signals(out)
+    assert signals.ML_LABEL_KIND.eq("triple_barrier").all() and signals.ML_VOLATILITY_BARS.eq(48).all()
+    spec = LabelSpec(horizon_bars=24, kind="triple_barrier", volatility_bars=48, volatility_multiple=1.0)
+    full = barriers(sample_frame.close.to_numpy(), spec)
+    first = int(np.searchsorted(sample_frame.open_time_ms.to_numpy(), signals.open_time_ms.iat[0]))
+    assert np.allclose(signals.ML_BARRIER.to_numpy(), full[first:first + len(signals)], rtol=1e-12, atol=0)
+    assert np.isfinite(signals.ML_BARRIER).all()  # the first rows too: computed with the history before the period
+
+    assert main(["backtest", "--signals", str(out), "--edge-min", "none", "--training-target", training]) == 0
+    printed = capsys.readouterr().out
+    assert "triple barrier 24 candles, ±1 x volatility(48) x sqrt(24)" in printed
+    exits = re.search(r"^exits      horizon (\d+), up barrier (\d+), down barrier (\d+)", printed, re.M)
+    assert exits and int(exits[2]) + int(exits[3]) > 0, printed
