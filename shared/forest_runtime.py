@@ -17,14 +17,14 @@ depend on the batch it is in.
 How it runs. Trees of depth <= `COMPLETE_MAX_DEPTH` are padded to complete trees (a leaf above the full depth is
 copied into all its descendants) and walked branch-free: blocks of 128 rows go through the forest tree by tree (a
 tree's nodes and leaves stay in the L1 cache), eight rows walking a tree together, each row's class sums in its own
-vector lanes; deeper trees and rows holding a NaN go through the trees' own node arrays. The C kernel
-(`KERNEL_SOURCE`) is compiled once per process with the system C compiler into a private temporary directory; the
-library's sha256 is taken right after the build and checked again immediately before it is loaded, and no other
-native code is ever loaded by this module. Without a compiler, a kernel built ahead of time (`build_prebuilt`,
-`python -m shared.forest_runtime --build-prebuilt DIR`, as the Docker image does) is loaded from PREBUILT_DIR only if
-its record names this source's sha256 and the library's sha256 matches it, and the files belong to root and are
-writable by root only; otherwise `NativeUnavailable` says why (the model store then serves through ONNX Runtime, or
-refuses when native execution was demanded). Calls release the GIL, so concurrent
+vector lanes, kept in registers over eight trees at a time; deeper trees and rows holding a NaN go through the
+trees' own node arrays. The C kernel (`KERNEL_SOURCE`) is compiled once per process with the system C compiler into
+a private temporary directory; the library's sha256 is taken right after the build and checked again immediately
+before it is loaded, and no other native code is ever loaded by this module. Without a compiler, a kernel built
+ahead of time (`build_prebuilt`, `python -m shared.forest_runtime --build-prebuilt DIR`, as the Docker image does)
+is loaded from PREBUILT_DIR only if its record names this source's sha256 and the library's sha256 matches it, and
+the files belong to root and are writable by root only; otherwise `NativeUnavailable` says why (the model store then
+serves through ONNX Runtime, or refuses when native execution was demanded). Calls release the GIL, so concurrent
 predictions run in parallel.
 """
 
@@ -194,58 +194,77 @@ static inline v4d load4(const double *p)
  * while every row of the block passes through it; ROWS rows walk together. Each row's sums are its own vector
  * lanes (one per class), added tree after tree. The block's rows are first copied to a stride of S floats (S a
  * constant >= n_features), so a row's feature is one load at a constant offset. */
-#define BLOCK_S(S)                                                                                        \
-static void block_complete_##S(const forest_t *m, const float *x, int64_t n, double *out)                \
+#define TC 8 /* trees a group of rows walks before its sums go back to memory */
+#define BLOCK_S(S, LS)                                                                                    \
+static void block_complete_##S##_##LS(const forest_t *m, const float *x, int64_t n, double *out)         \
 {                                                                                                         \
-    const int64_t nf = m->n_features, k = m->n_classes, d = m->depth, ls = m->leaf_stride;               \
+    const int64_t nf = m->n_features, k = m->n_classes, d = m->depth, T = m->n_trees;                    \
     const int64_t n_inner = ((int64_t)1 << d) - 1, n_leaves = (int64_t)1 << d;                            \
-    float xp[RB * S];                                                                                      \
-    v4d acc[RB][MAXC / 4];                                                                                \
+    float xp[RB * S];                                                                                     \
+    v4d acc[RB][LS / 4];                                                                                  \
     const v4d zero = {0.0, 0.0, 0.0, 0.0};                                                                \
     for (int64_t r = 0; r < n; r++) {                                                                     \
         for (int64_t j = 0; j < nf; j++)                                                                  \
             xp[r * S + j] = x[r * nf + j];                                                                \
-        for (int64_t j = 0; j < ls / 4; j++)                                                              \
+        for (int j = 0; j < LS / 4; j++)                                                                  \
             acc[r][j] = zero;                                                                             \
     }                                                                                                     \
-    for (int64_t t = 0; t < m->n_trees; t++) {                                                            \
-        const node_t *nd = m->c_node + t * n_inner;                                                       \
-        const double *v = m->c_leaf + t * n_leaves * ls;                                                      \
+    for (int64_t t0 = 0; t0 < T; t0 += TC) {                                                              \
+        const int64_t t1 = t0 + TC < T ? t0 + TC : T;                                                     \
         int64_t r = 0;                                                                                    \
         for (; r + ROWS <= n; r += ROWS) {                                                                \
             const char *xr = (const char *)(xp + r * S);                                                  \
-            uint64_t idx[ROWS];                                                                           \
+            v4d a[ROWS][LS / 4];                                                                          \
             for (int b = 0; b < ROWS; b++)                                                                \
-                idx[b] = 0;                                                                               \
-            for (int64_t s = 0; s < d; s++)                                                               \
-                for (int b = 0; b < ROWS; b++) {                                                          \
-                    const node_t *q = nd + idx[b];                                                        \
-                    float xv;                                                                             \
-                    __builtin_memcpy(&xv, xr + (int64_t)b * S * 4 + (int64_t)q->offset, 4);               \
-                    idx[b] = 2 * idx[b] + 1 + (uint64_t)!(xv <= q->threshold);                            \
-                }                                                                                         \
+                for (int j = 0; j < LS / 4; j++)                                                          \
+                    a[b][j] = acc[r + b][j];                                                              \
+            for (int64_t t = t0; t < t1; t++) {                                                           \
+                const node_t *nd = m->c_node + t * n_inner;                                               \
+                const double *v = m->c_leaf + t * n_leaves * LS;                                          \
+                uint64_t idx[ROWS];                                                                       \
+                for (int b = 0; b < ROWS; b++)                                                            \
+                    idx[b] = 0;                                                                           \
+                for (int64_t s = 0; s < d; s++)                                                           \
+                    for (int b = 0; b < ROWS; b++) {                                                      \
+                        const node_t *q = nd + idx[b];                                                    \
+                        float xv;                                                                         \
+                        __builtin_memcpy(&xv, xr + (int64_t)b * S * 4 + (int64_t)q->offset, 4);           \
+                        idx[b] = 2 * idx[b] + 1 + (uint64_t)!(xv <= q->threshold);                        \
+                    }                                                                                     \
+                for (int b = 0; b < ROWS; b++)                                                            \
+                    for (int j = 0; j < LS / 4; j++)                                                      \
+                        a[b][j] += load4(v + ((int64_t)idx[b] - n_inner) * LS + 4 * j);                   \
+            }                                                                                             \
             for (int b = 0; b < ROWS; b++)                                                                \
-                for (int64_t j = 0; j < ls / 4; j++)                                                      \
-                    acc[r + b][j] += load4(v + ((int64_t)idx[b] - n_inner) * ls + 4 * j);                         \
+                for (int j = 0; j < LS / 4; j++)                                                          \
+                    acc[r + b][j] = a[b][j];                                                              \
         }                                                                                                 \
         for (; r < n; r++) {                                                                              \
             const float *xr = xp + r * S;                                                                 \
-            uint32_t i = 0;                                                                               \
-            for (int64_t s = 0; s < d; s++)                                                               \
-                i = 2 * i + 1 + (uint32_t)!(xr[nd[i].offset / 4] <= nd[i].threshold);                      \
-            for (int64_t j = 0; j < ls / 4; j++)                                                          \
-                acc[r][j] += load4(v + ((int64_t)i - n_inner) * ls + 4 * j);                                        \
+            for (int64_t t = t0; t < t1; t++) {                                                           \
+                const node_t *nd = m->c_node + t * n_inner;                                               \
+                const double *v = m->c_leaf + t * n_leaves * LS;                                          \
+                uint32_t i = 0;                                                                           \
+                for (int64_t s = 0; s < d; s++)                                                           \
+                    i = 2 * i + 1 + (uint32_t)!(xr[nd[i].offset / 4] <= nd[i].threshold);                 \
+                for (int j = 0; j < LS / 4; j++)                                                          \
+                    acc[r][j] += load4(v + ((int64_t)i - n_inner) * LS + 4 * j);                          \
+            }                                                                                             \
         }                                                                                                 \
     }                                                                                                     \
     for (int64_t r = 0; r < n; r++)                                                                       \
         for (int64_t c = 0; c < k; c++)                                                                   \
-            out[r * k + c] = acc[r][c / 4][c % 4] / (double)m->n_trees;                                   \
+            out[r * k + c] = acc[r][c / 4][c % 4] / (double)T;                                            \
 }
 
-BLOCK_S(16)
-BLOCK_S(32)
-BLOCK_S(64)
-BLOCK_S(128)
+BLOCK_S(16, 4)
+BLOCK_S(32, 4)
+BLOCK_S(64, 4)
+BLOCK_S(128, 4)
+BLOCK_S(16, 8)
+BLOCK_S(32, 8)
+BLOCK_S(64, 8)
+BLOCK_S(128, 8)
 
 void forest_predict(const forest_t *m, const float *x, int64_t n_rows, double *out)
 {
@@ -265,14 +284,24 @@ void forest_predict(const forest_t *m, const float *x, int64_t n_rows, double *o
         if (n < ROWS || nf > 128) {
             for (int64_t r = 0; r < n; r++)
                 row_complete(m, xb + r * nf, ob + r * k);
-        } else if (nf <= 16) {
-            block_complete_16(m, xb, n, ob);
-        } else if (nf <= 32) {
-            block_complete_32(m, xb, n, ob);
-        } else if (nf <= 64) {
-            block_complete_64(m, xb, n, ob);
+        } else if (m->leaf_stride == 4) {
+            if (nf <= 16)
+                block_complete_16_4(m, xb, n, ob);
+            else if (nf <= 32)
+                block_complete_32_4(m, xb, n, ob);
+            else if (nf <= 64)
+                block_complete_64_4(m, xb, n, ob);
+            else
+                block_complete_128_4(m, xb, n, ob);
         } else {
-            block_complete_128(m, xb, n, ob);
+            if (nf <= 16)
+                block_complete_16_8(m, xb, n, ob);
+            else if (nf <= 32)
+                block_complete_32_8(m, xb, n, ob);
+            else if (nf <= 64)
+                block_complete_64_8(m, xb, n, ob);
+            else
+                block_complete_128_8(m, xb, n, ob);
         }
         if (has_nan(xb, n * nf))  /* rows holding a NaN: again, node by node */
             for (int64_t r = 0; r < n; r++)
