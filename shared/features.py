@@ -229,6 +229,8 @@ def training_spec() -> FeatureSpec:
 
 
 TRAINING_SPEC = training_spec()
+# The feature sets a training request may name (StartTrainingRequest.feature_set; empty means the default).
+TRAINING_SPECS = {TRAINING_SPEC.key: TRAINING_SPEC, CONTEXT_SPEC.key: CONTEXT_SPEC}
 
 
 def _windows(x: np.ndarray, start: int, stop: int, width: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from shared.converters import (
     params_message,
 )
 from shared.errors import InvalidArgument
+from shared.features import TRAINING_SPEC, TRAINING_SPECS
 from shared.labels import FIXED_HORIZON, MAX_VOLATILITY_BARS, LabelSpec
 from shared.params import (
     DEFAULT_MAX_DEPTH,
@@ -135,6 +136,11 @@ def training_request(msg: training_pb2.StartTrainingRequest) -> TrainingRequest:
                    "a volatility-scaled barrier is for research models only (purpose TRAINING_PURPOSE_RESEARCH): "
                    "live scoring keeps the candles from each prediction on, not the volatility_bars before it")
 
+    feature_set = msg.feature_set or TRAINING_SPEC.key
+    if feature_set not in TRAINING_SPECS:
+        raise _bad("feature_set", f"must be empty (the default, {TRAINING_SPEC.key}) or one of "
+                                  f"{', '.join(TRAINING_SPECS)}, got {msg.feature_set!r}")
+
     p = msg.params
     n_estimators = p.n_estimators or DEFAULT_N_ESTIMATORS
     if not 1 <= n_estimators <= MAX_N_ESTIMATORS:
@@ -175,6 +181,7 @@ def training_request(msg: training_pb2.StartTrainingRequest) -> TrainingRequest:
         params=ForestParams(n_estimators=n_estimators, max_depth=max_depth, min_samples_leaf=leaf,
                             class_weight=class_weight, random_state=seed),
         purpose=PROTO_TO_PURPOSE[msg.purpose],
+        feature_set=feature_set,
     )
 
 
@@ -187,6 +194,7 @@ def request_message(req: TrainingRequest) -> training_pb2.StartTrainingRequest:
         label=label_message(req.label),
         params=params_message(req.params),
         purpose=PURPOSE_TO_PROTO[req.purpose],
+        feature_set=req.feature_set,
     )
 
 

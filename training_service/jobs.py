@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
+from shared.features import TRAINING_SPEC
 from shared.labels import LabelSpec
 from shared.params import ForestParams
 from shared.store.db import training_jobs as jobs_table
@@ -38,6 +39,7 @@ class TrainingRequest:
     params: ForestParams = ForestParams()
     purpose: str = PRODUCTION  # "production" (passes the promotion gate) or "research" (never serves unless pinned)
     cv_folds: int = DEFAULT_CV_FOLDS  # purged k-fold cross-validation (0: none; the gate does not use it)
+    feature_set: str = TRAINING_SPEC.key  # a key of shared.features.TRAINING_SPECS
 
     def to_json(self) -> str:
         return json.dumps(
@@ -50,6 +52,7 @@ class TrainingRequest:
                 "params": self.params.to_dict(),
                 "purpose": self.purpose,
                 "cv_folds": self.cv_folds,
+                **({} if self.feature_set == TRAINING_SPEC.key else {"feature_set": self.feature_set}),
             },
             sort_keys=True,
         )
@@ -66,6 +69,7 @@ class TrainingRequest:
             params=ForestParams.from_dict(d["params"]),
             purpose=d.get("purpose", PRODUCTION),
             cv_folds=int(d.get("cv_folds", DEFAULT_CV_FOLDS)),
+            feature_set=d.get("feature_set", TRAINING_SPEC.key),
         )
 
 

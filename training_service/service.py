@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from shared.artifacts import ArtifactError, read_verified
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
-from shared.features import FeatureSpec
+from shared.features import TRAINING_SPECS
 from shared.store import policies, registry
 from shared.store.marketdata import count_candles
 from shared.timeframes import ms_to_iso
@@ -36,7 +36,7 @@ class TrainingService:
                 "(mlsignal data import) or check symbol, timeframe, start_time and end_time",
                 field="start_time",
             )
-        needed = min_candles_needed(FeatureSpec(), req.label)
+        needed = min_candles_needed(TRAINING_SPECS[req.feature_set], req.label)
         if n < needed:
             raise FailedPrecondition(
                 f"{n} candles stored for {req.symbol} {req.timeframe} in {span}, but training with "

@@ -53,6 +53,7 @@ def train_job(request_json: str, database_url: str, n_jobs: int, progress: Calla
     """
     from shared.artifacts import sha256_bytes
     from shared.errors import MlsignalError
+    from shared.features import TRAINING_SPECS
     from shared.store.db import make_engine
     from shared.store.marketdata import load_candles
     from shared.timeframes import timeframe_ms
@@ -70,7 +71,8 @@ def train_job(request_json: str, database_url: str, n_jobs: int, progress: Calla
         raise MlsignalError(f"no candles for {req.symbol} {req.timeframe} in the requested range")
     progress("loading", 0.05)
     trained = train(frame, req.label, req.params, progress, n_jobs=n_jobs, should_stop=should_stop,
-                    fit_context=fit_context, timeframe_ms=timeframe_ms(req.timeframe), cv_folds=req.cv_folds)
+                    fit_context=fit_context, timeframe_ms=timeframe_ms(req.timeframe), cv_folds=req.cv_folds,
+                    base_spec=TRAINING_SPECS[req.feature_set])
     return {
         "spec": trained.spec.to_dict(),
         "prior": [float(p) for p in trained.prior],

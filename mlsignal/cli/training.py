@@ -49,6 +49,9 @@ def register(sub) -> None:
                          "1-bar returns (with --volatility-multiple; research models only, see --research)")
     tr.add_argument("--volatility-multiple", type=float, default=0.0, metavar="K",
                     help="the barrier is K x that volatility x sqrt(horizon)")
+    tr.add_argument("--feature-set", default="", metavar="NAME",
+                    help="ohlcv-v1 (default, 100 candles of warm-up) or ohlcv-v2 (adds context over 168 and 720 "
+                         "candles; predictions need 720 candles of history)")
     tr.add_argument("--research", action="store_true",
                     help="register a RESEARCH model: it never serves unless a request pins it by model id")
     tr.add_argument("--trees", type=int, default=0, metavar="N", help="number of trees (default: 200)")
@@ -200,6 +203,7 @@ def _train(args) -> int:
             volatility_bars=args.volatility_bars,
             volatility_multiple=args.volatility_multiple,
             purpose="research" if args.research else "production",
+            feature_set=args.feature_set,
         )
         if args.no_wait:
             print(f"job {handle.job_id} queued")

@@ -158,6 +158,7 @@ class TrainingClient(ServiceClient):
         label_kind: str | None = None,
         volatility_bars: int = 0,
         volatility_multiple: float = 0.0,
+        feature_set: str = "",
     ) -> TrainingJobHandle:
         """Queue a training job and return its handle at once.
 
@@ -169,7 +170,8 @@ class TrainingClient(ServiceClient):
         `label_kind` is None (service default: fixed horizon), "fixed_horizon" or "triple_barrier" (hyphens work too).
         `volatility_bars` and `volatility_multiple` (both or neither; research models only) replace the fixed threshold
         by a volatility-scaled barrier: `volatility_multiple` x the standard deviation of the last `volatility_bars`
-        1-bar returns x sqrt(horizon_bars).
+        1-bar returns x sqrt(horizon_bars). `feature_set` "" (the service default, "ohlcv-v1") or "ohlcv-v2" (context
+        over 168 and 720 candles: predictions then need 720 candles of history).
 
         Example::
 
@@ -182,6 +184,9 @@ class TrainingClient(ServiceClient):
             label=_label_message(horizon_bars, threshold, label_kind, volatility_bars, volatility_multiple),
             params=_params_message(n_estimators, max_depth, min_samples_leaf, class_weight, random_state),
         )
+        if not isinstance(feature_set, str):
+            raise ValueError(f"feature_set must be a string such as 'ohlcv-v2', got {feature_set!r}")
+        request.feature_set = feature_set
         if purpose not in _PURPOSES:
             raise ValueError(f"purpose must be 'production' or 'research', got {purpose!r}")
         request.purpose = _PURPOSES[purpose]

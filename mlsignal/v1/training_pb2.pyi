@@ -124,7 +124,7 @@ class RollbackModelRequest(_message.Message):
     def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class StartTrainingRequest(_message.Message):
-    __slots__ = ("symbol", "timeframe", "start_time", "end_time", "label", "params", "purpose")
+    __slots__ = ("symbol", "timeframe", "start_time", "end_time", "label", "params", "purpose", "feature_set")
     SYMBOL_FIELD_NUMBER: _ClassVar[int]
     TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,7 @@ class StartTrainingRequest(_message.Message):
     LABEL_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SET_FIELD_NUMBER: _ClassVar[int]
     symbol: str
     timeframe: str
     start_time: _timestamp_pb2.Timestamp
@@ -139,7 +140,8 @@ class StartTrainingRequest(_message.Message):
     label: _common_pb2.LabelSpec
     params: _common_pb2.ModelParams
     purpose: TrainingPurpose
-    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[str] = ..., start_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., label: _Optional[_Union[_common_pb2.LabelSpec, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.ModelParams, _Mapping]] = ..., purpose: _Optional[_Union[TrainingPurpose, str]] = ...) -> None: ...
+    feature_set: str
+    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[str] = ..., start_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., label: _Optional[_Union[_common_pb2.LabelSpec, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.ModelParams, _Mapping]] = ..., purpose: _Optional[_Union[TrainingPurpose, str]] = ..., feature_set: _Optional[str] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
     __slots__ = ("job_id", "state", "progress", "stage", "error", "model_id", "request", "created_at", "started_at", "finished_at", "metrics")

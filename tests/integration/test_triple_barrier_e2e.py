@@ -5,21 +5,25 @@ from __future__ import annotations
 import numpy as np
 
 from mlsignal.v1 import common_pb2, inference_pb2, training_pb2
+from prior_checks import require_beats_prior
 from service_fixtures import ts, wait_job
 from shared.calibration import log_loss
 from shared.labels import LabelSpec, make_labels
 from shared.store.db import make_engine
 
-TRAIN = ("2017-07-01", "2018-04-01")  # a split the default parameters were not chosen on
+TRAIN = ("2017-07-01", "2018-04-01")  # the second period the defaults were checked on (README "Probability quality")
 END = "2018-10-01"
+# Measured 0.9237 x the prior's log loss with the defaults (0.8964 with the context features of feature set v2): a
+# regression that gives back most of that margin fails.
+BOUND = 0.95
 
 
-def train_research(stub, start: str, end: str, **label) -> training_pb2.TrainingJob:
+def train_research(stub, start: str, end: str, feature_set: str = "", **label) -> training_pb2.TrainingJob:
     """A research model (it never takes over serving from the session's models; requests pin it by id)."""
     req = training_pb2.StartTrainingRequest(
         symbol="BTC/USD", timeframe="1h", start_time=ts(start), end_time=ts(end),
         label=common_pb2.LabelSpec(**label), params=common_pb2.ModelParams(),
-        purpose=training_pb2.TRAINING_PURPOSE_RESEARCH,
+        purpose=training_pb2.TRAINING_PURPOSE_RESEARCH, feature_set=feature_set,
     )
     done = wait_job(stub, stub.StartTraining(req, timeout=30).job_id)
     assert done.state == training_pb2.JOB_STATE_SUCCEEDED, done.error
@@ -59,4 +63,42 @@ def test_triple_barrier_model_records_its_kind_and_beats_the_prior_out_of_sample
     assert not np.array([p.in_sample for p in resp.predictions])[test].any()
     served = log_loss(P[test], y[test].astype(int))
     prior = log_loss(np.tile(rec.prior, (test.sum(), 1)), y[test].astype(int))
-    assert served <= 1.01 * prior, (served, prior)
+    require_beats_prior(served, prior, rec.shrink_weight, bound=BOUND, what="triple-barrier BTC/USD 1h on 2018-04..10")
+
+
+# Measured 0.9965 x the prior's log loss (1.0104 with the default feature set v1): with the context features the
+# default parameters beat the prior on this split too.
+CONTEXT_BOUND = 1.0
+
+
+def test_the_context_feature_set_beats_the_prior_on_the_second_period(services, sample_frame):
+    from test_inference_service import candles_of, probs
+
+    from shared.store.registry import get_model
+
+    start, split = TRAIN
+    job = train_research(services.train_stub, start, split, feature_set="ohlcv-v2")
+    assert job.request.feature_set == "ohlcv-v2"
+    models = services.train_stub.ListModels(training_pb2.ListModelsRequest(symbol="BTC/USD", timeframe="1h")).models
+    info = next(m for m in models if m.model_id == job.model_id)
+    assert info.feature_set == "ohlcv-v2" and info.warmup_bars == 721
+    assert list(info.features[-8:]) == ["ctx_ret_168", "ctx_range_168", "ctx_pos_168", "ctx_vol_168",
+                                        "ctx_ret_720", "ctx_range_720", "ctx_pos_720", "ctx_vol_720"]
+    engine = make_engine(services.url)
+    rec = get_model(engine, job.model_id)
+    engine.dispose()
+    t = sample_frame.open_time_ms
+    frame = sample_frame[(t >= ts("2018-03-01").ToMilliseconds()) & (t < ts(END).ToMilliseconds())]
+    frame = frame.reset_index(drop=True)
+    resp = services.infer_stub.Predict(inference_pb2.PredictRequest(
+        symbol="BTC/USD", timeframe="1h", model_id=job.model_id, candles=candles_of(frame)), timeout=60)
+    ready = np.array([p.ready for p in resp.predictions])
+    assert not ready[:720].any() and ready[720]  # 720 candles of history before the first answer
+    P = probs(resp)
+    y = make_labels(frame.close.to_numpy(), LabelSpec(24, 0.02), frame.open_time_ms.to_numpy(), 3_600_000)
+    test = (frame.open_time_ms >= ts(split).ToMilliseconds()).to_numpy() & (y >= 0)
+    assert test.sum() > 4000
+    served = log_loss(P[test], y[test].astype(int))
+    prior = log_loss(np.tile(rec.prior, (test.sum(), 1)), y[test].astype(int))
+    require_beats_prior(served, prior, rec.shrink_weight, bound=CONTEXT_BOUND,
+                        what="feature set v2, BTC/USD 1h on 2018-04..10")

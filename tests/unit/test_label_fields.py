@@ -1,5 +1,5 @@
-"""The volatility-scaled barrier fields of a label cross every boundary: the request, the job record, the registry
-(old models without them still read as fixed-threshold labels) and the reply."""
+"""The volatility-scaled barrier fields of a label, and the feature set of a training request, cross every boundary:
+the request, the job record, the registry (old models without them still read as before) and the reply."""
 
 from __future__ import annotations
 
@@ -105,3 +105,24 @@ def test_the_registry_round_trips_the_label_and_reads_old_manifests(tmp_path):
     finally:
         engine.dispose()
 
+
+
+def test_the_feature_set_of_a_request_is_validated_and_round_trips():
+    from shared.features import CONTEXT_SPEC, TRAINING_SPEC
+    from training_service.converters import request_message
+
+    assert training_request(request()).feature_set == TRAINING_SPEC.key == "ohlcv-v1"
+    msg = request()
+    msg.feature_set = "ohlcv-v2"
+    req = training_request(msg)
+    assert req.feature_set == CONTEXT_SPEC.key == "ohlcv-v2"
+    assert request_message(req).feature_set == "ohlcv-v2"
+    assert TrainingRequest.from_json(req.to_json()) == req
+    default = training_request(request())
+    assert "feature_set" not in json.loads(default.to_json())  # the record as written before the field existed
+    assert TrainingRequest.from_json(default.to_json()).feature_set == "ohlcv-v1"
+    for bad in ("ohlcv-v3", "OHLCV-V2", " ohlcv-v2"):
+        msg.feature_set = bad
+        with pytest.raises(InvalidArgument) as err:
+            training_request(msg)
+        assert err.value.field == "feature_set" and "ohlcv-v2" in str(err.value)

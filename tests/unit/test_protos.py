@@ -79,6 +79,8 @@ def test_contract_names_are_the_documented_ones():
         "MODEL_STAGE_RETIRED", "MODEL_STAGE_RESEARCH", "MODEL_STAGE_SHADOW"]
     assert [v.name for v in common_pb2.LabelKind.DESCRIPTOR.values] == [
         "LABEL_KIND_UNSPECIFIED", "LABEL_KIND_FIXED_HORIZON", "LABEL_KIND_TRIPLE_BARRIER"]
+    assert [f.name for f in training_pb2.StartTrainingRequest.DESCRIPTOR.fields] == [
+        "symbol", "timeframe", "start_time", "end_time", "label", "params", "purpose", "feature_set"]
     assert [(f.name, f.number) for f in common_pb2.LabelSpec.DESCRIPTOR.fields] == [
         ("horizon_bars", 1), ("threshold", 2), ("kind", 3), ("volatility_bars", 4), ("volatility_multiple", 5)]
     assert [v.name for v in training_pb2.TrainingPurpose.DESCRIPTOR.values] == [
