@@ -847,7 +847,7 @@ def _stats_line(res: BacktestResult) -> list[str]:
     out = [f"strategy   sharpe {_num(res.strategy.sharpe)}  PSR {_num(st.psr)}  DSR {_num(st.dsr)}  trials {trials}"]
     if math.isfinite(st.psr):
         out.append(f"           PSR: probability that the true Sharpe ratio is above 0 ({st.n_obs} candles, skewness "
-                   f"{st.skew:.2f}, kurtosis {st.kurtosis:.1f})")
+                   f"{_num(st.skew).replace('-0.00', '0.00')}, kurtosis {st.kurtosis:.1f})")
     if res.trials is None:
         out.append("           DSR n/a: the number of trials is unknown")
         return out
