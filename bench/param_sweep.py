@@ -286,6 +286,8 @@ def six(candidates: list[Candidate], base_label: LabelSpec, frames: dict) -> dic
         print(f"| {cand.name} | {cells} | {sum(r['train_seconds'] for r in rows):.0f} |", flush=True)
     base = candidates[0].name
     print()
+    print(f"| candidate | change in ratio against {base} ({' / '.join(names)}), per period | rule |")
+    print("| --- | --- | --- |")
     k = len(names)
     for name, ratios in results.items():
         if name == base:
