@@ -102,3 +102,33 @@ def test_the_context_feature_set_beats_the_prior_on_the_second_period(services, 
     prior = log_loss(np.tile(rec.prior, (test.sum(), 1)), y[test].astype(int))
     require_beats_prior(served, prior, rec.shrink_weight, bound=CONTEXT_BOUND,
                         what="feature set v2, BTC/USD 1h on 2018-04..10")
+
+
+def test_train_flags_reach_the_service_and_a_volatility_scaled_label_round_trips(services, capsys):
+    from mlsignal.cli import main as cli_main
+    from shared.store.registry import get_model
+
+    base = ["train", "--symbol", "BTC/USD", "--timeframe", "1h", "--target", f"127.0.0.1:{services.training.port}"]
+    assert cli_main([*base, "--feature-set", "ohlcv-v3"]) == 2
+    err = capsys.readouterr().err
+    assert "INVALID_ARGUMENT" in err and "feature_set" in err and "ohlcv-v2" in err
+    assert cli_main([*base, "--volatility-bars", "168", "--volatility-multiple", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "INVALID_ARGUMENT" in err and "label.volatility_bars" in err and "research" in err
+    assert cli_main([*base, "--volatility-bars", "168", "--research"]) == 2
+    assert "label.volatility_multiple" in capsys.readouterr().err
+
+    before = {m.model_id for m in services.train_stub.ListModels(training_pb2.ListModelsRequest()).models}
+    assert cli_main([*base, "--start", "2018-01-01", "--end", "2018-04-01", "--trees", "10", "--label",
+                     "triple-barrier", "--volatility-bars", "24", "--volatility-multiple", "0.5", "--research"]) == 0
+    capsys.readouterr()
+    new = [m for m in services.train_stub.ListModels(training_pb2.ListModelsRequest()).models
+           if m.model_id not in before]
+    assert len(new) == 1 and new[0].stage == common_pb2.MODEL_STAGE_RESEARCH
+    assert (new[0].label.kind, new[0].label.volatility_bars, new[0].label.volatility_multiple) == (
+        common_pb2.LABEL_KIND_TRIPLE_BARRIER, 24, 0.5)
+    engine = make_engine(services.url)
+    rec = get_model(engine, new[0].model_id)
+    engine.dispose()
+    assert rec.label == LabelSpec(24, 0.02, "triple_barrier", volatility_bars=24, volatility_multiple=0.5)
+    assert 0 <= rec.shrink_weight <= 1
