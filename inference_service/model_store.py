@@ -28,6 +28,7 @@ Nothing here is called on the event loop except `in_memory`, which never touches
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -42,7 +43,7 @@ import sqlalchemy as sa
 from shared.artifacts import ArtifactError, read_verified, resolve_in
 from shared.calibration import shrink_to_prior
 from shared.errors import DataLoss, InvalidArgument, NotFound, Unavailable, one_line
-from shared.forest_runtime import ForestArtifactError, NativeForest, NativeUnavailable, read_forest
+from shared.forest_runtime import ForestArtifactError, NativeForest, NativeUnavailable, native_library, read_forest
 from shared.onnxmodel import OnnxForest
 from shared.settings import FOREST_RUNTIMES, Settings
 from shared.store import registry
@@ -81,6 +82,12 @@ class LoadedModel:
 
 
 _fallback_logged = False
+
+
+def _prepare_native() -> None:
+    """Build the native kernel ahead of the first model load; why it cannot be built is logged when a model loads."""
+    with contextlib.suppress(NativeUnavailable):
+        native_library()
 
 
 class _NoSklearnArtifact(ForestArtifactError):
@@ -177,6 +184,8 @@ class ModelStore:
         self.forest_runtime = Settings.from_env().forest_runtime if forest_runtime is None else forest_runtime
         if self.forest_runtime not in FOREST_RUNTIMES:
             raise ValueError(f"forest_runtime: expected one of {FOREST_RUNTIMES}, got {self.forest_runtime!r}")
+        if self.forest_runtime != "onnx":  # build the kernel now, not during the first request's model load
+            threading.Thread(target=_prepare_native, name="forest-kernel-build", daemon=True).start()
         self.model_dir = Path(model_dir)
         self.cache_size = cache_size  # 0: unbounded
         self.pinned_cache_size = cache_size or PINNED_CACHE

@@ -1,5 +1,9 @@
 """Serving a forest through ONNX Runtime: no pickle, microseconds per row, identical results for any batch size.
 
+The portable way to execute a registered forest, and inference's fallback when the native forest runtime
+(`shared.forest_runtime`) cannot run (MLSIGNAL_FOREST_RUNTIME); its float32 arithmetic differs from scikit-learn's
+probabilities by up to about 1e-6.
+
 One session per model, single-threaded per call: ONNX Runtime's tree ensemble then sums trees in a fixed order,
 so a row's probabilities are bit-identical whether it is predicted alone or inside a batch (the stream == batch
 guarantee rests on this).
