@@ -33,6 +33,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,21 +95,34 @@ class _NoSklearnArtifact(ForestArtifactError):
     pass
 
 
+# Native forests by the sha256 of their scikit-learn file, while a loaded model uses them: models registered from the
+# same file (copies, re-registrations) share one forest instead of building their own.
+_native_forests: weakref.WeakValueDictionary[str, NativeForest] = weakref.WeakValueDictionary()
+_native_forests_lock = threading.Lock()
+
+
 def _native_forest(record: ModelRecord, model_dir: Path) -> NativeForest:
     """The model's scikit-learn forest in the native runtime. NativeUnavailable when this machine cannot build the
     kernel; ForestArtifactError (or ArtifactError) when the model's scikit-learn file is missing, fails its sha256
-    check or is not a forest the runtime serves."""
+    check or is not a forest the runtime serves. The file is read and verified every time; a forest already built
+    from the same bytes is shared."""
     if not record.sklearn_artifact or not record.sklearn_sha256:
         raise _NoSklearnArtifact("it has no scikit-learn artifact in the registry")
-    flat = read_forest(read_verified(model_dir, record.sklearn_artifact, record.sklearn_sha256))
+    data = read_verified(model_dir, record.sklearn_artifact, record.sklearn_sha256)
+    with _native_forests_lock:
+        forest = _native_forests.get(record.sklearn_sha256)
+    if forest is None:
+        forest = NativeForest(read_forest(data))
+        with _native_forests_lock:
+            forest = _native_forests.setdefault(record.sklearn_sha256, forest)
     n_classes = len(record.classes)
-    if flat.n_features != len(record.feature_spec.feature_names):
-        raise ForestArtifactError(f"its scikit-learn forest takes {flat.n_features} features, its feature spec "
+    if forest.n_features != len(record.feature_spec.feature_names):
+        raise ForestArtifactError(f"its scikit-learn forest takes {forest.n_features} features, its feature spec "
                                   f"defines {len(record.feature_spec.feature_names)}")
-    if not np.array_equal(flat.classes, np.arange(n_classes)):
-        raise ForestArtifactError(f"its scikit-learn forest has classes {flat.classes.tolist()}, expected "
+    if not np.array_equal(forest.classes, np.arange(n_classes)):
+        raise ForestArtifactError(f"its scikit-learn forest has classes {forest.classes.tolist()}, expected "
                                   f"{list(range(n_classes))}")
-    return NativeForest(flat)
+    return forest
 
 
 def load_model(record: ModelRecord, model_dir: Path, runtime: str | None = None) -> LoadedModel:

@@ -309,3 +309,17 @@ def test_a_kernel_built_ahead_of_time_loads_only_when_its_record_and_ownership_v
         assert "of another source version" in run()
     (prebuilt / forest_runtime.PREBUILT_LIBRARY).unlink()
     assert "no kernel built ahead of time" in run()
+
+
+def test_models_registered_from_the_same_file_share_one_native_forest(tmp_path):
+    forest, X = _fit(10)
+    record = _register_files(tmp_path, forest, "a")
+    copy = replace(record, model_id="b")  # another registration of the same files
+    first, second = load_model(record, tmp_path, "native"), load_model(copy, tmp_path, "native")
+    assert first.forest is second.forest
+    assert np.array_equal(first.predict_proba(X), second.predict_proba(X))
+    other = load_model(_register_files(tmp_path, _fit(11)[0], "c"), tmp_path, "native")
+    assert other.forest is not first.forest
+    (tmp_path / "a.joblib").unlink()  # the file is still read and verified for every load
+    with pytest.raises(DataLoss, match="missing"):
+        load_model(copy, tmp_path, "native")
