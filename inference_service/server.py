@@ -119,8 +119,8 @@ def start(settings: Settings, address: str | None = None) -> RunningInference:
     journal = Journal(engine, flush_seconds=settings.live_flush_seconds, retention_days=settings.live_retention_days,
                       drift_window=settings.drift_window) if settings.live_monitoring else None
     # A market's SHADOW models predict what its serving model answered, for the live test; only with the journal.
-    shadows = Shadows(engine, settings.model_dir, journal.record, settings.model_poll_seconds) \
-        if journal is not None else None
+    shadows = Shadows(engine, settings.model_dir, journal.record, settings.model_poll_seconds,
+                      forest_runtime=settings.forest_runtime) if journal is not None else None
     on_predicted = None
     if metrics is not None:
         from shared.server.metrics import inference_metrics, live_metrics

@@ -64,9 +64,10 @@ class Shadows:
     """Predicts and journals what each market's SHADOW models say about the candles its serving model answered."""
 
     def __init__(self, engine: sa.Engine, model_dir: Path, record: Record, poll_seconds: float = 2.0,
-                 max_queued: int = 20_000) -> None:
+                 max_queued: int = 20_000, forest_runtime: str | None = None) -> None:
         self.engine = engine
         self.model_dir = Path(model_dir)
+        self.forest_runtime = forest_runtime  # None: MLSIGNAL_FOREST_RUNTIME
         self.record = record
         self.poll_seconds = poll_seconds
         self.max_queued = max_queued
@@ -213,7 +214,7 @@ class Shadows:
                 models.append(existing)
                 continue
             try:
-                models.append(load_model(row.record(), self.model_dir))
+                models.append(load_model(row.record(), self.model_dir, self.forest_runtime))
                 self._refused.discard(row.model_id)
             except Exception as exc:  # a missing or corrupted file, an unreadable row: not shadowed
                 if row.model_id not in self._refused:

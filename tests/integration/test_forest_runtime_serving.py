@@ -193,3 +193,28 @@ def test_a_stream_one_candle_at_a_time_answers_what_predict_does_bit_for_bit(ser
                                          candles=_candles(frame.iloc[i:i + 1])) for i in range(len(frame))]
     streamed = np.vstack([_rows_answer(r)[0] for r in stub.StreamPredict(iter(reqs), timeout=120)])
     assert streamed.tobytes() == batch.tobytes()
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "native"])
+def test_shadow_models_run_on_the_servers_forest_runtime(registered, runtime, monkeypatch):
+    """A market's SHADOW models are executed as the server's settings say, not as the environment does."""
+    from dataclasses import replace
+
+    from inference_service.shadows import Shadows
+
+    url, model_dir, records = registered
+    other = "native" if runtime == "onnx" else "onnx"
+    monkeypatch.setenv("MLSIGNAL_FOREST_RUNTIME", other)  # what a shadow must not follow
+    serving = records["FH/USD"]
+    symbol = f"SH{runtime.upper()}/USD"
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            insert_model(conn, replace(serving, model_id=f"shadow-{runtime}", symbol=symbol,
+                                       stage="SHADOW"))
+        shadows = Shadows(engine, model_dir, lambda *args: None, forest_runtime=runtime)
+        loaded = shadows._load_market((symbol, TF))
+        assert [m.model_id for m in loaded] == [f"shadow-{runtime}"]
+        assert loaded[0].runtime == runtime
+    finally:
+        engine.dispose()
