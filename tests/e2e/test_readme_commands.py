@@ -208,6 +208,7 @@ def test_first_hour_runs_as_written(tmp_path):
     assert "0 inserted" in output(".venv/bin/mlsignal data import")
     assert "unchanged" in output(".venv/bin/mlsignal data push")
     assert "stage  SHADOW" in output(".venv/bin/mlsignal train"), "the demo's model serves: a new one is a shadow"
+    assert "336 rows, 237 ready" in output(".venv/bin/mlsignal predict")
     streamed = [line for line in output(".venv/bin/mlsignal stream").splitlines() if line.startswith("2019-09-")]
     assert len(streamed) == 120 and sum("ready=yes" in line for line in streamed) == 21
     history = output(".venv/bin/mlsignal models history")
