@@ -115,10 +115,10 @@ def register(sub) -> None:
     bt.add_argument("--funding-interval", type=_duration_arg, default=8 * 3_600_000, metavar="DUR",
                     help="funding is settled every DUR from 00:00 UTC when the file has a funding_rate column "
                          "(default 8h)")
-    bt.add_argument("--trials", type=_positive_int, metavar="N",
+    bt.add_argument("--trials", type=_int_at_least(1), metavar="N",
                     help="the number of configurations tried, instead of counting them in the registry (needed "
                          "when the training service cannot be reached)")
-    bt.add_argument("--extra-trials", type=_non_negative_int, default=0, metavar="N",
+    bt.add_argument("--extra-trials", type=_int_at_least(0), default=0, metavar="N",
                     help="rules already tried on these signals before this run, added to the trial count (default 0)")
     bt.add_argument("--symbol", help="the signals' market, to list only its models (default: every model)")
     bt.add_argument("--training-target", metavar="ADDR",
@@ -139,24 +139,19 @@ def _hold_arg(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected label, candle or 1, got {text!r}")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse type: a whole number >= minimum."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
+    return parse
 
 
 @client_errors
