@@ -136,32 +136,29 @@ def _barriers() -> list[Candidate]:
     return out
 
 
+def _context_grid(baseline: Candidate, windows: tuple[tuple[int, ...], ...]) -> list[Candidate]:
+    """`baseline`, then the default forest with context features over each of `windows`."""
+    return [baseline, *(Candidate(f"context bars {', '.join(map(str, bars))}", _screen(),
+                                  spec=FeatureSpec(context_bars=bars)) for bars in windows)]
+
+
 def _context() -> list[Candidate]:
     """Context features of the same series over longer windows (return, range, position in range, volatility)."""
-    out = [Candidate("no context features (current default)", _screen())]
-    for bars in ((24,), (24, 96), (96, 336), (168, 720)):
-        out.append(Candidate(f"context bars {', '.join(map(str, bars))}", _screen(),
-                             spec=FeatureSpec(context_bars=bars)))
-    return out
+    return _context_grid(Candidate("no context features (current default)", _screen()),
+                         ((24,), (24, 96), (96, 336), (168, 720)))
 
 
 def _context_round2() -> list[Candidate]:
     """Second round, around the best of the first (context bars 168, 720)."""
-    out = [Candidate("context bars 168, 720 (best of the first round)", _screen(),
-                     spec=FeatureSpec(context_bars=(168, 720)))]
-    for bars in ((720,), (96, 720), (336, 720), (168, 1440), (24, 168, 720)):
-        out.append(Candidate(f"context bars {', '.join(map(str, bars))}", _screen(),
-                             spec=FeatureSpec(context_bars=bars)))
-    return out
+    return _context_grid(Candidate("context bars 168, 720 (best of the first round)", _screen(),
+                                   spec=FeatureSpec(context_bars=(168, 720))),
+                         ((720,), (96, 720), (336, 720), (168, 1440), (24, 168, 720)))
 
 
 def _context_short() -> list[Candidate]:
     """Context windows whose warm-up fits in two weeks of 1h candles (336), against no context features."""
-    out = [Candidate("no context features (feature set v1)", _screen())]
-    for bars in ((168,), (24, 168), (48, 168), (96, 240)):
-        out.append(Candidate(f"context bars {', '.join(map(str, bars))}", _screen(),
-                             spec=FeatureSpec(context_bars=bars)))
-    return out
+    return _context_grid(Candidate("no context features (feature set v1)", _screen()),
+                         ((168,), (24, 168), (48, 168), (96, 240)))
 
 
 def _defaults6() -> list[Candidate]:
