@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from mlsignal.v1 import common_pb2, training_pb2, training_pb2_grpc
-from prior_checks import require_beats_prior
+from prior_checks import require_beats_prior, score_after_split
 from service_fixtures import SMALL_PARAMS, load_market, start_services, stop_services, train, ts, wait_job
 from shared.store.db import make_engine
 from shared.store.db import models as models_table
@@ -266,12 +266,7 @@ def test_default_parameters_against_the_prior_on_an_untouched_split(services, sa
     """Train on 2017-07..2018-04 with default parameters and score the served probabilities of 2018-04..2018-10:
     the served log loss must stay below BOUND x the prior's, with a shrink weight above 0 (a model shrunk fully to
     the prior would tie the prior and beat nothing)."""
-    from test_inference_service import candles_of, probs
-
-    from mlsignal.v1 import inference_pb2
-    from shared.calibration import log_loss
-    from shared.labels import LabelSpec, make_labels
-    from shared.store.registry import get_model
+    from shared.labels import LabelSpec
 
     start, split = UNTOUCHED_TRAIN
     req = R(symbol="BTC/USD", timeframe="1h", start_time=ts(start), end_time=ts(split),
@@ -279,19 +274,8 @@ def test_default_parameters_against_the_prior_on_an_untouched_split(services, sa
     job = wait_job(services.train_stub, services.train_stub.StartTraining(req, timeout=30).job_id)
     assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
     assert job.request.params.n_estimators == 200
-    engine = make_engine(services.url)
-    rec = get_model(engine, job.model_id)
-    engine.dispose()
-    t = sample_frame.open_time_ms
-    frame = sample_frame[(t >= ts("2018-03-01").ToMilliseconds()) & (t < ts(UNTOUCHED_END).ToMilliseconds())]
-    frame = frame.reset_index(drop=True)
-    resp = services.infer_stub.Predict(inference_pb2.PredictRequest(
-        symbol="BTC/USD", timeframe="1h", model_id=job.model_id, candles=candles_of(frame)), timeout=60)
-    P = probs(resp)
-    y = make_labels(frame.close.to_numpy(), LabelSpec(24, 0.02), frame.open_time_ms.to_numpy(), 3_600_000)
-    test = (frame.open_time_ms >= ts(split).ToMilliseconds()).to_numpy() & (y >= 0)
-    assert test.sum() > 4000
-    assert not np.array([p.in_sample for p in resp.predictions])[test].any()
-    served = log_loss(P[test], y[test].astype(int))
-    prior = log_loss(np.tile(rec.prior, (test.sum(), 1)), y[test].astype(int))
-    require_beats_prior(served, prior, rec.shrink_weight, bound=BOUND, what="BTC/USD 1h defaults on 2018-04..10")
+    score = score_after_split(services, sample_frame, job.model_id, LabelSpec(24, 0.02), split, UNTOUCHED_END)
+    assert score.test.sum() > 4000
+    assert not np.array([p.in_sample for p in score.response.predictions])[score.test].any()
+    require_beats_prior(score.served, score.prior, score.record.shrink_weight, bound=BOUND,
+                        what="BTC/USD 1h defaults on 2018-04..10")

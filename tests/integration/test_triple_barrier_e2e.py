@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlsignal.v1 import common_pb2, inference_pb2, training_pb2
-from prior_checks import require_beats_prior
+from mlsignal.v1 import common_pb2, training_pb2
+from prior_checks import require_beats_prior, score_after_split
 from service_fixtures import ts, wait_job
-from shared.calibration import log_loss
-from shared.labels import LabelSpec, make_labels
+from shared.labels import LabelSpec
 from shared.store.db import make_engine
 
 TRAIN = ("2017-07-01", "2018-04-01")  # the second period the defaults were checked on (README "Probability quality")
@@ -31,10 +30,6 @@ def train_research(stub, start: str, end: str, feature_set: str = "", **label) -
 
 
 def test_triple_barrier_model_records_its_kind_and_beats_the_prior_out_of_sample(services, sample_frame):
-    from test_inference_service import candles_of, probs
-
-    from shared.store.registry import get_model
-
     start, split = TRAIN
     job = train_research(services.train_stub, start, split, kind=common_pb2.LABEL_KIND_TRIPLE_BARRIER)
     assert job.request.label.kind == common_pb2.LABEL_KIND_TRIPLE_BARRIER
@@ -45,25 +40,14 @@ def test_triple_barrier_model_records_its_kind_and_beats_the_prior_out_of_sample
     assert info.metrics["cv_folds"] >= 4
     assert info.metrics["dropped_gap_labels"] == 0 and info.metrics["window_gaps"] == 0
 
-    engine = make_engine(services.url)
-    rec = get_model(engine, job.model_id)
-    engine.dispose()
-    assert rec.label.kind == "triple_barrier"
-    t = sample_frame.open_time_ms
-    frame = sample_frame[(t >= ts("2018-03-01").ToMilliseconds()) & (t < ts(END).ToMilliseconds())]
-    frame = frame.reset_index(drop=True)
-    resp = services.infer_stub.Predict(inference_pb2.PredictRequest(
-        symbol="BTC/USD", timeframe="1h", model_id=job.model_id, candles=candles_of(frame)), timeout=60)
-    assert resp.model_id == job.model_id
-    P = probs(resp)
     label = LabelSpec(24, 0.02, "triple_barrier")
-    y = make_labels(frame.close.to_numpy(), label, frame.open_time_ms.to_numpy(), 3_600_000)
-    test = (frame.open_time_ms >= ts(split).ToMilliseconds()).to_numpy() & (y >= 0)
-    assert test.sum() > 4000
-    assert not np.array([p.in_sample for p in resp.predictions])[test].any()
-    served = log_loss(P[test], y[test].astype(int))
-    prior = log_loss(np.tile(rec.prior, (test.sum(), 1)), y[test].astype(int))
-    require_beats_prior(served, prior, rec.shrink_weight, bound=BOUND, what="triple-barrier BTC/USD 1h on 2018-04..10")
+    score = score_after_split(services, sample_frame, job.model_id, label, split, END)
+    assert score.record.label.kind == "triple_barrier"
+    assert score.response.model_id == job.model_id
+    assert score.test.sum() > 4000
+    assert not np.array([p.in_sample for p in score.response.predictions])[score.test].any()
+    require_beats_prior(score.served, score.prior, score.record.shrink_weight, bound=BOUND,
+                        what="triple-barrier BTC/USD 1h on 2018-04..10")
 
 
 # Measured 0.9965 x the prior's log loss (1.0104 with the default feature set v1): with the context features the
@@ -72,10 +56,6 @@ CONTEXT_BOUND = 1.0
 
 
 def test_the_context_feature_set_beats_the_prior_on_the_second_period(services, sample_frame):
-    from test_inference_service import candles_of, probs
-
-    from shared.store.registry import get_model
-
     start, split = TRAIN
     job = train_research(services.train_stub, start, split, feature_set="ohlcv-v2")
     assert job.request.feature_set == "ohlcv-v2"
@@ -84,23 +64,11 @@ def test_the_context_feature_set_beats_the_prior_on_the_second_period(services, 
     assert info.feature_set == "ohlcv-v2" and info.warmup_bars == 721
     assert list(info.features[-8:]) == ["ctx_ret_168", "ctx_range_168", "ctx_pos_168", "ctx_vol_168",
                                         "ctx_ret_720", "ctx_range_720", "ctx_pos_720", "ctx_vol_720"]
-    engine = make_engine(services.url)
-    rec = get_model(engine, job.model_id)
-    engine.dispose()
-    t = sample_frame.open_time_ms
-    frame = sample_frame[(t >= ts("2018-03-01").ToMilliseconds()) & (t < ts(END).ToMilliseconds())]
-    frame = frame.reset_index(drop=True)
-    resp = services.infer_stub.Predict(inference_pb2.PredictRequest(
-        symbol="BTC/USD", timeframe="1h", model_id=job.model_id, candles=candles_of(frame)), timeout=60)
-    ready = np.array([p.ready for p in resp.predictions])
+    score = score_after_split(services, sample_frame, job.model_id, LabelSpec(24, 0.02), split, END)
+    ready = np.array([p.ready for p in score.response.predictions])
     assert not ready[:720].any() and ready[720]  # 720 candles of history before the first answer
-    P = probs(resp)
-    y = make_labels(frame.close.to_numpy(), LabelSpec(24, 0.02), frame.open_time_ms.to_numpy(), 3_600_000)
-    test = (frame.open_time_ms >= ts(split).ToMilliseconds()).to_numpy() & (y >= 0)
-    assert test.sum() > 4000
-    served = log_loss(P[test], y[test].astype(int))
-    prior = log_loss(np.tile(rec.prior, (test.sum(), 1)), y[test].astype(int))
-    require_beats_prior(served, prior, rec.shrink_weight, bound=CONTEXT_BOUND,
+    assert score.test.sum() > 4000
+    require_beats_prior(score.served, score.prior, score.record.shrink_weight, bound=CONTEXT_BOUND,
                         what="feature set v2, BTC/USD 1h on 2018-04..10")
 
 
