@@ -17,7 +17,7 @@ from mlsignal.backtest import (
     max_drawdown,
     run_backtest,
 )
-from service_fixtures import ms
+from service_fixtures import load_market, ms
 from shared.features import FeatureSpec, compute_features, rsi
 from shared.timeframes import ms_to_iso
 
@@ -553,14 +553,8 @@ def test_cli_backtest_signals_writes_the_file_and_backtest_prints_the_table(serv
                                                                             monkeypatch, capsys):
     from mlsignal.cli import main
     from mlsignal.walkforward import read_signals
-    from shared.store.db import make_engine
-    from shared.store.marketdata import insert_candles
 
-    engine = make_engine(services.url)
-    try:
-        insert_candles(engine, CLI_SYMBOL, "1h", sample_frame)
-    finally:
-        engine.dispose()
+    load_market(services.url, sample_frame, symbols=(CLI_SYMBOL,))
     monkeypatch.setenv("MLSIGNAL_DATABASE_URL", services.url)
     out = tmp_path / "signals.csv"
     code = main([
@@ -716,15 +710,9 @@ def test_cli_volatility_scaled_triple_barrier_signals_carry_their_barrier(servic
     from mlsignal.cli import main
     from mlsignal.walkforward import read_signals
     from shared.labels import LabelSpec, barriers
-    from shared.store.db import make_engine
-    from shared.store.marketdata import insert_candles
 
     symbol = "BTVOL/USD"
-    engine = make_engine(services.url)
-    try:
-        insert_candles(engine, symbol, "1h", sample_frame)
-    finally:
-        engine.dispose()
+    load_market(services.url, sample_frame, symbols=(symbol,))
     monkeypatch.setenv("MLSIGNAL_DATABASE_URL", services.url)
     out = tmp_path / "vol.csv"
     training = f"127.0.0.1:{services.training.port}"
