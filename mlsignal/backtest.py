@@ -580,12 +580,6 @@ def _check_windows(signals: pd.DataFrame, ready: np.ndarray, times: np.ndarray) 
                          "walk-forward signals (backtest-signals)")
 
 
-def _label_kind_name(info: Any) -> str:
-    from mlsignal.v1 import common_pb2
-
-    return TRIPLE_BARRIER if info.label.kind == common_pb2.LABEL_KIND_TRIPLE_BARRIER else FIXED_HORIZON
-
-
 def attach_model_info(signals: pd.DataFrame, models: Mapping[str, Any]) -> pd.DataFrame:
     """The signals with each row's training window and label filled from its model's ModelInfo (by ML_MODEL_ID).
 
@@ -595,6 +589,8 @@ def attach_model_info(signals: pd.DataFrame, models: Mapping[str, Any]) -> pd.Da
     agree with the registry, or a ValueError names the column and the model. Rows without a model id (not ready)
     get NaN. A model id the registry does not know is an error.
     """
+    from mlsignal.client.training import label_kind_name
+
     if "ML_MODEL_ID" not in signals.columns:
         raise ValueError("signals lack ML_MODEL_ID, so their models' training windows cannot be looked up")
     ids = signals["ML_MODEL_ID"].astype(object).where(signals["ML_MODEL_ID"].notna(), "").astype(str).to_numpy()
@@ -608,7 +604,7 @@ def attach_model_info(signals: pd.DataFrame, models: Mapping[str, Any]) -> pd.Da
         "train_end_ms": {i: float(models[i].train_end.ToMilliseconds()) for i in present},
         "ML_HORIZON_BARS": {i: float(models[i].label.horizon_bars) for i in present},
         "ML_THRESHOLD": {i: float(models[i].label.threshold) for i in present},
-        "ML_LABEL_KIND": {i: _label_kind_name(models[i]) for i in present},
+        "ML_LABEL_KIND": {i: label_kind_name(models[i].label.kind) for i in present},
         "ML_VOLATILITY_BARS": {i: float(models[i].label.volatility_bars) for i in present},
         "ML_VOLATILITY_MULTIPLE": {i: float(models[i].label.volatility_multiple) for i in present},
     }

@@ -18,9 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mlsignal.client.training import model_stage_name
-from mlsignal.v1 import common_pb2
-from shared.labels import CLASSES, FIXED_HORIZON, TRIPLE_BARRIER
+from mlsignal.client.training import label_kind_name, model_stage_name
+from shared.labels import CLASSES, TRIPLE_BARRIER
 from shared.timeframes import ms_to_iso
 
 CLASS_COLOURS = dict(zip(CLASSES, ("#c0392b", "#7f8c8d", "#27ae60"), strict=True))  # down, range, up
@@ -87,8 +86,7 @@ def importances(m: Mapping[str, float]) -> list[tuple[str, float]]:
 def label_kind(info: Any) -> str:
     """The model's label definition, `shared.labels.FIXED_HORIZON` or `TRIPLE_BARRIER` (unspecified: fixed horizon,
     the training default)."""
-    kind = int(getattr(info.label, "kind", 0))
-    return TRIPLE_BARRIER if kind == common_pb2.LABEL_KIND_TRIPLE_BARRIER else FIXED_HORIZON
+    return label_kind_name(int(getattr(info.label, "kind", 0)))
 
 
 def label_text(info: Any) -> str:

@@ -43,8 +43,9 @@ from mlsignal.client import (
     TrainingClient,
     TrainingJobHandle,
     frame_times_ms,
+    label_kind_name,
 )
-from shared.labels import FIXED_HORIZON, TRIPLE_BARRIER, LabelSpec, barriers
+from shared.labels import LabelSpec, barriers
 from shared.timeframes import ms_to_iso, timeframe_ms
 
 __all__ = [
@@ -291,10 +292,8 @@ def _check_model(info, step: Step, symbol: str, timeframe: str, horizon: int) ->
 
 
 def _label_spec(info) -> LabelSpec:
-    from mlsignal.v1 import common_pb2
-
-    kind = TRIPLE_BARRIER if info.label.kind == common_pb2.LABEL_KIND_TRIPLE_BARRIER else FIXED_HORIZON
-    return LabelSpec(horizon_bars=int(info.label.horizon_bars), threshold=float(info.label.threshold), kind=kind,
+    return LabelSpec(horizon_bars=int(info.label.horizon_bars), threshold=float(info.label.threshold),
+                     kind=label_kind_name(info.label.kind),
                      volatility_bars=int(info.label.volatility_bars),
                      volatility_multiple=float(info.label.volatility_multiple))
 

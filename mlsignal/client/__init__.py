@@ -56,7 +56,7 @@ from mlsignal.client.frames import (
 )
 from mlsignal.client.inference import InferenceClient, LivePrediction
 from mlsignal.client.jobs import is_final, job_state_name
-from mlsignal.client.training import TrainingClient, TrainingJobHandle, model_stage_name
+from mlsignal.client.training import TrainingClient, TrainingJobHandle, label_kind_name, model_stage_name
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -86,6 +86,7 @@ __all__ = [
     "frame_to_columns",
     "is_final",
     "job_state_name",
+    "label_kind_name",
     "model_stage_name",
     "predictions_to_frame",
     "to_epoch_ms",

@@ -21,9 +21,10 @@ from mlsignal.client.errors import ProtocolError, TrainingFailedError, error_fro
 from mlsignal.client.frames import columns_message, frame_columns, to_epoch_ms
 from mlsignal.client.jobs import is_final, job_state_name
 from mlsignal.v1 import common_pb2, training_pb2, training_pb2_grpc
+from shared.labels import FIXED_HORIZON, TRIPLE_BARRIER
 from shared.timeframes import ms_to_timestamp, parse_duration
 
-__all__ = ["TrainingClient", "TrainingJobHandle", "model_stage_name"]
+__all__ = ["TrainingClient", "TrainingJobHandle", "label_kind_name", "model_stage_name"]
 
 _CLASS_WEIGHTS = {
     None: common_pb2.CLASS_WEIGHT_UNSPECIFIED,
@@ -32,8 +33,8 @@ _CLASS_WEIGHTS = {
 }
 _LABEL_KINDS = {
     None: common_pb2.LABEL_KIND_UNSPECIFIED,
-    "fixed_horizon": common_pb2.LABEL_KIND_FIXED_HORIZON,
-    "triple_barrier": common_pb2.LABEL_KIND_TRIPLE_BARRIER,
+    FIXED_HORIZON: common_pb2.LABEL_KIND_FIXED_HORIZON,
+    TRIPLE_BARRIER: common_pb2.LABEL_KIND_TRIPLE_BARRIER,
 }
 
 _PURPOSES = {
@@ -42,6 +43,12 @@ _PURPOSES = {
 }
 
 ProgressCallback = Callable[[training_pb2.TrainingJob], None]
+
+
+def label_kind_name(kind: int) -> str:
+    """The `shared.labels` name of a LabelKind value: ``"triple_barrier"``, else ``"fixed_horizon"`` (UNSPECIFIED
+    means the training default, the fixed horizon)."""
+    return TRIPLE_BARRIER if kind == common_pb2.LABEL_KIND_TRIPLE_BARRIER else FIXED_HORIZON
 
 
 def model_stage_name(stage: int) -> str:
