@@ -68,61 +68,6 @@ def test_quick_start_make_targets_exist():
         assert re.search(rf"^{re.escape(words[1])}:", makefile, flags=re.M), f"no make target {words[1]}"
 
 
-@pytest.mark.skipif(not (VENV_BIN / "mlsignal").exists(), reason="needs the project's .venv (make venv)")
-def test_operating_it_commands_run_as_written(tmp_path):
-    from inference_service.server import start as start_inference
-    from shared.settings import Settings
-    from training_service.server import start as start_training
-
-    operating = section(README.read_text(), "Operating it").split("\n### ", 1)[0]  # compose: test_compose.py
-    commands = [c for block in shell_blocks(operating) for c in block]
-    assert any("mlsignal-training &" in c for c in commands) and any("mlsignal train " in c for c in commands)
-
-    work = tmp_path / "clone"
-    work.mkdir()
-    (work / ".venv").symlink_to(REPO / ".venv")
-    (work / "data").symlink_to(REPO / "data")
-    url = f"sqlite:///{work}/var/mlsignal.db"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLSIGNAL_")}
-    env.update({"MLSIGNAL_DATABASE_URL": url, "MLSIGNAL_MODEL_DIR": str(work / "var" / "models")})
-    settings = Settings(database_url=url, model_dir=work / "var" / "models", model_poll_seconds=0.2)
-
-    servers: list = []
-    job_id = ""
-    t0 = time.monotonic()
-    try:
-        for command in commands:
-            if command.split("#")[0].strip().endswith("&"):  # a long-running server: this test runs its own
-                program = command.split()[0].rsplit("/", 1)[-1]
-                start, var = {"mlsignal-training": (start_training, "MLSIGNAL_TRAINING_ADDR"),
-                              "mlsignal-inference": (start_inference, "MLSIGNAL_INFERENCE_ADDR")}[program]
-                running = start(settings, "127.0.0.1:0")
-                servers.append(running)
-                env[var] = f"127.0.0.1:{running.port}"
-                continue
-            expected = (0,)
-            if "JOB_ID" in command:
-                assert job_id, "JOB_ID is used before a job was trained"
-                command = command.replace("JOB_ID", job_id)
-                expected = (0, 2)  # the job has finished by now: FAILED_PRECONDITION, exit 2 (as documented)
-            started = time.monotonic()
-            result = subprocess.run(["bash", "-c", command], cwd=work, env=env, text=True, capture_output=True,
-                                    timeout=120)
-            print(f"{time.monotonic() - started:5.1f}s  {command}")
-            assert result.returncode in expected, f"{command}\nexit {result.returncode}\n{result.stderr}"
-            if result.returncode == 2:
-                assert "FAILED_PRECONDITION" in result.stderr, result.stderr
-            found = re.search(r"^job\s+([0-9a-f-]{8,})$", result.stdout, flags=re.M)
-            if " train " in f" {command} " and found:
-                job_id = found.group(1)
-    finally:
-        for running in reversed(servers):
-            running.stop(0.5)
-    assert job_id
-    assert (work / "var" / "signals.csv").exists() and (work / "var" / "with_signals.csv").exists()
-    assert time.monotonic() - t0 < 120
-
-
 class Clone:
     """A temporary directory laid out as a fresh clone (data/ and .venv), its environment, and the services that
     the README's `&` lines start (started here on free ports instead)."""
@@ -156,16 +101,49 @@ class Clone:
             running.stop(0.5)
         self.servers.clear()
 
-    def run(self, command: str, expected: tuple[int, ...] = (0,)) -> str:
+    def run(self, command: str, expected: tuple[int, ...] = (0,),
+            timeout: float = 180) -> subprocess.CompletedProcess:
         started = time.monotonic()
         if command.startswith("python:"):
             args = [str(VENV_BIN / "python"), "-c", command[len("python:"):]]
         else:
             args = ["bash", "-c", command]
-        result = subprocess.run(args, cwd=self.work, env=self.env, text=True, capture_output=True, timeout=180)
+        result = subprocess.run(args, cwd=self.work, env=self.env, text=True, capture_output=True, timeout=timeout)
         print(f"{time.monotonic() - started:5.1f}s  {command.splitlines()[0]}")
         assert result.returncode in expected, f"{command}\nexit {result.returncode}\n{result.stdout}\n{result.stderr}"
-        return result.stdout + result.stderr
+        return result
+
+
+@pytest.mark.skipif(not (VENV_BIN / "mlsignal").exists(), reason="needs the project's .venv (make venv)")
+def test_operating_it_commands_run_as_written(tmp_path):
+    operating = section(README.read_text(), "Operating it").split("\n### ", 1)[0]  # compose: test_compose.py
+    commands = [c for block in shell_blocks(operating) for c in block]
+    assert any("mlsignal-training &" in c for c in commands) and any("mlsignal train " in c for c in commands)
+
+    clone = Clone(tmp_path)
+    job_id = ""
+    t0 = time.monotonic()
+    try:
+        for command in commands:
+            if command.split("#")[0].strip().endswith("&"):  # a long-running server: this test runs its own
+                clone.start(command)
+                continue
+            expected = (0,)
+            if "JOB_ID" in command:
+                assert job_id, "JOB_ID is used before a job was trained"
+                command = command.replace("JOB_ID", job_id)
+                expected = (0, 2)  # the job has finished by now: FAILED_PRECONDITION, exit 2 (as documented)
+            result = clone.run(command, expected, timeout=120)
+            if result.returncode == 2:
+                assert "FAILED_PRECONDITION" in result.stderr, result.stderr
+            found = re.search(r"^job\s+([0-9a-f-]{8,})$", result.stdout, flags=re.M)
+            if " train " in f" {command} " and found:
+                job_id = found.group(1)
+    finally:
+        clone.stop()
+    assert job_id
+    assert (clone.work / "var" / "signals.csv").exists() and (clone.work / "var" / "with_signals.csv").exists()
+    assert time.monotonic() - t0 < 120
 
 
 @pytest.mark.skipif(not (VENV_BIN / "mlsignal").exists(), reason="needs the project's .venv (make venv)")
@@ -185,7 +163,7 @@ def test_first_hour_runs_as_written(tmp_path):
                 clone.start(command)
                 if len(clone.servers) == 2:
                     demo = clone.run(".venv/bin/mlsignal train --symbol BTC/USD --timeframe 1h --start 2018-06-01 "
-                                     "--end 2019-01-01 --trees 20")
+                                     "--end 2019-01-01 --trees 20").stdout
                     assert "stage  SERVING" in demo, demo
                 continue
             if command == "kill %1 %2":
@@ -194,7 +172,8 @@ def test_first_hour_runs_as_written(tmp_path):
             if "MODEL_ID" in command:
                 assert model_id, f"MODEL_ID is used before a model was trained: {command}"
                 command = command.replace("MODEL_ID", model_id)
-            out = outputs[command] = clone.run(command)
+            result = clone.run(command)
+            out = outputs[command] = result.stdout + result.stderr
             found = re.search(r"^model\s+(\S+)$", out, flags=re.M)
             if " train " in f" {command} " and found:
                 model_id = found.group(1)
