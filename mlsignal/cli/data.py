@@ -107,8 +107,9 @@ def register(sub) -> None:
 def _import(args) -> int:
     from shared.errors import InvalidArgument
     from shared.settings import Settings
-    from shared.store.importers import ImportRejected, TimeframeMismatch, spacing_text
+    from shared.store.importers import ImportRejected, TimeframeMismatch
     from shared.symbols import validate_symbol
+    from shared.timeframes import format_duration
 
     settings = Settings.from_env()
     validate_symbol(args.symbol)
@@ -135,7 +136,7 @@ def _import(args) -> int:
 
             frame = read_series(args.file, args.kind)
     except TimeframeMismatch as exc:
-        found = spacing_text(exc.spacing_ms)
+        found = format_duration(exc.spacing_ms)
         print(f"error: {args.file}: --timeframe is {exc.timeframe} but the file's candles are {found} apart (the "
               f"most common step between rows); pass --timeframe {found}, or --force to import it as "
               f"{exc.timeframe} anyway", file=sys.stderr)

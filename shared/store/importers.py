@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from shared.errors import InvalidArgument
-from shared.timeframes import ms_to_iso, parse_time, timeframe_ms
+from shared.timeframes import format_duration, ms_to_iso, parse_time, timeframe_ms
 
 FORMATS = ("auto", "csv", "binance")
 SERIES_KINDS = ("funding-rate", "open-interest")
@@ -269,22 +269,9 @@ class TimeframeMismatch(InvalidArgument):
     """The candles of a file are `spacing_ms` apart (the most common step between them), not one `timeframe`."""
 
     def __init__(self, timeframe: str, spacing_ms: int):
-        super().__init__(f"the candles are {spacing_text(spacing_ms)} apart, not {timeframe}", field="timeframe")
+        super().__init__(f"the candles are {format_duration(spacing_ms)} apart, not {timeframe}", field="timeframe")
         self.timeframe = timeframe
         self.spacing_ms = spacing_ms
-
-
-def spacing_text(ms: int) -> str:
-    """A step between candles as a timeframe name when it is one (`4h`), else in the largest whole unit."""
-    from shared.timeframes import TIMEFRAME_MS
-
-    for name, length in TIMEFRAME_MS.items():
-        if length == ms:
-            return name
-    for unit, length in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
-        if ms % length == 0:
-            return f"{ms // length}{unit}"
-    return f"{ms} ms"
 
 
 def candle_spacing_ms(open_times_ms) -> int | None:
